@@ -1,0 +1,307 @@
+"""Transformer building blocks shared by every moekit model.
+
+Holds RMSNorm, rotary position embeddings, a preallocated KV cache, grouped-query
+attention on top of `scaled_dot_product_attention`, the boolean causal/padding
+mask builder, and the dense MLPs (SwiGLU, GELU). Parameter names follow Hugging
+Face transformers (Llama / Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE) so their
+checkpoints map onto these modules one to one, and the numerics match theirs.
+
+Not here: the MoE layer (`moekit.layers`), routers, experts, whole models
+(`moekit.decoder`), and generation loops (`moekit.infer`).
+
+Shape suffixes: B batch, T query length, K key length (cache included),
+H query heads, Hkv key/value heads, d head_dim, D hidden size, L layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+QK_NORMS = ("none", "head", "full")
+MLP_ACTIVATIONS = ("swiglu", "gelu")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 and cast back like HF's LlamaRMSNorm."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.to(torch.float32)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        # The weight multiplies after the cast back, exactly as HF does, so bf16 outputs match bit for bit.
+        return self.weight * x.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+# ---------------------------------------------------------------- rotary embeddings
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables for given positions (HF's default rope, non-interleaved `rotate_half` layout)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ConfigError(f"head_dim={head_dim} is invalid for rotary embeddings: it must be even")
+        self.head_dim = head_dim
+        self.theta = theta
+        # Same expression as HF's compute_default_rope_parameters, so the float32 values are identical.
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos_BTd, sin_BTd) for integer positions of any leading shape, cast to `dtype`."""
+        freqs = positions_BT[..., None].float() * self.inv_freq.to(device=positions_BT.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(
+    q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate queries and keys; cos/sin are [B, T, d] and broadcast over the head axis."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = (q_BHTd * cos) + (rotate_half(q_BHTd) * sin)
+    k = (k_BHTd * cos) + (rotate_half(k_BHTd) * sin)
+    return q, k
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated key/value buffers, one pair per layer, each [B, Hkv, max_len, d].
+
+    `update` writes new keys/values at an explicit `start` and returns views of
+    everything up to the end of that write, so the caller owns the position
+    bookkeeping. `lengths[i]` is the end of the latest write to layer i (a write
+    at `start` logically discards anything after it), and `length` is the number
+    of positions that every layer holds: where the next forward pass starts.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = [0] * num_layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def length(self) -> int:
+        return min(self.lengths)
+
+    def update(
+        self, layer_idx: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v at [start:start+T] of layer `layer_idx`; return views of [:start+T]."""
+        batch, _, t, _ = k_BHTd.shape
+        end = start + t
+        if start < 0 or end > self.max_len:
+            raise ConfigError(
+                f"KV cache overflow: writing {t} position(s) at start={start} needs {end}, "
+                f"but the cache holds max_len={self.max_len}"
+            )
+        if batch > self.batch_size:
+            raise ConfigError(f"KV cache batch overflow: got batch {batch}, the cache holds batch_size={self.batch_size}")
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[:batch, :, start:end] = k_BHTd
+        values[:batch, :, start:end] = v_BHTd
+        self.lengths[layer_idx] = end
+        return keys[:batch, :, :end], values[:batch, :, :end]
+
+    def reset(self) -> None:
+        """Forget every position; buffers are reused, not zeroed (nothing reads past `lengths`)."""
+        self.lengths = [0] * self.num_layers
+
+
+# ---------------------------------------------------------------- attention
+
+
+def causal_mask(
+    q_len: int,
+    kv_len: int,
+    start: int,
+    key_padding_BK: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, q_len, kv_len]; True means the query may attend the key.
+
+    Query i sits at absolute position start+i and may attend key j iff j <= start+i
+    and key j is not padding. `key_padding_BK` is [B, kv_len] with True (or 1) where
+    the key is padding. Every query may always attend its own position, so a padding
+    query (left padding) gets a finite, ignorable output instead of NaN.
+    """
+    if key_padding_BK is not None:
+        device = key_padding_BK.device
+    q_pos = torch.arange(q_len, device=device)[:, None] + start
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None]
+    if key_padding_BK is not None:
+        if key_padding_BK.shape[-1] != kv_len:
+            raise ConfigError(f"key_padding_BK has {key_padding_BK.shape[-1]} keys but kv_len={kv_len}")
+        allowed = allowed & ~key_padding_BK.bool()[:, None, None, :]
+    return allowed | (k_pos == q_pos)[None, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, optional QK-norm, RoPE and a KV cache.
+
+    qk_norm: "none"; "head" = RMSNorm over head_dim per head before RoPE (Qwen3-MoE);
+    "full" = RMSNorm over the whole q / k projection before splitting heads (OLMoE).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: str = "none",
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        _check_heads(hidden_size, num_heads, num_kv_heads, head_dim, qk_norm)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.qk_norm = qk_norm
+        q_dim, kv_dim = num_heads * self.head_dim, num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden_size, q_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, kv_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_dim, hidden_size, bias=o_bias)
+        if qk_norm == "head":
+            self.q_norm = RMSNorm(self.head_dim, norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, norm_eps)
+        elif qk_norm == "full":
+            self.q_norm = RMSNorm(q_dim, norm_eps)
+            self.k_norm = RMSNorm(kv_dim, norm_eps)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+        cache_start: int = 0,
+    ) -> torch.Tensor:
+        """Attend; with a cache, new k/v go to [cache_start:] and attention spans [0:cache_start+T]."""
+        batch, t, _ = x_BTD.shape
+        q, k, v = self._project(x_BTD)
+        q, k = apply_rotary(q, k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v, cache_start)
+        is_causal = False
+        if attn_mask is None and kv_cache is None:
+            is_causal = True
+        elif attn_mask is None and t > 1:
+            # A multi-token write into a cache: SDPA's is_causal aligns top-left, so spell the mask out.
+            attn_mask = causal_mask(t, cache_start + t, cache_start, device=x_BTD.device)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, t, -1))
+
+    def _project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B,H,T,d], k and v [B,Hkv,T,d], with QK-norm applied where the family applies it."""
+        batch, t, _ = x_BTD.shape
+        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(batch, t, self.num_heads, self.head_dim)
+        k = k.view(batch, t, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _check_heads(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None, qk_norm: str) -> None:
+    if qk_norm not in QK_NORMS:
+        raise ConfigError(f"qk_norm={qk_norm!r} is unknown: accepted values are {', '.join(QK_NORMS)}")
+    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ConfigError(
+            f"num_kv_heads={num_kv_heads} is invalid: it must be >= 1 and divide num_heads={num_heads}"
+        )
+    if head_dim is None and hidden_size % num_heads:
+        raise ConfigError(
+            f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}: set head_dim explicitly"
+        )
+
+
+# ---------------------------------------------------------------- dense MLPs
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), HF's LlamaMLP / Qwen2-MoE shared expert."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    """down(gelu(up(x))) with the exact (erf) GELU, not the tanh approximation."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+def build_mlp(activation: str, dim: int, hidden: int) -> nn.Module:
+    """The dense MLP for an activation name: "swiglu" or "gelu"."""
+    if activation == "swiglu":
+        return SwiGLU(dim, hidden)
+    if activation == "gelu":
+        return GeluMLP(dim, hidden)
+    raise ConfigError(f"activation={activation!r} is unknown: accepted values are {', '.join(MLP_ACTIVATIONS)}")
