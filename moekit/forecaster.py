@@ -1,0 +1,566 @@
+"""Time-MoE: a decoder-only Mixture-of-Experts time-series forecaster (Shi et al., ICLR 2025).
+
+Holds `ForecasterConfig` and its presets (`tiny`, `base` = TimeMoE-50M,
+`large` = TimeMoE-200M), the model `TimeMoE` (one token per time point, a
+bias-free SwiGLU embedding, pre-norm decoder blocks whose FFN is moekit's
+`MoELayer` of 8 experts top-2 plus a sigmoid-gated shared expert, and
+multi-resolution output heads), its training loss (Huber over every head +
+0.02 x the all-layer load-balance loss), autoregressive multi-head inference
+with a KV cache, and loading of Time-MoE checkpoints in their Hugging Face
+format (config.json + safetensors) and of moekit forecaster checkpoints.
+
+Not here: data handling (`moekit.data.timeseries`), the evaluation harness and
+baselines (`moekit.forecast_eval`), the training loop (`moekit.train`).
+
+Shape suffixes: B batch, T time points (tokens), D hidden, E experts, L layers,
+H forecast horizon, I input size (values per time point, 1 for the published models).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig, _check_int, field_list, from_dict, to_dict
+from .errors import CheckpointError, ConfigError, DataError
+from .modules import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+
+MODEL_TYPE = "moekit-forecaster"  # the marker in a moekit checkpoint's config
+HF_MODEL_TYPE = "time_moe"
+
+
+@dataclass
+class ForecasterConfig:
+    """Time-MoE's architecture; field names follow the published config.json where they exist."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 256  # shared expert width; each routed expert gets intermediate_size // top_k
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: same as num_heads
+    num_experts: int = 8
+    top_k: int = 2
+    use_dense: bool = False  # dense SwiGLU FFN of intermediate_size instead of the MoE (the paper's dense baseline)
+    horizon_lengths: list[int] = field_list([1, 8, 32, 64])
+    input_size: int = 1
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    aux_loss_factor: float = 0.02
+    huber_delta: float = 2.0
+    kernel: str = "auto"  # expert kernel, see moekit.experts
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_experts", "input_size"):
+            _check_int(self, name, 1)
+        _check_int(self, "num_kv_heads", 0)
+        if not self.horizon_lengths or any(not isinstance(h, int) or isinstance(h, bool) or h < 1
+                                           for h in self.horizon_lengths):
+            raise ConfigError(f"horizon_lengths={self.horizon_lengths!r} is invalid: it must be a non-empty list of positive integers")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(f"head size hidden_size/num_heads={self.hidden_size // self.num_heads} must be even for RoPE")
+        if not self.use_dense:
+            if not 1 <= self.top_k <= self.num_experts:
+                raise ConfigError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+            if self.intermediate_size // self.top_k < 1:
+                raise ConfigError(f"intermediate_size={self.intermediate_size} is too small for top_k={self.top_k}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def max_horizon(self) -> int:
+        return max(self.horizon_lengths)
+
+    def moe_config(self) -> MoEConfig:
+        """The MoE layer of one block, exactly as Time-MoE's TimeMoeSparseExpertsLayer."""
+        return MoEConfig(
+            hidden_size=self.hidden_size,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            expert_hidden=self.intermediate_size // self.top_k,
+            score_func="softmax",
+            norm_topk_prob=False,
+            num_shared_experts=1,
+            shared_expert_hidden=self.intermediate_size,
+            shared_expert_gate=True,
+            balance_loss="none",  # Time-MoE's balance loss spans all layers; computed in TimeMoE.loss
+            kernel=self.kernel,
+        )
+
+
+PRESETS: dict[str, ForecasterConfig] = {
+    "tiny": ForecasterConfig(hidden_size=64, intermediate_size=256, num_layers=4, num_heads=4),
+    "base": ForecasterConfig(hidden_size=384, intermediate_size=1536, num_layers=12, num_heads=12),  # TimeMoE-50M
+    "large": ForecasterConfig(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12),  # TimeMoE-200M
+}
+
+
+def preset(name: str, overrides: list[str] | tuple[str, ...] = ()) -> ForecasterConfig:
+    """A preset by name, with optional `key=value` overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"forecaster preset {name!r} is unknown: accepted presets are {', '.join(PRESETS)}")
+    from .config import apply_overrides
+
+    return apply_overrides(replace(PRESETS[name]), list(overrides))
+
+
+def dense_equivalent(cfg: ForecasterConfig) -> ForecasterConfig:
+    """A dense model with the MoE's active FFN parameters (top_k experts of I/k plus the I-wide shared one)."""
+    width = (cfg.intermediate_size // cfg.top_k) * cfg.top_k + cfg.intermediate_size
+    return replace(cfg, use_dense=True, intermediate_size=width)
+
+
+# ---------------------------------------------------------------- the model
+
+
+class InputEmbedding(nn.Module):
+    """silu(gate_layer(x)) * emb_layer(x): one token per time point, no bias."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.emb_layer = nn.Linear(input_size, hidden_size, bias=False)
+        self.gate_layer = nn.Linear(input_size, hidden_size, bias=False)
+
+    def forward(self, x_BTI: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.gate_layer(x_BTI)) * self.emb_layer(x_BTI)
+
+
+class DenseFFN(nn.Module):
+    """The dense baseline's FFN, returning no routing so blocks treat both kinds alike."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.mlp = SwiGLU(hidden_size, intermediate_size)
+
+    def forward(self, x_BTD: torch.Tensor):
+        return self.mlp(x_BTD), None
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then h + ffn(norm(h))."""
+
+    def __init__(self, cfg: ForecasterConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.kv_heads, qkv_bias=True, o_bias=False)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.use_dense:
+            self.ffn_layer = DenseFFN(cfg.hidden_size, cfg.intermediate_size)
+        else:
+            from .layers import MoELayer
+
+            self.ffn_layer = MoELayer(cfg.moe_config())
+
+    def forward(self, x_BTD, cos, sin, kv_cache=None, layer_idx=0, start=0):
+        h = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, kv_cache=kv_cache,
+                                   layer_idx=layer_idx, cache_start=start)
+        y, routing = self.ffn_layer(self.post_attention_layernorm(h))
+        return h + y, routing
+
+
+class TimeMoE(nn.Module):
+    """The Time-MoE forecaster: embedding, decoder blocks, final norm, one linear head per horizon."""
+
+    def __init__(self, cfg: ForecasterConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = InputEmbedding(cfg.input_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.heads = nn.ModuleList(
+            nn.Linear(cfg.hidden_size, cfg.input_size * h, bias=False) for h in cfg.horizon_lengths
+        )
+        self.rotary = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Time-MoE's init: every linear weight N(0, 0.02), biases zero, norms one."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for name, p in self.named_parameters():
+            if name.endswith(("w_in_EHD", "w_out_EDF")):
+                nn.init.normal_(p, 0.0, std)
+
+    # -------------------------------------------------------- forward
+
+    def forward(self, x_BT: torch.Tensor, kv_cache: KVCache | None = None, start: int = 0):
+        """Final hidden states [B, T, D] and each MoE layer's raw router logits [B*T, E].
+
+        `x_BT` is [B, T] (or [B, T, I]); with a cache, its tokens sit at positions start..start+T-1.
+        """
+        x_BTI = x_BT.unsqueeze(-1) if x_BT.dim() == 2 else x_BT
+        if x_BTI.shape[-1] != self.cfg.input_size:
+            raise DataError(f"expected {self.cfg.input_size} value(s) per time point, got {x_BTI.shape[-1]}")
+        batch, t, _ = x_BTI.shape
+        h = self.embed(x_BTI.to(self.embed.emb_layer.weight.dtype))
+        positions = torch.arange(start, start + t, device=h.device).expand(batch, t)
+        cos, sin = self.rotary(positions, dtype=h.dtype)
+        logits = []
+        for i, block in enumerate(self.layers):
+            h, routing = block(h, cos, sin, kv_cache=kv_cache, layer_idx=i, start=start)
+            if routing is not None:
+                logits.append(routing.logits_TE)
+        return self.norm(h), logits
+
+    def head_for(self, remaining: int) -> int:
+        """Index of the head Time-MoE uses when `remaining` steps are left (its exact rule)."""
+        lengths = self.cfg.horizon_lengths
+        chosen = lengths[0]
+        for h in lengths[1:]:
+            if h > remaining:
+                break
+            chosen = h
+        return lengths.index(chosen)
+
+    # -------------------------------------------------------- training
+
+    def loss(self, x_BW: torch.Tensor, mask_BW: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Time-MoE's objective on windows of W points: inputs x[:, :-1], labels x[:, 1:].
+
+        Every head predicts, from each position, the next h points; targets past
+        the window end are masked. Loss = mean over heads of the masked Huber
+        (delta 2) + aux_loss_factor x the load-balance loss over all layers.
+        """
+        inputs, labels = x_BW[:, :-1], x_BW[:, 1:]
+        mask = torch.ones_like(labels) if mask_BW is None else mask_BW[:, 1:].to(labels.dtype)
+        hidden, logits = self(inputs)
+        losses = [self._head_loss(head(hidden), labels, mask, h)
+                  for head, h in zip(self.heads, self.cfg.horizon_lengths)]
+        ar = torch.stack(losses).mean()
+        metrics = {"huber": float(ar)}
+        total = ar
+        if logits:
+            aux = time_moe_balance_loss(logits, self.cfg.top_k, self.cfg.num_experts)
+            total = total + self.cfg.aux_loss_factor * aux
+            metrics["balance"] = float(aux)
+        return total, metrics
+
+    def _head_loss(self, pred_BTX, labels_BT, mask_BT, horizon):
+        batch, t, _ = pred_BTX.shape
+        pred = pred_BTX.view(batch, t, horizon, self.cfg.input_size)
+        lab = labels_BT if labels_BT.dim() == 3 else labels_BT.unsqueeze(-1)
+        msk = mask_BT if mask_BT.dim() == 3 else mask_BT.unsqueeze(-1)
+        # [B, T, I] -> [B, I, T + h - 1] -> [B, I, T, h] -> [B, T, h, I]
+        lab = F.pad(lab.transpose(1, 2), (0, horizon - 1)).unfold(-1, horizon, 1).permute(0, 2, 3, 1)
+        msk = F.pad(msk.transpose(1, 2), (0, horizon - 1)).unfold(-1, horizon, 1).permute(0, 2, 3, 1)
+        err = F.huber_loss(pred, lab, reduction="none", delta=self.cfg.huber_delta)
+        return (err * msk).sum() / msk.sum().clamp_min(1.0)
+
+    # -------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def generate(self, context_BT: torch.Tensor, horizon: int) -> torch.Tensor:
+        """Raw autoregressive forecast [B, horizon] (or [B, horizon, I]) of already-normalised contexts.
+
+        Each step uses the largest head that fits the remaining horizon, appends
+        its prediction, and feeds only the new points through the KV cache.
+        """
+        if horizon < 1:
+            raise DataError(f"horizon={horizon} is invalid: it must be a positive integer")
+        squeeze = context_BT.dim() == 2
+        x = context_BT.unsqueeze(-1) if squeeze else context_BT
+        batch, t, n_in = x.shape
+        if t < 1:
+            raise DataError("the context is empty: at least one time point is needed")
+        p = next(self.parameters())
+        x = x.to(device=p.device, dtype=p.dtype)
+        cache = KVCache(batch, self.cfg.num_layers, self.cfg.kv_heads, t + horizon,
+                        self.cfg.hidden_size // self.cfg.num_heads, dtype=p.dtype, device=p.device)
+        outputs, produced, start, new = [], 0, 0, x
+        while produced < horizon:
+            hidden, _ = self(new, kv_cache=cache, start=start)
+            start += new.shape[1]
+            remaining = horizon - produced
+            idx = self.head_for(remaining)
+            steps = min(self.cfg.horizon_lengths[idx], remaining)
+            pred = self.heads[idx](hidden[:, -1]).view(batch, -1, n_in)[:, :steps]
+            outputs.append(pred)
+            produced += steps
+            new = pred
+        out = torch.cat(outputs, dim=1)
+        return out.squeeze(-1) if squeeze else out
+
+    @torch.no_grad()
+    def predict(self, context_BT: torch.Tensor, horizon: int, normalize: bool = True) -> torch.Tensor:
+        """Forecast [B, horizon] from raw contexts [B, T], instance-normalising each context."""
+        if not normalize:
+            return self.generate(context_BT, horizon)
+        x = context_BT.float()
+        mean = x.mean(dim=1, keepdim=True)
+        std = x.std(dim=1, keepdim=True, unbiased=False).clamp_min(1e-5)
+        out = self.generate((x - mean) / std, horizon).float()
+        return out * std + mean
+
+
+def time_moe_balance_loss(logits: list[torch.Tensor], top_k: int, num_experts: int) -> torch.Tensor:
+    """Time-MoE's load-balance loss: the Switch loss over the router logits of all layers concatenated."""
+    all_TE = torch.cat(logits, dim=0).float()
+    probs = all_TE.softmax(dim=-1)
+    _, chosen = torch.topk(probs, top_k, dim=-1)
+    tokens_per_expert = F.one_hot(chosen, num_experts).float().mean(dim=0)  # [K, E]
+    return (tokens_per_expert * probs.mean(dim=0).unsqueeze(0)).sum() * num_experts
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def active_parameters(model: TimeMoE) -> int:
+    """Parameters used per time point: routed experts count top_k / num_experts of their weights."""
+    total = count_parameters(model)
+    cfg = model.cfg
+    if cfg.use_dense:
+        return total
+    inactive = 0
+    for name, p in model.named_parameters():
+        if name.endswith(("w_in_EHD", "w_out_EDF")):
+            inactive += p.numel() * (cfg.num_experts - cfg.top_k) // cfg.num_experts
+    return total - inactive
+
+
+def build(cfg: ForecasterConfig, device: str | torch.device | None = None) -> TimeMoE:
+    """Build a model (on the meta device for parameter counting without memory)."""
+    if device is None:
+        return TimeMoE(cfg)
+    with torch.device(device):
+        return TimeMoE(cfg)
+
+
+# ---------------------------------------------------------------- Hugging Face format
+
+
+def config_from_hf(data: dict, where: str = "config.json") -> ForecasterConfig:
+    """A ForecasterConfig from a Time-MoE config.json."""
+    if data.get("model_type") != HF_MODEL_TYPE:
+        raise CheckpointError(f"{where} has model_type={data.get('model_type')!r}; a Time-MoE checkpoint has "
+                              f"model_type={HF_MODEL_TYPE!r}")
+    act = data.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{where} has hidden_act={act!r}; moekit's Time-MoE supports 'silu' (the published models)")
+    horizons = data.get("horizon_lengths", [1])
+    try:
+        return ForecasterConfig(
+            hidden_size=int(data["hidden_size"]),
+            intermediate_size=int(data["intermediate_size"]),
+            num_layers=int(data["num_hidden_layers"]),
+            num_heads=int(data["num_attention_heads"]),
+            num_kv_heads=int(data.get("num_key_value_heads") or data["num_attention_heads"]),
+            num_experts=int(data.get("num_experts", 1)),
+            top_k=int(data.get("num_experts_per_tok", 2)),
+            use_dense=bool(data.get("use_dense", False)),
+            horizon_lengths=[int(h) for h in ([horizons] if isinstance(horizons, int) else horizons)],
+            input_size=int(data.get("input_size", 1)),
+            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(data.get("rope_theta", 10000)),
+            aux_loss_factor=float(data.get("router_aux_loss_factor", 0.02)),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{where} lacks the key {e.args[0]!r} that a Time-MoE config has") from None
+
+
+def config_to_hf(cfg: ForecasterConfig) -> dict:
+    """A Time-MoE config.json for this config (loadable by the reference implementation)."""
+    return {
+        "architectures": ["TimeMoeForPrediction"],
+        "model_type": HF_MODEL_TYPE,
+        "input_size": cfg.input_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "horizon_lengths": list(cfg.horizon_lengths),
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "hidden_act": "silu",
+        "num_experts_per_tok": cfg.top_k,
+        "num_experts": cfg.num_experts,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "use_dense": cfg.use_dense,
+        "apply_aux_loss": not cfg.use_dense,
+        "router_aux_loss_factor": cfg.aux_loss_factor,
+        "torch_dtype": "float32",
+    }
+
+
+def state_from_hf(hf: dict[str, torch.Tensor], cfg: ForecasterConfig) -> dict[str, torch.Tensor]:
+    """Rename (and stack experts of) a Time-MoE state dict into moekit's layout."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in hf:
+            raise CheckpointError(f"the checkpoint lacks the tensor {key!r} that this Time-MoE config needs")
+        used.add(key)
+        return hf[key]
+
+    out["embed.emb_layer.weight"] = take("model.embed_layer.emb_layer.weight")
+    out["embed.gate_layer.weight"] = take("model.embed_layer.gate_layer.weight")
+    out["norm.weight"] = take("model.norm.weight")
+    for j in range(len(cfg.horizon_lengths)):
+        out[f"heads.{j}.weight"] = take(f"lm_heads.{j}.out_layer.weight")
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight"):
+            out[dst + name] = take(src + name)
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            for kind in ("weight", "bias"):
+                out[f"{dst}self_attn.{proj}.{kind}"] = take(f"{src}self_attn.{proj}.{kind}")
+        ffn = src + "ffn_layer."
+        if cfg.use_dense:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{dst}ffn_layer.mlp.{proj}.weight"] = take(f"{ffn}{proj}.weight")
+            continue
+        experts = range(cfg.num_experts)
+        out[dst + "ffn_layer.router.gate.weight"] = take(ffn + "gate.weight")
+        out[dst + "ffn_layer.experts.w_in_EHD"] = torch.stack([
+            torch.cat([take(f"{ffn}experts.{e}.gate_proj.weight"), take(f"{ffn}experts.{e}.up_proj.weight")])
+            for e in experts
+        ])
+        out[dst + "ffn_layer.experts.w_out_EDF"] = torch.stack([take(f"{ffn}experts.{e}.down_proj.weight") for e in experts])
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{dst}ffn_layer.shared.{proj}.weight"] = take(f"{ffn}shared_expert.{proj}.weight")
+        out[dst + "ffn_layer.shared_gate.weight"] = take(ffn + "shared_expert_gate.weight")
+    extra = sorted(k for k in set(hf) - used if "rotary_emb" not in k)
+    if extra:
+        raise CheckpointError(f"the checkpoint has {len(extra)} tensor(s) this Time-MoE config does not use, "
+                              f"e.g. {extra[0]!r}: its config.json does not match its weights")
+    return out
+
+
+def state_to_hf(state: dict[str, torch.Tensor], cfg: ForecasterConfig) -> dict[str, torch.Tensor]:
+    """moekit's state dict in Time-MoE's names (the inverse of `state_from_hf`)."""
+    out = {
+        "model.embed_layer.emb_layer.weight": state["embed.emb_layer.weight"],
+        "model.embed_layer.gate_layer.weight": state["embed.gate_layer.weight"],
+        "model.norm.weight": state["norm.weight"],
+    }
+    for j in range(len(cfg.horizon_lengths)):
+        out[f"lm_heads.{j}.out_layer.weight"] = state[f"heads.{j}.weight"]
+    for i in range(cfg.num_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        for key, value in state.items():
+            if key.startswith(src) and (".self_attn." in key or "layernorm" in key):
+                out[dst + key[len(src):]] = value
+        ffn = dst + "ffn_layer."
+        if cfg.use_dense:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{ffn}{proj}.weight"] = state[f"{src}ffn_layer.mlp.{proj}.weight"]
+            continue
+        out[ffn + "gate.weight"] = state[src + "ffn_layer.router.gate.weight"]
+        w_in, w_out = state[src + "ffn_layer.experts.w_in_EHD"], state[src + "ffn_layer.experts.w_out_EDF"]
+        half = w_in.shape[1] // 2
+        for e in range(cfg.num_experts):
+            out[f"{ffn}experts.{e}.gate_proj.weight"] = w_in[e, :half]
+            out[f"{ffn}experts.{e}.up_proj.weight"] = w_in[e, half:]
+            out[f"{ffn}experts.{e}.down_proj.weight"] = w_out[e]
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            out[f"{ffn}shared_expert.{proj}.weight"] = state[f"{src}ffn_layer.shared.{proj}.weight"]
+        out[ffn + "shared_expert_gate.weight"] = state[src + "ffn_layer.shared_gate.weight"]
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    return _hf_model_type(path) == HF_MODEL_TYPE
+
+
+def _hf_model_type(path: str | Path) -> str | None:
+    """The model_type of a Hugging Face directory's config.json (None if it has none)."""
+    p = Path(path) / "config.json"
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    value = data.get("model_type") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> TimeMoE:
+    """Load a Time-MoE checkpoint in its Hugging Face format (config.json + *.safetensors)."""
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{d} has no config.json: a Time-MoE Hugging Face directory holds config.json + model.safetensors")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    cfg = config_from_hf(data, str(cfg_path))
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        pickles = [f.name for f in d.glob("*.bin")] + [f.name for f in d.glob("*.pt")]
+        hint = f" (found {', '.join(pickles)}: pickled weights are refused; convert them to safetensors)" if pickles else ""
+        raise CheckpointError(f"{d} has no *.safetensors weights{hint}")
+    hf: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            hf.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise CheckpointError(f"{f} is not a readable safetensors file: {e}") from None
+    model = TimeMoE(cfg)
+    model.load_state_dict(state_from_hf(hf, cfg), strict=True)
+    return model.to(dtype).eval()
+
+
+def save_hf(model: TimeMoE, path: str | Path) -> Path:
+    """Write the model as a Time-MoE Hugging Face directory (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(state_to_hf(model.state_dict(), model.cfg), str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2) + "\n")
+    return d
+
+
+# ---------------------------------------------------------------- moekit checkpoints
+
+
+def checkpoint_config(cfg: ForecasterConfig, **extra) -> dict:
+    """The config dict saved beside a forecaster checkpoint (marks it as a forecaster)."""
+    return {"model_type": MODEL_TYPE, "forecaster": to_dict(cfg), **extra}
+
+
+def load_forecaster(path: str | Path) -> TimeMoE:
+    """A forecaster from a moekit checkpoint (a run or checkpoint directory) or a Time-MoE HF directory."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"model path {p} does not exist")
+    if is_hf_dir(p):
+        return load_hf(p)
+    hf_type = _hf_model_type(p)
+    if hf_type is not None:
+        raise CheckpointError(
+            f"{p} is a Hugging Face {hf_type!r} checkpoint, not a forecaster: expected a Time-MoE directory "
+            f"(config.json with model_type 'time_moe') or the output of `moekit train-forecaster`"
+        )
+    from .checkpoints import load_checkpoint, load_model_state
+
+    ckpt = load_checkpoint(p)
+    config = ckpt.config or {}
+    if config.get("model_type") != MODEL_TYPE or "forecaster" not in config:
+        kind = config.get("model_type") or "no model_type"
+        raise CheckpointError(
+            f"{p} is not a forecaster checkpoint (its config says {kind!r}); expected the output of "
+            f"`moekit train-forecaster` or a Time-MoE Hugging Face directory (config.json with model_type 'time_moe')"
+        )
+    cfg = from_dict(ForecasterConfig, config["forecaster"], "forecaster config")
+    model = TimeMoE(cfg)
+    load_model_state(model, ckpt.model_state)
+    return model.eval()
