@@ -1,0 +1,279 @@
+"""Routers: who goes to which expert, with what weight, and at what cost.
+
+Every router returns one `Routing` record. Dispatch, experts, statistics and
+the offload cache read only this record, so a new router needs nothing else.
+Losses and statistics are returned in the record, never kept on the module.
+(The one piece of state, the aux-loss-free balancing bias, is a buffer that
+steers selection and is updated from the observed load, as in DeepSeek-V3.)
+
+Capacity limits and token dropping live in dispatch.py: they depend on where
+the tokens go (one process or many), not on how they were scored.
+
+Shape legend: T tokens, D hidden, E experts, K top-k, N assignments, G groups.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MoEConfig
+
+
+@dataclass
+class Routing:
+    """Flat token -> expert assignments plus the router's losses and statistics.
+
+    Assignment n sends token `token_idx_N[n]` to expert `expert_idx_N[n]`, whose
+    output is scaled by `weight_N[n]`. For token-choice routers the assignments
+    are token-major (token t's k choices at t*K .. t*K+K-1) until capacity drops some.
+    """
+
+    token_idx_N: torch.Tensor
+    expert_idx_N: torch.Tensor
+    weight_N: torch.Tensor
+    num_tokens: int
+    num_experts: int
+    logits_TE: torch.Tensor  # raw router logits
+    probs_TE: torch.Tensor  # scores after softmax / sigmoid (masked to the allowed experts)
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    selected_E: torch.Tensor | None = None  # assignments per expert chosen by the router, before capacity
+    num_dropped: int = 0  # assignments removed by the capacity limit
+
+    @property
+    def counts_E(self) -> torch.Tensor:
+        """Tokens per expert after capacity (what the experts actually compute)."""
+        return torch.bincount(self.expert_idx_N, minlength=self.num_experts)
+
+    def stats(self) -> dict[str, float]:
+        """Plain-number statistics for logs: load, drops, entropy."""
+        counts = self.counts_E.float()
+        total = float(counts.sum()) + self.num_dropped or 1.0
+        p = self.probs_TE.detach().float().clamp_min(1e-12)
+        p = p / p.sum(-1, keepdim=True)
+        mean = counts.mean().clamp_min(1e-12)
+        return {
+            "dropped_fraction": self.num_dropped / total,
+            "max_over_mean_load": float(counts.max() / mean),
+            "router_entropy": float(-(p * p.log()).sum(-1).mean()),
+        }
+
+    def without(self, keep_N: torch.Tensor) -> "Routing":
+        """The same routing with only the assignments where keep_N is True."""
+        return replace(
+            self,
+            token_idx_N=self.token_idx_N[keep_N],
+            expert_idx_N=self.expert_idx_N[keep_N],
+            weight_N=self.weight_N[keep_N],
+            num_dropped=self.num_dropped + int((~keep_N).sum()),
+        )
+
+
+# ---------------------------------------------------------------- losses
+
+
+def load_balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch / GShard balance loss: E * sum_e f_e * P_e.
+
+    f_e is the fraction of tokens that chose expert e (any of their k slots) and
+    P_e the mean router probability of e. A perfectly balanced router scores k,
+    the convention of transformers' MoE models (and 1 for top-1, as in Switch).
+    """
+    T = probs_TE.shape[0]
+    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
+    f_E = counts_E / max(T, 1)
+    P_E = probs_TE.mean(0)
+    return num_experts * (f_E * P_E).sum()
+
+
+def sequence_balance_loss(
+    probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int, batch_size: int
+) -> torch.Tensor:
+    """The balance loss computed per sequence and averaged (DeepSeek-V3's sequence-wise loss)."""
+    T = probs_TE.shape[0]
+    if batch_size <= 1 or T % batch_size:
+        return load_balance_loss(probs_TE, expert_idx_TK, num_experts)
+    seqs = zip(probs_TE.chunk(batch_size), expert_idx_TK.chunk(batch_size))
+    return torch.stack([load_balance_loss(p, i, num_experts) for p, i in seqs]).mean()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean squared log-partition, keeps logits small."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+# ---------------------------------------------------------------- routers
+
+
+class TopKRouter(nn.Module):
+    """Token choice: each token picks its k best experts.
+
+    Options cover the families moekit loads: softmax or sigmoid scores,
+    renormalised or raw top-k weights, a routed scaling factor, DeepSpeed-MoE's
+    input jitter and noisy (RSample) selection, DeepSeek-V3's group-limited
+    routing and its aux-loss-free balancing bias.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
+        # Steers which experts are selected, never the weights (DeepSeek-V3).
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=cfg.bias_update_rate > 0)
+
+    def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None) -> Routing:
+        cfg = self.cfg
+        if self.training and cfg.noise_policy == "jitter":
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - cfg.noise_eps, 1 + cfg.noise_eps)
+        logits_TE = self.gate(x_TD)
+        allowed_TE = self._allowed_experts(group_ids_T, x_TD.shape[0], x_TD.device)
+        scores_TE = _scores(logits_TE, cfg.score_func, allowed_TE)
+        choice_TE = self._selection_scores(scores_TE, logits_TE, allowed_TE)
+        expert_idx_TK = choice_TE.topk(cfg.top_k, dim=-1).indices
+        weight_TK = scores_TE.gather(-1, expert_idx_TK)
+        if cfg.norm_topk_prob:
+            weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        weight_TK = (weight_TK * cfg.routed_scaling_factor).to(x_TD.dtype)
+        if self.training and cfg.bias_update_rate > 0:
+            self._update_bias(expert_idx_TK)
+        return _token_choice_routing(cfg, logits_TE, scores_TE, expert_idx_TK, weight_TK, batch_size)
+
+    def _allowed_experts(self, group_ids_T, T, device) -> torch.Tensor | None:
+        return None
+
+    def _selection_scores(self, scores_TE, logits_TE, allowed_TE) -> torch.Tensor:
+        """Scores that decide *which* experts win; the weights come from the clean scores."""
+        cfg = self.cfg
+        choice = scores_TE + self.expert_bias.to(scores_TE.dtype)
+        if self.training and cfg.noise_policy == "rsample":
+            # DeepSpeed-MoE RSample: noisy logits pick the experts, clean ones weigh them.
+            noisy = logits_TE.float() + torch.randn_like(logits_TE, dtype=torch.float32) / cfg.num_experts
+            choice = _scores(noisy, cfg.score_func, allowed_TE) + self.expert_bias
+        if allowed_TE is not None:
+            choice = choice.masked_fill(~allowed_TE, float("-inf"))
+        if cfg.n_group > 1:
+            choice = _limit_to_groups(choice, cfg.n_group, cfg.topk_group)
+        return choice
+
+    @torch.no_grad()
+    def _update_bias(self, expert_idx_TK: torch.Tensor) -> None:
+        load_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=self.cfg.num_experts).float()
+        self.expert_bias += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
+
+
+class GroupRouter(TopKRouter):
+    """Experts split into `num_groups` equal groups; a token routes only inside its group.
+
+    The group id comes with each token (a modality as in MoMa, a task as in
+    JiuZhang 2.0). Without group ids every token may use every expert.
+    """
+
+    def _allowed_experts(self, group_ids_T, T, device) -> torch.Tensor | None:
+        if group_ids_T is None:
+            return None
+        G, E = self.cfg.num_groups, self.cfg.num_experts
+        group_ids_T = group_ids_T.reshape(-1).to(device)
+        if group_ids_T.numel() != T:
+            raise ValueError(f"group_ids has {group_ids_T.numel()} entries for {T} tokens")
+        if group_ids_T.numel() and (group_ids_T.min() < 0 or group_ids_T.max() >= G):
+            raise ValueError(f"group ids must be in [0, {G}); got values in [{group_ids_T.min()}, {group_ids_T.max()}]")
+        expert_group_E = torch.arange(E, device=device) // (E // G)
+        return expert_group_E[None, :] == group_ids_T[:, None]
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens.
+
+    C = ceil(tokens * capacity_factor / experts), at most the number of tokens.
+    Every expert is exactly full, so no balance loss is needed; a token may be
+    taken by several experts or by none.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
+
+    def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None) -> Routing:
+        cfg = self.cfg
+        T, E = x_TD.shape[0], cfg.num_experts
+        factor = cfg.capacity_factor if self.training or cfg.eval_capacity_factor <= 0 else cfg.eval_capacity_factor
+        C = expert_choice_capacity(T, E, factor)
+        logits_TE = self.gate(x_TD)
+        scores_TE = logits_TE.float().softmax(-1)
+        weight_EC, token_idx_EC = scores_TE.t().topk(C, dim=-1)
+        expert_idx_EC = torch.arange(E, device=x_TD.device)[:, None].expand(E, C)
+        weight_N = (weight_EC * cfg.routed_scaling_factor).to(x_TD.dtype).reshape(-1)
+        return Routing(
+            token_idx_N=token_idx_EC.reshape(-1),
+            expert_idx_N=expert_idx_EC.reshape(-1),
+            weight_N=weight_N,
+            num_tokens=T,
+            num_experts=E,
+            logits_TE=logits_TE,
+            probs_TE=scores_TE,
+            aux_losses={"z": z_loss(logits_TE)},
+            selected_E=torch.full((E,), C, device=x_TD.device),
+        )
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, factor: float) -> int:
+    return min(num_tokens, math.ceil(num_tokens * factor / num_experts))
+
+
+def build_router(cfg: MoEConfig) -> nn.Module:
+    routers = {"topk": TopKRouter, "group": GroupRouter, "expert_choice": ExpertChoiceRouter}
+    return routers[cfg.router](cfg)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _scores(logits_TE: torch.Tensor, score_func: str, allowed_TE: torch.Tensor | None) -> torch.Tensor:
+    """Router scores in fp32; experts a token may not use score exactly 0."""
+    logits = logits_TE.float()
+    if allowed_TE is not None:
+        logits = logits.masked_fill(~allowed_TE, float("-inf"))
+    return logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+
+
+def _limit_to_groups(choice_TE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """DeepSeek-V3 group-limited routing: keep only the `topk_group` best groups per token.
+
+    A group's score is the sum of its two best expert scores (its best one
+    when groups hold a single expert).
+    """
+    T, E = choice_TE.shape
+    grouped = choice_TE.view(T, n_group, E // n_group)
+    best = min(2, E // n_group)
+    group_score_TG = grouped.topk(best, dim=-1).values.sum(-1)
+    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+    keep_TG.scatter_(1, group_score_TG.topk(topk_group, dim=-1).indices, True)
+    keep_TE = keep_TG[:, :, None].expand_as(grouped).reshape(T, E)
+    return choice_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+def _token_choice_routing(cfg, logits_TE, scores_TE, expert_idx_TK, weight_TK, batch_size) -> Routing:
+    T, K = expert_idx_TK.shape
+    E = cfg.num_experts
+    probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    aux = {"z": z_loss(logits_TE)}
+    if cfg.balance_loss == "batch":
+        aux["balance"] = load_balance_loss(probs_TE, expert_idx_TK, E)
+    elif cfg.balance_loss == "sequence":
+        aux["balance"] = sequence_balance_loss(probs_TE, expert_idx_TK, E, batch_size)
+    return Routing(
+        token_idx_N=torch.arange(T, device=logits_TE.device).repeat_interleave(K),
+        expert_idx_N=expert_idx_TK.reshape(-1),
+        weight_N=weight_TK.reshape(-1),
+        num_tokens=T,
+        num_experts=E,
+        logits_TE=logits_TE,
+        probs_TE=probs_TE,
+        aux_losses=aux,
+        selected_E=torch.bincount(expert_idx_TK.reshape(-1), minlength=E),
+    )
