@@ -1,0 +1,152 @@
+"""The `moekit` command: thin glue over library calls.
+
+Each subcommand parses its flags, calls one library function and prints.
+Heavy imports happen inside the handlers so `moekit --help` is instant. A
+user's mistake (any MoekitError) is printed as one line on stderr with exit
+status 2; there is no traceback for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args) -> int:
+    from .lm import resolve_run_config, sample, train_lm
+
+    cfg = resolve_run_config(args.preset, args.config, args.overrides, args.data)
+    if args.resume and (args.preset or args.config or args.overrides or args.data):
+        print("note: --resume continues with the run's saved config; preset/config/overrides are ignored", file=sys.stderr)
+    summary = train_lm(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    result = summary["result"]
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; saved {result.checkpoint} (continue with --resume)")
+        return 130
+    minutes = summary["seconds"] / 60
+    print(f"\ntrained {result.step} steps in {minutes:.1f} min on {summary['source']}")
+    if result.last_eval:
+        print(f"validation loss {result.last_eval['val_loss']:.4f}")
+    print(f"checkpoint: {result.checkpoint}")
+    if not args.no_sample:
+        text = sample(summary["model"].eval(), summary["tokenizer"], args.sample_prompt, max_new_tokens=200, temperature=0.8)
+        print(f"\n--- sample (prompt {args.sample_prompt!r}) ---\n{args.sample_prompt}{text}\n---")
+    from .lm import inspect_checkpoint
+
+    report = inspect_checkpoint(result.checkpoint, heatmap=f"{args.out}/expert_load.png")
+    print(f"\nrouting on validation text:\n{report['summary']}")
+    print(f"expert-load heatmap: {report['heatmap']}")
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a MoE language model")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. moe.num_experts=16 train.steps=500")
+    p.add_argument("--preset", help="tiny (under a minute) or small (the default)")
+    p.add_argument("--config", help="a JSON config file (RunConfig: model, train, data)")
+    p.add_argument("--data", help="a text file or folder (default: the Python standard library's source)")
+    p.add_argument("--out", required=True, help="run directory for checkpoints, metrics and plots")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-sample", action="store_true", help="skip the sample printed after training")
+    p.add_argument("--sample-prompt", default="def ", help="prompt for the sample printed after training")
+    p.set_defaults(handler=_train)
+
+
+def _inspect(args) -> int:
+    from .lm import inspect_checkpoint
+
+    report = inspect_checkpoint(args.checkpoint, heatmap=args.heatmap, batches=args.batches)
+    p = report["params"]
+    print(f"checkpoint: {report['checkpoint']}")
+    print(f"parameters: {p['total']:,} total, {p['active']:,} active per token")
+    print(f"validation loss: {report['val_loss']:.4f}")
+    print(report["summary"])
+    if report["heatmap"]:
+        print(f"expert-load heatmap: {report['heatmap']}")
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="parameters and expert load of a checkpoint")
+    p.add_argument("checkpoint", help="a run directory or one of its step-* checkpoints")
+    p.add_argument("--heatmap", help="where to write the expert-load PNG (default: inside the checkpoint)")
+    p.add_argument("--batches", type=int, default=4, help="validation batches to route (default 4)")
+    p.set_defaults(handler=_inspect)
+
+
+def _generate(args) -> int:
+    from .lm import load_lm, sample
+
+    model, tokenizer, _ = load_lm(args.model)
+    print(args.prompt, end="", flush=True)
+
+    def stream(text: str) -> None:
+        print(text, end="", flush=True)
+
+    sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, on_text=stream)
+    print()
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("model", help="a moekit run/checkpoint directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts models: train, inspect, generate, forecast.")
+    parser.add_argument("--version", action="version", version=f"moekit {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(sub)
+    _add_generate(sub)
+    _add_inspect(sub)
+    _add_optional(sub, "moekit.forecast_cli")
+    return parser
+
+
+def _add_optional(sub, module: str) -> None:
+    """Subcommands that live beside their library code register themselves."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        return
+    mod.add_parsers(sub)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import MoekitError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args)
+    except MoekitError as e:
+        print(f"moekit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moekit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

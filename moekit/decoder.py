@@ -1,0 +1,216 @@
+"""DecoderLM: the decoder-only language model every moekit LM feature uses.
+
+Token embedding, pre-norm blocks (RMSNorm -> attention -> RMSNorm -> FFN) and
+an output head. The FFN of each layer is chosen by the config: a dense MLP,
+an MoE (with or without shared experts), or a Residual-MoE; PR-MoE pyramids
+set the expert count per layer, and the first k layers (or any listed ones)
+may stay dense. One class covers the Hugging Face families moekit loads
+(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); module names follow theirs
+(`embed_tokens`, `layers.i.self_attn`, `mlp`, `lm_head`) so weights map 1:1.
+
+Not here: training (train.py), generation loops (infer/), HF conversion (hf.py).
+
+Shape legend: B batch, T new tokens, K keys (cache included), D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MoEConfig, _check_choice, _check_int
+from .errors import ConfigError
+from .layers import MoELayer, ResidualMoE
+from .modules import Attention, KVCache, RMSNorm, RotaryEmbedding, build_mlp, causal_mask
+from .routing import Routing
+
+FFN_KINDS = ("dense", "moe", "residual_moe")
+
+
+@dataclass
+class ModelConfig:
+    """A DecoderLM's shape. `moe.hidden_size` always follows `hidden_size`."""
+
+    vocab_size: int = 257
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: str = "none"  # none | head (Qwen3-MoE) | full (OLMoE)
+    tie_embeddings: bool = False
+    ffn: str = "moe"  # dense | moe | residual_moe
+    dense_hidden: int = 1024  # width of dense MLPs (dense layers, Residual-MoE's MLP)
+    first_k_dense: int = 0  # the first k layers use a dense MLP
+    dense_layers: list[int] = field(default_factory=list)  # further dense layers by index
+    moe_layer_freq: int = 1  # every n-th layer is MoE (Qwen2-MoE's decoder_sparse_step)
+    experts_per_layer: list[int] = field(default_factory=list)  # PR-MoE pyramid; empty: moe.num_experts
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_len", "dense_hidden"):
+            _check_int(self, name, 1)
+        for name in ("head_dim", "first_k_dense"):
+            _check_int(self, name, 0)
+        _check_int(self, "moe_layer_freq", 1)
+        _check_choice(self, "ffn", FFN_KINDS)
+        if self.experts_per_layer and len(self.experts_per_layer) != self.num_layers:
+            raise ConfigError(
+                f"experts_per_layer has {len(self.experts_per_layer)} entries but num_layers={self.num_layers}"
+            )
+        if self.moe.hidden_size != self.hidden_size:
+            self.moe = replace(self.moe, hidden_size=self.hidden_size)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (
+            self.ffn != "dense"
+            and i >= self.first_k_dense
+            and i not in self.dense_layers
+            and (i + 1) % self.moe_layer_freq == 0
+        )
+
+    def moe_for_layer(self, i: int) -> MoEConfig:
+        if not self.experts_per_layer:
+            return self.moe
+        E = self.experts_per_layer[i]
+        return replace(self.moe, num_experts=E, top_k=min(self.moe.top_k, E))
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor  # [B, T, V]
+    aux_losses: dict[str, torch.Tensor]  # each averaged over the MoE layers
+    routings: list[Routing | None]  # one per layer; None for dense layers
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim or None,
+            qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        if not self.is_moe:
+            self.mlp = build_mlp(cfg.moe.activation, cfg.hidden_size, cfg.dense_hidden)
+        elif cfg.ffn == "residual_moe":
+            self.mlp = ResidualMoE(cfg.moe_for_layer(layer_idx), cfg.dense_hidden)
+        else:
+            self.mlp = MoELayer(cfg.moe_for_layer(layer_idx))
+
+    def forward(self, x, cos, sin, mask, kv_cache, layer_idx, cache_start, group_ids):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_idx, cache_start)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            out, routing = self.mlp(h, group_ids)
+            return x + out, routing
+        return x + self.mlp(h), None
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        self.apply(_init_weights)
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        attention_mask_BK: torch.Tensor | None = None,
+        positions_BT: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_start: int = 0,
+        group_ids_BT: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        """attention_mask_BK: 1 for real tokens, 0 for padding, over cache + new tokens."""
+        B, T = input_ids_BT.shape
+        if cache_start + T > self.cfg.max_seq_len:
+            raise ConfigError(f"sequence of {cache_start + T} tokens is longer than the model's context max_seq_len={self.cfg.max_seq_len}")
+        if positions_BT is None:
+            positions_BT = torch.arange(cache_start, cache_start + T, device=input_ids_BT.device).expand(B, T)
+        x = self.embed_tokens(input_ids_BT)
+        cos, sin = self.rotary(positions_BT, x.dtype)
+        mask = None
+        if attention_mask_BK is not None:
+            padding = attention_mask_BK[:, : cache_start + T] == 0
+            mask = causal_mask(T, cache_start + T, cache_start, padding) if bool(padding.any()) else None
+        group_ids = group_ids_BT.reshape(-1) if group_ids_BT is not None else None
+        routings = []
+        for i, layer in enumerate(self.layers):
+            x, routing = layer(x, cos, sin, mask, kv_cache, i, cache_start, group_ids)
+            routings.append(routing)
+        logits = self.lm_head(self.norm(x))
+        return DecoderOutput(logits, _mean_aux(routings), routings)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
+        cfg = self.cfg
+        p = self.embed_tokens.weight
+        return KVCache(
+            batch_size, cfg.num_layers, cfg.num_kv_heads, max_len or cfg.max_seq_len,
+            cfg.head_dim or cfg.hidden_size // cfg.num_heads, dtype or p.dtype, device or p.device,
+        )
+
+
+def _mean_aux(routings: list[Routing | None]) -> dict[str, torch.Tensor]:
+    totals: dict[str, list[torch.Tensor]] = {}
+    for r in routings:
+        if r is not None:
+            for name, value in r.aux_losses.items():
+                totals.setdefault(name, []).append(value)
+    return {name: torch.stack(vals).mean() for name, vals in totals.items()}
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif hasattr(module, "w_in_EHD"):
+        nn.init.normal_(module.w_in_EHD, std=0.02)
+        nn.init.normal_(module.w_out_EDF, std=0.02)
+
+
+def count_parameters(model: DecoderLM) -> dict[str, int]:
+    """Total parameters, and those active for one token (top-k of each MoE's experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    active = total
+    for layer in model.layers:
+        moe = layer.mlp.moe if isinstance(layer.mlp, ResidualMoE) else layer.mlp
+        if isinstance(moe, MoELayer):
+            E = moe.cfg.num_experts
+            # expert choice: a token is taken by capacity_factor experts on average
+            k = min(E, max(1, round(moe.cfg.capacity_factor))) if moe.cfg.router == "expert_choice" else moe.cfg.top_k
+            per_expert = (moe.experts.w_in_EHD.numel() + moe.experts.w_out_EDF.numel()) // E
+            active -= (E - k) * per_expert
+    return {"total": total, "active": active}
+
+
+def lm_loss(out: DecoderOutput, targets_BT: torch.Tensor, balance_weight: float, z_weight: float):
+    """Cross-entropy plus the weighted router losses; returns (loss, parts)."""
+    ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
+    loss = ce
+    parts = {"ce": ce}
+    if "balance" in out.aux_losses:
+        parts["balance"] = out.aux_losses["balance"]
+        loss = loss + balance_weight * parts["balance"]
+    if "z" in out.aux_losses:
+        parts["z"] = out.aux_losses["z"]
+        loss = loss + z_weight * parts["z"]
+    return loss, parts

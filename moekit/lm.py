@@ -1,0 +1,226 @@
+"""The language-model recipe: presets, data, training, evaluation, sampling, inspection.
+
+`moekit train`, `moekit generate` (for moekit checkpoints) and `moekit inspect`
+call into this file. A run's resolved `RunConfig` is saved in every
+checkpoint, so `load_lm(path)` rebuilds the model from the directory alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .checkpoints import load_checkpoint, load_model_state, resolve_checkpoint
+from .config import MoEConfig, _check_choice, _check_int, apply_overrides, from_dict, load_json, to_dict
+from .data.text import Tokenizer, batch_at, encode_corpus, load_corpus
+from .decoder import DecoderLM, ModelConfig, count_parameters, lm_loss
+from .errors import CheckpointError, ConfigError
+from .stats import LoadTracker
+from .train import TrainConfig, fit
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # None: the Python standard library's source
+    max_bytes: int = 4_000_000
+    tokenizer: str = "byte"  # byte | bpe
+    bpe_vocab_size: int = 2048
+
+    def __post_init__(self) -> None:
+        _check_int(self, "max_bytes", 1)
+        _check_choice(self, "tokenizer", ("byte", "bpe"))
+        _check_int(self, "bpe_vocab_size", 257)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _preset_tiny() -> RunConfig:
+    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=96)
+    model = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=256, dense_hidden=192, moe=moe)
+    train = TrainConfig(steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, eval_every=20, eval_batches=2, save_every=20)
+    return RunConfig(model, train, DataConfig(max_bytes=400_000))
+
+
+def _preset_small() -> RunConfig:
+    moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=256)
+    model = ModelConfig(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2, max_seq_len=512, dense_hidden=512, moe=moe)
+    train = TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=100, eval_batches=8, save_every=100)
+    return RunConfig(model, train, DataConfig(max_bytes=4_000_000))
+
+
+PRESETS = {"tiny": _preset_tiny, "small": _preset_small}
+
+
+def resolve_run_config(preset: str | None = None, config_file: str | None = None, overrides=(), data: str | None = None) -> RunConfig:
+    """Defaults < preset < config file < key=value overrides < --data."""
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: accepted presets are {', '.join(PRESETS)}")
+    # A config file is complete once loaded (missing keys take class defaults), so it replaces the preset.
+    cfg = load_json(RunConfig, config_file) if config_file else PRESETS[preset or "small"]()
+    cfg = apply_overrides(cfg, list(overrides))
+    if data is not None:
+        cfg = replace(cfg, data=replace(cfg.data, path=str(data)))
+    return cfg
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class LMData:
+    tokenizer: Tokenizer
+    train: torch.Tensor
+    val: torch.Tensor
+    source: str
+
+
+def prepare_data(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer | None = None) -> LMData:
+    corpus = load_corpus(cfg.path, cfg.max_bytes)
+    if tokenizer is None:
+        tokenizer = Tokenizer.byte_level() if cfg.tokenizer == "byte" else Tokenizer.train_bpe(corpus.train, cfg.bpe_vocab_size)
+    train, val = encode_corpus(tokenizer, corpus.train), encode_corpus(tokenizer, corpus.val)
+    if val.numel() < seq_len + 1:  # a tiny corpus: evaluate on the training text rather than fail
+        val = train
+    return LMData(tokenizer, train, val, corpus.source)
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_lm(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) a DecoderLM run; returns a summary with the checkpoint path."""
+    out = Path(out_dir)
+    if resume:
+        cfg = _config_of_run(out)
+    elif out.exists() and any(out.glob("step-*")):
+        raise ConfigError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
+    tc = cfg.train
+    tokenizer = Tokenizer.from_file(resolve_checkpoint(out)) if resume else None
+    data = prepare_data(cfg.data, tc.seq_len, tokenizer)
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size))
+    if tc.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    torch.manual_seed(tc.seed)
+    model = DecoderLM(cfg.model)
+
+    def batch_fn(i):
+        return batch_at(data.train, i, tc.batch_size, tc.seq_len, tc.seed)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        out = m(x)
+        loss, parts = lm_loss(out, y, tc.balance_loss_weight, tc.z_loss_weight)
+        tracker = LoadTracker()
+        tracker.add(out.routings)
+        return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "max_over_mean_load": tracker.max_over_mean()}
+
+    def eval_fn(m, step):
+        result = evaluate(m, data.val, tc, cfg.model)
+        result["tracker"].plot(out / "expert_load.png", f"expert load, step {step}")
+        return {"val_loss": result["val_loss"], "val_max_over_mean_load": result["tracker"].max_over_mean()}
+
+    started = time.perf_counter()
+    result = fit(
+        model, tc, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn, run_dir=out, config_dict=to_dict(cfg),
+        tokenizer=data.tokenizer, resume=resume, progress=progress, tokens_per_batch=tc.batch_size * tc.seq_len,
+    )
+    return {
+        "model": model, "tokenizer": data.tokenizer, "result": result, "config": cfg,
+        "seconds": time.perf_counter() - started, "source": data.source,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: DecoderLM, tokens: torch.Tensor, tc: TrainConfig, mcfg: ModelConfig, batches: int | None = None) -> dict:
+    """Mean validation loss over a fixed set of batches, and the expert load seen on them."""
+    was_training = model.training
+    model.eval()
+    tracker, losses = LoadTracker(), []
+    seq_len = min(tc.seq_len, mcfg.max_seq_len)
+    for i in range(batches or tc.eval_batches):
+        x, y = batch_at(tokens, i, tc.batch_size, seq_len, seed=tc.seed + 1_000_003)
+        out = model(x)
+        losses.append(float(torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten())))
+        tracker.add(out.routings)
+    model.train(was_training)
+    return {"val_loss": sum(losses) / len(losses), "tracker": tracker}
+
+
+def _config_of_run(path: Path) -> RunConfig:
+    ckpt = load_checkpoint(resolve_checkpoint(path))
+    return run_config_from(ckpt.config, ckpt.dir)
+
+
+def run_config_from(data: dict, where: Path | str) -> RunConfig:
+    if not isinstance(data, dict) or "model" not in data:
+        raise CheckpointError(f"{where} is not a moekit language-model checkpoint: its config.json has no 'model' section")
+    return from_dict(RunConfig, data, f"{where}/config.json")
+
+
+# ---------------------------------------------------------------- loading, sampling, inspecting
+
+
+def load_lm(path: str | Path) -> tuple[DecoderLM, Tokenizer, RunConfig]:
+    """A trained model, its tokenizer and config from a run or checkpoint directory."""
+    ckpt = load_checkpoint(resolve_checkpoint(path))
+    cfg = run_config_from(ckpt.config, ckpt.dir)
+    model = DecoderLM(cfg.model)
+    load_model_state(model, ckpt.model_state)
+    if ckpt.tokenizer_path is None:
+        raise CheckpointError(f"checkpoint {ckpt.dir} has no tokenizer.json")
+    return model.eval(), Tokenizer.from_file(ckpt.tokenizer_path), cfg
+
+
+@torch.no_grad()
+def sample(model: DecoderLM, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200,
+           temperature: float = 0.8, top_k: int = 0, seed: int = 0, on_text=None) -> str:
+    """Plain sampling with a KV cache (the full engine lives in moekit.infer)."""
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} is invalid: it must be >= 0 (0 = greedy)")
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id or 0]
+    max_len = model.cfg.max_seq_len
+    if len(ids) >= max_len:
+        raise ConfigError(f"the prompt has {len(ids)} tokens but the model's context is {max_len}")
+    max_new_tokens = min(max_new_tokens, max_len - len(ids))
+    gen = torch.Generator().manual_seed(seed)
+    cache = model.new_cache(1, len(ids) + max_new_tokens)
+    x = torch.tensor([ids])
+    start, out_ids = 0, []
+    for _ in range(max_new_tokens):
+        logits = model(x, kv_cache=cache, cache_start=start).logits[0, -1].float()
+        start += x.shape[1]
+        if temperature == 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k:
+                logits[logits < logits.topk(min(top_k, logits.numel())).values[-1]] = float("-inf")
+            nxt = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+        if nxt == tokenizer.eos_id:
+            break
+        out_ids.append(nxt)
+        if on_text is not None:
+            on_text(tokenizer.decode([nxt]))
+        x = torch.tensor([[nxt]])
+    return tokenizer.decode(out_ids)
+
+
+def inspect_checkpoint(path: str | Path, heatmap: str | Path | None = None, batches: int = 4) -> dict:
+    """Parameter counts and expert load on the run's validation text; writes the heatmap."""
+    model, tokenizer, cfg = load_lm(path)
+    counts = count_parameters(model)
+    data = prepare_data(replace(cfg.data, max_bytes=min(cfg.data.max_bytes, 1_000_000)), cfg.train.seq_len, tokenizer)
+    result = evaluate(model, data.val, cfg.train, cfg.model, batches)
+    tracker: LoadTracker = result["tracker"]
+    ckpt_dir = resolve_checkpoint(path)
+    plot = tracker.plot(heatmap or ckpt_dir / "expert_load.png", f"expert load, {ckpt_dir.name}") if tracker.counts else None
+    return {"params": counts, "val_loss": result["val_loss"], "layers": tracker.summary_rows(),
+            "summary": tracker.summary(), "heatmap": plot, "checkpoint": ckpt_dir}

@@ -1,0 +1,246 @@
+"""The training loop shared by every moekit model, and the language-model recipe.
+
+`fit` is model-agnostic: it takes a model, a `batch_fn(step)` that is a pure
+function of the step (so a resume needs no data-loader state), and a
+`loss_fn(model, batch) -> (loss, metrics)`. It brings AdamW, warmup + cosine,
+clipping, accumulation, optional bf16 autocast and torch.compile, a progress
+bar, metrics as JSONL, atomic checkpoints that resume bit for bit, and a
+Ctrl-C that saves before it exits.
+
+`train_lm` is the recipe behind `moekit train`: corpus, tokenizer, DecoderLM,
+evaluation with expert-load heatmaps. Time-MoE reuses `fit` with its own recipe.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
+from .config import _check_choice, _check_int, from_dict, to_dict
+from .errors import CheckpointError, ConfigError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    eval_every: int = 50  # 0: only at the end
+    eval_batches: int = 8
+    save_every: int = 100  # 0: only at the end
+    keep_last: int = 3
+    log_every: int = 1
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "log_every"):
+            _check_int(self, name, 1)
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            _check_int(self, name, 0)
+        _check_choice(self, "precision", ("fp32", "bf16"))
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} is invalid: it must be > 0")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norms, biases) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+
+
+@dataclass
+class FitResult:
+    step: int
+    interrupted: bool
+    checkpoint: Path | None
+    last_metrics: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a flag checked between steps; a second one interrupts."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def fit(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    *,
+    batch_fn: Callable[[int], Any],
+    loss_fn: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]],
+    run_dir: str | Path,
+    config_dict: dict,
+    eval_fn: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
+    tokenizer: Any = None,
+    resume: bool = False,
+    progress: bool = True,
+    tokens_per_batch: int | None = None,
+) -> FitResult:
+    """Train `model` for cfg.steps optimizer steps; see the module docstring."""
+    run = Path(run_dir)
+    torch.manual_seed(cfg.seed)
+    optimizer = make_optimizer(model, cfg)
+    step = _resume(model, optimizer, run) if resume else 0
+    run.mkdir(parents=True, exist_ok=True)
+    metrics_path = run / "metrics.jsonl"
+    _truncate_metrics(metrics_path, step)
+    forward_model = torch.compile(model) if cfg.compile else model
+    result = FitResult(step=step, interrupted=False, checkpoint=None)
+
+    def save() -> Path:
+        state = {"step": step, "rng": _rng_state(), "config": to_dict(cfg)}
+        return save_checkpoint(
+            run, step, config=config_dict, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+            trainer_state=state, tokenizer=tokenizer, keep_last=cfg.keep_last,
+        )
+
+    bar = _progress_bar(cfg.steps, step, progress)
+    with _StopRequest() as stop, open(metrics_path, "a") as log:
+        while step < cfg.steps and not stop.requested:
+            t0 = time.perf_counter()
+            metrics = _train_step(forward_model, model, optimizer, cfg, step, batch_fn, loss_fn)
+            step += 1
+            metrics.update(step=step, lr=lr_at(step - 1, cfg), seconds=time.perf_counter() - t0)
+            if tokens_per_batch:
+                metrics["tokens_per_s"] = tokens_per_batch * cfg.grad_accum / metrics["seconds"]
+            result.last_metrics = metrics
+            _log(log, metrics)
+            bar.update(1)
+            bar.set_postfix(_postfix(metrics), refresh=False)
+            at_end = step == cfg.steps
+            if eval_fn is not None and (at_end or (cfg.eval_every and step % cfg.eval_every == 0)):
+                model.eval()
+                with torch.no_grad():
+                    result.last_eval = {"step": step, **eval_fn(model, step)}
+                model.train()
+                _log(log, result.last_eval)
+                bar.write(_eval_line(result.last_eval))
+            if at_end or (cfg.save_every and step % cfg.save_every == 0):
+                result.checkpoint = save()
+        if stop.requested and step < cfg.steps:
+            result.interrupted = True
+            result.checkpoint = save()
+    bar.close()
+    result.step = step
+    return result
+
+
+def _train_step(forward_model, model, optimizer, cfg, step, batch_fn, loss_fn) -> dict:
+    model.train()
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    totals: dict[str, float] = {}
+    for micro in range(cfg.grad_accum):
+        batch = batch_fn(step * cfg.grad_accum + micro)
+        with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss, metrics = loss_fn(forward_model, batch)
+        (loss / cfg.grad_accum).backward()
+        for name, value in {"loss": float(loss.detach()), **metrics}.items():
+            totals[name] = totals.get(name, 0.0) + value / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+def _resume(model, optimizer, run: Path) -> int:
+    ckpt = load_checkpoint(resolve_checkpoint(run))
+    load_model_state(model, ckpt.model_state)
+    if ckpt.optimizer_state is None:
+        raise CheckpointError(f"checkpoint {ckpt.dir} has no optimizer state, so training cannot resume from it")
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    state = ckpt.trainer_state
+    if "rng" in state:
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
+    return int(state.get("step", 0))
+
+
+def _rng_state() -> str:
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop logged lines past `step`: a killed run may have logged steps its last checkpoint lacks."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _log(log, metrics: dict) -> None:
+    log.write(json.dumps(metrics) + "\n")
+    log.flush()
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _postfix(m: dict) -> dict:
+    keys = {"loss": "loss", "tokens_per_s": "tok/s", "balance": "aux", "max_over_mean_load": "load"}
+    return {short: f"{m[k]:.3g}" if k != "tokens_per_s" else f"{m[k]:.0f}" for k, short in keys.items() if k in m}
+
+
+def _eval_line(e: dict) -> str:
+    return "eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e.items())
+
+
+def train_config_from(data: dict) -> TrainConfig:
+    return from_dict(TrainConfig, data, "train")
