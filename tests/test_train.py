@@ -199,3 +199,23 @@ def test_resume_of_an_empty_directory_is_named(tmp_path, capsys):
     (tmp_path / "nothing").mkdir()
     err = cli_error(capsys, ["train", "--out", str(tmp_path / "nothing"), "--resume"])
     assert "nothing" in err
+
+
+def test_bpe_tokenizer_is_trained_and_saved(tmp_path, text_file):
+    from moekit.data.text import Tokenizer
+
+    cfg = resolve_run_config("tiny", None, MICRO + ["train.steps=2", "train.eval_every=0", "data.tokenizer=bpe",
+                                                    "data.bpe_vocab_size=300"], str(text_file))
+    summary = train_lm(cfg, tmp_path / "run", progress=False)
+    ckpt = summary["result"].checkpoint
+    tok = Tokenizer.from_file(ckpt)
+    assert tok.vocab_size == 300
+    assert json.loads((ckpt / "config.json").read_text())["model"]["vocab_size"] == 300
+    assert tok.decode(tok.encode("def function_1(x):")) == "def function_1(x):"
+
+
+def test_bf16_autocast_training_runs_and_learns(tmp_path, text_file):
+    cfg = resolve_run_config("tiny", None, MICRO + ["train.steps=12", "train.eval_every=0", "train.precision=bf16"], str(text_file))
+    train_lm(cfg, tmp_path / "run", progress=False)
+    loss = losses(tmp_path / "run")
+    assert all(l == l for l in loss) and loss[-1] < loss[0]
