@@ -18,8 +18,10 @@ def _train(args) -> int:
     cfg = resolve_run_config(args.preset, args.config, args.overrides, args.data)
     if args.resume and (args.preset or args.config or args.overrides or args.data):
         print("note: --resume continues with the run's saved config; preset/config/overrides are ignored", file=sys.stderr)
-    summary = train_lm(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    summary = train_lm(cfg, args.out, resume=args.resume, progress=not args.quiet, expert_parallel=args.expert_parallel)
     result = summary["result"]
+    if not summary["is_main"]:  # under torchrun only rank 0 reports, samples and inspects
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted at step {result.step}; saved {result.checkpoint} (continue with --resume)")
         return 130
@@ -48,6 +50,9 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="run directory for checkpoints, metrics and plots")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--expert-parallel", type=int, default=0, metavar="N",
+                   help="shard the experts over N ranks; start with torchrun --nproc-per-node M -m moekit train "
+                        "(M a multiple of N; the batch is split over all M ranks)")
     p.add_argument("--no-sample", action="store_true", help="skip the sample printed after training")
     p.add_argument("--sample-prompt", default="def ", help="prompt for the sample printed after training")
     p.set_defaults(handler=_train)

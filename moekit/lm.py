@@ -95,9 +95,22 @@ def prepare_data(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer | None = No
 # ---------------------------------------------------------------- training
 
 
-def train_lm(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) a DecoderLM run; returns a summary with the checkpoint path."""
-    out = Path(out_dir)
+def train_lm(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, expert_parallel: int = 0) -> dict:
+    """Train (or resume) a DecoderLM run; returns a summary with the checkpoint path.
+
+    expert_parallel=N (under torchrun): experts sharded over N ranks, the batch
+    split over all ranks (see moekit.parallel); metrics and checkpoints are
+    those of one process, and the returned model is the full, unsharded one.
+    """
+    if not expert_parallel:
+        return _train_lm(cfg, Path(out_dir), resume, progress, None)
+    from .parallel import init_expert_parallel
+
+    with init_expert_parallel(expert_parallel) as parallel:
+        return _train_lm(cfg, Path(out_dir), resume, progress, parallel)
+
+
+def _train_lm(cfg: RunConfig, out: Path, resume: bool, progress: bool, parallel) -> dict:
     if resume:
         cfg = _config_of_run(out)
     elif out.exists() and any(out.glob("step-*")):
@@ -110,6 +123,11 @@ def train_lm(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress
         raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     torch.manual_seed(tc.seed)
     model = DecoderLM(cfg.model)
+    if parallel is not None:
+        from .parallel import apply_expert_parallel
+
+        parallel.check_same(to_dict(cfg), "config")
+        apply_expert_parallel(model, parallel)
 
     def batch_fn(i):
         return batch_at(data.train, i, tc.batch_size, tc.seq_len, tc.seed)
@@ -120,36 +138,54 @@ def train_lm(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress
         loss, parts = lm_loss(out, y, tc.balance_loss_weight, tc.z_loss_weight)
         tracker = LoadTracker()
         tracker.add(out.routings)
+        if parallel is not None:
+            parallel.sum_load(tracker)
         return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "max_over_mean_load": tracker.max_over_mean()}
 
     def eval_fn(m, step):
-        result = evaluate(m, data.val, tc, cfg.model)
-        result["tracker"].plot(out / "expert_load.png", f"expert load, step {step}")
+        result = evaluate(m, data.val, tc, cfg.model, parallel=parallel)
+        if parallel is None or parallel.is_main:
+            result["tracker"].plot(out / "expert_load.png", f"expert load, step {step}")
         return {"val_loss": result["val_loss"], "val_max_over_mean_load": result["tracker"].max_over_mean()}
 
     started = time.perf_counter()
     result = fit(
         model, tc, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn, run_dir=out, config_dict=to_dict(cfg),
         tokenizer=data.tokenizer, resume=resume, progress=progress, tokens_per_batch=tc.batch_size * tc.seq_len,
+        parallel=parallel,
     )
+    if parallel is not None:  # hand back an ordinary single-process model holding every expert
+        full_state = parallel.full_state_dict(model)
+        model = DecoderLM(cfg.model)
+        load_model_state(model, full_state)
     return {
         "model": model, "tokenizer": data.tokenizer, "result": result, "config": cfg,
         "seconds": time.perf_counter() - started, "source": data.source,
+        "is_main": parallel is None or parallel.is_main,
     }
 
 
 @torch.no_grad()
-def evaluate(model: DecoderLM, tokens: torch.Tensor, tc: TrainConfig, mcfg: ModelConfig, batches: int | None = None) -> dict:
-    """Mean validation loss over a fixed set of batches, and the expert load seen on them."""
+def evaluate(model: DecoderLM, tokens: torch.Tensor, tc: TrainConfig, mcfg: ModelConfig, batches: int | None = None,
+             parallel=None) -> dict:
+    """Mean validation loss over a fixed set of batches, and the expert load seen on them.
+
+    With `parallel` (an expert-parallel model) each rank evaluates its slice of every batch.
+    """
     was_training = model.training
     model.eval()
     tracker, losses = LoadTracker(), []
     seq_len = min(tc.seq_len, mcfg.max_seq_len)
     for i in range(batches or tc.eval_batches):
         x, y = batch_at(tokens, i, tc.batch_size, seq_len, seed=tc.seed + 1_000_003)
+        if parallel is not None:
+            x, y = parallel.shard_batch((x, y))
         out = model(x)
         losses.append(float(torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten())))
         tracker.add(out.routings)
+    if parallel is not None:
+        losses = parallel.mean_over_ranks(losses)
+        parallel.sum_load(tracker)
     model.train(was_training)
     return {"val_loss": sum(losses) / len(losses), "tracker": tracker}
 

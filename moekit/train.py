@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
+from .checkpoints import checkpoint_name, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
 from .config import _check_choice, _check_int, from_dict, to_dict
 from .errors import CheckpointError, ConfigError
 
@@ -129,30 +130,48 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     tokens_per_batch: int | None = None,
+    parallel: Any = None,
 ) -> FitResult:
-    """Train `model` for cfg.steps optimizer steps; see the module docstring."""
+    """Train `model` for cfg.steps optimizer steps; see the module docstring.
+
+    `parallel`: a `moekit.parallel.ExpertParallel` for a model already passed
+    through `apply_expert_parallel`. Each rank then takes its slice of every
+    batch, gradients are reduced over the ranks, and rank 0 alone writes the
+    log and the (gathered, layout-free) checkpoints; eval_fn runs on every rank.
+    """
     run = Path(run_dir)
+    main = parallel is None or parallel.is_main
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
-    step = _resume(model, optimizer, run) if resume else 0
-    run.mkdir(parents=True, exist_ok=True)
+    step = _resume(model, optimizer, run, parallel) if resume else 0
     metrics_path = run / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, step)
     forward_model = torch.compile(model) if cfg.compile else model
     result = FitResult(step=step, interrupted=False, checkpoint=None)
 
     def save() -> Path:
         state = {"step": step, "rng": _rng_state(), "config": to_dict(cfg)}
+        if parallel is None:
+            model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+        else:  # every rank takes part in gathering the experts; rank 0 writes
+            model_state = parallel.full_state_dict(model)
+            optimizer_state = parallel.full_optimizer_state(model, optimizer)
+            if not main:
+                return run / checkpoint_name(step)
         return save_checkpoint(
-            run, step, config=config_dict, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+            run, step, config=config_dict, model_state=model_state, optimizer_state=optimizer_state,
             trainer_state=state, tokenizer=tokenizer, keep_last=cfg.keep_last,
         )
 
-    bar = _progress_bar(cfg.steps, step, progress)
-    with _StopRequest() as stop, open(metrics_path, "a") as log:
-        while step < cfg.steps and not stop.requested:
+    bar = _progress_bar(cfg.steps, step, progress and main)
+    stopping = False
+    with _StopRequest() as stop, open(metrics_path if main else os.devnull, "a") as log:
+        # with several ranks a Ctrl-C seen by any of them stops all of them at the same step
+        while step < cfg.steps and not (stopping := parallel.any_rank(stop.requested) if parallel is not None else stop.requested):
             t0 = time.perf_counter()
-            metrics = _train_step(forward_model, model, optimizer, cfg, step, batch_fn, loss_fn)
+            metrics = _train_step(forward_model, model, optimizer, cfg, step, batch_fn, loss_fn, parallel)
             step += 1
             metrics.update(step=step, lr=lr_at(step - 1, cfg), seconds=time.perf_counter() - t0)
             if tokens_per_batch:
@@ -168,10 +187,11 @@ def fit(
                     result.last_eval = {"step": step, **eval_fn(model, step)}
                 model.train()
                 _log(log, result.last_eval)
-                bar.write(_eval_line(result.last_eval))
+                if main:
+                    bar.write(_eval_line(result.last_eval))
             if at_end or (cfg.save_every and step % cfg.save_every == 0):
                 result.checkpoint = save()
-        if stop.requested and step < cfg.steps:
+        if stopping and step < cfg.steps:
             result.interrupted = True
             result.checkpoint = save()
     bar.close()
@@ -179,31 +199,45 @@ def fit(
     return result
 
 
-def _train_step(forward_model, model, optimizer, cfg, step, batch_fn, loss_fn) -> dict:
+def _train_step(forward_model, model, optimizer, cfg, step, batch_fn, loss_fn, parallel=None) -> dict:
     model.train()
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     totals: dict[str, float] = {}
     for micro in range(cfg.grad_accum):
         batch = batch_fn(step * cfg.grad_accum + micro)
+        if parallel is not None:
+            batch = parallel.shard_batch(batch)
         with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", torch.bfloat16, enabled=cfg.precision == "bf16"):
             loss, metrics = loss_fn(forward_model, batch)
         (loss / cfg.grad_accum).backward()
         for name, value in {"loss": float(loss.detach()), **metrics}.items():
             totals[name] = totals.get(name, 0.0) + value / cfg.grad_accum
+    if parallel is not None:
+        parallel.reduce_gradients(model)
+        totals = parallel.mean_metrics(totals)
     if cfg.grad_clip > 0:
-        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if parallel is not None:
+            totals["grad_norm"] = float(parallel.clip_grad_norm_(model, cfg.grad_clip))
+        else:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return totals
 
 
-def _resume(model, optimizer, run: Path) -> int:
+def _resume(model, optimizer, run: Path, parallel=None) -> int:
     ckpt = load_checkpoint(resolve_checkpoint(run))
-    load_model_state(model, ckpt.model_state)
+    if parallel is not None:  # checkpoints hold every expert; keep this rank's
+        parallel.load_model_state(model, ckpt.model_state)
+    else:
+        load_model_state(model, ckpt.model_state)
     if ckpt.optimizer_state is None:
         raise CheckpointError(f"checkpoint {ckpt.dir} has no optimizer state, so training cannot resume from it")
-    optimizer.load_state_dict(ckpt.optimizer_state)
+    if parallel is not None:
+        parallel.load_optimizer_state(model, optimizer, ckpt.optimizer_state)
+    else:
+        optimizer.load_state_dict(ckpt.optimizer_state)
     state = ckpt.trainer_state
     if "rng" in state:
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
