@@ -81,28 +81,60 @@ def _add_inspect(sub) -> None:
 
 
 def _generate(args) -> int:
-    from .lm import load_lm, sample
+    from .infer.engine import Engine, check_settings
 
-    model, tokenizer, _ = load_lm(args.model)
-    print(args.prompt, end="", flush=True)
+    settings = check_settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop_strings=args.stop or [])
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
+    prompt = engine.encode(args.prompt, chat=args.chat, system=args.system)
+    engine.check_prompts([prompt])
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
 
-    def stream(text: str) -> None:
+    def stream(index: int, token: int, text: str) -> None:
         print(text, end="", flush=True)
 
-    sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, on_text=stream)
+    engine.generate_ids([prompt], settings, on_token=stream)
     print()
     return 0
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a checkpoint")
-    p.add_argument("model", help="a moekit run/checkpoint directory")
+    p = sub.add_parser("generate", help="generate text from a Hugging Face model directory or a moekit checkpoint")
+    p.add_argument("model", help="a Hugging Face model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) or a moekit run/checkpoint")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set with probability >= p (1 = all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
+    p.add_argument("--system", help="a system message for --chat")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto (config.json's)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.set_defaults(handler=_generate)
+
+
+HF_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # = moekit.hf.SUPPORTED_MODEL_TYPES (not imported: torch)
+
+
+def _convert(args) -> int:
+    from .hf import convert
+
+    out = convert(args.checkpoint, args.out_dir, arch=args.arch)
+    print(f"wrote a Hugging Face model to {out}")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write a moekit checkpoint as a Hugging Face model directory")
+    p.add_argument("checkpoint", help="a moekit run directory or one of its step-* checkpoints")
+    p.add_argument("out_dir", help="the new Hugging Face model directory (must not exist or be empty)")
+    p.add_argument("--to", required=True, choices=["hf"], help="the target format: hf (Hugging Face transformers)")
+    p.add_argument("--arch", default="auto", choices=["auto", *HF_ARCHS],
+                   help="the Hugging Face family to write (default: the first one the model fits)")
+    p.set_defaults(handler=_convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_generate(sub)
+    _add_convert(sub)
     _add_inspect(sub)
     _add_optional(sub, "moekit.forecast_cli")
     return parser

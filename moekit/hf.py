@@ -289,6 +289,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, hf: dict | None = None) -> to
     return DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device from a name; None = cpu. An unavailable or malformed device is a ConfigError."""
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError as e:
+        raise ConfigError(f"device={device!r} is invalid: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} was asked for but CUDA is not available on this machine: use cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r} is not supported: use cpu or cuda")
+    return dev
+
+
 @torch.no_grad()
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
          kernel: str = "auto") -> DecoderLM:
@@ -299,7 +312,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     if kernel != "auto":
         cfg = replace(cfg, moe=replace(cfg.moe, kernel=kernel))
     torch_dtype = resolve_dtype(dtype, hf)
-    device = torch.device(device or "cpu")
+    device = resolve_device(device)
     files = weight_files(d)
     fam = family_of(hf)
     fused = any(n.endswith("experts.gate_up_proj") for n in files)

@@ -127,6 +127,17 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None) -> Routing:
         cfg = self.cfg
+        logits_TE, scores_TE, expert_idx_TK, weight_TK = self._decide(x_TD, group_ids_T)
+        if self.training and cfg.bias_update_rate > 0:
+            self._update_bias(expert_idx_TK)
+        return _token_choice_routing(cfg, logits_TE, scores_TE, expert_idx_TK, weight_TK, batch_size)
+
+    def select(self, x_TD: torch.Tensor, group_ids_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert_idx_TK, weight_TK) alone: the same decision as `forward`, without losses or statistics (inference)."""
+        return self._decide(x_TD, group_ids_T)[2:]
+
+    def _decide(self, x_TD: torch.Tensor, group_ids_T: torch.Tensor | None):
+        cfg = self.cfg
         if self.training and cfg.noise_policy == "jitter":
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - cfg.noise_eps, 1 + cfg.noise_eps)
         logits_TE = self.gate(x_TD)
@@ -137,10 +148,9 @@ class TopKRouter(nn.Module):
         weight_TK = scores_TE.gather(-1, expert_idx_TK)
         if cfg.norm_topk_prob:
             weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-        weight_TK = (weight_TK * cfg.routed_scaling_factor).to(x_TD.dtype)
-        if self.training and cfg.bias_update_rate > 0:
-            self._update_bias(expert_idx_TK)
-        return _token_choice_routing(cfg, logits_TE, scores_TE, expert_idx_TK, weight_TK, batch_size)
+        if cfg.routed_scaling_factor != 1.0:
+            weight_TK = weight_TK * cfg.routed_scaling_factor
+        return logits_TE, scores_TE, expert_idx_TK, weight_TK.to(x_TD.dtype)
 
     def _allowed_experts(self, group_ids_T, T, device) -> torch.Tensor | None:
         return None

@@ -1,0 +1,356 @@
+"""The generation engine: prefill and decode with a preallocated KV cache.
+
+`Engine` wraps a `DecoderLM` (loaded from a Hugging Face directory or a
+moekit checkpoint) and its tokenizer. `generate` takes a batch of prompts of
+different lengths, left-pads them, prefills them in one forward pass and
+decodes one token per step for every sequence, with greedy, temperature,
+top-k and top-p sampling (seeded), stop token ids, stop strings, a token
+budget and a streaming callback.
+
+Speed at small batches is Python overhead per token, so the decode step is
+lean: rotary tables and the padding mask are built once per call, logits are
+computed for the last position only, and MoE layers with the standard router
+and stacked experts run a loop over only the experts their tokens chose
+(`moe_decode`), with the router's `select` (the routing decision without
+losses or statistics). Anything else (offloaded or quantized experts,
+expert-choice routing, capacity limits at inference, Residual-MoE) runs its
+own module, so the engine never changes what a layer computes.
+
+Not here: sampling rules and setting checks (sampling.py), Hugging Face
+files (moekit.hf), moekit checkpoints (moekit.lm / moekit.checkpoints).
+
+Shape legend: B batch, P padded prompt length, T new tokens, D hidden,
+V vocabulary, K top-k, d head_dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..decoder import DecoderLM
+from ..errors import ConfigError
+from ..experts import Experts, activate
+from ..layers import MoELayer
+from ..modules import RMSNorm, causal_mask
+from ..routing import GroupRouter, TopKRouter
+from .sampling import SamplingConfig, make_generator, next_tokens
+
+# on_token(sequence index, token id, newly decoded text): text may be "" while a multi-byte character is
+# incomplete; a last call with token id None flushes text held back at the end.
+TokenCallback = Callable[[int, int | None, str], None]
+
+
+@dataclass
+class Completion:
+    """One generated continuation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop id or string) | "length" (token budget or context full)
+    prompt_tokens: int
+
+
+class Engine:
+    """Batched generation from a DecoderLM and (optionally) its tokenizer."""
+
+    def __init__(self, model: DecoderLM, tokenizer=None, stop_token_ids: Sequence[int] | None = None,
+                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None,
+                 lean_decode: bool | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        if stop_token_ids is None:
+            eos = getattr(tokenizer, "eos_id", None)
+            stop_token_ids = [eos] if eos is not None else []
+        self.stop_token_ids = list(stop_token_ids)
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        # The active-expert loop syncs on the chosen ids: free on CPU, a stall per layer on GPUs.
+        self.lean_decode = self.device.type == "cpu" if lean_decode is None else lean_decode
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def load(cls, path: str | Path, dtype=None, device=None, **kwargs) -> "Engine":
+        """An engine for a Hugging Face model directory or a moekit run/checkpoint directory."""
+        from .. import hf
+
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"model path {p} does not exist: give a Hugging Face model directory or a moekit checkpoint")
+        if hf.is_hf_dir(p):
+            model = hf.load(p, dtype=dtype, device=device)
+            tokenizer = hf.load_tokenizer(p)
+            return cls(model, tokenizer, hf.stop_token_ids(p, tokenizer), hf.load_chat_template(p),
+                       hf.special_tokens(p), **kwargs)
+        from ..lm import load_lm
+
+        model, tokenizer, _ = load_lm(p)
+        model = model.to(hf.resolve_device(device))
+        torch_dtype = hf.resolve_dtype(dtype)
+        for param in model.parameters():  # parameters only: the rotary table stays float32
+            param.data = param.data.to(torch_dtype)
+        return cls(model, tokenizer, **kwargs)
+
+    # ------------------------------------------------------------ text in and out
+
+    def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids of a prompt; with chat=True the prompt is one user turn under the chat template."""
+        tok = self._need_tokenizer()
+        if not isinstance(prompt, str):
+            raise ConfigError(f"a prompt must be a string, got {type(prompt).__name__}")
+        if chat:
+            if not self.chat_template:
+                raise ConfigError("this model has no chat template (tokenizer_config.json has no 'chat_template'): drop --chat")
+            from ..hf import render_chat
+
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            text = render_chat(self.chat_template, messages, add_generation_prompt=True, **self.special_tokens)
+            return tok.backend.encode(text, add_special_tokens=False).ids
+        return tok.backend.encode(prompt, add_special_tokens=True).ids
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, chat: bool = False,
+                 system: str | None = None, on_token: TokenCallback | None = None, **settings) -> list[Completion]:
+        """Continue each prompt (text, or lists of token ids); settings are SamplingConfig fields."""
+        cfg = SamplingConfig(**settings)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ConfigError("no prompts given: pass at least one prompt")
+        if all(isinstance(p, str) for p in prompts):
+            ids = [self.encode(p, chat, system) for p in prompts]
+        elif all(isinstance(p, (list, tuple)) for p in prompts):
+            ids = [list(p) for p in prompts]
+        else:
+            raise ConfigError("prompts must be all strings or all lists of token ids")
+        return self.generate_ids(ids, cfg, on_token)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ConfigError("this model has no tokenizer (no tokenizer.json): pass token ids instead of text")
+        return self.tokenizer
+
+    # ------------------------------------------------------------ the loop
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: list[list[int]], cfg: SamplingConfig | None = None,
+                     on_token: TokenCallback | None = None) -> list[Completion]:
+        cfg = cfg or SamplingConfig()
+        model, B = self.model, len(prompt_ids)
+        lens = self.check_prompts(prompt_ids)
+        P, max_len = max(lens), model.cfg.max_seq_len
+        budget = min(cfg.max_new_tokens, max_len - P)
+        total = P + budget
+        stop_ids = set(self.stop_token_ids if cfg.stop_token_ids is None else cfg.stop_token_ids)
+        needs_text = bool(cfg.stop_strings) or on_token is not None
+        if needs_text:
+            self._need_tokenizer()
+        seqs = [_Sequence(i, n, self.tokenizer, cfg.stop_strings) for i, n in enumerate(lens)]
+        generator = None if cfg.greedy else make_generator(cfg.seed, self.device)
+
+        ids_BP = torch.zeros(B, P, dtype=torch.long)
+        keep_BK = torch.ones(B, total, dtype=torch.bool)
+        for b, p in enumerate(prompt_ids):
+            ids_BP[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            keep_BK[b, : P - len(p)] = False
+        ids_BP, keep_BK = ids_BP.to(self.device), keep_BK.to(self.device)
+        padded = min(lens) < P
+        positions_BP = (keep_BK[:, :P].long().cumsum(-1) - 1).clamp_min(0)
+        cos_Kd, sin_Kd = model.rotary(torch.arange(total, device=self.device), self.dtype)
+        cache = model.new_cache(B, total)
+
+        logits_BV = self._prefill(ids_BP, positions_BP, keep_BK[:, :P] if padded else None, cos_Kd, sin_Kd, cache)
+        key_mask = keep_BK[:, None, None, :] if padded else None  # decode queries see every earlier real key
+        pos_B1 = positions_BP[:, -1:]
+        for step in range(budget):
+            tok_B = next_tokens(logits_BV, cfg, generator)
+            for seq, tok in zip(seqs, tok_B.tolist()):
+                if not seq.done:
+                    seq.add(tok, stop_ids, needs_text, on_token)
+            if step == budget - 1 or all(s.done for s in seqs):
+                break
+            pos_B1 = pos_B1 + 1
+            start = P + step
+            mask = key_mask[..., : start + 1] if key_mask is not None else None
+            logits_BV = self._decode(tok_B[:, None], pos_B1, mask, cos_Kd, sin_Kd, cache, start)
+        if needs_text:
+            for seq in seqs:
+                seq.flush(on_token)
+        return [s.result() for s in seqs]
+
+    def check_prompts(self, prompt_ids: list[list[int]]) -> list[int]:
+        """Prompt lengths, after checking each prompt is non-empty, fits the context and uses known ids."""
+        max_len, vocab = self.model.cfg.max_seq_len, self.model.cfg.vocab_size
+        lens = []
+        for i, p in enumerate(prompt_ids):
+            name = f"prompt {i}" if len(prompt_ids) > 1 else "the prompt"
+            if len(p) == 0:
+                raise ConfigError(f"{name} is empty: it needs at least one token")
+            if len(p) >= max_len:
+                raise ConfigError(
+                    f"{name} has {len(p)} tokens but the model's context is {max_len} tokens "
+                    f"(a prompt must be shorter than the context, to leave room for new tokens)"
+                )
+            bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise ConfigError(f"{name} has token id {bad[0]!r} outside the model's vocabulary [0, {vocab})")
+            lens.append(len(p))
+        return lens
+
+    def _prefill(self, ids_BP, positions_BP, keep_BP, cos_Kd, sin_Kd, cache) -> torch.Tensor:
+        model = self.model
+        P = ids_BP.shape[1]
+        x = model.embed_tokens(ids_BP)
+        cos, sin = cos_Kd[positions_BP], sin_Kd[positions_BP]
+        mask = causal_mask(P, P, 0, ~keep_BP if keep_BP is not None else None, device=ids_BP.device)
+        for i, layer in enumerate(model.layers):
+            x, _ = layer(x, cos, sin, mask, cache, i, 0, None)
+        # Left padding: the last column is every sequence's last prompt token.
+        return model.lm_head(_norm(model.norm, x[:, -1]))
+
+    def _decode(self, tok_B1, pos_B1, mask, cos_Kd, sin_Kd, cache, start) -> torch.Tensor:
+        model = self.model
+        x = model.embed_tokens(tok_B1)
+        cos, sin = cos_Kd[pos_B1], sin_Kd[pos_B1]
+        for i, layer in enumerate(model.layers):
+            x = x + layer.self_attn(_norm(layer.input_layernorm, x), cos, sin, mask, cache, i, start)
+            h = _norm(layer.post_attention_layernorm, x)
+            if not layer.is_moe:
+                x = x + layer.mlp(h)
+            elif self.lean_decode and lean_eligible(layer.mlp):
+                x = x + moe_decode(layer.mlp, h)
+            else:
+                x = x + layer.mlp(h)[0]
+        return model.lm_head(_norm(model.norm, x[:, -1]))
+
+
+def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+    # One fused op instead of eight; in float32 it is bit-identical to RMSNorm.forward (tested).
+    if x.dtype == torch.float32 and type(norm) is RMSNorm:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    return norm(x)
+
+
+# ---------------------------------------------------------------- the MoE decode path
+
+
+def lean_eligible(moe) -> bool:
+    """An MoELayer whose router, experts and capacity the active-expert loop reproduces exactly."""
+    return (
+        type(moe) is MoELayer
+        and "forward" not in moe.__dict__
+        and type(moe.router) in (TopKRouter, GroupRouter)
+        and type(moe.experts) is Experts
+        and moe.cfg.eval_capacity_factor <= 0
+        and not moe.training
+    )
+
+
+def moe_decode(moe: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """MoELayer's output for a handful of tokens: only the chosen experts run, one matmul pair each."""
+    D = x.shape[-1]
+    x_TD = x.reshape(-1, D)
+    expert_idx_TK, weight_TK = moe.router.select(x_TD)
+    w_in, w_out, act = moe.experts.w_in_EHD, moe.experts.w_out_EDF, moe.experts.activation
+    T, K = expert_idx_TK.shape
+    if T == 1:
+        out = None
+        for e, w in zip(expert_idx_TK[0].tolist(), weight_TK[0].tolist()):
+            y = F.linear(activate(F.linear(x_TD, w_in[e]), act), w_out[e])
+            out = y * w if out is None else out.add_(y, alpha=w)
+    else:
+        flat_N = expert_idx_TK.reshape(-1)
+        order_N = flat_N.argsort(stable=True)
+        token_N = order_N // K
+        counts = torch.bincount(flat_N, minlength=w_in.shape[0]).tolist()
+        x_ND = x_TD[token_N]
+        ys, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                ys.append(F.linear(activate(F.linear(x_ND[start:start + n], w_in[e]), act), w_out[e]))
+                start += n
+        y_ND = torch.cat(ys) * weight_TK.reshape(-1)[order_N, None]
+        out = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+    if moe.cfg.num_shared_experts > 0:
+        out = out + moe.shared_output(x_TD)
+    return out.view(x.shape)
+
+
+# ---------------------------------------------------------------- per-sequence bookkeeping
+
+
+class _Sequence:
+    """Generated ids of one sequence, its decoded text, and whether (and why) it stopped."""
+
+    def __init__(self, index: int, prompt_tokens: int, tokenizer, stop_strings: list[str]) -> None:
+        self.index = index
+        self.prompt_tokens = prompt_tokens
+        self.tokenizer = tokenizer
+        self.stop_strings = stop_strings
+        self.ids: list[int] = []
+        self.text = ""  # text emitted so far (complete characters only)
+        self.done = False
+        self.cut = False  # a stop string ended the text
+        self.finish_reason = "length"
+
+    def add(self, tok: int, stop_ids: set[int], needs_text: bool, on_token: TokenCallback | None) -> None:
+        if tok in stop_ids:
+            self.done, self.finish_reason = True, "stop"
+            return
+        self.ids.append(tok)
+        if not needs_text:
+            return
+        full = self.tokenizer.decode(self.ids)
+        new = ""
+        if not full.endswith("\ufffd"):  # else an incomplete multi-byte character: wait for its next token
+            cut = self._stop_at(full)
+            if cut is not None:
+                full = full[:cut]
+                self.done, self.cut, self.finish_reason = True, True, "stop"
+            new = full[len(self.text):] if full.startswith(self.text) else ""
+            self.text = full
+        if on_token is not None:
+            on_token(self.index, tok, new)
+
+    def flush(self, on_token: TokenCallback | None) -> None:
+        """Emit text held back while waiting for the rest of a character (none after a stop string)."""
+        if self.cut:
+            return
+        full = self.tokenizer.decode(self.ids)
+        if full.startswith(self.text) and len(full) > len(self.text):
+            rest, self.text = full[len(self.text):], full
+            if on_token is not None:
+                on_token(self.index, None, rest)
+
+    def _stop_at(self, full: str) -> int | None:
+        if not self.stop_strings:
+            return None
+        longest = max(len(s) for s in self.stop_strings)
+        lo = max(0, len(self.text) - longest)  # a stop string may straddle the last emitted text
+        hits = [i for i in (full.find(s, lo) for s in self.stop_strings) if i >= 0]
+        return min(hits) if hits else None
+
+    def result(self) -> Completion:
+        if self.tokenizer is None:
+            text = ""
+        else:
+            text = self.text if self.cut else self.tokenizer.decode(self.ids)
+        return Completion(text, list(self.ids), self.finish_reason, self.prompt_tokens)
+
+
+def check_settings(**settings) -> SamplingConfig:
+    """Validate generation settings without running anything (the CLI checks before loading a model)."""
+    try:
+        return SamplingConfig(**settings)
+    except TypeError as e:
+        raise ConfigError(f"unknown generation setting: {e}") from None
+
+
+__all__ = ["Engine", "Completion", "SamplingConfig", "moe_decode", "lean_eligible", "check_settings"]
