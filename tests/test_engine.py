@@ -1,0 +1,252 @@
+"""moekit.infer: the generation engine, its lean MoE decode path and sampling rules."""
+
+import math
+
+import pytest
+import torch
+
+from moekit.checkpoints import save_checkpoint
+from moekit.config import MoEConfig, to_dict
+from moekit.data.text import Tokenizer
+from moekit.decoder import DecoderLM, ModelConfig
+from moekit.errors import ConfigError
+from moekit.experts import Experts
+from moekit.infer import Engine, SamplingConfig
+from moekit.infer.engine import _Sequence, check_settings, lean_eligible, moe_decode
+from moekit.infer.sampling import _top_p, next_tokens
+from moekit.layers import MoELayer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_model(seed=0, **kw):
+    moe = MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_hidden": 24, **kw.pop("moe", {})})
+    cfg = dict(vocab_size=257, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64, dense_hidden=40)
+    torch.manual_seed(seed)
+    model = DecoderLM(ModelConfig(moe=moe, **{**cfg, **kw})).eval()
+    with torch.no_grad():  # sharper logits than the 0.02 init: fewer near-ties in greedy comparisons
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(tiny_model(), Tokenizer.byte_level())
+
+
+# ---------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(temperature=-0.5), "temperature=-0.5 is invalid: it must be a finite number >= 0"),
+    (dict(temperature=math.nan), "temperature=nan"),
+    (dict(top_p=0.0), r"top_p=0.0 is invalid: it must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p=1.5 is invalid"),
+    (dict(top_k=-1), "top_k=-1 is invalid"),
+    (dict(max_new_tokens=0), "max_new_tokens=0 is invalid"),
+    (dict(seed=-3), "seed=-3 is invalid"),
+    (dict(stop_strings=[""]), "stop_strings"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"),
+])
+def test_invalid_sampling_values_get_one_clear_error(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        SamplingConfig(**bad)
+
+
+def test_unknown_setting_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown generation setting"):
+        check_settings(temprature=1.0)
+
+
+def test_top_p_and_top_k_follow_transformers_warpers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    for p in (0.05, 0.3, 0.9, 0.999):
+        ref = transformers.TopPLogitsWarper(p)(None, logits.clone())
+        ours = _top_p(logits, p)
+        assert torch.equal(torch.isinf(ref), torch.isinf(ours)), p
+    assert torch.equal(next_tokens(logits, SamplingConfig(temperature=1.0, top_k=1)), logits.argmax(-1))
+    assert torch.equal(next_tokens(logits, SamplingConfig(temperature=5.0, top_p=1e-6)), logits.argmax(-1))
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([next_tokens(logits, SamplingConfig(temperature=1.0, top_k=3), gen) for _ in range(50)])
+    allowed = logits.topk(3, dim=-1).indices
+    assert all(int(d) in allowed[b].tolist() for row in draws for b, d in enumerate(row))
+
+
+# ---------------------------------------------------------------- the lean MoE decode path
+
+
+MOE_VARIANTS = {
+    "topk": {},
+    "shared+gate, raw top-k": dict(num_shared_experts=1, shared_expert_hidden=20, shared_expert_gate=True, norm_topk_prob=False),
+    "sigmoid, scaled, grouped": dict(num_experts=8, top_k=3, score_func="sigmoid", routed_scaling_factor=2.5, n_group=4, topk_group=2),
+    "group router": dict(router="group", num_groups=2),
+}
+
+
+@pytest.mark.parametrize("variant", list(MOE_VARIANTS))
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_moe_decode_equals_the_moe_layer(variant, tokens):
+    torch.manual_seed(0)
+    kw = {"hidden_size": 32, "num_experts": 4, "top_k": 2, "expert_hidden": 24, **MOE_VARIANTS[variant]}
+    layer = MoELayer(MoEConfig(**kw)).eval()
+    x = torch.randn(tokens, 1, 32)
+    assert lean_eligible(layer)
+    with torch.no_grad():
+        expected, routing = layer(x)
+        idx_TK, w_TK = layer.router.select(x.view(-1, 32))
+        got = moe_decode(layer, x)
+    assert torch.equal(idx_TK.reshape(-1), routing.expert_idx_N) and torch.equal(w_TK.reshape(-1), routing.weight_N)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_layers_the_lean_path_cannot_reproduce_run_their_own_module():
+    base = dict(hidden_size=32, num_experts=4, top_k=2, expert_hidden=24)
+    assert not lean_eligible(MoELayer(MoEConfig(**base, router="expert_choice", capacity_factor=1.0)).eval())
+    assert not lean_eligible(MoELayer(MoEConfig(**base, eval_capacity_factor=1.0)).eval())
+    assert not lean_eligible(MoELayer(MoEConfig(**base)).train())
+
+    class Offloaded(Experts):
+        pass
+
+    layer = MoELayer(MoEConfig(**base)).eval()
+    layer.experts = Offloaded(4, 32, 24)
+    assert not lean_eligible(layer)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(first_k_dense=1, moe=dict(num_shared_experts=1, shared_expert_gate=True)),
+                                dict(ffn="residual_moe", moe=dict(top_k=1)),
+                                dict(moe=dict(router="expert_choice", capacity_factor=2.0))])
+def test_lean_and_module_decode_give_the_same_tokens(kw):
+    model = tiny_model(**kw)
+    prompts = [[1, 2, 3, 4, 5], [9, 8], [7, 7, 7, 7]]
+    lean = Engine(model, lean_decode=True).generate(prompts, max_new_tokens=12)
+    module = Engine(model, lean_decode=False).generate(prompts, max_new_tokens=12)
+    assert [c.token_ids for c in lean] == [c.token_ids for c in module]
+
+
+# ---------------------------------------------------------------- batches, cache, budget
+
+
+def test_batch_of_different_lengths_equals_one_prompt_at_a_time(engine):
+    prompts = ["def f(x):", "a", "hello world, this is longer"]
+    together = engine.generate(prompts, max_new_tokens=16)
+    alone = [engine.generate([p], max_new_tokens=16)[0] for p in prompts]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [c.prompt_tokens for c in together] == [9, 1, 27]
+
+
+def test_greedy_decode_equals_argmax_of_full_forwards(engine):
+    prompt = engine.encode("abc")
+    out = engine.generate([prompt], max_new_tokens=10)[0].token_ids
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(engine.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert out == ids[len(prompt):]
+
+
+def test_budget_is_clamped_to_the_context(engine):
+    out = engine.generate([[5] * 60], max_new_tokens=50)[0]
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    a = engine.generate(["x", "yz"], max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    b = engine.generate(["x", "yz"], max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    c = engine.generate(["x", "yz"], max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=8)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b] != [x.token_ids for x in c]
+
+
+# ---------------------------------------------------------------- stopping and streaming
+
+
+def test_stop_token_ids(engine):
+    free = engine.generate(["stop here"], max_new_tokens=12)[0].token_ids
+    stop = free[4]
+    out = engine.generate(["stop here"], max_new_tokens=12, stop_token_ids=[stop])[0]
+    assert out.token_ids == free[: free.index(stop)] and out.finish_reason == "stop"
+
+
+def test_stop_strings_cut_the_text(engine):
+    free = engine.generate(["abc"], max_new_tokens=24)[0]
+    stop = free.text[6:8]
+    out = engine.generate(["abc"], max_new_tokens=24, stop_strings=[stop, "\x00never"])[0]
+    assert out.text == free.text[: free.text.find(stop)] and out.finish_reason == "stop"
+    assert len(out.token_ids) < len(free.token_ids)
+
+
+def test_streaming_callback_sees_every_token_and_the_whole_text(engine):
+    seen: dict[int, list] = {0: [], 1: []}
+    texts = {0: "", 1: ""}
+
+    def on_token(i, tok, text):
+        if tok is not None:
+            seen[i].append(tok)
+        texts[i] += text
+
+    out = engine.generate(["one", "two!"], max_new_tokens=15, temperature=0.7, on_token=on_token)
+    for i, c in enumerate(out):
+        assert seen[i] == c.token_ids and texts[i] == c.text
+
+
+def test_incomplete_characters_are_held_back_until_complete():
+    tok = Tokenizer.byte_level()
+    events = []
+    seq = _Sequence(0, 1, tok, [])
+    for b in "é!".encode():
+        seq.add(b, set(), True, lambda i, t, text: events.append(text))
+    assert events == ["", "é", "!"] and seq.result().text == "é!"
+    seq = _Sequence(0, 1, tok, [])
+    seq.add("é".encode()[0], set(), True, lambda i, t, text: events.append(text))
+    events.clear()
+    seq.flush(lambda i, t, text: events.append((t, text)))
+    assert events == [(None, "\ufffd")]
+
+
+# ---------------------------------------------------------------- bad input and loading
+
+
+def test_bad_prompts_get_one_clear_error(engine):
+    with pytest.raises(ConfigError, match="the prompt has 70 tokens but the model's context is 64 tokens"):
+        engine.generate([[1] * 70])
+    with pytest.raises(ConfigError, match="prompt 1 has 64 tokens"):
+        engine.generate([[1], [1] * 64])
+    with pytest.raises(ConfigError, match="is empty"):
+        engine.generate([[]])
+    with pytest.raises(ConfigError, match="token id 300 outside the model's vocabulary"):
+        engine.generate([[1, 300]])
+    with pytest.raises(ConfigError, match="no chat template"):
+        engine.generate(["hi"], chat=True)
+    with pytest.raises(ConfigError, match="no prompts"):
+        engine.generate([])
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        Engine(engine.model).generate(["text"])
+
+
+def test_engine_loads_a_moekit_checkpoint(tmp_path, engine):
+    from moekit.lm import RunConfig
+
+    model = engine.model
+    save_checkpoint(tmp_path / "run", 3, config=to_dict(RunConfig(model=model.cfg)), model_state=model.state_dict(),
+                    optimizer_state=None, trainer_state={}, tokenizer=engine.tokenizer)
+    loaded = Engine.load(tmp_path / "run")
+    assert loaded.stop_token_ids == [256]
+    a = loaded.generate(["hello"], max_new_tokens=8)[0]
+    assert a.token_ids == engine.generate(["hello"], max_new_tokens=8)[0].token_ids
+    half = Engine.load(tmp_path / "run", dtype="bfloat16")
+    assert half.model.embed_tokens.weight.dtype == torch.bfloat16 and half.model.rotary.inv_freq.dtype == torch.float32
+    assert len(half.generate(["hello"], max_new_tokens=4)[0].token_ids) == 4
+    with pytest.raises(ConfigError, match="does not exist"):
+        Engine.load(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="CUDA is not available|device"):
+        if torch.cuda.is_available():
+            raise ConfigError("device")
+        Engine.load(tmp_path / "run", device="cuda")
