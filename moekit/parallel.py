@@ -51,7 +51,7 @@ import datetime
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -189,7 +189,10 @@ def init_expert_parallel(ep_size: int, timeout_s: float | None = None, backend: 
     if owns:
         if not dist.is_available():
             raise ConfigError("this PyTorch build has no torch.distributed, which expert parallelism needs")
-        dist.init_process_group(backend or default_backend(), timeout=datetime.timedelta(seconds=timeout))
+        backend = backend or default_backend()
+        if "nccl" in backend:  # one GPU per rank: NCCL must not put every rank on cuda:0
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     return ExpertParallel(Layout(world, ep_size, rank), timeout, owns_process_group=owns)
 
 
@@ -559,7 +562,7 @@ class Traffic:
 
     rows_sent: int = 0
     bytes_sent: int = 0
-    meta_bytes_sent: int = 0  # token counts and capacity bookkeeping
+    meta_bytes_sent: int = 0  # the per-expert token counts exchanged before each dispatch
     calls: int = 0
     seconds: float = 0.0
 
