@@ -269,15 +269,10 @@ def moe_decode(moe: MoELayer, x: torch.Tensor) -> torch.Tensor:
         flat_N = expert_idx_TK.reshape(-1)
         order_N = flat_N.argsort(stable=True)
         token_N = order_N // K
-        counts = torch.bincount(flat_N, minlength=w_in.shape[0]).tolist()
-        x_ND = x_TD[token_N]
-        ys, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                ys.append(F.linear(activate(F.linear(x_ND[start:start + n], w_in[e]), act), w_out[e]))
-                start += n
-        y_ND = torch.cat(ys) * weight_TK.reshape(-1)[order_N, None]
-        out = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+        counts_E = torch.bincount(flat_N, minlength=w_in.shape[0])
+        # A few tokens per expert: one grouped matmul pair measured faster on CPU than a loop of small ones.
+        y_ND = moe.experts(x_TD[token_N], counts_E, kernel="grouped_mm")
+        out = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * weight_TK.reshape(-1)[order_N, None])
     if moe.cfg.num_shared_experts > 0:
         out = out + moe.shared_output(x_TD)
     return out.view(x.shape)
