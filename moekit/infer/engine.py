@@ -205,21 +205,19 @@ class Engine:
         return lens
 
     def _prefill(self, ids_BP, positions_BP, keep_BP, cos_Kd, sin_Kd, cache) -> torch.Tensor:
-        model = self.model
         P = ids_BP.shape[1]
-        x = model.embed_tokens(ids_BP)
-        cos, sin = cos_Kd[positions_BP], sin_Kd[positions_BP]
         mask = causal_mask(P, P, 0, ~keep_BP if keep_BP is not None else None, device=ids_BP.device)
-        for i, layer in enumerate(model.layers):
-            x, _ = layer(x, cos, sin, mask, cache, i, 0, None)
+        x = self._layers(self.model.embed_tokens(ids_BP), cos_Kd[positions_BP], sin_Kd[positions_BP], mask, cache, 0)
         # Left padding: the last column is every sequence's last prompt token.
-        return model.lm_head(_norm(model.norm, x[:, -1]))
+        return self.model.lm_head(_norm(self.model.norm, x[:, -1]))
 
     def _decode(self, tok_B1, pos_B1, mask, cos_Kd, sin_Kd, cache, start) -> torch.Tensor:
-        model = self.model
-        x = model.embed_tokens(tok_B1)
-        cos, sin = cos_Kd[pos_B1], sin_Kd[pos_B1]
-        for i, layer in enumerate(model.layers):
+        x = self._layers(self.model.embed_tokens(tok_B1), cos_Kd[pos_B1], sin_Kd[pos_B1], mask, cache, start)
+        return self.model.lm_head(_norm(self.model.norm, x[:, -1]))
+
+    def _layers(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
+        """The blocks (pre-norm attention, pre-norm FFN), MoE layers on the lean path where it applies."""
+        for i, layer in enumerate(self.model.layers):
             x = x + layer.self_attn(_norm(layer.input_layernorm, x), cos, sin, mask, cache, i, start)
             h = _norm(layer.post_attention_layernorm, x)
             if not layer.is_moe:
@@ -228,7 +226,7 @@ class Engine:
                 x = x + moe_decode(layer.mlp, h)
             else:
                 x = x + layer.mlp(h)[0]
-        return model.lm_head(_norm(model.norm, x[:, -1]))
+        return x
 
 
 def _norm(norm, x: torch.Tensor) -> torch.Tensor:
