@@ -1,0 +1,272 @@
+"""Benchmark: moekit's generation engine against transformers' `generate`, fp32 on CPU.
+
+Two random-weight models of about 100M parameters, built with transformers
+and saved with `save_pretrained`, then loaded by both libraries from the same
+directory:
+  - mixtral: Mixtral-like, hidden 512, 8 layers, 8 experts top-2, expert width 896;
+  - qwen3_moe: Qwen3-MoE-like fine-grained, hidden 512, 8 layers, 64 experts top-8,
+    expert width 128, q/k norms.
+For batch 1 and batch 8 (prompts of 64 random tokens), greedy decoding with no
+stop token: prefill tokens/s (a generation of one token) and decode tokens/s
+(the time of a generation of 1 + N tokens minus that of one token, over N).
+transformers runs `generate` with the experts implementation that was fastest
+for that model and batch in a short calibration (eager, grouped_mm,
+batched_mm are all tried). moekit and transformers are timed interleaved in
+the same process, medians of several repetitions, and both must produce the
+same greedy tokens (checked and reported).
+
+For scale the script also times a "floor": one matrix-vector product over
+every weight a batch-1 decode step must read (attention, the top-k experts,
+the output head), i.e. reading the active weights once.
+
+Writes benchmarks/results/generate.json and .md. Run from the repository root:
+    python benchmarks/generate.py               # about 10 minutes on a busy 2-core machine
+    python benchmarks/generate.py --quick       # a smoke test; writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import command_line, interleaved_times, machine_info, markdown_table, median, target, write_results  # noqa: E402
+
+from moekit import hf  # noqa: E402
+from moekit.decoder import count_parameters  # noqa: E402
+from moekit.infer import Engine, SamplingConfig  # noqa: E402
+
+NAME = "generate"
+PROMPT_LEN = 64
+VOCAB = 8192
+COMMON = dict(vocab_size=VOCAB, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+              max_position_embeddings=1024, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+MODELS = {
+    "mixtral": {"label": "Mixtral-like (8 experts, top-2)",
+                "config": dict(intermediate_size=896, num_local_experts=8, num_experts_per_tok=2)},
+    "qwen3_moe": {"label": "Qwen3-MoE-like fine-grained (64 experts, top-8)",
+                  "config": dict(moe_intermediate_size=128, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
+                                 head_dim=64, norm_topk_prob=True)},
+}
+HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+DECODE_GOAL, PREFILL_GOAL = 2.0, 1.0
+
+
+def build(family: str, root: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(family, **COMMON, **MODELS[family]["config"])
+    path = root / family
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+def load_hf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def hf_generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False)
+    return out[:, ids.shape[1]:]
+
+
+def mk_generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    cfg = SamplingConfig(max_new_tokens=new_tokens, stop_token_ids=[])
+    return [c.token_ids for c in engine.generate_ids(prompts, cfg)]
+
+
+def calibrate(model, ids: torch.Tensor, steps: int) -> dict[str, float]:
+    """Seconds per decode step of each experts implementation (short; picks transformers' fastest)."""
+    times = {}
+    for impl in HF_IMPLEMENTATIONS:
+        try:
+            model.set_experts_implementation(impl)
+            hf_generate(model, ids, 2)
+            t = interleaved_times({"one": lambda: hf_generate(model, ids, 1),
+                                   "more": lambda: hf_generate(model, ids, 1 + steps)}, reps=2, warmup=0)
+            times[impl] = max(median(t["more"]) - median(t["one"]), 1e-9) / steps
+        except Exception as e:  # an implementation this build cannot run is reported, not fatal
+            times[impl] = float("nan")
+            print(f"  {impl}: cannot run here ({type(e).__name__}: {e})", flush=True)
+    return times
+
+
+def floor_fn(model):
+    """A function multiplying one token by every weight a batch-1 decode step reads (the active weights, once)."""
+    weights = []
+    for layer in model.layers:
+        a = layer.self_attn
+        weights += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight]
+        if layer.is_moe:
+            moe = layer.mlp
+            weights.append(moe.router.gate.weight)
+            for e in range(moe.cfg.top_k):
+                weights += [moe.experts.w_in_EHD[e], moe.experts.w_out_EDF[e]]
+        else:
+            weights += [m.weight for m in layer.mlp.modules() if isinstance(m, torch.nn.Linear)]
+    weights.append(model.lm_head.weight)
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+
+    @torch.no_grad()
+    def run():
+        for w in weights:
+            F.linear(xs[w.shape[1]], w)
+
+    return run
+
+
+def bench_model(family: str, path: Path, batches: list[int], decode_tokens: dict[int, int], reps: int) -> dict:
+    engine = Engine.load(path)
+    model = load_hf(path)
+    counts = count_parameters(engine.model)
+    print(f"{family}: {counts['total'] / 1e6:.1f}M parameters, {counts['active'] / 1e6:.1f}M active", flush=True)
+    result = {"label": MODELS[family]["label"], "params_total": counts["total"], "params_active": counts["active"],
+              "batches": {}}
+    gen = torch.Generator().manual_seed(1)
+    for B in batches:
+        n = decode_tokens[B]
+        ids = torch.randint(1, VOCAB, (B, PROMPT_LEN), generator=gen)
+        prompts = ids.tolist()
+        print(f"  batch {B}: calibrating transformers' experts implementations", flush=True)
+        calib = calibrate(model, ids, max(2, n // 4))
+        best = min((t, i) for i, t in calib.items() if t == t)[1]
+        model.set_experts_implementation(best)
+        print(f"  batch {B}: transformers {best} ({', '.join(f'{k} {1e3 * v:.1f}' for k, v in calib.items())} ms/step); timing",
+              flush=True)
+        mk_tokens = mk_generate(engine, prompts, 1 + n)
+        hf_tokens = hf_generate(model, ids, 1 + n).tolist()
+        match = sum(a == b for ra, rb in zip(mk_tokens, hf_tokens) for a, b in zip(ra, rb)) / (B * (1 + n))
+        fns = {
+            "moekit_prefill": lambda: mk_generate(engine, prompts, 1),
+            "moekit_full": lambda: mk_generate(engine, prompts, 1 + n),
+            "hf_prefill": lambda: hf_generate(model, ids, 1),
+            "hf_full": lambda: hf_generate(model, ids, 1 + n),
+        }
+        if B == 1:  # timed in the same rounds, so it sees the same machine load
+            fns["floor"] = floor_fn(engine.model)
+        t = interleaved_times(fns, reps=reps, warmup=1)
+        if B == 1:
+            result["floor_ms_per_token_batch1"] = 1e3 * median(t["floor"])
+        row = {"decode_tokens": n, "prompt_tokens": PROMPT_LEN, "transformers_experts_implementation": best,
+               "transformers_calibration_ms_per_step": {k: 1e3 * v for k, v in calib.items()},
+               "greedy_tokens_equal_fraction": match, "times_s": t}
+        for lib in ("moekit", "hf"):
+            prefill = median(t[f"{lib}_prefill"])
+            decode = max(median(t[f"{lib}_full"]) - prefill, 1e-9)
+            row[f"{lib}_prefill_tokens_per_s"] = B * PROMPT_LEN / prefill
+            row[f"{lib}_decode_tokens_per_s"] = B * n / decode
+            row[f"{lib}_decode_ms_per_step"] = 1e3 * decode / n
+        row["decode_speedup"] = row["moekit_decode_tokens_per_s"] / row["hf_decode_tokens_per_s"]
+        row["prefill_speedup"] = row["moekit_prefill_tokens_per_s"] / row["hf_prefill_tokens_per_s"]
+        print(f"  batch {B}: decode {row['moekit_decode_ms_per_step']:.1f} vs {row['hf_decode_ms_per_step']:.1f} ms/step "
+              f"({row['decode_speedup']:.2f}x), prefill {row['prefill_speedup']:.2f}x, tokens equal {match:.3f}", flush=True)
+        result["batches"][str(B)] = row
+    return result
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Generation: moekit engine vs transformers `generate` (fp32, CPU)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} thread(s)), "
+        f"transformers {m.get('transformers')}; medians of {result['reps']} interleaved repetitions; "
+        f"prompts of {PROMPT_LEN} random tokens, greedy, no stop token.",
+        "",
+    ]
+    rows = []
+    for family, r in result["models"].items():
+        for B, row in r["batches"].items():
+            rows.append([
+                r["label"], B, row["transformers_experts_implementation"],
+                f"{row['moekit_prefill_tokens_per_s']:.0f}", f"{row['hf_prefill_tokens_per_s']:.0f}", f"{row['prefill_speedup']:.2f}x",
+                f"{row['moekit_decode_tokens_per_s']:.1f}", f"{row['hf_decode_tokens_per_s']:.1f}",
+                f"{row['moekit_decode_ms_per_step']:.1f} / {row['hf_decode_ms_per_step']:.1f}", f"{row['decode_speedup']:.2f}x",
+                f"{row['greedy_tokens_equal_fraction']:.3f}",
+            ])
+    lines.append(markdown_table(
+        ["model", "batch", "transformers experts", "prefill tok/s moekit", "prefill tok/s transformers", "prefill ratio",
+         "decode tok/s moekit", "decode tok/s transformers", "ms/step moekit / transformers", "decode ratio",
+         "same greedy tokens"], rows))
+    lines += ["", "Floor: one token times every weight a batch-1 decode step reads (active weights read once):", ""]
+    lines.append(markdown_table(
+        ["model", "params total / active", "floor ms/token", "moekit batch-1 ms/step", "transformers batch-1 ms/step"],
+        [[r["label"], f"{r['params_total'] / 1e6:.1f}M / {r['params_active'] / 1e6:.1f}M", f"{r['floor_ms_per_token_batch1']:.1f}",
+          f"{r['batches']['1']['moekit_decode_ms_per_step']:.1f}" if "1" in r["batches"] else "-",
+          f"{r['batches']['1']['hf_decode_ms_per_step']:.1f}" if "1" in r["batches"] else "-"]
+         for r in result["models"].values()]))
+    lines += ["", "Targets:", ""]
+    lines.append(markdown_table(["target", "value", "goal", "met"],
+                                [[t["name"], f"{t['value']:.2f}", f"{t['direction']} {t['goal']}", t["met"]] for t in result["targets"]]))
+    if result.get("notes"):
+        lines += ["", *result["notes"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one model, batch 1, few tokens; writes nothing")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for both libraries (default 1: on a shared 2-core machine more threads "
+                        "oversubscribe the cores and make every timing erratic)")
+    p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    decode_tokens = {1: 32, 8: 16}
+    batches = [1, 8]
+    models = args.models
+    if args.quick:
+        decode_tokens, batches, models, args.reps = {1: 4}, [1], models[:1], 1
+    result = {"benchmark": NAME, "command": command_line(), "machine": machine_info("cpu"), "reps": args.reps, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in models:
+            result["models"][family] = bench_model(family, build(family, Path(tmp)), batches, decode_tokens, args.reps)
+    targets = []
+    for family, r in result["models"].items():
+        for B, row in r["batches"].items():
+            targets.append(target(f"decode tokens/s vs transformers, {family}, batch {B}", row["decode_speedup"], DECODE_GOAL))
+        for B, row in r["batches"].items():
+            targets.append(target(f"prefill tokens/s vs transformers, {family}, batch {B}", row["prefill_speedup"], PREFILL_GOAL))
+    result["targets"] = targets
+    result["seconds"] = time.perf_counter() - started
+    result["notes"] = notes(result)
+    print(markdown(result))
+    if not args.quick:
+        paths = write_results(NAME, result, markdown(result))
+        print(f"wrote {paths[0]} and {paths[1]}")
+
+
+def notes(result: dict) -> list[str]:
+    out = []
+    for family, r in result["models"].items():
+        row = r["batches"].get("1")
+        if row and "floor_ms_per_token_batch1" in r:
+            out.append(
+                f"- {family}: a batch-1 decode step takes {row['moekit_decode_ms_per_step']:.1f} ms in moekit and "
+                f"{row['hf_decode_ms_per_step']:.1f} ms in transformers; reading the active weights once takes "
+                f"{r['floor_ms_per_token_batch1']:.1f} ms here, so no engine can beat transformers by more than "
+                f"{row['hf_decode_ms_per_step'] / max(r['floor_ms_per_token_batch1'], 1e-9):.2f}x on this machine now.")
+    return out
+
+
+if __name__ == "__main__":
+    main()
