@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +30,7 @@ from torch import nn
 from .config import MoEConfig, _check_int, field_list, from_dict, to_dict
 from .errors import CheckpointError, ConfigError, DataError
 from .modules import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from .train import TrainConfig
 
 MODEL_TYPE = "moekit-forecaster"  # the marker in a moekit checkpoint's config
 HF_MODEL_TYPE = "time_moe"
@@ -240,12 +242,12 @@ class TimeMoE(nn.Module):
         losses = [self._head_loss(head(hidden), labels, mask, h)
                   for head, h in zip(self.heads, self.cfg.horizon_lengths)]
         ar = torch.stack(losses).mean()
-        metrics = {"huber": float(ar)}
+        metrics = {"huber": float(ar.detach())}
         total = ar
         if logits:
             aux = time_moe_balance_loss(logits, self.cfg.top_k, self.cfg.num_experts)
             total = total + self.cfg.aux_loss_factor * aux
-            metrics["balance"] = float(aux)
+            metrics["balance"] = float(aux.detach())
         return total, metrics
 
     def _head_loss(self, pred_BTX, labels_BT, mask_BT, horizon):
@@ -268,41 +270,69 @@ class TimeMoE(nn.Module):
         Each step uses the largest head that fits the remaining horizon, appends
         its prediction, and feeds only the new points through the KV cache.
         """
-        if horizon < 1:
-            raise DataError(f"horizon={horizon} is invalid: it must be a positive integer")
+        return self.generate_many(context_BT, [horizon])[horizon]
+
+    @torch.no_grad()
+    def generate_many(self, context_BT: torch.Tensor, horizons: list[int] | dict[int, int]) -> dict[int, torch.Tensor]:
+        """Forecasts for several horizons from one prefill of the contexts.
+
+        `horizons` is a list, or {horizon: n} to forecast that horizon for the first n rows only
+        (evaluation windows near the end of a split fit the short horizons but not the long ones).
+        """
+        rows = dict(horizons) if isinstance(horizons, dict) else {h: None for h in horizons}
+        for h in rows:
+            if not isinstance(h, int) or isinstance(h, bool) or h < 1:
+                raise DataError(f"horizon={h!r} is invalid: it must be a positive integer")
         squeeze = context_BT.dim() == 2
         x = context_BT.unsqueeze(-1) if squeeze else context_BT
-        batch, t, n_in = x.shape
+        batch, t, _ = x.shape
         if t < 1:
             raise DataError("the context is empty: at least one time point is needed")
         p = next(self.parameters())
         x = x.to(device=p.device, dtype=p.dtype)
-        cache = KVCache(batch, self.cfg.num_layers, self.cfg.kv_heads, t + horizon,
+        cache = KVCache(batch, self.cfg.num_layers, self.cfg.kv_heads, t + max(rows),
                         self.cfg.hidden_size // self.cfg.num_heads, dtype=p.dtype, device=p.device)
-        outputs, produced, start, new = [], 0, 0, x
-        while produced < horizon:
-            hidden, _ = self(new, kv_cache=cache, start=start)
-            start += new.shape[1]
+        hidden, _ = self(x, kv_cache=cache, start=0)
+        out = {}
+        for h, n in rows.items():
+            n = batch if n is None else min(n, batch)
+            pred = self._continue(cache, hidden[:n, -1], t, h) if n > 0 else x.new_zeros(0, h, x.shape[-1])
+            out[h] = pred.squeeze(-1) if squeeze else pred
+        return out
+
+    def _continue(self, cache: KVCache, last_BD: torch.Tensor, start: int, horizon: int) -> torch.Tensor:
+        """Decode `horizon` points after a prefill of `start` points (cache rows 0..B-1)."""
+        batch, n_in = last_BD.shape[0], self.cfg.input_size
+        outputs, produced = [], 0
+        while True:
             remaining = horizon - produced
             idx = self.head_for(remaining)
             steps = min(self.cfg.horizon_lengths[idx], remaining)
-            pred = self.heads[idx](hidden[:, -1]).view(batch, -1, n_in)[:, :steps]
+            pred = self.heads[idx](last_BD).view(batch, -1, n_in)[:, :steps]
             outputs.append(pred)
             produced += steps
-            new = pred
-        out = torch.cat(outputs, dim=1)
-        return out.squeeze(-1) if squeeze else out
+            if produced >= horizon:
+                return torch.cat(outputs, dim=1)
+            hidden, _ = self(pred, kv_cache=cache, start=start)
+            start += steps
+            last_BD = hidden[:, -1]
 
     @torch.no_grad()
     def predict(self, context_BT: torch.Tensor, horizon: int, normalize: bool = True) -> torch.Tensor:
         """Forecast [B, horizon] from raw contexts [B, T], instance-normalising each context."""
-        if not normalize:
-            return self.generate(context_BT, horizon)
+        return self.predict_many(context_BT, [horizon], normalize)[horizon]
+
+    @torch.no_grad()
+    def predict_many(self, context_BT: torch.Tensor, horizons: list[int] | dict[int, int],
+                     normalize: bool = True) -> dict[int, torch.Tensor]:
+        """`generate_many` on raw univariate contexts [B, T], with instance normalisation by default."""
         x = context_BT.float()
+        if not normalize:
+            return {h: v.float() for h, v in self.generate_many(x, horizons).items()}
         mean = x.mean(dim=1, keepdim=True)
         std = x.std(dim=1, keepdim=True, unbiased=False).clamp_min(1e-5)
-        out = self.generate((x - mean) / std, horizon).float()
-        return out * std + mean
+        out = self.generate_many((x - mean) / std, horizons)
+        return {h: v.float() * std[: v.shape[0]] + mean[: v.shape[0]] for h, v in out.items()}
 
 
 def time_moe_balance_loss(logits: list[torch.Tensor], top_k: int, num_experts: int) -> torch.Tensor:
@@ -486,7 +516,7 @@ def _hf_model_type(path: str | Path) -> str | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     value = data.get("model_type") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, str) and value != MODEL_TYPE else None
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> TimeMoE:
@@ -555,12 +585,194 @@ def load_forecaster(path: str | Path) -> TimeMoE:
     ckpt = load_checkpoint(p)
     config = ckpt.config or {}
     if config.get("model_type") != MODEL_TYPE or "forecaster" not in config:
-        kind = config.get("model_type") or "no model_type"
+        kind = config.get("model_type") or ("a moekit language model" if "model" in config else "an unknown model")
         raise CheckpointError(
-            f"{p} is not a forecaster checkpoint (its config says {kind!r}); expected the output of "
+            f"{p} is not a forecaster checkpoint (it holds {kind}); expected the output of "
             f"`moekit train-forecaster` or a Time-MoE Hugging Face directory (config.json with model_type 'time_moe')"
         )
     cfg = from_dict(ForecasterConfig, config["forecaster"], "forecaster config")
     model = TimeMoE(cfg)
     load_model_state(model, ckpt.model_state)
     return model.eval()
+
+
+# ---------------------------------------------------------------- training and fine-tuning
+
+
+def default_train_config() -> TrainConfig:
+    """Time-MoE's optimiser settings (AdamW lr 1e-3, wd 0.1, betas 0.9/0.95, cosine) at CPU scale."""
+    return TrainConfig(steps=300, batch_size=32, seq_len=512, lr=1e-3, min_lr_ratio=0.05, warmup_steps=20,
+                       weight_decay=0.1, grad_clip=1.0, eval_every=100, eval_batches=4, save_every=100)
+
+
+def normalise_windows(x_BW: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance per window (Time-MoE normalises every training sequence)."""
+    mean = x_BW.mean(axis=1, keepdims=True)
+    std = x_BW.std(axis=1, keepdims=True)
+    return ((x_BW - mean) / np.maximum(std, 1e-5)).astype(np.float32)
+
+
+def train_forecaster(csvs: list[str | Path], out: str | Path, preset_name: str = "tiny",
+                     overrides: list[str] | tuple[str, ...] = (), init: str | Path | None = None,
+                     resume: bool = False, progress: bool = True, train_cfg=None) -> dict:
+    """Pre-train (or, with `init`, fine-tune) a forecaster on the train splits of CSVs.
+
+    Overrides address the model (`model.hidden_size=96`) and the trainer
+    (`train.steps=500`, `train.seq_len=256`). Windows of seq_len + 1 points are
+    drawn from every channel of every CSV (by size), each normalised, as a pure
+    function of the step; the validation loss uses the CSVs' validation splits.
+    """
+    import time
+
+    from .config import apply_overrides
+    from .data.timeseries import TimeSeriesMixture, load_training_mixture
+    from .train import fit
+
+    run = Path(out)
+    if resume:
+        cfg_model, tcfg, csvs = _saved_run(run)
+        base = None
+    else:
+        base = load_forecaster(init) if init is not None else None
+        cfg_model = base.cfg if base is not None else preset(preset_name)
+        run_cfg = apply_overrides(_RunOverrides(cfg_model, train_cfg or default_train_config()), list(overrides))
+        cfg_model, tcfg = run_cfg.model, run_cfg.train
+    mixture, prepared = load_training_mixture(list(csvs), tcfg.seq_len + 1, seed=tcfg.seed)
+    model = TimeMoE(cfg_model)
+    if base is not None:
+        model.load_state_dict(base.state_dict())
+
+    def batch_fn(step: int) -> torch.Tensor:
+        return torch.from_numpy(normalise_windows(mixture.batch(step, tcfg.batch_size)))
+
+    def loss_fn(m, batch):
+        return m.loss(batch)
+
+    eval_fn = None
+    val_parts = [p.part("val") for p in prepared]
+    if all(v.shape[0] >= tcfg.seq_len + 1 for v in val_parts):
+        val = TimeSeriesMixture(val_parts, [p.series.name for p in prepared], tcfg.seq_len + 1, seed=tcfg.seed + 1)
+        val_batches = [torch.from_numpy(normalise_windows(val.batch(i, tcfg.batch_size))) for i in range(tcfg.eval_batches)]
+
+        def eval_fn(m, step):
+            losses = [m.loss(b)[1]["huber"] for b in val_batches]
+            return {"val_huber": float(np.mean(losses))}
+
+    config_dict = checkpoint_config(cfg_model, train=to_dict(tcfg),
+                                    data={"csvs": [str(Path(c).resolve()) for c in csvs]},
+                                    init=str(init) if init is not None else None)
+    start = time.perf_counter()
+    result = fit(model, tcfg, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn, run_dir=run,
+                 config_dict=config_dict, resume=resume, progress=progress,
+                 tokens_per_batch=tcfg.batch_size * tcfg.seq_len)
+    return {"result": result, "model": model.eval(), "seconds": time.perf_counter() - start,
+            "parameters": count_parameters(model), "active_parameters": active_parameters(model),
+            "datasets": [p.series.name for p in prepared], "points": mixture.num_points}
+
+
+@dataclass
+class _RunOverrides:
+    """What `key=value` overrides of train-forecaster address: the model and the trainer."""
+
+    model: ForecasterConfig
+    train: TrainConfig
+
+
+def _saved_run(run: Path):
+    from .checkpoints import load_checkpoint
+    from .train import train_config_from
+
+    ckpt = load_checkpoint(run)
+    config = ckpt.config
+    if config.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(f"{run} is not a forecaster run, so --resume cannot continue it")
+    cfg = from_dict(ForecasterConfig, config["forecaster"], "forecaster config")
+    return cfg, train_config_from(config["train"]), config["data"]["csvs"]
+
+
+# ---------------------------------------------------------------- forecasting a CSV
+
+
+@dataclass
+class CsvForecast:
+    """What `forecast_csv` produced."""
+
+    channels: list[str]
+    timestamps: list[str]
+    values_HC: np.ndarray
+    context: int
+    out: Path | None
+    plot: Path | None
+
+
+def forecast_csv(model_path: str | Path, csv_path: str | Path, horizon: int, context: int | None = None,
+                 out: str | Path | None = None, plot: str | Path | None = None) -> CsvForecast:
+    """Forecast every numeric channel `horizon` steps past the end of a CSV.
+
+    Each channel's last `context` points (default: up to 512, at most the
+    series length minus the horizon) are instance-normalised, forecast, and
+    de-normalised. Writes a CSV with timestamps continued at the file's
+    frequency and, with `plot`, a PNG of history and forecast.
+    """
+    from .data.timeseries import check_length, read_csv
+
+    if not isinstance(horizon, int) or horizon < 1:
+        raise DataError(f"--horizon {horizon} is invalid: it must be a positive integer")
+    if context is not None and context < 1:
+        raise DataError(f"--context {context} is invalid: it must be a positive integer")
+    series = read_csv(csv_path)
+    if context is None:
+        context = max(1, min(512, series.length - horizon))
+    check_length(series.length, context, horizon, f"{Path(csv_path).name}")
+    model = load_forecaster(model_path)
+    history_CL = torch.from_numpy(series.values_TC[-context:].T.copy())
+    values_HC = model.predict(history_CL, horizon).numpy().T
+    stamps = series.future_timestamps(horizon)
+    result = CsvForecast(series.channels, stamps, values_HC, context, None, None)
+    if out is not None:
+        result.out = _write_forecast(Path(out), series.date_column or "step", series.channels, stamps, values_HC)
+    if plot is not None:
+        result.plot = plot_forecast(Path(plot), series, stamps, values_HC, context)
+    return result
+
+
+def _write_forecast(path: Path, date_name: str, channels: list[str], stamps: list[str], values_HC) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([date_name, *channels])
+        for stamp, row in zip(stamps, values_HC):
+            w.writerow([stamp, *(f"{v:.6g}" for v in row)])
+    tmp.replace(path)
+    return path
+
+
+def plot_forecast(path: Path, series, stamps: list[str], values_HC: np.ndarray, context: int) -> Path:
+    """One panel per channel: the recent history and the forecast after it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    horizon = values_HC.shape[0]
+    shown = min(series.length, max(context, 2 * horizon))
+    channels = series.channels
+    fig, axes = plt.subplots(len(channels), 1, figsize=(10, 1.8 * len(channels) + 0.6), sharex=True, squeeze=False)
+    hist_x = np.arange(-shown, 0)
+    fut_x = np.arange(0, horizon)
+    for c, ax in enumerate(axes[:, 0]):
+        ax.plot(hist_x, series.values_TC[-shown:, c], color="0.3", lw=0.9, label="history")
+        ax.plot(fut_x, values_HC[:, c], color="tab:red", lw=1.2, label="forecast")
+        ax.axvline(0, color="0.6", lw=0.6, ls="--")
+        ax.set_ylabel(channels[c], fontsize=8)
+    axes[0, 0].legend(loc="upper left", fontsize=8)
+    axes[0, 0].set_title(f"{series.name}: {horizon}-step forecast from {stamps[0]} (context {context})", fontsize=9)
+    axes[-1, 0].set_xlabel("steps relative to the end of the file")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

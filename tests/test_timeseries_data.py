@@ -1,0 +1,142 @@
+"""Time-series data: CSV reading and repair, standard splits, train-only scaling, windows, mixtures."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moekit.data.timeseries import (
+    DataWarning,
+    StandardScaler,
+    TimeSeriesMixture,
+    check_length,
+    gather_windows,
+    prepare,
+    read_csv,
+    split_bounds,
+    window_starts,
+)
+from moekit.errors import DataError, MoekitError
+
+SHARED = Path(__file__).parents[1] / ".." / "shared" / "data" / "timeseries"
+
+
+def write(tmp_path: Path, text: str, name: str = "s.csv") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_read_csv_dates_channels_and_frequency(tmp_path):
+    p = write(tmp_path, "date,a,b\n2020-01-01 00:00:00,1,10\n2020-01-01 01:00:00,2,20\n2020-01-01 02:00:00,3,30\n")
+    s = read_csv(p)
+    assert s.channels == ["a", "b"] and s.date_column == "date"
+    np.testing.assert_array_equal(s.values_TC, [[1, 10], [2, 20], [3, 30]])
+    assert s.values_TC.dtype == np.float32
+    assert s.frequency() == np.timedelta64(3600, "s")
+    assert s.future_timestamps(2) == ["2020-01-01 03:00:00", "2020-01-01 04:00:00"]
+
+
+def test_read_csv_other_date_format_and_no_date(tmp_path):
+    s = read_csv(write(tmp_path, "day,x\n2021/03/01,1\n2021/03/02,2\n"))
+    assert s.date_column == "day" and s.future_timestamps(1) == ["2021/03/03"]
+    s = read_csv(write(tmp_path, "x,y\n1,2\n3,4\n", "nodate.csv"))
+    assert s.timestamps is None and s.channels == ["x", "y"]
+    assert s.future_timestamps(2) == ["2", "3"]  # step indices continue
+
+
+def test_non_numeric_columns_are_named_and_skipped(tmp_path):
+    p = write(tmp_path, "date,city,v,note\n2020-01-01,Oslo,1,x\n2020-01-02,Rome,2,y\n")
+    with pytest.warns(DataWarning, match="city, note"):
+        s = read_csv(p)
+    assert s.channels == ["v"]
+
+
+def test_missing_values_filled_with_count(tmp_path):
+    p = write(tmp_path, "date,a,b\n2020-01-01,,1\n2020-01-02,2,NaN\n2020-01-03,,3\n2020-01-04,4,\n")
+    with pytest.warns(DataWarning, match="filled 4 missing value"):
+        s = read_csv(p)
+    np.testing.assert_array_equal(s.values_TC[:, 0], [2, 2, 2, 4])  # back fill at the start, forward fill after
+    np.testing.assert_array_equal(s.values_TC[:, 1], [1, 1, 3, 3])
+
+
+def test_no_numeric_column_is_one_clear_error(tmp_path):
+    p = write(tmp_path, "date,name\n2020-01-01,a\n2020-01-02,b\n")
+    with pytest.raises(DataError, match="no numeric column") as e:
+        read_csv(p)
+    assert "date, name" in str(e.value)
+    with pytest.raises(DataError, match="does not exist"):
+        read_csv(tmp_path / "missing.csv")
+    with pytest.raises(DataError, match="no data rows"):
+        read_csv(write(tmp_path, "date,a\n", "empty.csv"))
+
+
+def test_standard_splits():
+    s = split_bounds(17420, "ETTh1")
+    assert (s.train, s.val, s.test) == ((0, 8640), (8640, 11520), (11520, 14400))
+    s = split_bounds(69680, "ETTm1")
+    assert (s.train, s.val, s.test) == ((0, 34560), (34560, 46080), (46080, 57600))
+    s = split_bounds(1000, "weather")
+    assert (s.train, s.val, s.test) == ((0, 700), (700, 800), (800, 1000))
+    with pytest.raises(DataError, match="needs 14400"):
+        split_bounds(5000, "ETTh2")
+
+
+def test_scaler_is_fitted_on_train_only():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 1, (700, 2)), rng.normal(5, 3, (300, 2))]).astype(np.float32)
+    from moekit.data.timeseries import Series
+
+    p = prepare(Series("x", values, ["a", "b"]))
+    np.testing.assert_allclose(p.part("train").mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(p.part("train").std(0), 1, atol=1e-4)
+    assert p.part("test").mean() > 3  # the test split keeps its shift: no leakage of its statistics
+    sc = StandardScaler().fit(values[:700])
+    np.testing.assert_allclose(sc.inverse_transform(sc.transform(values)), values, rtol=1e-5, atol=1e-5)
+
+
+def test_windows_follow_the_protocol():
+    values = np.arange(200, dtype=np.float32).reshape(100, 2)
+    starts = window_starts((60, 100), context=16, horizon=8)
+    assert starts[0] == 60 and starts[-1] == 92 and len(starts) == 40 - 8 + 1
+    x, y = gather_windows(values, starts[[0, -1]], 16, 8)
+    assert x.shape == (2, 2, 16) and y.shape == (2, 2, 8)
+    np.testing.assert_array_equal(x[0, 1], values[44:60, 1])
+    np.testing.assert_array_equal(y[1, 0], values[92:100, 0])
+    assert len(window_starts((60, 100), 16, 8, stride=5)) == 7
+
+
+def test_length_errors_name_both_lengths():
+    with pytest.raises(DataError, match=r"has 100 time steps.*context \+ horizon = 96 \+ 24 = 120"):
+        check_length(100, 96, 24)
+    with pytest.raises(DataError, match="horizon=0"):
+        check_length(100, 10, 0)
+
+
+def test_mixture_is_a_pure_function_of_the_step():
+    a = np.arange(300, dtype=np.float32).reshape(100, 3)
+    b = -np.arange(50, dtype=np.float32)[:, None]
+    m = TimeSeriesMixture([a, b], ["a", "b"], window=20, seed=3)
+    np.testing.assert_array_equal(m.batch(7, 8), m.batch(7, 8))
+    assert not np.array_equal(m.batch(7, 8), m.batch(8, 8))
+    batch = m.batch(0, 256)
+    assert batch.shape == (256, 20)
+    assert np.all(np.diff(batch, axis=1) != 0)  # contiguous windows of one channel each
+    from_b = (batch < 0).any(axis=1).mean()
+    assert abs(from_b - m.probs[1]) < 0.1  # series drawn by size
+    with pytest.raises(MoekitError, match="shorter than the training window of 60"):
+        TimeSeriesMixture([a, b], ["a", "b"], window=60)
+
+
+@pytest.mark.skipif(not (SHARED / "ETTh1.csv").is_file(), reason="needs ../shared/data/timeseries/ETTh1.csv")
+def test_real_etth1():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean file produces no repair warning
+        s = read_csv(SHARED / "ETTh1.csv")
+    assert s.values_TC.shape == (17420, 7) and s.channels[-1] == "OT"
+    p = prepare(s)
+    assert p.splits.test == (11520, 14400)
+    assert len(window_starts(p.splits.test, 512, 96)) == 2880 - 96 + 1
