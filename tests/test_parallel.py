@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -195,7 +196,7 @@ def job_two(out_dir: Path, corpus: str) -> None:
            "--no-sample", "--quiet", *CLI_OVERRIDES]
     results["cli_rc"] = main(cli)
     (out_dir / f"rank{os.environ['RANK']}.json").write_text(json.dumps({"equality": results, "bad_input": messages}))
-    contexts[2].close()
+    _fail_at_step(contexts[2], out_dir, "die")  # last: a dead peer breaks the process group
 
 
 def job_four(out_dir: Path) -> None:
@@ -238,11 +239,16 @@ def _bad_input() -> dict:
     return messages
 
 
-def job_die(out_dir: Path, mode: str) -> None:
-    """Rank 1 dies (or hangs) at step 2; rank 0 must stop with a ParallelError, like the CLI prints it."""
-    from moekit.parallel import ParallelError, apply_expert_parallel, init_expert_parallel
+def job_hang(out_dir: Path) -> None:
+    from moekit.parallel import init_expert_parallel
 
-    parallel = init_expert_parallel(2)  # timeout from MOEKIT_DIST_TIMEOUT
+    _fail_at_step(init_expert_parallel(2), out_dir, "hang")  # timeout from MOEKIT_DIST_TIMEOUT
+
+
+def _fail_at_step(parallel, out_dir: Path, mode: str) -> None:
+    """Rank 1 dies (or stops answering) at step 2; rank 0 must stop with a ParallelError, as the CLI prints it."""
+    from moekit.parallel import ParallelError, apply_expert_parallel
+
     cfg = layer_config()
     torch.manual_seed(0)
     layer = apply_expert_parallel(MoELayer(cfg), parallel)
@@ -253,7 +259,7 @@ def job_die(out_dir: Path, mode: str) -> None:
             if step == 2 and parallel.rank == 1:
                 if mode == "die":
                     os._exit(3)
-                time.sleep(parallel.timeout_s + 3)  # past rank 0's timeout, then gone
+                time.sleep(parallel.timeout_s + 1)  # past rank 0's timeout, then gone
                 os._exit(3)
             y, routing = layer(x[2 * parallel.rank : 2 * parallel.rank + 2])
             layer_loss(y, g[:2], routing).backward()
@@ -261,7 +267,7 @@ def job_die(out_dir: Path, mode: str) -> None:
             if parallel.rank == 0:
                 started = time.monotonic()
     except ParallelError as e:
-        (out_dir / "rank0.json").write_text(json.dumps({"error": str(e), "seconds": time.monotonic() - started}))
+        (out_dir / f"{mode}.json").write_text(json.dumps({"error": str(e), "seconds": time.monotonic() - started}))
         print(f"moekit: error: {e}", file=sys.stderr)
         os._exit(2)  # do not wait on the dead peer in the process-group teardown
     os._exit(0)
@@ -276,36 +282,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, argv: list[str], tmp: Path, timeout: float = LAUNCH_TIMEOUT_S, env: dict | None = None,
-           expect_timeout: bool = False):
-    """Start `world` ranks of `python <argv>` as torchrun would; returns [(returncode, stdout, stderr)]."""
+def launch(world: int, job: list[str], tmp: Path, timeout: float = LAUNCH_TIMEOUT_S, env: dict | None = None):
+    """Run `job` on `world` ranks (environment as torchrun sets it); returns [(returncode, stdout, stderr)] per rank.
+
+    One launcher process imports torch and moekit once and forks the ranks
+    (CPU only, before any thread pool or process group exists): starting
+    each rank from scratch costs seconds of CPU on this 2-core machine. The
+    launcher and its ranks form a new session, killed as a whole on timeout.
+    """
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
             "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    procs, logs = [], []
-    for rank in range(world):
-        out, err = open(tmp / f"out{rank}.txt", "w+"), open(tmp / f"err{rank}.txt", "w+")
-        logs.append((out, err))
-        procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=out, stderr=err,
-                                      env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
-    deadline = time.monotonic() + timeout
-    timed_out = False
-    for p in procs:
+    with open(tmp / "launcher.txt", "w+") as log:
+        p = subprocess.Popen([sys.executable, __file__, "--ranks", str(world), str(tmp), *job], cwd=ROOT, env=base,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            timed_out = True
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
+            os.killpg(p.pid, signal.SIGKILL)  # the launcher's own session: it and the ranks it forked
             p.wait()
-    results = []
-    for p, (out, err) in zip(procs, logs):
-        out.seek(0), err.seek(0)
-        results.append((p.returncode, out.read(), err.read()))
-        out.close(), err.close()
-    if timed_out and not expect_timeout:
-        raise AssertionError(f"ranks still running after {timeout} s: {results}")
-    return results
+            raise AssertionError(f"ranks still running after {timeout} s: {_rank_logs(tmp, world)}") from None
+        log.seek(0)
+        codes = json.loads((tmp / "ranks.json").read_text()) if (tmp / "ranks.json").is_file() else None
+        assert p.returncode == 0 and codes is not None, f"the launcher failed: {log.read()[-4000:]}"
+    return [(codes[str(r)], *_rank_logs(tmp, world)[r]) for r in range(world)]
+
+
+def _rank_logs(tmp: Path, world: int) -> list[tuple[str, str]]:
+    def read(path):
+        return path.read_text() if path.is_file() else ""
+
+    return [(read(tmp / f"out{r}.txt"), read(tmp / f"err{r}.txt")) for r in range(world)]
+
+
+def _fork_ranks(world: int, tmp: Path, job: list[str]) -> None:
+    """The launcher: heavy imports once, then one forked child per rank; writes ranks.json (exit codes)."""
+    import traceback
+
+    import moekit.parallel  # noqa: F401
+
+    if job[0] != "hang":  # jobs that train: what the first optimizer and the CLI import, seconds per process
+        import torch._dynamo  # noqa: F401
+
+        import moekit.cli  # noqa: F401
+        import moekit.lm  # noqa: F401
+
+    sys.stdout.flush(), sys.stderr.flush()
+    ranks = {}
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+            for fd, name in ((1, f"out{rank}.txt"), (2, f"err{rank}.txt")):
+                os.dup2(os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            code = 0
+            try:
+                run_job(job)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+        ranks[pid] = rank
+    codes = {}
+    while ranks:
+        pid, status = os.wait()
+        codes[ranks.pop(pid)] = os.waitstatus_to_exitcode(status)
+    (tmp / "ranks.json").write_text(json.dumps(codes))
 
 
 def _assert_ok(results):
@@ -413,7 +457,9 @@ def two_ranks(tmp_path_factory):
     """One launch of 2 gloo ranks, shared by the tests below (each process start costs seconds here)."""
     out = tmp_path_factory.mktemp("two")
     corpus = write_text_corpus(out / "corpus.txt")
-    _assert_ok(launch(2, [__file__, "two", str(out), str(corpus)], out))
+    results = launch(2, ["two", str(out), str(corpus)], out)
+    # the job ends with rank 1 dying on purpose (see test_failed_rank_stops_the_others)
+    assert [rc for rc, _, _ in results] == [2, 3], results
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return out, corpus, ranks
 
@@ -428,7 +474,7 @@ def test_two_ranks_equal_single_process(two_ranks, reference_run):
 
 def test_four_ranks_equal_single_process(tmp_path, reference_run):
     """The same at EP 4 and EP 2 x DP 2, and an EP-2 checkpoint resumed at EP 4."""
-    _assert_ok(launch(4, [__file__, "four", str(tmp_path)], tmp_path))
+    _assert_ok(launch(4, ["four", str(tmp_path)], tmp_path))
     for r in range(4):
         results = json.loads((tmp_path / f"rank{r}.json").read_text())["equality"]
         _check_equality(results)
@@ -489,23 +535,35 @@ def test_torchrun_launch(tmp_path):
     assert "checkpoint:" in done.stdout and (tmp_path / "run" / "step-00000004" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("mode", ["die", "hang"])
-def test_failed_rank_stops_the_others(mode, tmp_path):
-    """Rank 1 exits (die) or stops answering (hang) mid-training: rank 0 raises ParallelError, no hang."""
-    timeout = 3  # MOEKIT_DIST_TIMEOUT: how long a collective waits for a silent peer
-    results = launch(2, [__file__, "die", str(tmp_path), mode], tmp_path, timeout=60,
-                     env={"MOEKIT_DIST_TIMEOUT": str(timeout)})
-    rc, out, err = results[0]
-    assert rc == 2, f"rank 0 exited with {rc}: {err[-3000:]}"
-    report = json.loads((tmp_path / "rank0.json").read_text())
+def _check_failure_report(report: dict, limit_s: float) -> None:
     assert "rank 0 of 2" in report["error"] and "another rank exited, crashed or did not respond" in report["error"]
     assert "MOEKIT_DIST_TIMEOUT" in report["error"]
-    # from rank 0's last good step to its error: immediate for a dead peer, the timeout for a silent one
-    assert report["seconds"] < (timeout + 10 if mode == "hang" else 10), report
+    # from rank 0's last good step to its error
+    assert report["seconds"] < limit_s, report
+
+
+def test_dead_rank_stops_the_others(two_ranks):
+    """Rank 1 exits mid-training: rank 0 raises ParallelError at once instead of waiting."""
+    out, _, _ = two_ranks
+    _check_failure_report(json.loads((out / "die.json").read_text()), limit_s=10)
+
+
+def test_silent_rank_times_out(tmp_path):
+    """Rank 1 stops answering: rank 0 raises ParallelError after MOEKIT_DIST_TIMEOUT instead of hanging."""
+    timeout = 2
+    results = launch(2, ["hang", str(tmp_path)], tmp_path, timeout=60, env={"MOEKIT_DIST_TIMEOUT": str(timeout)})
+    assert results[0][0] == 2, f"rank 0 exited with {results[0][0]}: {results[0][2][-3000:]}"
+    _check_failure_report(json.loads((tmp_path / "hang.json").read_text()), limit_s=timeout + 10)
+
+
+def run_job(job: list[str]) -> None:
+    name, out = job[0], Path(job[1])
+    {"two": lambda: job_two(out, job[2]), "four": lambda: job_four(out), "hang": lambda: job_hang(out)}[name]()
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    job, out = sys.argv[1], Path(sys.argv[2])
-    {"two": lambda: job_two(out, sys.argv[3]), "four": lambda: job_four(out),
-     "die": lambda: job_die(out, sys.argv[3])}[job]()
+    if sys.argv[1] == "--ranks":
+        _fork_ranks(int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
+    else:  # one rank, started by torchrun or by hand: python tests/test_parallel.py two OUT CORPUS
+        run_job(sys.argv[1:])
