@@ -1,0 +1,115 @@
+"""The forecasting subcommands of `moekit`: train-forecaster, forecast, eval-forecast.
+
+Glue only: each handler parses its flags, calls one library function
+(`forecaster.train_forecaster`, `forecaster.forecast_csv`,
+`forecast_eval.evaluate_csv`) and prints. Heavy imports happen inside the
+handlers. Data repairs (filled gaps, skipped columns) are printed as one-line
+warnings; user mistakes raise MoekitError, which `moekit.cli` prints without a
+traceback (exit status 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+
+
+@contextlib.contextmanager
+def _plain_warnings(command: str):
+    """Show data warnings as one line each, without the source line Python adds."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"moekit {command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
+
+
+def _train(args) -> int:
+    from .forecaster import train_forecaster
+
+    if args.resume and (args.init or args.overrides):
+        print("note: --resume continues with the run's saved config; --init and overrides are ignored", file=sys.stderr)
+    with _plain_warnings("train-forecaster"):
+        summary = train_forecaster(args.csv or [], args.out, preset_name=args.preset, overrides=args.overrides,
+                                   init=args.init, resume=args.resume, progress=not args.quiet)
+    result = summary["result"]
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; saved {result.checkpoint} (continue with --resume)")
+        return 130
+    print(f"trained {result.step} steps in {summary['seconds'] / 60:.1f} min on {', '.join(summary['datasets'])} "
+          f"({summary['points']:,} train points)")
+    print(f"parameters: {summary['parameters']:,} total, {summary['active_parameters']:,} active per time point")
+    if result.last_eval:
+        print(f"validation Huber loss {result.last_eval['val_huber']:.4f}")
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _forecast(args) -> int:
+    from .forecaster import forecast_csv
+
+    with _plain_warnings("forecast"):
+        res = forecast_csv(args.model, args.csv, args.horizon, context=args.context, out=args.out, plot=args.plot)
+    print(f"forecast {len(res.timestamps)} steps of {len(res.channels)} channel(s) ({', '.join(res.channels)}) "
+          f"from {res.timestamps[0]} to {res.timestamps[-1]}, context {res.context}")
+    print(f"wrote {res.out}")
+    if res.plot is not None:
+        print(f"plot: {res.plot}")
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .forecast_eval import evaluate_csv, parse_horizons, results_dicts, results_table
+
+    horizons = parse_horizons(args.horizons)
+    with _plain_warnings("eval-forecast"):
+        results = evaluate_csv(args.model, args.csv, horizons, context=args.context, stride=args.stride,
+                               with_baselines=not args.no_baselines, progress=not args.quiet)
+    print(f"MSE / MAE on the scaled test split, context {args.context}, stride {args.stride}:")
+    print(results_table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"context": args.context, "stride": args.stride,
+                                              "results": results_dicts(results)}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register train-forecaster, forecast and eval-forecast on the `moekit` subparsers."""
+    p = sub.add_parser("train-forecaster", help="train or fine-tune a Time-MoE forecaster on CSV files")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train.steps=500 model.hidden_size=96 train.seq_len=256")
+    p.add_argument("--csv", action="append", metavar="FILE",
+                   help="a CSV (date column + numeric channels); repeat for a mixture. Trains on the train split")
+    p.add_argument("--preset", default="tiny", help="model preset: tiny (CPU), base (TimeMoE-50M), large (TimeMoE-200M)")
+    p.add_argument("--init", metavar="DIR", help="fine-tune from this forecaster (a moekit run or a Time-MoE HF directory)")
+    p.add_argument("--out", required=True, help="run directory for checkpoints and metrics")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("forecast", help="forecast every numeric channel of a CSV past its end")
+    p.add_argument("--model", required=True, metavar="DIR", help="a moekit forecaster run or a Time-MoE HF directory")
+    p.add_argument("--csv", required=True, metavar="FILE", help="history: a date column plus numeric channels")
+    p.add_argument("--horizon", required=True, type=int, metavar="H", help="steps to forecast")
+    p.add_argument("--context", type=int, metavar="L", help="history points per channel (default: up to 512)")
+    p.add_argument("--out", required=True, metavar="FILE", help="forecast CSV to write (timestamps continue the file's)")
+    p.add_argument("--plot", metavar="PNG", help="also write a plot of history and forecast")
+    p.set_defaults(handler=_forecast)
+
+    p = sub.add_parser("eval-forecast", help="MSE/MAE on a CSV's test split, next to last-value, seasonal-naive and DLinear")
+    p.add_argument("--model", required=True, metavar="DIR", help="a moekit forecaster run or a Time-MoE HF directory")
+    p.add_argument("--csv", required=True, metavar="FILE", help="the series (ETTh*/ETTm* splits by name, else 70/10/20)")
+    p.add_argument("--horizons", default="96,192,336,720", help="comma-separated horizons (default 96,192,336,720)")
+    p.add_argument("--stride", type=int, default=1, help="steps between test windows (default 1, the standard protocol)")
+    p.add_argument("--context", type=int, default=512, help="context length for every method (default 512)")
+    p.add_argument("--no-baselines", action="store_true", help="score the model only")
+    p.add_argument("--out", metavar="JSON", help="also write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_eval)

@@ -1,0 +1,134 @@
+"""`moekit train-forecaster`, `forecast`, `eval-forecast`: end to end, and one clear message per mistake."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moekit.cli import main
+
+TINY = ["model.hidden_size=16", "model.intermediate_size=32", "model.num_layers=1", "model.num_heads=2",
+        "train.steps=4", "train.seq_len=48", "train.batch_size=4", "train.eval_every=2", "train.save_every=2",
+        "train.eval_batches=1", "train.warmup_steps=1"]
+
+
+def write_series(path: Path, rows: int = 1200, gaps: bool = False, text_column: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    t = np.arange(rows)
+    start = np.datetime64("2021-03-01T00:00:00")
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["date", "load", "temp"] + (["site"] if text_column else []))
+        for i in t:
+            stamp = str(start + np.timedelta64(int(i), "h")).replace("T", " ")
+            load = 10 + 3 * np.sin(2 * np.pi * i / 24) + rng.normal(0, 0.2)
+            temp = 20 + 0.01 * i + rng.normal(0, 0.1)
+            cells = [stamp, f"{load:.4f}", "" if gaps and i in (5, 6, 700) else f"{temp:.4f}"]
+            w.writerow(cells + (["north"] if text_column else []))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    data = write_series(d / "series.csv", gaps=True, text_column=True)
+    torch.manual_seed(0)
+    code = main(["train-forecaster", "--csv", str(data), "--csv", str(data), "--out", str(d / "run"), "--quiet", *TINY])
+    assert code == 0
+    return d, data
+
+
+def test_train_forecaster_writes_a_resumable_run(trained, capsys):
+    d, data = trained
+    run = d / "run"
+    assert (run / "latest").read_text().strip() == "step-00000004"
+    cfg = json.loads((run / "step-00000004" / "config.json").read_text())
+    assert cfg["model_type"] == "moekit-forecaster" and cfg["forecaster"]["hidden_size"] == 16
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_huber" in x for x in lines) and any("balance" in x for x in lines)
+    assert main(["train-forecaster", "--out", str(run), "--resume", "--quiet"]) == 0  # nothing left to do
+    assert "trained 4 steps" in capsys.readouterr().out
+
+
+def test_forecast_writes_csv_with_continued_timestamps_and_a_plot(trained, capsys):
+    d, data = trained
+    out, png = d / "f.csv", d / "f.png"
+    code = main(["forecast", "--model", str(d / "run"), "--csv", str(data), "--horizon", "30", "--context", "96",
+                 "--out", str(out), "--plot", str(png)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "skipped non-numeric column(s) site" in captured.err and "filled 3 missing value(s)" in captured.err
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["date", "load", "temp"] and len(rows) == 31
+    assert rows[1][0] == "2021-04-20 00:00:00" and rows[2][0] == "2021-04-20 01:00:00"  # 1200 h after 2021-03-01
+    assert all(np.isfinite(float(v)) for r in rows[1:] for v in r[1:])
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_forecast_prints_model_and_baselines(trained, capsys):
+    d, data = trained
+    code = main(["eval-forecast", "--model", str(d / "run"), "--csv", str(data), "--horizons", "24,48",
+                 "--stride", "24", "--context", "96", "--quiet", "--out", str(d / "eval.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("time_moe MSE", "last_value MSE", "seasonal_naive MSE", "dlinear MSE"):
+        assert name in out
+    saved = json.loads((d / "eval.json").read_text())
+    assert {r["horizon"] for r in saved["results"]} == {24, 48}
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_bad_input_gets_one_clear_message(trained, tmp_path, capsys):
+    d, data = trained
+    model = str(d / "run")
+    text_only = tmp_path / "names.csv"
+    text_only.write_text("date,name\n2020-01-01,a\n2020-01-02,b\n")
+    code, err = run_cli(["forecast", "--model", model, "--csv", str(text_only), "--horizon", "5", "--out",
+                         str(tmp_path / "x.csv")], capsys)
+    assert code == 2 and "no numeric column" in err and err.count("\n") == 1
+
+    code, err = run_cli(["forecast", "--model", model, "--csv", str(data), "--horizon", "300", "--context", "1000",
+                         "--out", str(tmp_path / "x.csv")], capsys)
+    assert code == 2 and "1200 time steps" in err and "1000 + 300" in err
+
+    code, err = run_cli(["forecast", "--model", model, "--csv", str(data), "--horizon", "0", "--out",
+                         str(tmp_path / "x.csv")], capsys)
+    assert code == 2 and "--horizon 0 is invalid" in err
+
+    code, err = run_cli(["eval-forecast", "--model", model, "--csv", str(data), "--horizons", "24,-1"], capsys)
+    assert code == 2 and "positive integer" in err
+
+    from moekit.checkpoints import save_checkpoint
+
+    save_checkpoint(tmp_path / "lm", 1, config={"model": {}}, model_state={"w": torch.zeros(1)},
+                    optimizer_state=None, trainer_state={})
+    code, err = run_cli(["forecast", "--model", str(tmp_path / "lm"), "--csv", str(data), "--horizon", "5",
+                         "--out", str(tmp_path / "x.csv")], capsys)
+    assert code == 2 and "not a forecaster checkpoint" in err
+    assert not (tmp_path / "x.csv").exists()  # nothing half-written
+
+    code, err = run_cli(["train-forecaster", "--out", str(tmp_path / "r"), "--quiet"], capsys)
+    assert code == 2 and "no training CSV" in err
+
+
+def test_no_traceback_from_the_installed_command(tmp_path):
+    text_only = tmp_path / "names.csv"
+    text_only.write_text("date,name\n2020-01-01,a\n")
+    proc = subprocess.run([sys.executable, "-m", "moekit", "forecast", "--model", str(tmp_path), "--csv",
+                           str(text_only), "--horizon", "3", "--out", str(tmp_path / "o.csv")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "no numeric column" in proc.stderr
