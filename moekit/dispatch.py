@@ -5,14 +5,22 @@ token dropping) and moves the tokens. `LocalDispatcher` permutes within one
 process; the expert-parallel dispatcher swaps in an all-to-all without any
 change to routers or experts, because both speak only `Routing`.
 
-Shape legend: T tokens, D hidden, E experts, K top-k, N assignments.
+Tokens move between token order and a buffer grouped by expert (`Slots`:
+compact, or padded to a capacity so batched kernels need no further copy).
+Both directions are autograd Functions with hand-written backwards: for
+dropless token choice (K rows per token) the way back is one fused
+gather-and-sum (embedding_bag) instead of a scatter-add.
+
+Shape legend: T tokens, D hidden, E experts, K top-k, N assignments, S buffer rows.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .routing import Routing
 
@@ -58,6 +66,143 @@ def capacity_keep_mask(
     return keep_N
 
 
+# ---------------------------------------------------------------- moving tokens
+
+
+@dataclass
+class Slots:
+    """Where each assignment's row lives in the buffer the experts read.
+
+    Expert e owns `rows_E[e]` consecutive rows, experts in order. Compact
+    buffers hold exactly the assignments (rows_E = counts); padded ones give
+    every expert `capacity` rows, the unused ones zero, so the experts can run
+    as one batched matmul without further copies.
+    """
+
+    slot_N: torch.Tensor  # assignment n -> buffer row
+    token_S: torch.Tensor  # buffer row -> token (0 on padding rows, whose input is zeroed)
+    rows_E: torch.Tensor  # rows per expert in the buffer
+    pad_rows: torch.Tensor | None  # indices of padding rows; None when there are none
+    top_k: int  # > 0: assignments are token-major, exactly top_k per token (gather-and-sum fast paths)
+
+    @property
+    def num_rows(self) -> int:
+        return self.token_S.shape[0]
+
+
+def expert_slots(routing: Routing, capacity: int | None = None, order_N: torch.Tensor | None = None) -> Slots:
+    """Buffer rows for a routing: compact (capacity=None) or `capacity` rows per expert.
+
+    order_N (sorted row -> assignment, as `dispatch` returns it) fixes a
+    compact layout already chosen; by default assignments keep their order
+    inside each expert.
+    """
+    expert_N, token_N = routing.expert_idx_N, routing.token_idx_N
+    N, device = expert_N.numel(), expert_N.device
+    counts_E = routing.counts_E
+    if order_N is None:
+        order_N = stable_expert_order(expert_N)
+    arange_N = torch.arange(N, device=device)
+    if capacity is None:
+        slot_sorted = arange_N
+        token_S = token_N[order_N]
+        rows_E, pad_rows = counts_E, None
+    else:
+        if N and capacity < int(counts_E.max()):
+            raise ValueError(f"capacity={capacity} is below the largest expert load {int(counts_E.max())}")
+        E = routing.num_experts
+        expert_sorted = expert_N[order_N]
+        starts_E = counts_E.cumsum(0) - counts_E
+        slot_sorted = expert_sorted * capacity + (arange_N - starts_E[expert_sorted])
+        token_S = torch.zeros(E * capacity, dtype=token_N.dtype, device=device)
+        token_S[slot_sorted] = token_N[order_N]
+        rows_E = torch.full_like(counts_E, capacity)
+        pad_rows = None
+        if E * capacity > N:
+            free_S = torch.ones(E * capacity, dtype=torch.bool, device=device)
+            free_S[slot_sorted] = False
+            pad_rows = free_S.nonzero().squeeze(1)
+    slot_N = torch.empty_like(slot_sorted)
+    slot_N[order_N] = slot_sorted
+    return Slots(slot_N, token_S, rows_E, pad_rows, _token_major_k(routing))
+
+
+def stable_expert_order(expert_N: torch.Tensor) -> torch.Tensor:
+    """Assignments sorted by expert, keeping their order inside an expert."""
+    if expert_N.device.type == "cpu" and expert_N.numel() < 2**24:
+        # Float keys are exact here and avoid torch's integer radix sort, which
+        # can take hundreds of milliseconds on a busy 2-core machine.
+        return expert_N.float().argsort(stable=True)
+    return expert_N.argsort(stable=True)
+
+
+def _token_major_k(routing: Routing) -> int:
+    """K when token t's assignments are exactly rows t*K .. t*K+K-1 (dropless token choice), else 0."""
+    N, T = routing.token_idx_N.numel(), routing.num_tokens
+    if T == 0 or N == 0 or N % T:
+        return 0
+    K = N // T
+    expected = torch.arange(T, device=routing.token_idx_N.device)[:, None]
+    return K if bool((routing.token_idx_N.view(T, K) == expected).all()) else 0
+
+
+class _Gather(torch.autograd.Function):
+    """x_SD[s] = x_TD[token_S[s]] (padding rows zero); backward sums each token's rows."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_S, pad_rows, slot_N, token_N, top_k):
+        x_SD = x_TD.index_select(0, token_S)
+        if pad_rows is not None:
+            x_SD.index_fill_(0, pad_rows, 0)
+        ctx.save_for_backward(slot_N, token_N)
+        ctx.num_tokens, ctx.top_k = x_TD.shape[0], top_k
+        return x_SD
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        slot_N, token_N = ctx.saved_tensors
+        return _sum_rows_per_token(grad_SD.contiguous(), slot_N, token_N, ctx.num_tokens, ctx.top_k), None, None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y_TD[t] = sum of weight_N[n] * y_SD[slot_N[n]] over token t's assignments n."""
+
+    @staticmethod
+    def forward(ctx, y_SD, weight_N, slot_N, token_N, token_S, num_tokens, top_k):
+        ctx.save_for_backward(y_SD, weight_N, slot_N, token_S)
+        return _sum_rows_per_token(y_SD, slot_N, token_N, num_tokens, top_k, weight_N)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_SD, weight_N, slot_N, token_S = ctx.saved_tensors
+        grad_SD = grad_TD.contiguous().index_select(0, token_S)  # padding rows read token 0; their weight is 0
+        grad_weight = _row_dots(grad_SD, y_SD)[slot_N] if ctx.needs_input_grad[1] else None
+        weight_S = weight_N.new_zeros(y_SD.shape[0])
+        weight_S[slot_N] = weight_N
+        return grad_SD.mul_(weight_S[:, None]), grad_weight, None, None, None, None, None
+
+
+def _row_dots(a_SD: torch.Tensor, b_SD: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """(a_SD * b_SD).sum(-1), in row chunks: a full-size temporary costs more (fresh pages) than the dots."""
+    out_S = a_SD.new_empty(a_SD.shape[0])
+    for start in range(0, a_SD.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        torch.linalg.vecdot(a_SD[rows], b_SD[rows], out=out_S[rows])
+    return out_S
+
+
+def _sum_rows_per_token(rows_SD, slot_N, token_N, num_tokens, top_k, weight_N=None):
+    """out[t] = sum over token t's assignments n of (weight_N[n] *) rows_SD[slot_N[n]]."""
+    if top_k and rows_SD.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        # One fused gather-and-sum pass (token-major assignments: token t owns t*K .. t*K+K-1).
+        weights = None if weight_N is None else weight_N.view(num_tokens, top_k)
+        return F.embedding_bag(slot_N.view(num_tokens, top_k), rows_SD, per_sample_weights=weights, mode="sum")
+    picked = rows_SD.index_select(0, slot_N)
+    if weight_N is not None:
+        picked = picked * weight_N[:, None]
+    return rows_SD.new_zeros(num_tokens, rows_SD.shape[1]).index_add_(0, token_N, picked)
+
+
 class LocalDispatcher:
     """Groups a process's tokens by expert and scatters the results back."""
 
@@ -78,12 +223,23 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens sorted by expert: (x_ND, counts_E, order_N) where order_N maps sorted -> assignment."""
-        order_N = routing.expert_idx_N.argsort(stable=True)
-        x_ND = x_TD[routing.token_idx_N[order_N]]
-        return x_ND, routing.counts_E, order_N
+        order_N = stable_expert_order(routing.expert_idx_N)
+        slots = expert_slots(routing, order_N=order_N)
+        return self.gather(x_TD, routing, slots), slots.rows_E, order_N
 
     def combine(self, y_ND: torch.Tensor, routing: Routing, order_N: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's expert outputs, back in token order."""
-        weighted_ND = y_ND * routing.weight_N[order_N, None].to(y_ND.dtype)
-        y_TD = y_ND.new_zeros(routing.num_tokens, y_ND.shape[-1])
-        return y_TD.index_add(0, routing.token_idx_N[order_N], weighted_ND)
+        return self.combine_slots(y_ND, routing, expert_slots(routing, order_N=order_N))
+
+    def slots(self, routing: Routing, capacity: int | None = None) -> Slots:
+        """Buffer rows for `gather` / `combine_slots`: compact, or `capacity` rows per expert."""
+        return expert_slots(routing, capacity)
+
+    def gather(self, x_TD: torch.Tensor, routing: Routing, slots: Slots) -> torch.Tensor:
+        """The experts' input buffer: each assignment's token row at its slot."""
+        return _Gather.apply(x_TD, slots.token_S, slots.pad_rows, slots.slot_N, routing.token_idx_N, slots.top_k)
+
+    def combine_slots(self, y_SD: torch.Tensor, routing: Routing, slots: Slots) -> torch.Tensor:
+        """Weighted sum of each token's rows of the experts' output buffer, in token order."""
+        weight_N = routing.weight_N.to(y_SD.dtype)
+        return _Combine.apply(y_SD, weight_N, slots.slot_N, routing.token_idx_N, slots.token_S, routing.num_tokens, slots.top_k)

@@ -6,11 +6,20 @@ All experts of a layer live in two tensors, in nn.Linear's (out, in) layout:
 expert (see dispatch.py):
 
 - `loop`: one matmul pair per expert; the readable reference and the oracle.
-- `grouped_mm`: torch._grouped_mm, one call for all experts; falls back to
-  `loop` where the op is missing or the shapes are not 16-byte aligned.
-- `bmm`: experts padded to the largest group and run as one batched matmul.
-- `auto`: grouped_mm when it applies, otherwise bmm for large batches and
-  loop for small ones (decode).
+- `grouped_mm`: torch._grouped_mm, one call per matmul for all experts; falls
+  back to `loop` where the op is missing or the shapes are not 16-byte aligned.
+- `bmm`: experts padded to the largest group and run as batched matmuls. On
+  CPU each thread then multiplies whole experts on its own, which beats
+  splitting every small per-expert matmul across threads. Input that is
+  already padded (every expert the same row count) is used in place.
+- `auto`: grouped_mm on GPUs where it is native; otherwise bmm unless padding
+  would waste too much (very uneven loads, decoding), then grouped_mm or loop.
+
+`grouped_mm` and `bmm` run the whole expert MLP as one autograd Function
+(`_ExpertMLP`): the activation is fused, backward keeps only x, the
+pre-activation, silu(gate) and the activation, and computes the gradients with
+the same batched / grouped matmuls. This module does not move tokens: see
+dispatch.py.
 
 Shape legend: N assignments (tokens grouped by expert), D hidden, F expert
 width, H = 2F for SwiGLU else F, E experts, C padded slots per expert.
@@ -25,6 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 KERNELS = ("auto", "loop", "grouped_mm", "bmm")
+
+# `auto` pads for bmm while the padded rows stay under this fraction of the real ones.
+MAX_PADDING = 0.35
 
 
 class Experts(nn.Module):
@@ -51,12 +63,20 @@ class Experts(nn.Module):
     def num_experts(self) -> int:
         return self.w_in_EHD.shape[0]
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
+        """The kernel a call would run: `kernel` (or the module's) with `auto` resolved.
+
+        x only lends its dtype, device and (without counts) its row count.
+        """
         name = kernel or self.kernel
         if name not in KERNELS:
             raise ValueError(f"kernel={name!r} is unknown: accepted values are {', '.join(KERNELS)}")
         if name == "auto":
-            name = choose_kernel(x_ND, self.w_in_EHD, self.w_out_EDF)
+            name = choose_kernel(x, self.w_in_EHD, self.w_out_EDF, counts_E)
+        return name
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+        name = self.kernel_for(x_ND, counts_E, kernel)
         fn = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "bmm": bmm_experts}[name]
         return fn(x_ND, counts_E, self.w_in_EHD, self.w_out_EDF, self.activation)
 
@@ -79,10 +99,14 @@ def loop_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tenso
             outputs.append(F.linear(activate(F.linear(x, w_in_HD), activation), w_out_DF))
         start += count
     if not outputs:
-        # Keep the weights in the graph so every parameter gets a (zero) gradient.
-        empty = (x_ND[:, :1] * 0).expand(0, w_out_EDF.shape[1])
-        return empty + 0 * (w_in_EHD.sum() + w_out_EDF.sum())
+        return _empty_output(x_ND, w_in_EHD, w_out_EDF)
     return torch.cat(outputs)
+
+
+def _empty_output(x_ND, w_in_EHD, w_out_EDF) -> torch.Tensor:
+    # Keep the weights in the graph so every parameter gets a (zero) gradient.
+    empty = (x_ND[:, :1] * 0).expand(0, w_out_EDF.shape[1])
+    return empty + 0 * (w_in_EHD.sum() + w_out_EDF.sum())
 
 
 def grouped_mm_supported(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> bool:
@@ -95,49 +119,148 @@ def grouped_mm_supported(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: 
     return all(n % align == 0 for n in (*w_in_EHD.shape[1:], w_out_EDF.shape[2]))
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    _grouped_mm's backward rejects expanded (stride-0) gradients such as the
-    one `y.sum().backward()` produces.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
-
-
 def grouped_mm_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
-    """All experts in two grouped matmul calls (falls back to `loop` when unsupported)."""
-    if not grouped_mm_supported(x_ND, w_in_EHD, w_out_EDF):
+    """All experts in grouped matmul calls (falls back to `loop` when unsupported)."""
+    x_ND, w_in_EHD, w_out_EDF = _autocast_inputs(x_ND, w_in_EHD, w_out_EDF)
+    if x_ND.shape[0] == 0 or not grouped_mm_supported(x_ND, w_in_EHD, w_out_EDF):
         return loop_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation)
     offs_E = counts_E.cumsum(0).to(torch.int32)
-    h_NH = torch._grouped_mm(x_ND, w_in_EHD.transpose(1, 2), offs=offs_E)
-    y_ND = torch._grouped_mm(activate(_ContiguousGrad.apply(h_NH), activation), w_out_EDF.transpose(1, 2), offs=offs_E)
-    return _ContiguousGrad.apply(y_ND)
+    with _no_autocast(x_ND):
+        return _expert_mlp(x_ND, w_in_EHD, w_out_EDF, activation, offs_E)
 
 
 def bmm_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
-    """Experts padded to the largest group (capacity C) and run as one bmm."""
-    E, D = w_in_EHD.shape[0], x_ND.shape[1]
-    N = x_ND.shape[0]
+    """Experts padded to the largest group (capacity C) and run as batched matmuls."""
+    x_ND, w_in_EHD, w_out_EDF = _autocast_inputs(x_ND, w_in_EHD, w_out_EDF)
+    E, (N, D) = w_in_EHD.shape[0], x_ND.shape
     if N == 0:
         return loop_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation)
     C = int(counts_E.max())
-    starts_E = counts_E.cumsum(0) - counts_E
-    expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
-    slot_N = expert_N * C + (torch.arange(N, device=x_ND.device) - starts_E[expert_N])
-    x_ECD = x_ND.new_zeros(E * C, D).index_copy(0, slot_N, x_ND).view(E, C, D)
-    h_ECH = torch.bmm(x_ECD, w_in_EHD.transpose(1, 2))
-    y_ECD = torch.bmm(activate(h_ECH, activation), w_out_EDF.transpose(1, 2))
-    return y_ECD.reshape(E * C, D)[slot_N]
+    with _no_autocast(x_ND):
+        if N == E * C:  # already padded (or perfectly even): no copies
+            return _expert_mlp(x_ND.view(E, C, D), w_in_EHD, w_out_EDF, activation, None).view(N, D)
+        starts_E = counts_E.cumsum(0) - counts_E
+        expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
+        slot_N = expert_N * C + (torch.arange(N, device=x_ND.device) - starts_E[expert_N])
+        x_ECD = x_ND.new_zeros(E * C, D).index_copy(0, slot_N, x_ND).view(E, C, D)
+        y_ECD = _expert_mlp(x_ECD, w_in_EHD, w_out_EDF, activation, None)
+        return y_ECD.reshape(E * C, D)[slot_N]
 
 
-def choose_kernel(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> str:
-    if grouped_mm_supported(x_ND, w_in_EHD, w_out_EDF):
+def choose_kernel(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor,
+                  counts_E: torch.Tensor | None = None) -> str:
+    """The kernel `auto` runs for these rows (x lends dtype, device and, without counts, the row count).
+
+    Where torch._grouped_mm is a native GPU kernel it wins. Elsewhere batched
+    matmuls over padded experts are the fastest while padding stays moderate;
+    with very uneven loads or a handful of rows (decoding) the compact kernels
+    avoid multiplying mostly-empty experts.
+    """
+    supported = grouped_mm_supported(x_ND, w_in_EHD, w_out_EDF)
+    if supported and x_ND.device.type == "cuda":
         return "grouped_mm"
-    return "loop" if x_ND.shape[0] <= 4 * w_in_EHD.shape[0] else "bmm"
+    E = w_in_EHD.shape[0]
+    if counts_E is not None:
+        N = int(counts_E.sum())
+        padded_rows = E * int(counts_E.max()) if N else 0
+    else:  # without the counts, assume an even load
+        N = x_ND.shape[0]
+        padded_rows = E * -(-N // E)
+    if N > 4 * E and padded_rows <= (1 + MAX_PADDING) * N:
+        return "bmm"
+    if supported and N > 4 * E:
+        return "grouped_mm"
+    return "loop"
+
+
+# ---------------------------------------------------------------- the fused expert MLP
+
+
+def _expert_mlp(x, w_in_EHD, w_out_EDF, activation, offs):
+    """The expert MLP through `_ExpertMLP`, or straight through when no gradient is wanted."""
+    if torch.is_grad_enabled() and (x.requires_grad or w_in_EHD.requires_grad or w_out_EDF.requires_grad):
+        return _ExpertMLP.apply(x, w_in_EHD, w_out_EDF, activation, offs)
+    h = _mm(x, w_in_EHD.transpose(1, 2), offs)
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate).mul_(up)
+    else:
+        act = F.gelu(h)
+    return _mm(act, w_out_EDF.transpose(1, 2), offs)
+
+
+class _ExpertMLP(torch.autograd.Function):
+    """y = act(x @ w_in^T) @ w_out^T per expert, with a hand-written backward.
+
+    offs=None: x is [E, C, D] and the matmuls are bmm; otherwise x is [N, D]
+    grouped by expert, offs the cumulative counts, and the matmuls are
+    torch._grouped_mm. Saves x, the pre-activation h, silu(gate) (SwiGLU) and
+    the activation; backward needs nothing else and no autograd graph.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_in_EHD, w_out_EDF, activation, offs):
+        h = _mm(x, w_in_EHD.transpose(1, 2), offs)
+        act, silu_gate = _act_forward(h, activation)
+        y = _mm(act, w_out_EDF.transpose(1, 2), offs)
+        ctx.activation = activation
+        ctx.save_for_backward(x, w_in_EHD, w_out_EDF, h, silu_gate, act, offs)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w_in_EHD, w_out_EDF, h, silu_gate, act, offs = ctx.saved_tensors
+        need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
+        grad_y = grad_y.contiguous()
+        grad_w_out = _mm_t(grad_y, act, offs) if need_w_out else None
+        grad_act = _mm(grad_y, w_out_EDF, offs)
+        grad_h = _act_backward(grad_act, h, silu_gate, ctx.activation)
+        grad_x = _mm(grad_h, w_in_EHD, offs) if need_x else None
+        grad_w_in = _mm_t(grad_h, x, offs) if need_w_in else None
+        return grad_x, grad_w_in, grad_w_out, None, None
+
+
+def _mm(a, b_EKM, offs):
+    """a @ b per expert: a [E, C, K] with bmm, or a [N, K] grouped by offs."""
+    return torch.bmm(a, b_EKM) if offs is None else torch._grouped_mm(a, b_EKM, offs=offs)
+
+
+def _mm_t(a, b, offs):
+    """a^T @ b per expert (weight gradients): [E, A, B] from a [.., A] and b [.., B] rows."""
+    if offs is None:
+        return torch.bmm(a.transpose(1, 2), b)
+    return torch._grouped_mm(a.t(), b, offs=offs)
+
+
+def _act_forward(h, activation):
+    """(activation, silu(gate) for SwiGLU's backward or None)."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)
+        return silu_gate * up, silu_gate
+    return F.gelu(h), None
+
+
+def _act_backward(grad_act, h, silu_gate, activation):
+    """Gradient wrt the pre-activation h; consumes (overwrites) grad_act."""
+    if activation != "swiglu":
+        return torch.ops.aten.gelu_backward(grad_act, h)
+    gate, up = h.chunk(2, dim=-1)
+    grad_h = torch.empty_like(h)
+    grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+    torch.mul(grad_act, silu_gate, out=grad_up)
+    torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
+    return grad_h
+
+
+def _autocast_inputs(x, w_in, w_out):
+    """Under autocast, the kernels' matmuls run in the autocast dtype (as F.linear would)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, w_in, w_out
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), w_in.to(dtype), w_out.to(dtype)
+
+
+def _no_autocast(x):
+    return torch.autocast(x.device.type, enabled=False)
