@@ -44,6 +44,7 @@ LAYER_CASES = {
     "random_drop": dict(capacity_factor=1.0, drop_policy="random"),
     "bias_shared": dict(bias_update_rate=0.05, num_shared_experts=1, shared_expert_gate=True),
     "sequence_balance": dict(balance_loss="sequence", capacity_factor=1.5, top_k=1),
+    "bmm_kernel": dict(kernel="bmm", capacity_factor=1.25),  # one process pads slots; EP hands experts compact rows
 }
 
 
