@@ -75,7 +75,8 @@ class MoELayer(nn.Module):
         For `bmm` that is the padded buffer, so no copy sits between dispatch and the batched matmuls.
         """
         counts_E = routing.counts_E
-        kernel = self.experts.kernel_for(x_TD, counts_E)
+        # Stand-ins for Experts (e.g. offloaded experts) choose their own kernel on the compact layout.
+        kernel = self.experts.kernel_for(x_TD, counts_E) if isinstance(self.experts, Experts) else None
         capacity = int(counts_E.max()) if kernel == "bmm" and routing.expert_idx_N.numel() else None
         slots = self.dispatcher.slots(routing, capacity)
         x_SD = self.dispatcher.gather(x_TD, routing, slots)
