@@ -88,6 +88,12 @@ def _generate(args) -> int:
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
     prompt = engine.encode(args.prompt, chat=args.chat, system=args.system)
     engine.check_prompts([prompt])
+    if args.expert_budget is not None:
+        _offload(engine, args, prompt, settings)
+    elif args.prefetch or args.cache or args.pregate or args.slow_tier:
+        from .errors import ConfigError
+
+        raise ConfigError("--prefetch, --cache, --pregate and --slow-tier need --expert-budget (e.g. --expert-budget 25%)")
     if not args.chat:
         print(args.prompt, end="", flush=True)
 
@@ -96,7 +102,35 @@ def _generate(args) -> int:
 
     engine.generate_ids([prompt], settings, on_token=stream)
     print()
+    if args.stats:
+        _print_stats(engine)
     return 0
+
+
+def _offload(engine, args, prompt, settings) -> None:
+    """Offload the engine's experts as the --expert-budget/--prefetch/--cache/... flags say."""
+    tier = args.slow_tier or ("cuda-host" if engine.device.type == "cuda" else "disk")
+    options = dict(tier=tier, predictor=args.prefetch or "none", pregate=args.pregate,
+                   link_bandwidth=args.link_bandwidth, link_latency=args.link_latency)
+    policy = args.cache or "lru"
+    if policy != "belady":
+        engine.offload(args.expert_budget, policy=policy, **options)
+        return
+    # Belady needs the future: a silent first pass (same prompt and seed, so the same tokens) records the routing.
+    offloader = engine.offload(args.expert_budget, policy="lru", **options)
+    engine.generate_ids([prompt], settings)
+    offloader.configure(args.expert_budget, "belady", options["predictor"], trace=offloader.trace, pregate=args.pregate)
+
+
+def _print_stats(engine) -> None:
+    stats = engine.last_stats
+    if stats.get("offload"):
+        from .infer.offload import format_stats
+
+        print(format_stats(stats["offload"], stats))
+    else:
+        print(f"{stats['new_tokens']} new tokens; prefill {1000 * stats['prefill_s']:.1f} ms, "
+              f"decode {stats['decode_tokens_per_s']:.2f} tokens/s")
 
 
 def _add_generate(sub) -> None:
@@ -113,7 +147,51 @@ def _add_generate(sub) -> None:
     p.add_argument("--system", help="a system message for --chat")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto (config.json's)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    off = p.add_argument_group("expert offloading (run a model whose experts do not fit in fast memory)")
+    off.add_argument("--expert-budget", metavar="SIZE",
+                     help="fast memory for experts: bytes (300MB, 2GB) or a fraction of all experts (25%%); the rest stay in the slow tier")
+    off.add_argument("--prefetch", metavar="PREDICTOR",
+                     help="how the next layer's experts are predicted and fetched early: none (default), prefetch-all, next-gate, pregate")
+    off.add_argument("--cache", metavar="POLICY", help="expert cache policy: lru (default), lfu, lfru, belady (offline optimum; runs the prompt twice)")
+    off.add_argument("--pregate", metavar="DIR", help="pre-gate heads trained by `moekit pregate` (for --prefetch pregate)")
+    off.add_argument("--slow-tier", metavar="TIER",
+                     help="where the experts live: disk (default on CPU: the checkpoint's safetensors), emulated (a link of "
+                          "--link-bandwidth/--link-latency), cuda-host (default on CUDA: pinned host memory)")
+    off.add_argument("--link-bandwidth", metavar="RATE", help="emulated link bandwidth, e.g. 2GB/s")
+    off.add_argument("--link-latency", metavar="TIME", default="0", help="emulated link latency per transfer, e.g. 50us (default 0)")
+    p.add_argument("--stats", action="store_true", help="print decode speed and (when offloading) cache and transfer statistics")
     p.set_defaults(handler=_generate)
+
+
+def _pregate(args) -> int:
+    from .pregate import finetune_pregated, format_report, train_pregate
+
+    report = train_pregate(args.checkpoint, args.out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                           lr=args.lr, eval_batches=args.eval_batches, progress=not args.quiet)
+    if args.finetune_steps > 0:
+        report["pregated_model"] = finetune_pregated(args.checkpoint, args.out, steps=args.finetune_steps, lr=args.finetune_lr,
+                                                     batch_size=args.batch_size, seq_len=args.seq_len,
+                                                     eval_batches=args.eval_batches, progress=not args.quiet)
+    print(f"top-{report['top_k'][0]} recall of the next MoE layer's experts on validation text:")
+    print(format_report(report))
+    print(f"pre-gate heads: {args.out} (use: moekit generate ... --expert-budget 25% --prefetch pregate --pregate {args.out})")
+    return 0
+
+
+def _add_pregate(sub) -> None:
+    p = sub.add_parser("pregate", help="train Pre-gated MoE heads (and optionally a pre-gated model) for expert prefetching")
+    p.add_argument("checkpoint", help="a moekit run directory or one of its step-* checkpoints")
+    p.add_argument("--out", required=True, help="directory for the heads (pregate.safetensors, pregate.json)")
+    p.add_argument("--steps", type=int, default=200, help="distillation steps on the training corpus (default 200)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches for recall and loss (default 8)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="also fine-tune the pre-gated model (block i+1 routed at block i) for this many steps; 0 = skip")
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_pregate)
 
 
 HF_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # = moekit.hf.SUPPORTED_MODEL_TYPES (not imported: torch)
@@ -145,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_convert(sub)
     _add_inspect(sub)
+    _add_pregate(sub)
     _add_optional(sub, "moekit.forecast_cli")
     return parser
 

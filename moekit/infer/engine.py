@@ -14,7 +14,9 @@ and stacked experts run a loop over only the experts their tokens chose
 (`moe_decode`), with the router's `select` (the routing decision without
 losses or statistics). Anything else (offloaded or quantized experts,
 expert-choice routing, capacity limits at inference, Residual-MoE) runs its
-own module, so the engine never changes what a layer computes.
+own module, so the engine never changes what a layer computes. Offloaded
+experts (infer/offload.py) take the lean path too: `decode_step` fetches the
+chosen experts and lends their fast slots, so the arithmetic is the same.
 
 Not here: sampling rules and setting checks (sampling.py), Hugging Face
 files (moekit.hf), moekit checkpoints (moekit.lm / moekit.checkpoints).
@@ -25,6 +27,7 @@ V vocabulary, K top-k, d head_dim.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +76,9 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         # The active-expert loop syncs on the chosen ids: free on CPU, a stall per layer on GPUs.
         self.lean_decode = self.device.type == "cpu" if lean_decode is None else lean_decode
+        self.path: Path | None = None  # where the model was loaded from (the disk tier of `offload` reads it)
+        self.offloader = None  # set by `offload`
+        self.last_stats: dict = {}  # timing (and offloading statistics) of the latest generate call
 
     # ------------------------------------------------------------ construction
 
@@ -87,16 +93,36 @@ class Engine:
         if hf.is_hf_dir(p):
             model = hf.load(p, dtype=dtype, device=device)
             tokenizer = hf.load_tokenizer(p)
-            return cls(model, tokenizer, hf.stop_token_ids(p, tokenizer), hf.load_chat_template(p),
-                       hf.special_tokens(p), **kwargs)
+            engine = cls(model, tokenizer, hf.stop_token_ids(p, tokenizer), hf.load_chat_template(p),
+                         hf.special_tokens(p), **kwargs)
+            engine.path = p
+            return engine
         from ..lm import load_lm
 
         model, tokenizer, _ = load_lm(p)
+        from ..pregate import apply_pregated_routing, is_pregated
+
+        if is_pregated(p):  # fine-tuned to route block i+1 at block i (moekit pregate --finetune-steps)
+            apply_pregated_routing(model)
         model = model.to(hf.resolve_device(device))
         torch_dtype = hf.resolve_dtype(dtype)
         for param in model.parameters():  # parameters only: the rotary table stays float32
             param.data = param.data.to(torch_dtype)
-        return cls(model, tokenizer, **kwargs)
+        engine = cls(model, tokenizer, **kwargs)
+        engine.path = p
+        return engine
+
+    def offload(self, budget, **options):
+        """Keep only `budget` of the experts in fast memory, the rest in a slow tier; returns the Offloader.
+
+        See moekit.infer.offload.offload_model for the options (tier, policy, predictor, ...);
+        the disk tier reads the checkpoint the engine was loaded from.
+        """
+        from .offload import offload_model
+
+        options.setdefault("checkpoint", self.path)
+        self.offloader = offload_model(self.model, budget, **options)
+        return self.offloader
 
     # ------------------------------------------------------------ text in and out
 
@@ -166,7 +192,11 @@ class Engine:
         cos_Kd, sin_Kd = model.rotary(torch.arange(total, device=self.device), self.dtype)
         cache = model.new_cache(B, total)
 
+        if self.offloader is not None:
+            self.offloader.reset_stats()
+        started = time.perf_counter()
         logits_BV = self._prefill(ids_BP, positions_BP, keep_BK[:, :P] if padded else None, cos_Kd, sin_Kd, cache)
+        prefilled, decode_steps = time.perf_counter(), 0
         key_mask = keep_BK[:, None, None, :] if padded else None  # decode queries see every earlier real key
         pos_B1 = positions_BP[:, -1:]
         for step in range(budget):
@@ -180,6 +210,14 @@ class Engine:
             start = P + step
             mask = key_mask[..., : start + 1] if key_mask is not None else None
             logits_BV = self._decode(tok_B[:, None], pos_B1, mask, cos_Kd, sin_Kd, cache, start)
+            decode_steps += 1
+        decode_s = time.perf_counter() - prefilled
+        self.last_stats = {
+            "prompt_tokens": sum(lens), "new_tokens": sum(len(s.ids) for s in seqs),
+            "prefill_s": prefilled - started, "decode_s": decode_s,
+            "decode_tokens_per_s": B * decode_steps / decode_s if decode_steps else 0.0,
+            "offload": self.offloader.stats() if self.offloader is not None else None,
+        }
         if needs_text:
             for seq in seqs:
                 seq.flush(on_token)
@@ -245,7 +283,7 @@ def lean_eligible(moe) -> bool:
         type(moe) is MoELayer
         and "forward" not in moe.__dict__
         and type(moe.router) in (TopKRouter, GroupRouter)
-        and type(moe.experts) is Experts
+        and (type(moe.experts) is Experts or hasattr(moe.experts, "decode_step"))  # stacked, or offloaded (infer/offload)
         and moe.cfg.eval_capacity_factor <= 0
         and not moe.training
     )
@@ -256,9 +294,13 @@ def moe_decode(moe: MoELayer, x: torch.Tensor) -> torch.Tensor:
     D = x.shape[-1]
     x_TD = x.reshape(-1, D)
     expert_idx_TK, weight_TK = moe.router.select(x_TD)
-    w_in, w_out, act = moe.experts.w_in_EHD, moe.experts.w_out_EDF, moe.experts.activation
+    experts = moe.experts
+    # Offloaded experts (infer/offload.py) fetch the chosen experts here; the arithmetic below is the same.
+    step = experts.decode_step(x_TD, expert_idx_TK) if type(experts) is not Experts else None
+    act = experts.activation
     T, K = expert_idx_TK.shape
     if T == 1:
+        w_in, w_out = (step.w_in, step.w_out) if step is not None else (experts.w_in_EHD, experts.w_out_EDF)
         out = None
         for e, w in zip(expert_idx_TK[0].tolist(), weight_TK[0].tolist()):
             y = F.linear(activate(F.linear(x_TD, w_in[e]), act), w_out[e])
@@ -267,10 +309,12 @@ def moe_decode(moe: MoELayer, x: torch.Tensor) -> torch.Tensor:
         flat_N = expert_idx_TK.reshape(-1)
         order_N = flat_N.argsort(stable=True)
         token_N = order_N // K
-        counts_E = torch.bincount(flat_N, minlength=w_in.shape[0])
+        counts_E = torch.bincount(flat_N, minlength=experts.num_experts)
         # A few tokens per expert: one grouped matmul pair measured faster on CPU than a loop of small ones.
-        y_ND = moe.experts(x_TD[token_N], counts_E, kernel="grouped_mm")
+        y_ND = experts(x_TD[token_N], counts_E, kernel="grouped_mm")
         out = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * weight_TK.reshape(-1)[order_N, None])
+    if step is not None:
+        step.done()
     if moe.cfg.num_shared_experts > 0:
         out = out + moe.shared_output(x_TD)
     return out.view(x.shape)
