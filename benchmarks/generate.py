@@ -10,8 +10,9 @@ For batch 1 and batch 8 (prompts of 64 random tokens), greedy decoding with no
 stop token: prefill tokens/s (a generation of one token) and decode tokens/s
 (the time of a generation of 1 + N tokens minus that of one token, over N).
 transformers runs `generate` with the experts implementation that was fastest
-for that model and batch in a short calibration (eager, grouped_mm,
-batched_mm are all tried). moekit and transformers are timed interleaved in
+for that model and batch in a short calibration (eager, grouped_mm and
+batched_mm are tried; one more than 3x slower than the best on a short probe
+is not timed further). moekit and transformers are timed interleaved in
 the same process, medians of several repetitions, and both must produce the
 same greedy tokens (checked and reported).
 
@@ -92,18 +93,31 @@ def mk_generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> li
 
 
 def calibrate(model, ids: torch.Tensor, steps: int) -> dict[str, float]:
-    """Seconds per decode step of each experts implementation (short; picks transformers' fastest)."""
-    times = {}
+    """Seconds for a generation of 1 + steps tokens with each experts implementation (picks transformers' fastest).
+
+    Every implementation first runs a probe (8-token prompts, 2 new tokens); one more than
+    3x slower than the best probe cannot win and is not timed further (batched_mm gathers
+    each token's expert weights, which takes minutes on CPU at batch 8). Its entry is then
+    the probe's time, marked by the key "<name> (probe only)".
+    """
+    probes: dict[str, float] = {}
     for impl in HF_IMPLEMENTATIONS:
         try:
             model.set_experts_implementation(impl)
-            hf_generate(model, ids, 2)
-            t = interleaved_times({"one": lambda: hf_generate(model, ids, 1),
-                                   "more": lambda: hf_generate(model, ids, 1 + steps)}, reps=2, warmup=0)
-            times[impl] = max(median(t["more"]) - median(t["one"]), 1e-9) / steps
+            hf_generate(model, ids[:, :2], 1)  # first-call setup
+            started = time.perf_counter()
+            hf_generate(model, ids[:, :8], 2)
+            probes[impl] = time.perf_counter() - started
         except Exception as e:  # an implementation this build cannot run is reported, not fatal
-            times[impl] = float("nan")
             print(f"  {impl}: cannot run here ({type(e).__name__}: {e})", flush=True)
+    best_probe = min(probes.values())
+    times: dict[str, float] = {}
+    for impl, probe in probes.items():
+        if probe > 3 * best_probe:
+            times[f"{impl} (probe only)"] = probe
+            continue
+        model.set_experts_implementation(impl)
+        times[impl] = median(interleaved_times({impl: lambda: hf_generate(model, ids, 1 + steps)}, reps=2, warmup=1)[impl])
     return times
 
 
@@ -145,10 +159,10 @@ def bench_model(family: str, path: Path, batches: list[int], decode_tokens: dict
         prompts = ids.tolist()
         print(f"  batch {B}: calibrating transformers' experts implementations", flush=True)
         calib = calibrate(model, ids, max(2, n // 4))
-        best = min((t, i) for i, t in calib.items() if t == t)[1]
+        best = min((t, i) for i, t in calib.items() if "probe" not in i)[1]
         model.set_experts_implementation(best)
-        print(f"  batch {B}: transformers {best} ({', '.join(f'{k} {1e3 * v:.1f}' for k, v in calib.items())} ms/step); timing",
-              flush=True)
+        print(f"  batch {B}: transformers {best} ({', '.join(f'{k} {v:.2f}' for k, v in calib.items())} s per "
+              f"{1 + max(2, n // 4)} tokens); timing", flush=True)
         mk_tokens = mk_generate(engine, prompts, 1 + n)
         hf_tokens = hf_generate(model, ids, 1 + n).tolist()
         match = sum(a == b for ra, rb in zip(mk_tokens, hf_tokens) for a, b in zip(ra, rb)) / (B * (1 + n))
@@ -164,7 +178,8 @@ def bench_model(family: str, path: Path, batches: list[int], decode_tokens: dict
         if B == 1:
             result["floor_ms_per_token_batch1"] = 1e3 * median(t["floor"])
         row = {"decode_tokens": n, "prompt_tokens": PROMPT_LEN, "transformers_experts_implementation": best,
-               "transformers_calibration_ms_per_step": {k: 1e3 * v for k, v in calib.items()},
+               "transformers_calibration_s": {k: v for k, v in calib.items()},
+               "transformers_calibration_tokens": 1 + max(2, n // 4),
                "greedy_tokens_equal_fraction": match, "times_s": t}
         for lib in ("moekit", "hf"):
             prefill = median(t[f"{lib}_prefill"])
