@@ -1,0 +1,133 @@
+"""Predictors and background transfers: what each predictor names, exact prediction on a pre-gated model,
+prefetching hides transfer time behind computation, transfer errors surface, bad input."""
+
+import time
+
+import pytest
+import torch
+
+from moekit.errors import MoekitError
+from moekit.infer.engine import Engine
+from moekit.infer.offload import EmulatedLinkTier, MemoryTier, find_moe_layers, offload_model
+from moekit.infer.prefetch import (
+    DONE, PREDICTORS, CudaTransferQueue, NextGate, PrefetchAll, ThreadTransferQueue, build_predictor, rank_assignments,
+)
+from moekit.infer.sampling import SamplingConfig
+from moekit.pregate import apply_pregated_routing
+
+from test_offload import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def greedy(engine, prompt, n):
+    cfg = SamplingConfig(max_new_tokens=n, temperature=0, stop_token_ids=[])
+    return engine.generate_ids([prompt], cfg)[0].token_ids
+
+
+def test_rank_assignments_orders_by_total_weight():
+    idx = torch.tensor([3, 1, 3, 5])
+    w = torch.tensor([0.2, 0.5, 0.4, 0.1])
+    assert rank_assignments(idx, w, 8) == [3, 1, 5]
+    big_idx = torch.arange(40) % 7
+    assert rank_assignments(big_idx, torch.ones(40), 7) == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_next_gate_is_the_next_router_on_this_input():
+    model = tiny_model(0)
+    layers = [m for _, m in find_moe_layers(model)]
+    pred = NextGate()
+    pred.bind(layers, [[0] * 8 for _ in layers])
+    x = torch.randn(1, 32)
+    idx_TK, _ = layers[1].router.select(x)
+    assert set(pred.predict(0, x)) == set(idx_TK[0].tolist())
+    assert pred.predict(len(layers) - 1, x) is None  # nothing after the last layer
+    everything = PrefetchAll()
+    usage = [[0] * 8 for _ in layers]
+    usage[1][5] = 3
+    everything.bind(layers, usage)
+    assert everything.predict(0, x)[:2] == [5, 0] and len(everything.predict(0, x)) == 8
+
+
+def test_pregated_model_makes_next_gate_exact():
+    """On a pre-gated model layer i+1 routes on layer i's input, so next-gate predicts it with no mistakes."""
+    model = tiny_model(1)
+    apply_pregated_routing(model)
+    engine = Engine(model)
+    want = greedy(engine, [7], 10)
+    offloader = engine.offload("50%", tier="memory", predictor="next-gate")
+    assert greedy(engine, [7], 10) == want
+    stats = offloader.stats()
+    assert stats["prefetch_precision"] == 1.0 and stats["prefetch_recall"] == 1.0
+    layers = stats["layers"]
+    assert layers[0]["predicted"] == 0  # the first MoE layer has nothing before it
+    assert all(l["misses"] == l["predicted"] - l["predicted_correct"] == 0 for l in layers[1:])
+    offloader.close()
+
+
+def test_prefetching_hides_transfer_time_behind_computation():
+    """A slow emulated link and a slow attention: on-demand stalls for every miss, exact prefetch hardly at all."""
+    model = tiny_model(2)
+    apply_pregated_routing(model)  # exact prediction: the difference is the overlap, not the predictor
+    for layer in model.layers:
+        layer.self_attn.register_forward_hook(lambda *args: time.sleep(0.006))
+    weights = [(m.experts.w_in_EHD.detach().clone(), m.experts.w_out_EDF.detach().clone()) for _, m in find_moe_layers(model)]
+    engine = Engine(model)
+    want = greedy(engine, [3], 8)
+    per_expert = weights[0][0][0].numel() * 4 + weights[0][1][0].numel() * 4
+    tier = EmulatedLinkTier(MemoryTier(weights), bandwidth=per_expert / 0.002, latency="0")  # 2 ms per expert
+    offloader = engine.offload("25%", tier=tier, predictor="none")
+    assert greedy(engine, [3], 8) == want
+    on_demand = offloader.stats()
+    offloader.configure("25%", "lru", "next-gate")
+    assert greedy(engine, [3], 8) == want
+    prefetched = offloader.stats()
+    assert on_demand["misses"] > 0 and on_demand["stall_s"] > 0.002 * on_demand["misses"] * 0.5
+    assert prefetched["misses"] < on_demand["misses"]
+    assert prefetched["stall_s"] < 0.5 * on_demand["stall_s"], (prefetched["stall_s"], on_demand["stall_s"])
+    offloader.close()
+
+
+def test_thread_queue_runs_in_order_and_reports_errors():
+    queue = ThreadTransferQueue()
+    seen = []
+    transfers = [queue.submit(0, lambda i=i: (time.sleep(0.001), seen.append(i))) for i in range(5)]
+    assert sum(t.wait() for t in transfers) >= 0 and seen == [0, 1, 2, 3, 4]
+
+    def fail():
+        raise OSError("read failed")
+
+    bad = queue.submit(0, fail)
+    with pytest.raises(OSError, match="read failed"):
+        bad.wait()
+    with pytest.raises(OSError, match="read failed"):  # remembered: every later use fails too
+        queue.submit(0, lambda: None)
+    queue.close()
+    assert DONE.wait() == 0.0 and DONE.done()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_copy_stream_orders_copies_and_compute():
+    queue = CudaTransferQueue("cuda")
+    src = torch.randn(1 << 20).pin_memory()
+    dst = torch.empty(1 << 20, device="cuda")
+    t = queue.submit(0, lambda: dst.copy_(src, non_blocking=True))
+    t.wait()
+    assert torch.equal(dst.cpu(), src)
+    queue.layer_done(0)
+    assert queue.stall_seconds() >= 0
+
+
+def test_unknown_or_incomplete_predictors_are_named():
+    with pytest.raises(MoekitError, match="unknown predictor 'psychic': accepted predictors are none, prefetch-all, next-gate, pregate"):
+        build_predictor("psychic")
+    with pytest.raises(MoekitError, match="moekit pregate"):
+        build_predictor("pregate")
+    assert PREDICTORS == ("none", "prefetch-all", "next-gate", "pregate")

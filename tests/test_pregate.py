@@ -1,0 +1,160 @@
+"""Pre-gating: heads trained by distillation, their recall and use as a predictor; the pre-gated model's rewiring,
+fine-tune and loading; `moekit pregate`; bad input."""
+
+import json
+
+import pytest
+import torch
+
+from moekit.checkpoints import save_checkpoint
+from moekit.cli import main
+from moekit.config import MoEConfig, to_dict
+from moekit.data.text import Tokenizer
+from moekit.decoder import DecoderLM, ModelConfig
+from moekit.infer.engine import Engine
+from moekit.infer.sampling import SamplingConfig
+from moekit.lm import DataConfig, RunConfig
+from moekit.pregate import (
+    PreGateError, PreGateHeads, apply_pregated_routing, finetune_pregated, load_pregate_heads, load_pregate_predictor,
+    train_pregate,
+)
+from moekit.train import TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def model_config(num_experts=8, ffn="moe") -> ModelConfig:
+    return ModelConfig(vocab_size=257, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, max_seq_len=64,
+                       dense_hidden=48, ffn=ffn, moe=MoEConfig(num_experts=num_experts, top_k=2, expert_hidden=24))
+
+
+def write_checkpoint(run, text_file, cfg: ModelConfig, seed=0):
+    torch.manual_seed(seed)
+    model = DecoderLM(cfg)
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.is_moe:
+                layer.mlp.router.gate.weight.normal_(0, 0.5)
+    train = TrainConfig(batch_size=4, seq_len=16, eval_batches=1, warmup_steps=1, steps=1)
+    run_cfg = RunConfig(model=cfg, train=train, data=DataConfig(path=str(text_file), max_bytes=50_000))
+    save_checkpoint(run, 0, config=to_dict(run_cfg), model_state=model.state_dict(), optimizer_state=None,
+                    trainer_state={}, tokenizer=Tokenizer.byte_level())
+    return run
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "code.txt"
+    path.write_text("".join(f"def f_{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, text_file):
+    return write_checkpoint(tmp_path_factory.mktemp("pregate") / "run", text_file, model_config())
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tmp_path_factory, checkpoint):
+    out = tmp_path_factory.mktemp("heads")
+    report = train_pregate(checkpoint, out, steps=25, batch_size=4, seq_len=16, eval_batches=2, lr=1e-2)
+    return out, report
+
+
+def test_heads_start_as_next_gate_and_distillation_improves_them(heads_dir):
+    out, report = heads_dir
+    assert (out / "pregate.safetensors").is_file()
+    saved = json.loads((out / "pregate.json").read_text())
+    assert [r["layer"] for r in saved["layers"]] == [1, 2]
+    assert report["mean_pregate_recall_at_init"] == pytest.approx(report["mean_next_gate_recall"])
+    assert report["last_distillation_loss"] < report["first_distillation_loss"]
+    assert report["mean_pregate_recall"] >= report["mean_next_gate_recall"] - 0.02
+    assert all(0 <= r["pregate_recall"] <= 1 for r in report["layers"])
+
+
+def test_learned_pregate_predictor_offloads_exactly(checkpoint, heads_dir):
+    out, _ = heads_dir
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0, stop_token_ids=[])
+    resident = Engine.load(checkpoint)
+    want = resident.generate_ids([[40, 41, 42]], cfg)[0].token_ids
+    engine = Engine.load(checkpoint)
+    offloader = engine.offload("25%", tier="disk", predictor="pregate", pregate=out)
+    assert engine.generate_ids([[40, 41, 42]], cfg)[0].token_ids == want
+    stats = offloader.stats()
+    assert stats["predictor"] == "pregate" and stats["predicted"] > 0
+    offloader.close()
+
+
+def test_heads_for_another_model_are_refused(heads_dir, tmp_path, text_file):
+    out, _ = heads_dir
+    other = DecoderLM(model_config(num_experts=4))
+    with pytest.raises(PreGateError, match="trained for MoE layers with hidden sizes"):
+        load_pregate_heads(out, other)
+    with pytest.raises(PreGateError, match="holds no pre-gate heads"):
+        load_pregate_predictor(tmp_path, other)
+    with pytest.raises(PreGateError, match="no MoE layers"):
+        PreGateHeads.from_model(DecoderLM(model_config(ffn="dense")))
+
+
+def test_pregated_routing_routes_the_next_layer_on_this_layers_input():
+    torch.manual_seed(0)
+    model = DecoderLM(model_config()).eval()
+    routers = [layer.mlp.router for layer in model.layers]
+    seen = []
+    hooks = [r.register_forward_hook(lambda m, args, out: seen.append((args[0], out))) for r in routers]
+    handle = apply_pregated_routing(model)
+    inputs = []
+    capture = [layer.mlp.register_forward_pre_hook(lambda m, args: inputs.append(args[0].reshape(-1, 32))) for layer in model.layers]
+    with torch.no_grad():
+        model(torch.randint(0, 257, (2, 5)))
+    for i in (1, 2):
+        routed_on, routing = seen[i]
+        assert torch.equal(routed_on, inputs[i - 1])  # layer i's router saw layer i-1's MoE input
+    # The engine's lean path asks `select`: rewired the same way.
+    a, b = torch.randn(3, 32), torch.randn(3, 32)
+    routers[0].select(a)
+    got = routers[1].select(b)[0]
+    assert torch.equal(got, type(routers[1]).select(routers[1], a)[0])
+    for h in hooks + capture:
+        h.remove()
+    handle.remove(model)
+    assert "select" not in routers[1].__dict__ and not hasattr(model, "_moekit_pregated")
+    with pytest.raises(PreGateError, match="single MoE layer"):
+        apply_pregated_routing(DecoderLM(ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                                     moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=8))))
+
+
+def test_finetuned_pregated_model_reports_loss_and_loads_pregated(checkpoint, tmp_path):
+    report = finetune_pregated(checkpoint, tmp_path, steps=3, batch_size=4, seq_len=16, eval_batches=1)
+    for key in ("val_loss_original", "val_loss_pregated_zero_shot", "val_loss_pregated_finetuned"):
+        assert report[key] > 0
+    assert report["val_loss_change"] == pytest.approx(
+        (report["val_loss_pregated_finetuned"] - report["val_loss_original"]) / report["val_loss_original"])
+    engine = Engine.load(report["model_dir"])
+    assert getattr(engine.model, "_moekit_pregated", None) is not None
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0, stop_token_ids=[])
+    want = engine.generate_ids([[50, 51]], cfg)[0].token_ids
+    offloader = engine.offload("50%", tier="disk", predictor="next-gate")
+    assert engine.generate_ids([[50, 51]], cfg)[0].token_ids == want
+    assert offloader.stats()["prefetch_precision"] == 1.0  # single-token steps: the prediction is the routing
+    offloader.close()
+
+
+def test_cli_pregate(checkpoint, tmp_path, text_file, capsys):
+    out = tmp_path / "heads"
+    assert main(["pregate", str(checkpoint), "--out", str(out), "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                 "--eval-batches", "1", "--finetune-steps", "2", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "next-gate recall" in text and "pre-gated model: validation loss" in text and "--prefetch pregate" in text
+    assert main(["pregate", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    dense = write_checkpoint(tmp_path / "dense", text_file, model_config(ffn="dense"))
+    assert main(["pregate", str(dense), "--out", str(tmp_path / "h2"), "--steps", "1"]) == 2
+    assert "no MoE layers" in capsys.readouterr().err
+    assert main(["pregate", str(checkpoint), "--out", str(tmp_path / "h3"), "--steps", "0"]) == 2
