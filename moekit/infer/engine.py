@@ -7,12 +7,13 @@ decodes one token per step for every sequence, with greedy, temperature,
 top-k and top-p sampling (seeded), stop token ids, stop strings, a token
 budget and a streaming callback.
 
-Speed at small batches is Python overhead per token, so the decode step is
-lean: rotary tables and the padding mask are built once per call, logits are
-computed for the last position only, and MoE layers with the standard router
-and stacked experts run a loop over only the experts their tokens chose
-(`moe_decode`), with the router's `select` (the routing decision without
-losses or statistics). Anything else (offloaded or quantized experts,
+Speed at small batches is Python overhead per token, so the steps are lean:
+rotary tables and the padding mask are built once per call, logits are
+computed for the last position only, RMSNorm is one fused op, and MoE layers
+with the standard router and stacked experts take `moe_decode`: the router's
+`select` (the routing decision without losses or statistics), then for one
+token a loop over only its chosen experts, for several tokens one grouped
+matmul pair (prefill included). Anything else (offloaded or quantized experts,
 expert-choice routing, capacity limits at inference, Residual-MoE) runs its
 own module, so the engine never changes what a layer computes. Offloaded
 experts (infer/offload.py) take the lean path too: `decode_step` fetches the
