@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -452,6 +453,7 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # used by some templates, as in transformers
     env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
     try:
         return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
