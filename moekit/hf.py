@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime
 import tempfile
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
