@@ -169,26 +169,37 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_SD, weight_N, slot_N, token_N, token_S, num_tokens, top_k):
-        ctx.save_for_backward(y_SD, weight_N, slot_N, token_S)
+        ctx.save_for_backward(y_SD, weight_N, slot_N, token_N, token_S)
         return _sum_rows_per_token(y_SD, slot_N, token_N, num_tokens, top_k, weight_N)
 
     @staticmethod
     def backward(ctx, grad_TD):
-        y_SD, weight_N, slot_N, token_S = ctx.saved_tensors
-        grad_SD = grad_TD.contiguous().index_select(0, token_S)  # padding rows read token 0; their weight is 0
-        grad_weight = _row_dots(grad_SD, y_SD)[slot_N] if ctx.needs_input_grad[1] else None
-        weight_S = weight_N.new_zeros(y_SD.shape[0])
+        y_SD, weight_N, slot_N, token_N, token_S = ctx.saved_tensors
+        grad_TD = grad_TD.contiguous()
+        grad_weight = _assignment_dots(y_SD, slot_N, grad_TD, token_N) if ctx.needs_input_grad[1] else None
+        weight_S = weight_N.new_zeros(y_SD.shape[0])  # padding rows: weight 0, so their gradient is 0
         weight_S[slot_N] = weight_N
-        return grad_SD.mul_(weight_S[:, None]), grad_weight, None, None, None, None, None
+        return _scaled_rows(grad_TD, token_S, weight_S), grad_weight, None, None, None, None, None
 
 
-def _row_dots(a_SD: torch.Tensor, b_SD: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """(a_SD * b_SD).sum(-1), in row chunks: a full-size temporary costs more (fresh pages) than the dots."""
-    out_S = a_SD.new_empty(a_SD.shape[0])
-    for start in range(0, a_SD.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        torch.linalg.vecdot(a_SD[rows], b_SD[rows], out=out_S[rows])
-    return out_S
+def _scaled_rows(x_TD: torch.Tensor, token_S: torch.Tensor, weight_S: torch.Tensor) -> torch.Tensor:
+    """weight_S[s] * x_TD[token_S[s]] in one pass (embedding_bag with one row per bag) where it applies."""
+    if x_TD.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        return F.embedding_bag(token_S[:, None], x_TD, per_sample_weights=weight_S[:, None], mode="sum")
+    return x_TD.index_select(0, token_S) * weight_S[:, None]
+
+
+def _assignment_dots(y_SD, slot_N, g_TD, token_N) -> torch.Tensor:
+    """<y_SD[slot_N[n]], g_TD[token_N[n]]> per assignment n: the gradient of the combine weights.
+
+    embedding_bag's per-sample-weight gradient computes exactly this in one
+    pass without temporaries (the assignments need not be grouped by token).
+    """
+    op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+    if op is not None and y_SD.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        offsets = torch.zeros(g_TD.shape[0], dtype=slot_N.dtype, device=slot_N.device)  # read only through offset2bag
+        return op(g_TD, y_SD, slot_N, offsets, token_N, 0)
+    return torch.linalg.vecdot(y_SD.index_select(0, slot_N), g_TD.index_select(0, token_N))
 
 
 def _sum_rows_per_token(rows_SD, slot_N, token_N, num_tokens, top_k, weight_N=None):

@@ -213,8 +213,7 @@ class _ExpertMLP(torch.autograd.Function):
         need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
         grad_y = grad_y.contiguous()
         grad_w_out = _mm_t(grad_y, act, offs) if need_w_out else None
-        grad_act = _mm(grad_y, w_out_EDF, offs)
-        grad_h = _act_backward(grad_act, h, silu_gate, ctx.activation)
+        grad_h = _act_backward(grad_y, w_out_EDF, offs, h, silu_gate, ctx.activation)
         grad_x = _mm(grad_h, w_in_EHD, offs) if need_x else None
         grad_w_in = _mm_t(grad_h, x, offs) if need_w_in else None
         return grad_x, grad_w_in, grad_w_out, None, None
@@ -241,10 +240,11 @@ def _act_forward(h, activation):
     return F.gelu(h), None
 
 
-def _act_backward(grad_act, h, silu_gate, activation):
-    """Gradient wrt the pre-activation h; consumes (overwrites) grad_act."""
+def _act_backward(grad_y, w_out_EDF, offs, h, silu_gate, activation):
+    """Gradient wrt the pre-activation h, from the gradient of the expert output."""
+    grad_act = _mm(grad_y, w_out_EDF, offs)
     if activation != "swiglu":
-        return torch.ops.aten.gelu_backward(grad_act, h)
+        return torch.ops.aten.gelu_backward.grad_input(grad_act, h, grad_input=grad_act)
     gate, up = h.chunk(2, dim=-1)
     grad_h = torch.empty_like(h)
     grad_gate, grad_up = grad_h.chunk(2, dim=-1)
