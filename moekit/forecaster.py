@@ -184,7 +184,7 @@ class TimeMoE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        """Time-MoE's init: every linear weight N(0, 0.02), biases zero, norms one."""
+        """Time-MoE's init (linear weights N(0, 0.02), biases zero, norms one), except the input embedding."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, 0.0, std)
@@ -195,6 +195,11 @@ class TimeMoE(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("w_in_EHD", "w_out_EDF")):
                 nn.init.normal_(p, 0.0, std)
+        # The embedding sees one scalar per token: at std 0.02, silu(a x) * b x ~ (a b / 2) x^2 loses the
+        # sign of x and the first RMSNorm maps every token to the same vector, a plateau small models
+        # take thousands of steps to leave. std 1 / sqrt(fan_in) keeps x's sign and scale from step 0.
+        for layer in (self.embed.emb_layer, self.embed.gate_layer):
+            nn.init.normal_(layer.weight, 0.0, self.cfg.input_size**-0.5)
 
     # -------------------------------------------------------- forward
 
@@ -630,14 +635,15 @@ def train_forecaster(csvs: list[str | Path], out: str | Path, preset_name: str =
 
     run = Path(out)
     if resume:
-        cfg_model, tcfg, csvs = _saved_run(run)
+        cfg_model, tcfg, dcfg, csvs = _saved_run(run)
         base = None
     else:
         base = load_forecaster(init) if init is not None else None
         cfg_model = base.cfg if base is not None else preset(preset_name)
-        run_cfg = apply_overrides(_RunOverrides(cfg_model, train_cfg or default_train_config()), list(overrides))
-        cfg_model, tcfg = run_cfg.model, run_cfg.train
-    mixture, prepared = load_training_mixture(list(csvs), tcfg.seq_len + 1, seed=tcfg.seed)
+        run_cfg = apply_overrides(_RunOverrides(cfg_model, train_cfg or default_train_config(), ForecastDataConfig()),
+                                  list(overrides))
+        cfg_model, tcfg, dcfg = run_cfg.model, run_cfg.train, run_cfg.data
+    mixture, prepared = load_training_mixture(list(csvs), tcfg.seq_len + 1, seed=tcfg.seed, mixture=dcfg.mixture)
     model = TimeMoE(cfg_model)
     if base is not None:
         model.load_state_dict(base.state_dict())
@@ -659,7 +665,7 @@ def train_forecaster(csvs: list[str | Path], out: str | Path, preset_name: str =
             return {"val_huber": float(np.mean(losses))}
 
     config_dict = checkpoint_config(cfg_model, train=to_dict(tcfg),
-                                    data={"csvs": [str(Path(c).resolve()) for c in csvs]},
+                                    data={"csvs": [str(Path(c).resolve()) for c in csvs], **to_dict(dcfg)},
                                     init=str(init) if init is not None else None)
     start = time.perf_counter()
     result = fit(model, tcfg, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn, run_dir=run,
@@ -671,11 +677,19 @@ def train_forecaster(csvs: list[str | Path], out: str | Path, preset_name: str =
 
 
 @dataclass
+class ForecastDataConfig:
+    """How train-forecaster draws its windows."""
+
+    mixture: str = "size"  # size: series weighted by their points; equal: each CSV alike
+
+
+@dataclass
 class _RunOverrides:
-    """What `key=value` overrides of train-forecaster address: the model and the trainer."""
+    """What `key=value` overrides of train-forecaster address: the model, the trainer, the data."""
 
     model: ForecasterConfig
     train: TrainConfig
+    data: ForecastDataConfig
 
 
 def _saved_run(run: Path):
@@ -687,7 +701,9 @@ def _saved_run(run: Path):
     if config.get("model_type") != MODEL_TYPE:
         raise CheckpointError(f"{run} is not a forecaster run, so --resume cannot continue it")
     cfg = from_dict(ForecasterConfig, config["forecaster"], "forecaster config")
-    return cfg, train_config_from(config["train"]), config["data"]["csvs"]
+    data = dict(config["data"])
+    csvs = data.pop("csvs")
+    return cfg, train_config_from(config["train"]), from_dict(ForecastDataConfig, data, "data config"), csvs
 
 
 # ---------------------------------------------------------------- forecasting a CSV

@@ -124,7 +124,7 @@ def test_loss_matches_its_definition_and_trains():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert losses[-1] < 0.9 * losses[0]
+    assert losses[-1] < 0.3 * losses[0]
 
 
 def test_dense_variant_runs_and_has_no_balance_loss():

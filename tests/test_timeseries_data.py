@@ -129,6 +129,9 @@ def test_mixture_is_a_pure_function_of_the_step():
     assert abs(from_b - m.probs[1]) < 0.1  # series drawn by size
     with pytest.raises(MoekitError, match="shorter than the training window of 60"):
         TimeSeriesMixture([a, b], ["a", "b"], window=60)
+    np.testing.assert_allclose(TimeSeriesMixture([a, b], ["a", "b"], window=20, mixture="equal").probs, [0.5, 0.5])
+    with pytest.raises(DataError, match="accepted values are size, equal"):
+        TimeSeriesMixture([a, b], ["a", "b"], window=20, mixture="bogus")
 
 
 @pytest.mark.skipif(not (SHARED / "ETTh1.csv").is_file(), reason="needs ../shared/data/timeseries/ETTh1.csv")

@@ -31,6 +31,7 @@ MISSING = {"", "nan", "na", "n/a", "null", "none", "?", "-"}
 DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M",
                 "%Y/%m/%d", "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M", "%m/%d/%Y", "%d.%m.%Y %H:%M", "%d.%m.%Y")
 SPLIT_SCHEMES = ("auto", "etth", "ettm", "ratio")
+MIXTURES = ("size", "equal")  # how a mixture weighs its series: by points, or each series alike
 
 
 class DataWarning(UserWarning):
@@ -361,11 +362,13 @@ class TimeSeriesMixture:
     """Random univariate windows from several scaled series, a pure function of the step.
 
     Each window picks a series with probability proportional to its number of
-    points (series x channels), then a channel and a start uniformly. The same
-    (seed, step) always gives the same batch, so training resumes without RNG state.
+    points (series x channels), or equally with `mixture="equal"`, then a
+    channel and a start uniformly. The same (seed, step) always gives the same
+    batch, so training resumes without RNG state.
     """
 
-    def __init__(self, parts: list[np.ndarray], names: list[str], window: int, seed: int = 0) -> None:
+    def __init__(self, parts: list[np.ndarray], names: list[str], window: int, seed: int = 0,
+                 mixture: str = "size") -> None:
         self.parts = [np.asarray(p, dtype=np.float32) for p in parts]
         self.names = list(names)
         self.window = window
@@ -376,7 +379,11 @@ class TimeSeriesMixture:
                 f"training series shorter than the training window of {window} time steps: {', '.join(short)}; "
                 f"use a shorter context"
             )
+        if mixture not in MIXTURES:
+            raise DataError(f"mixture={mixture!r} is unknown: accepted values are {', '.join(MIXTURES)}")
         sizes = np.array([(p.shape[0] - window + 1) * p.shape[1] for p in self.parts], dtype=np.float64)
+        if mixture == "equal":
+            sizes = np.ones_like(sizes)
         self.probs = sizes / sizes.sum()
 
     @property
@@ -396,11 +403,11 @@ class TimeSeriesMixture:
         return out
 
 
-def load_training_mixture(paths: list[str | Path], window: int, seed: int = 0,
-                          split: str = "train") -> tuple[TimeSeriesMixture, list[PreparedSeries]]:
+def load_training_mixture(paths: list[str | Path], window: int, seed: int = 0, split: str = "train",
+                          mixture: str = "size") -> tuple[TimeSeriesMixture, list[PreparedSeries]]:
     """Read CSVs, scale each with its train statistics, and mix their `split` parts."""
     if not paths:
         raise DataError("no training CSV given: pass at least one --csv FILE")
     prepared = [prepare(read_csv(p)) for p in paths]
     parts = [p.part(split) for p in prepared]
-    return TimeSeriesMixture(parts, [p.series.name for p in prepared], window, seed), prepared
+    return TimeSeriesMixture(parts, [p.series.name for p in prepared], window, seed, mixture), prepared
