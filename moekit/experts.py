@@ -13,7 +13,7 @@ expert (see dispatch.py):
   splitting every small per-expert matmul across threads. Input that is
   already padded (every expert the same row count) is used in place.
 - `auto`: grouped_mm on GPUs where it is native; otherwise bmm unless padding
-  would waste too much (very uneven loads, decoding), then grouped_mm or loop.
+  would multiply the rows more than 8-fold (nearly all experts idle), then loop.
 
 `grouped_mm` and `bmm` run the whole expert MLP as one autograd Function
 (`_ExpertMLP`): the activation is fused, backward keeps only x, the
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 KERNELS = ("auto", "loop", "grouped_mm", "bmm")
 
-# `auto` pads for bmm while the padded rows stay under this fraction of the real ones.
-MAX_PADDING = 0.35
+# `auto` pads for bmm while padded rows are at most this many times the real ones.
+MAX_PADDING_FACTOR = 8
 
 
 class Experts(nn.Module):
@@ -151,13 +151,14 @@ def choose_kernel(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.T
                   counts_E: torch.Tensor | None = None) -> str:
     """The kernel `auto` runs for these rows (x lends dtype, device and, without counts, the row count).
 
-    Where torch._grouped_mm is a native GPU kernel it wins. Elsewhere batched
-    matmuls over padded experts are the fastest while padding stays moderate;
-    with very uneven loads or a handful of rows (decoding) the compact kernels
-    avoid multiplying mostly-empty experts.
+    Where torch._grouped_mm is a native GPU kernel it wins. Elsewhere one
+    batched matmul over padded experts beats a matmul per expert even with
+    heavy padding: on a 2-core CPU each small per-expert matmul pays a thread
+    hand-off that costs more than the padded rows (measured from decoding, 8x
+    padding, to 4096-token prefill). Only when nearly all experts are idle does
+    the per-expert loop, which reads only the busy experts' weights, win.
     """
-    supported = grouped_mm_supported(x_ND, w_in_EHD, w_out_EDF)
-    if supported and x_ND.device.type == "cuda":
+    if grouped_mm_supported(x_ND, w_in_EHD, w_out_EDF) and x_ND.device.type == "cuda":
         return "grouped_mm"
     E = w_in_EHD.shape[0]
     if counts_E is not None:
@@ -166,11 +167,7 @@ def choose_kernel(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.T
     else:  # without the counts, assume an even load
         N = x_ND.shape[0]
         padded_rows = E * -(-N // E)
-    if N > 4 * E and padded_rows <= (1 + MAX_PADDING) * N:
-        return "bmm"
-    if supported and N > 4 * E:
-        return "grouped_mm"
-    return "loop"
+    return "bmm" if N and padded_rows <= MAX_PADDING_FACTOR * N else "loop"
 
 
 # ---------------------------------------------------------------- the fused expert MLP

@@ -217,13 +217,15 @@ def test_frozen_experts_still_give_input_gradients():
 def test_auto_kernel_choice():
     from moekit.experts import choose_kernel
 
-    experts = Experts(8, 32, 16)
+    experts = Experts(64, 32, 16)
     w_in, w_out = experts.w_in_EHD, experts.w_out_EDF
-    assert choose_kernel(torch.randn(2, 32), w_in, w_out, torch.tensor([1, 0, 0, 1, 0, 0, 0, 0])) == "loop"  # decoding
-    assert choose_kernel(torch.randn(800, 32), w_in, w_out, torch.full((8,), 100)) == "bmm"
-    uneven = torch.tensor([700, 20, 20, 20, 10, 10, 10, 10])
-    assert choose_kernel(torch.randn(800, 32), w_in, w_out, uneven) in ("grouped_mm", "loop")
-    assert choose_kernel(torch.randn(800, 32), w_in, w_out) == "bmm"  # no counts: assume even
+    one_hot = torch.zeros(64, dtype=torch.long)
+    one_hot[3] = 2
+    assert choose_kernel(torch.randn(2, 32), w_in, w_out, one_hot) == "loop"  # 62 of 64 experts idle
+    assert choose_kernel(torch.randn(8, 32), w_in, w_out, torch.tensor([1] * 8 + [0] * 56)) == "bmm"  # decoding, 8x
+    assert choose_kernel(torch.randn(3200, 32), w_in, w_out, torch.full((64,), 50)) == "bmm"
+    assert choose_kernel(torch.randn(3200, 32), w_in, w_out) == "bmm"  # no counts: assume even
+    assert choose_kernel(torch.randn(0, 32), w_in, w_out, torch.zeros(64, dtype=torch.long)) == "loop"
 
 
 @pytest.mark.parametrize("kernel", KERNELS + ["loop"])
