@@ -98,33 +98,28 @@ def expert_slots(routing: Routing, capacity: int | None = None, order_N: torch.T
     inside each expert.
     """
     expert_N, token_N = routing.expert_idx_N, routing.token_idx_N
-    N, device = expert_N.numel(), expert_N.device
+    N, E, device = expert_N.numel(), routing.num_experts, expert_N.device
     counts_E = routing.counts_E
     if order_N is None:
         order_N = stable_expert_order(expert_N)
-    arange_N = torch.arange(N, device=device)
+    rank_N = torch.empty_like(order_N)  # assignment -> its row in the compact layout
+    rank_N[order_N] = torch.arange(N, device=device)
     if capacity is None:
-        slot_sorted = arange_N
-        token_S = token_N[order_N]
-        rows_E, pad_rows = counts_E, None
-    else:
-        if N and capacity < int(counts_E.max()):
-            raise ValueError(f"capacity={capacity} is below the largest expert load {int(counts_E.max())}")
-        E = routing.num_experts
-        expert_sorted = expert_N[order_N]
-        starts_E = counts_E.cumsum(0) - counts_E
-        slot_sorted = expert_sorted * capacity + (arange_N - starts_E[expert_sorted])
-        token_S = torch.zeros(E * capacity, dtype=token_N.dtype, device=device)
-        token_S[slot_sorted] = token_N[order_N]
-        rows_E = torch.full_like(counts_E, capacity)
-        pad_rows = None
-        if E * capacity > N:
-            free_S = torch.ones(E * capacity, dtype=torch.bool, device=device)
-            free_S[slot_sorted] = False
-            pad_rows = free_S.nonzero().squeeze(1)
-    slot_N = torch.empty_like(slot_sorted)
-    slot_N[order_N] = slot_sorted
-    return Slots(slot_N, token_S, rows_E, pad_rows, _token_major_k(routing))
+        return Slots(rank_N, token_N[order_N], counts_E, None, _token_major_k(routing))
+    if N and capacity < int(counts_E.max()):
+        raise ValueError(f"capacity={capacity} is below the largest expert load {int(counts_E.max())}")
+    first_E = torch.arange(E, device=device) * capacity
+    starts_E = counts_E.cumsum(0) - counts_E
+    slot_N = rank_N + (first_E - starts_E)[expert_N]
+    token_S = torch.zeros(E * capacity, dtype=token_N.dtype, device=device)
+    token_S[slot_N] = token_N
+    pad_E = capacity - counts_E
+    num_pad = E * capacity - N
+    pad_rows = None
+    if num_pad:  # expert e pads rows e*C + counts_e .. (e+1)*C - 1
+        pad_starts_E = first_E + counts_E - (pad_E.cumsum(0) - pad_E)
+        pad_rows = pad_starts_E.repeat_interleave(pad_E, output_size=num_pad) + torch.arange(num_pad, device=device)
+    return Slots(slot_N, token_S, torch.full_like(counts_E, capacity), pad_rows, _token_major_k(routing))
 
 
 def stable_expert_order(expert_N: torch.Tensor) -> torch.Tensor:

@@ -141,6 +141,8 @@ def test_auto_pads_the_layer_buffer_for_bmm():
     real[slots.slot_N] = True
     assert torch.equal(x_SD[real.nonzero().squeeze(1)], x_TD[slots.token_S[real]])
     assert not x_SD[~real].any()  # padding rows are zero
+    rows = torch.cat([slots.slot_N, slots.pad_rows]).sort().values
+    assert torch.equal(rows, torch.arange(slots.num_rows))  # every row is an assignment or padding, once
 
 
 @pytest.mark.parametrize("token_major", [True, False])
