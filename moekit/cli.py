@@ -171,7 +171,8 @@ def _pregate(args) -> int:
     if args.finetune_steps > 0:
         report["pregated_model"] = finetune_pregated(args.checkpoint, args.out, steps=args.finetune_steps, lr=args.finetune_lr,
                                                      batch_size=args.batch_size, seq_len=args.seq_len,
-                                                     eval_batches=args.eval_batches, progress=not args.quiet)
+                                                     eval_batches=args.eval_batches, control=args.finetune_control,
+                                                     progress=not args.quiet)
     print(f"top-{report['top_k'][0]} recall of the next MoE layer's experts on validation text:")
     print(format_report(report))
     print(f"pre-gate heads: {args.out} (use: moekit generate ... --expert-budget 25% --prefetch pregate --pregate {args.out})")
@@ -190,6 +191,8 @@ def _add_pregate(sub) -> None:
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="also fine-tune the pre-gated model (block i+1 routed at block i) for this many steps; 0 = skip")
     p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--finetune-control", action="store_true",
+                   help="also fine-tune the original model the same way (not saved), to separate pre-gating from more training")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_pregate)
 

@@ -27,6 +27,7 @@ Shape legend: T tokens, D hidden, E experts of the predicted layer, K top-k.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -60,13 +61,20 @@ def _moe_layers(model: nn.Module) -> list:
 
 
 class PreGateHeads(nn.Module):
-    """heads[str(i)]: Linear(D, E_{i+1}) from MoE layer i's input to MoE layer i+1's expert logits."""
+    """heads[str(i)]: Linear(D, E_{i+1}) from MoE layer i's input to MoE layer i+1's expert logits.
 
-    def __init__(self, hidden_sizes: list[int], num_experts: list[int], bias: bool = False):
+    heads["wrap"] (optional) looks one token ahead: from the last MoE layer's
+    input at token t to the first MoE layer's experts at token t+1, whose
+    input is not known until t+1 is sampled (the first layer has no earlier
+    layer of its own step to be predicted from).
+    """
+
+    def __init__(self, hidden_sizes: list[int], num_experts: list[int], bias: bool = False, wrap: bool = True):
         super().__init__()
-        self.heads = nn.ModuleDict(
-            {str(i): nn.Linear(hidden_sizes[i], num_experts[i + 1], bias=bias) for i in range(len(num_experts) - 1)}
-        )
+        heads = {str(i): nn.Linear(hidden_sizes[i], num_experts[i + 1], bias=bias) for i in range(len(num_experts) - 1)}
+        if wrap:
+            heads["wrap"] = nn.Linear(hidden_sizes[-1], num_experts[0], bias=bias)
+        self.heads = nn.ModuleDict(heads)
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "PreGateHeads":
@@ -80,14 +88,19 @@ class PreGateHeads(nn.Module):
         heads = cls([m.cfg.hidden_size for m in layers], [m.cfg.num_experts for m in layers], bias=gates[0].bias is not None)
         with torch.no_grad():
             for i, head in heads.heads.items():
-                nxt = gates[int(i) + 1]
+                nxt = gates[0] if i == "wrap" else gates[int(i) + 1]
                 head.weight.copy_(nxt.weight)
                 if head.bias is not None:
                     head.bias.copy_(nxt.bias)
         return heads.to(gates[0].weight.device)
 
-    def forward(self, layer: int, x_TD: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: int | str, x_TD: torch.Tensor) -> torch.Tensor:
         return self.heads[str(layer)](x_TD)
+
+
+def _next_token_pairs(x_BTD: torch.Tensor, y_BTE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows of x at positions 0..T-2, rows of y at positions 1..T-1), flattened."""
+    return x_BTD[:, :-1].reshape(-1, x_BTD.shape[-1]), y_BTE[:, 1:].reshape(-1, y_BTE.shape[-1])
 
 
 class _RouterTap:
@@ -141,27 +154,35 @@ def measure_recall(model, heads: PreGateHeads | None, batches: list[torch.Tensor
     """Top-k recall per predicted layer (1..L-1) of the heads and of next-gate, on the given input batches."""
     layers = _moe_layers(model)
     tap = _RouterTap(layers)
-    sums = {"pregate": [0.0] * (len(layers) - 1), "next_gate": [0.0] * (len(layers) - 1)}
+    L = len(layers)
+    sums = {"pregate": [0.0] * (L - 1), "next_gate": [0.0] * (L - 1)}
+    wrap = heads is not None and "wrap" in heads.heads
+    wrap_sum = 0.0
     try:
         for x in batches:
             model(x)
-            for i in range(len(layers) - 1):
+            for i in range(L - 1):
                 true_TK = tap.topk[i + 1]
                 if heads is not None:
                     sums["pregate"][i] += topk_recall(heads(i, tap.inputs[i]), true_TK)
                 sums["next_gate"][i] += topk_recall(_router_selection_logits(layers[i + 1].router, tap.inputs[i]), true_TK)
+            if wrap:
+                B, T = x.shape
+                inp, true_TK = _next_token_pairs(tap.inputs[-1].view(B, T, -1), tap.topk[0].view(B, T, -1))
+                wrap_sum += topk_recall(heads("wrap", inp), true_TK)
     finally:
         tap.remove()
     n = max(len(batches), 1)
     rows = []
-    for i in range(len(layers) - 1):
+    for i in range(L - 1):
         row = {"layer": i + 1, "next_gate_recall": sums["next_gate"][i] / n}
         if heads is not None:
             row["pregate_recall"] = sums["pregate"][i] / n
         rows.append(row)
     return {"layers": rows,
             "mean_next_gate_recall": sum(r["next_gate_recall"] for r in rows) / max(len(rows), 1),
-            "mean_pregate_recall": (sum(r["pregate_recall"] for r in rows) / max(len(rows), 1)) if heads is not None else None}
+            "mean_pregate_recall": (sum(r["pregate_recall"] for r in rows) / max(len(rows), 1)) if heads is not None else None,
+            "next_token_first_layer_recall": wrap_sum / n if wrap else None}
 
 
 def train_pregate(
@@ -176,7 +197,7 @@ def train_pregate(
     seed: int = 0,
     progress: bool = False,
 ) -> dict:
-    """Train pre-gate heads for a moekit LM checkpoint by distillation; write DIR/pregate.{safetensors,json}."""
+    """Train pre-gate heads for a moekit LM checkpoint on its training corpus; write DIR/pregate.{safetensors,json}."""
     from .data.text import batch_at
     from .lm import load_lm, prepare_data
 
@@ -189,22 +210,40 @@ def train_pregate(
     model, tokenizer, cfg = load_lm(checkpoint)
     seq_len = min(seq_len, cfg.model.max_seq_len)
     data = prepare_data(cfg.data, seq_len, tokenizer)
+    heads, report = distill_pregate(
+        model,
+        lambda step: batch_at(data.train, step, batch_size, seq_len, seed + 17)[0],
+        [batch_at(data.val, i, batch_size, seq_len, seed + 1_000_003)[0] for i in range(eval_batches)],
+        steps=steps, lr=lr, progress=progress,
+    )
+    report = {"checkpoint": str(Path(checkpoint).resolve()), "batch_size": batch_size, "seq_len": seq_len, **report,
+              "seconds": time.perf_counter() - started}
+    save_pregate_heads(heads, out_dir, report)
+    report["out_dir"] = str(out_dir)
+    return report
+
+
+def distill_pregate(model: nn.Module, train_batch, val_batches: list[torch.Tensor], *, steps: int = 200,
+                    lr: float = 3e-3, progress: bool = False) -> tuple[PreGateHeads, dict]:
+    """Heads for any moekit model: `train_batch(step)` gives input ids; recall is measured on `val_batches`."""
     model.eval().requires_grad_(False)
     layers = _moe_layers(model)
     heads = PreGateHeads.from_model(model)
-    val = [batch_at(data.val, i, batch_size, seq_len, seed + 1_000_003)[0] for i in range(eval_batches)]
-    before = measure_recall(model, heads, val)
+    before = measure_recall(model, heads, val_batches)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     tap = _RouterTap(layers)
     losses = []
     try:
         for step in range(steps):
-            x, _ = batch_at(data.train, step, batch_size, seq_len, seed + 17)
+            x = train_batch(step)
             with torch.no_grad():
                 model(x)
             for group in optimizer.param_groups:  # cosine decay to 10%
-                group["lr"] = lr * (0.1 + 0.45 * (1 + torch.cos(torch.tensor(torch.pi * step / steps)).item()))
+                group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
             loss = sum(distill_loss(heads(i, tap.inputs[i]), tap.logits[i + 1]) for i in range(len(layers) - 1))
+            B, T = x.shape
+            inp, target = _next_token_pairs(tap.inputs[-1].view(B, T, -1), tap.logits[0].view(B, T, -1))
+            loss = loss + distill_loss(heads("wrap", inp), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -213,12 +252,9 @@ def train_pregate(
                 print(f"pregate step {step + 1}/{steps} distillation loss {losses[-1]:.4f}", flush=True)
     finally:
         tap.remove()
-    after = measure_recall(model, heads, val)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
+    after = measure_recall(model, heads, val_batches)
+    return heads, {
+        "steps": steps, "lr": lr,
         "top_k": [m.cfg.top_k for m in layers],
         "num_experts": [m.cfg.num_experts for m in layers],
         "hidden_size": [m.cfg.hidden_size for m in layers],
@@ -226,15 +262,21 @@ def train_pregate(
         "mean_pregate_recall": after["mean_pregate_recall"],
         "mean_next_gate_recall": after["mean_next_gate_recall"],
         "mean_pregate_recall_at_init": before["mean_pregate_recall"],
+        "next_token_first_layer_recall": after["next_token_first_layer_recall"],
+        "next_token_first_layer_recall_at_init": before["next_token_first_layer_recall"],
         "first_distillation_loss": losses[0], "last_distillation_loss": losses[-1],
-        "seconds": time.perf_counter() - started,
     }
+
+
+def save_pregate_heads(heads: PreGateHeads, out_dir: str | Path, report: dict) -> Path:
+    """DIR/pregate.safetensors (the heads) and DIR/pregate.json (the report, with the shapes they fit)."""
     from .checkpoints import save_tensors
 
-    save_tensors(out / HEADS_FILE, {k: v.detach().cpu() for k, v in heads.state_dict().items()})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / HEADS_FILE, {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()})
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    report["out_dir"] = str(out)
-    return report
+    return out
 
 
 def load_pregate_heads(directory: str | Path, model: nn.Module) -> PreGateHeads:
@@ -258,7 +300,8 @@ def load_pregate_heads(directory: str | Path, model: nn.Module) -> PreGateHeads:
 
     state, _ = load_tensors(d / HEADS_FILE)
     first = layers[0].router.gate
-    heads = PreGateHeads(want[0], want[1], bias=any(k.endswith(".bias") for k in state))
+    heads = PreGateHeads(want[0], want[1], bias=any(k.endswith(".bias") for k in state),
+                         wrap=any(k.startswith("heads.wrap.") for k in state))
     try:
         heads.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -364,47 +407,30 @@ def finetune_pregated(
     batch_size: int | None = None,
     seq_len: int | None = None,
     eval_batches: int = 8,
+    control: bool = False,
     progress: bool = False,
 ) -> dict:
     """Fine-tune the pre-gated version of a moekit LM; validation loss before/after against the original.
 
-    Writes a run directory out_dir/pregated-model (loadable with load_lm_any
-    or `moekit generate`, which apply the pre-gated routing).
+    Writes a run directory out_dir/pregated-model (loadable with load_lm_any,
+    Engine.load or `moekit generate`, which apply the pre-gated routing).
+    control=True also fine-tunes the original model with the same recipe (not
+    saved), so the change can be told apart from the effect of more training.
     """
-    from .config import to_dict
-    from .data.text import batch_at
-    from .decoder import lm_loss
-    from .lm import evaluate, load_lm, prepare_data
-    from .train import fit
+    import tempfile
 
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"finetune steps={steps!r} is invalid: it must be an integer >= 1")
     started = time.perf_counter()
-    model, tokenizer, cfg = load_lm(checkpoint)
-    tc = replace(cfg.train, steps=steps, lr=lr, warmup_steps=max(1, steps // 10), eval_every=0, save_every=0,
-                 batch_size=batch_size or cfg.train.batch_size, seq_len=seq_len or cfg.train.seq_len,
-                 eval_batches=eval_batches, keep_last=1, seed=cfg.train.seed + 7)
-    data = prepare_data(cfg.data, tc.seq_len, tokenizer)
-    original = evaluate(model, data.val, tc, cfg.model)["val_loss"]
-    apply_pregated_routing(model)
-    zero_shot = evaluate(model, data.val, tc, cfg.model)["val_loss"]
-
-    def batch_fn(i):
-        return batch_at(data.train, i, tc.batch_size, tc.seq_len, tc.seed)
-
-    def loss_fn(m, batch):
-        x, y = batch
-        loss, parts = lm_loss(m(x), y, tc.balance_loss_weight, tc.z_loss_weight)
-        return loss, {k: float(v.detach()) for k, v in parts.items()}
-
     run = Path(out_dir) / PREGATED_MODEL_DIR
     if run.exists() and any(run.glob("step-*")):
         raise ConfigError(f"{run} already holds a pre-gated model: choose another --out")
-    model.train()
-    result = fit(model, tc, batch_fn=batch_fn, loss_fn=loss_fn, run_dir=run, config_dict=to_dict(replace(cfg, train=tc)),
-                 tokenizer=tokenizer, progress=progress)
-    model.eval()
-    tuned = evaluate(model, data.val, tc, cfg.model)["val_loss"]
+    job = _FineTune(checkpoint, steps, lr, batch_size, seq_len, eval_batches)
+    original = job.val_loss()
+    apply_pregated_routing(job.model)
+    zero_shot = job.val_loss()
+    result = job.fit(run, progress)
+    tuned = job.val_loss()
     report = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "finetune_steps": steps, "lr": lr,
@@ -412,13 +438,61 @@ def finetune_pregated(
         "val_loss_pregated_zero_shot": zero_shot,
         "val_loss_pregated_finetuned": tuned,
         "val_loss_change": (tuned - original) / original,
+        "val_loss_change_zero_shot": (zero_shot - original) / original,
         "model_dir": str(run),
-        "seconds": time.perf_counter() - started,
     }
+    if control:
+        ctl = _FineTune(checkpoint, steps, lr, batch_size, seq_len, eval_batches)
+        with tempfile.TemporaryDirectory(prefix="moekit-control-") as tmp:
+            ctl.fit(Path(tmp) / "run", progress)
+        report["val_loss_original_finetuned"] = ctl.val_loss()
+        report["val_loss_change_vs_control"] = (tuned - report["val_loss_original_finetuned"]) / report["val_loss_original_finetuned"]
+    report["seconds"] = time.perf_counter() - started
     (run / PREGATED_MARKER).write_text(json.dumps({"pregated": True, **report}, indent=2) + "\n")
     if result.checkpoint is None:
         raise CheckpointError(f"fine-tuning the pre-gated model wrote no checkpoint in {run}")
     return report
+
+
+class _FineTune:
+    """A short fine-tune of a moekit LM on its own corpus (the recipe shared by the pre-gated model and its control)."""
+
+    def __init__(self, checkpoint, steps, lr, batch_size, seq_len, eval_batches):
+        from .lm import load_lm, prepare_data
+
+        self.model, self.tokenizer, self.cfg = load_lm(checkpoint)
+        c = self.cfg.train
+        self.tc = replace(c, steps=steps, lr=lr, warmup_steps=max(1, steps // 10), eval_every=0, save_every=0,
+                          batch_size=batch_size or c.batch_size, seq_len=seq_len or c.seq_len,
+                          eval_batches=eval_batches, keep_last=1, seed=c.seed + 7)
+        self.data = prepare_data(self.cfg.data, self.tc.seq_len, self.tokenizer)
+
+    def val_loss(self) -> float:
+        from .lm import evaluate
+
+        return evaluate(self.model, self.data.val, self.tc, self.cfg.model)["val_loss"]
+
+    def fit(self, run: Path, progress: bool):
+        from .config import to_dict
+        from .data.text import batch_at
+        from .decoder import lm_loss
+        from .train import fit
+
+        tc, data = self.tc, self.data
+
+        def batch_fn(i):
+            return batch_at(data.train, i, tc.batch_size, tc.seq_len, tc.seed)
+
+        def loss_fn(m, batch):
+            x, y = batch
+            loss, parts = lm_loss(m(x), y, tc.balance_loss_weight, tc.z_loss_weight)
+            return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+        self.model.train()
+        result = fit(self.model, tc, batch_fn=batch_fn, loss_fn=loss_fn, run_dir=run,
+                     config_dict=to_dict(replace(self.cfg, train=tc)), tokenizer=self.tokenizer, progress=progress)
+        self.model.eval()
+        return result
 
 
 def format_report(report: dict) -> str:
@@ -427,6 +501,10 @@ def format_report(report: dict) -> str:
     for row in report["layers"]:
         lines.append(f"{row['layer']:>5}  {row['next_gate_recall']:>16.3f}  {row['pregate_recall']:>15.3f}")
     lines.append(f" mean  {report['mean_next_gate_recall']:>16.3f}  {report['mean_pregate_recall']:>15.3f}")
+    if report.get("next_token_first_layer_recall") is not None:
+        lines.append(f"first MoE layer of the next token (from the last layer's input): recall "
+                     f"{report['next_token_first_layer_recall']:.3f} (router of the first layer on it: "
+                     f"{report['next_token_first_layer_recall_at_init']:.3f})")
     ft = report.get("pregated_model")
     if ft:
         lines.append(
@@ -434,4 +512,7 @@ def format_report(report: dict) -> str:
             f"{ft['val_loss_pregated_zero_shot']:.4f} (rewired, no fine-tune) -> {ft['val_loss_pregated_finetuned']:.4f} "
             f"after {ft['finetune_steps']} steps ({100 * ft['val_loss_change']:+.2f}%); model: {ft['model_dir']}"
         )
+        if "val_loss_original_finetuned" in ft:
+            lines.append(f"  control: the original fine-tuned the same way reaches {ft['val_loss_original_finetuned']:.4f} "
+                         f"({100 * ft['val_loss_change_vs_control']:+.2f}% for the pre-gated model against it)")
     return "\n".join(lines)

@@ -90,7 +90,11 @@ def test_prefetching_hides_transfer_time_behind_computation():
     prefetched = offloader.stats()
     assert on_demand["misses"] > 0 and on_demand["stall_s"] > 0.002 * on_demand["misses"] * 0.5
     assert prefetched["misses"] < on_demand["misses"]
-    assert prefetched["stall_s"] < 0.5 * on_demand["stall_s"], (prefetched["stall_s"], on_demand["stall_s"])
+
+    def predicted_layers_stall(stats):  # the first MoE layer has nothing before it to be predicted from
+        return sum(layer["stall_s"] for layer in stats["layers"][1:])
+
+    assert predicted_layers_stall(prefetched) < 0.25 * predicted_layers_stall(on_demand), (prefetched, on_demand)
     offloader.close()
 
 

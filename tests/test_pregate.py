@@ -76,6 +76,7 @@ def test_heads_start_as_next_gate_and_distillation_improves_them(heads_dir):
     assert report["last_distillation_loss"] < report["first_distillation_loss"]
     assert report["mean_pregate_recall"] >= report["mean_next_gate_recall"] - 0.02
     assert all(0 <= r["pregate_recall"] <= 1 for r in report["layers"])
+    assert 0 <= report["next_token_first_layer_recall"] <= 1
 
 
 def test_learned_pregate_predictor_offloads_exactly(checkpoint, heads_dir):
@@ -88,6 +89,7 @@ def test_learned_pregate_predictor_offloads_exactly(checkpoint, heads_dir):
     assert engine.generate_ids([[40, 41, 42]], cfg)[0].token_ids == want
     stats = offloader.stats()
     assert stats["predictor"] == "pregate" and stats["predicted"] > 0
+    assert stats["layers"][0]["predicted"] > 0  # the wrap head predicts the first layer of the next token
     offloader.close()
 
 

@@ -297,7 +297,7 @@ def moe_decode(moe: MoELayer, x: torch.Tensor) -> torch.Tensor:
     expert_idx_TK, weight_TK = moe.router.select(x_TD)
     experts = moe.experts
     # Offloaded experts (infer/offload.py) fetch the chosen experts here; the arithmetic below is the same.
-    step = experts.decode_step(x_TD, expert_idx_TK) if type(experts) is not Experts else None
+    step = experts.decode_step(x, expert_idx_TK) if type(experts) is not Experts else None
     act = experts.activation
     T, K = expert_idx_TK.shape
     if T == 1:

@@ -11,7 +11,8 @@ layer's stacked experts are replaced by a small stack of fast *slots*
   is still the one opened (inode, size, mtime, ctime) and that the full
   length arrived; otherwise it raises `SlowTierError`.
 - `EmulatedLinkTier`: any tier behind a link of configurable bandwidth and
-  latency, for reproducible experiments. Its label always says "emulated".
+  latency, for reproducible experiments (the offloader models the link's
+  time in its transfer queue). Its label always says "emulated".
 - `MemoryTier`: host RAM (the base of the emulated link; tests).
 - `CudaHostTier` (CUDA): pinned host memory, copied to the device slots on a
   copy stream, ordered by events (see prefetch.CudaTransferQueue).
@@ -267,10 +268,15 @@ class EmulatedLinkTier(SlowTier):
             f"emulated, not a measured device) over {inner.label}"
         )
 
+    def cost(self, nbytes: int) -> float:
+        """Seconds one transfer of `nbytes` occupies the link."""
+        return self.latency + nbytes / self.bandwidth
+
     def read(self, layer, expert, dst_in_HD, dst_out_DF):
+        """Copy, then sleep out the link time (used alone; the offloader models the link in its queue)."""
         start = time.perf_counter()
         nbytes = self.inner.read(layer, expert, dst_in_HD, dst_out_DF)
-        _sleep_until(start + self.latency + nbytes / self.bandwidth)
+        _sleep_until(start + self.cost(nbytes))
         return nbytes
 
     def close(self) -> None:
@@ -524,6 +530,7 @@ class LayerStats:
     predicted: int = 0  # experts the predictor asked to have in the fast tier
     predicted_correct: int = 0  # ... that the step used
     demanded_predicted: int = 0  # experts demanded in steps that had a prediction
+    prefetches_cancelled: int = 0  # wrong prefetches dropped before they started (not counted as transfers)
     transfers: int = 0
     bytes_moved: int = 0
     stall_s: float = 0.0  # time the computation waited for experts
@@ -586,14 +593,14 @@ class OffloadedExperts(nn.Module):
         name = kernel if kernel not in (None, "auto") else self.kernel_for(x_ND, rows_E, kernel)
         return self._offloader._compute(self.layer, x_ND, rows_E, name)
 
-    def decode_step(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor) -> "DecodeStep":
+    def decode_step(self, x: torch.Tensor, expert_idx_TK: torch.Tensor) -> "DecodeStep":
         """Open a step for the router's choice: fetch the chosen experts (and prefetch the next layer's).
 
         If they fit the fast tier at once they are resident when this returns
         and `step.w_in[e]` / `step.w_out[e]` are their slots; otherwise call
         this module (forward), which computes in waves. `step.done()` ends it.
         """
-        return self._offloader._decode_step(self.layer, x_TD, expert_idx_TK)
+        return self._offloader._decode_step(self.layer, x, expert_idx_TK)
 
 
 class _SlotView:
@@ -707,14 +714,14 @@ class Offloader:
         self._begin_step(j, demand)
         self._demand[j] = demand
         if x is not None:
-            self._predict_next(j, x.reshape(-1, x.shape[-1]))
+            self._predict_next(j, x)
 
-    def _decode_step(self, j: int, x_TD: torch.Tensor, idx_TK: torch.Tensor) -> DecodeStep:
+    def _decode_step(self, j: int, x: torch.Tensor, idx_TK: torch.Tensor) -> DecodeStep:
         idx = idx_TK.reshape(-1)
         demand = sorted(set(idx.tolist())) if idx.numel() <= 64 else idx.unique().tolist()
         self._begin_step(j, demand)
         self._demand[j] = demand
-        self._predict_next(j, x_TD)
+        self._predict_next(j, x)
         if len(demand) <= self.caches[j].num_slots:
             try:
                 self._wait(j, demand)
@@ -724,9 +731,13 @@ class Offloader:
                 raise
         return DecodeStep(self, j)
 
-    def _predict_next(self, j: int, x_TD: torch.Tensor) -> None:
+    def _predict_next(self, j: int, x: torch.Tensor) -> None:
+        """x: layer j's MoE input, [B, T, D] (or [T, D] for single-position steps)."""
+        x = x.detach()
         if j + 1 < len(self.layers):
-            self._prefetch(j + 1, self.predictor.predict(j, x_TD.detach()))
+            self._prefetch(j + 1, self.predictor.predict(j, x.reshape(-1, x.shape[-1])))
+        elif self.predictor.wraps:  # the first layer of the next token, from each sequence's last position
+            self._prefetch(0, self.predictor.predict(j, x[:, -1] if x.dim() == 3 else x))
 
     def _begin_step(self, j: int, demand: list[int]) -> None:
         if not self.configured:
@@ -749,6 +760,7 @@ class Offloader:
             st.predicted_correct += len(set(predicted).intersection(demand))
             st.demanded_predicted += len(demand)
         st.prefetch_used += len(self.prefetched[j].intersection(demand))
+        self._settle_prefetches(j, demand)
         missing = [e for e in demand if e not in cache]
         st.hits += len(demand) - len(missing)
         st.misses += len(missing)
@@ -757,6 +769,24 @@ class Offloader:
             for e in missing:
                 self._fetch(j, e, keep, demand=True)
         # More experts than slots (a large batch): _compute fetches them in waves.
+
+    def _settle_prefetches(self, j: int, demand: list[int]) -> None:
+        """The gate fired: prefetches it needs jump the queue; wrong ones not yet started are cancelled."""
+        transfers, needed = self.transfers[j], set(demand)
+        for e in needed:
+            t = transfers.get(e)
+            if t is not None and not t.done():
+                self.queue.promote(t)
+        for e in [e for e in self.prefetched[j] if e not in needed]:
+            t = transfers.get(e)
+            if t is not None and self.queue.cancel(t):
+                transfers.pop(e)
+                self.caches[j].drop(e)
+                self.prefetched[j].discard(e)
+                st = self.layer_stats[j]
+                st.transfers -= 1
+                st.bytes_moved -= self.shapes[j].bytes_per_expert
+                st.prefetches_cancelled += 1
 
     def _fetch(self, j: int, expert: int, keep: set[int], demand: bool) -> bool:
         cache, st = self.caches[j], self.layer_stats[j]
@@ -767,11 +797,20 @@ class Offloader:
             return False
         slot, evicted = placed
         if evicted is not None:
-            self.transfers[j].pop(evicted, None)
+            old = self.transfers[j].pop(evicted, None)
+            if old is not None:
+                self.queue.retire(old)  # a queued write into this slot must not land after the new one
             self.prefetched[j].discard(evicted)
         slots = self._slots[j]
-        read = partial(self.tier.read, j, expert, slots.w_in_EHD.data[slot], slots.w_out_EDF.data[slot])
-        self.transfers[j][expert] = self.queue.submit(j, read)
+        dst = (slots.w_in_EHD.data[slot], slots.w_out_EDF.data[slot])
+        if isinstance(self.tier, EmulatedLinkTier) and isinstance(self.queue, ThreadTransferQueue):
+            # The queue models the link's time; the copy itself runs as soon as the transfer starts.
+            read = partial(self.tier.inner.read, j, expert, *dst)
+            cost = self.tier.cost(self.shapes[j].bytes_per_expert)
+            self.transfers[j][expert] = self.queue.submit(j, read, urgent=demand, cost=cost)
+        else:
+            read = partial(self.tier.read, j, expert, *dst)
+            self.transfers[j][expert] = self.queue.submit(j, read, urgent=demand)
         st.transfers += 1
         st.bytes_moved += self.shapes[j].bytes_per_expert
         return True
@@ -820,6 +859,7 @@ class Offloader:
         for e in range(1, len(rows)):
             starts[e] = starts[e - 1] + rows[e - 1]
         waves = self._waves(cache, needed)
+        pad_to = max((rows[e] for e in needed), default=0) if kernel == "bmm" else 0
         out = None
         try:
             for wave in waves:
@@ -829,7 +869,7 @@ class Offloader:
                     if e not in cache:
                         self._fetch(j, e, set(wave), demand=True)
                 self._wait(j, wave)
-                out = self._compute_wave(j, slots, x_ND, rows, starts, wave, kernel, out)
+                out = self._compute_wave(j, slots, x_ND, rows, starts, wave, kernel, out, pad_to)
                 self.queue.layer_done(j)
         except BaseException:
             self._forget_failed(j)
@@ -845,18 +885,27 @@ class Offloader:
         order = [e for e in active if e in cache] + [e for e in active if e not in cache]
         return [sorted(order[i : i + cache.num_slots]) for i in range(0, len(order), cache.num_slots)]
 
-    def _compute_wave(self, j, slots: Experts, x_ND, counts, starts, wave, kernel, out):
-        """The wave's experts on their slots: tokens reordered from expert order to slot order and back."""
+    def _compute_wave(self, j, slots: Experts, x_ND, counts, starts, wave, kernel, out, pad_to):
+        """The wave's experts on their slots: tokens reordered from expert order to slot order and back.
+
+        pad_to (bmm): every expert gets that many rows, the step's largest count, as in the resident
+        layer's padded batch, so each expert's matmul has the same shape and gives the same bits.
+        """
         cache = self.caches[j]
         counts_S = [0] * cache.num_slots
-        for e in wave:
-            counts_S[cache.slot_of[e]] = counts[e]
-        counts_S = torch.tensor(counts_S, device=x_ND.device)
         by_slot = sorted(wave, key=lambda e: cache.slot_of[e])
-        if out is None and by_slot == wave and sum(counts[e] for e in wave) == x_ND.shape[0]:
-            return slots(x_ND, counts_S, kernel=kernel)  # slot order == expert order: nothing to reorder
+        for e in wave:
+            counts_S[cache.slot_of[e]] = pad_to or counts[e]
+        counts_S = torch.tensor(counts_S, device=x_ND.device)
         rows = torch.cat([torch.arange(starts[e], starts[e] + counts[e]) for e in by_slot]).to(x_ND.device)
-        y = slots(x_ND[rows], counts_S, kernel=kernel)
+        if pad_to:
+            at = torch.cat([torch.arange(i * pad_to, i * pad_to + counts[e]) for i, e in enumerate(by_slot)]).to(x_ND.device)
+            x_in = x_ND.new_zeros(len(by_slot) * pad_to, x_ND.shape[1]).index_copy_(0, at, x_ND[rows])
+            y = slots(x_in, counts_S, kernel=kernel)[at]
+        elif out is None and by_slot == wave and rows.numel() == x_ND.shape[0]:
+            return slots(x_ND, counts_S, kernel=kernel)  # slot order == expert order: nothing to reorder
+        else:
+            y = slots(x_ND[rows], counts_S, kernel=kernel)
         if out is None:
             out = y.new_zeros(x_ND.shape[0], y.shape[1])
         out[rows] = y

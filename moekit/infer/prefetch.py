@@ -12,12 +12,15 @@ predictor returns the experts MoE layer i+1 will probably use, best first
   hidden state. On a pre-gated model (moekit.pregate) this *is* the routing
   layer i+1 will use, so the prediction is exact.
 - `pregate`: Pre-gated MoE's learned heads, one per block, trained by
-  `moekit pregate` (moekit.pregate) by distillation from the real routers.
+  `moekit pregate` (moekit.pregate) by distillation from the real routers;
+  one more head predicts the first MoE layer of the next token from the
+  last MoE layer of this one.
 
 Transfers run asynchronously: a single background thread on CPU (a serial
-link: one transfer at a time, in the order asked), a copy stream with
-events on CUDA. Errors raised by a transfer are kept and re-raised at the
-next wait, so a failed read can never be computed with.
+link: one transfer at a time; demand fetches before prefetches, wrong
+prefetches cancelled before they start), a copy stream with events on CUDA
+(in order). Errors raised by a transfer are kept and re-raised at the next
+wait, so a failed read can never be computed with.
 
 Not here: which slot an expert goes to (expert_cache.py), where weights
 come from and the bookkeeping of a step (offload.py), training the learned
@@ -31,7 +34,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -49,9 +52,14 @@ class PredictorError(MoekitError, ValueError):
 
 
 class Predictor:
-    """Experts of MoE layer i+1, best first, from MoE layer i's router input."""
+    """Experts of MoE layer i+1, best first, from MoE layer i's router input.
+
+    A predictor that `wraps` also predicts, from the last MoE layer's input,
+    the first MoE layer's experts of the next token (`predict(L-1, x)`).
+    """
 
     name = "base"
+    wraps = False
 
     def bind(self, moe_layers: list, usage: list[list[int]]) -> None:
         """Called once by the offloader: the model's MoE layers in order, and per-layer use counts."""
@@ -103,14 +111,17 @@ class LearnedPreGate(Predictor):
     def __init__(self, heads: torch.nn.ModuleDict, top_k: list[int]):
         self.heads = heads
         self.top_k = top_k
+        self.wraps = "wrap" in heads
 
     @torch.no_grad()
     def predict(self, layer, x_TD):
-        head = self.heads[str(layer)] if str(layer) in self.heads else None
-        if head is None:
+        last = layer == len(self.top_k) - 1
+        key = "wrap" if last else str(layer)
+        if key not in self.heads:
             return None
-        logits_TE = head(x_TD.to(head.weight.dtype) if hasattr(head, "weight") else x_TD)
-        k = min(self.top_k[layer + 1], logits_TE.shape[-1])
+        head = self.heads[key]
+        logits_TE = head(x_TD.to(head.weight.dtype))
+        k = min(self.top_k[0 if last else layer + 1], logits_TE.shape[-1])
         probs_TE = logits_TE.float().softmax(-1)
         weight_TK, idx_TK = probs_TE.topk(k, dim=-1)
         return rank_assignments(idx_TK.reshape(-1), weight_TK.reshape(-1), logits_TE.shape[-1])
@@ -158,6 +169,14 @@ class Transfer:
         raise NotImplementedError
 
 
+def _sleep_until(deadline: float) -> None:
+    remaining = deadline - time.perf_counter()
+    if remaining > 2e-4:
+        time.sleep(remaining - 1e-4)
+    while time.perf_counter() < deadline:  # the last ~100 us spin: sleep overshoots by about that much
+        pass
+
+
 class _DoneTransfer(Transfer):
     def wait(self) -> float:
         return 0.0
@@ -170,49 +189,128 @@ DONE = _DoneTransfer()
 
 
 class _ThreadTransfer(Transfer):
-    def __init__(self, future: Future, queue: "ThreadTransferQueue"):
-        self.future = future
-        self.queue = queue
+    """A job of the transfer thread: queued, running, done or cancelled."""
+
+    __slots__ = ("fn", "event", "error", "state", "urgent", "cost", "submitted", "deadline")
+
+    def __init__(self, fn: Callable[[], None], urgent: bool, cost: float | None):
+        self.fn, self.urgent, self.cost = fn, urgent, cost
+        self.event = threading.Event()
+        self.error: BaseException | None = None
+        self.state = "queued"
+        self.submitted = time.perf_counter()
+        self.deadline = 0.0  # emulated link: when the modelled transfer ends
 
     def done(self) -> bool:
-        return self.future.done()
+        return self.event.is_set() and time.perf_counter() >= self.deadline
 
     def wait(self) -> float:
-        if self.future.done():
-            self.future.result()  # re-raises the transfer's error
-            return 0.0
         start = time.perf_counter()
-        self.future.result()
+        ready = self.event.is_set() and start >= self.deadline
+        if not self.event.is_set():
+            self.event.wait()
+        if self.state == "cancelled":
+            raise RuntimeError("waited for a cancelled expert transfer")
+        if self.error is not None:
+            raise self.error
+        if ready:
+            return 0.0
+        _sleep_until(self.deadline)
         return time.perf_counter() - start
 
 
 class ThreadTransferQueue:
-    """CPU: one background thread runs transfers in the order they were submitted (one link, serial)."""
+    """CPU: one background thread moves the experts, one at a time (one link), urgent ones first.
+
+    Behind an emulated link each transfer also has a modelled cost: the link
+    is busy from max(link free, submission) for `cost` seconds, and a waiter
+    sleeps until that modelled end on its own clock. The copy itself runs
+    right away, so the timing does not depend on how fast the busy machine
+    wakes this thread up (reproducible experiments).
+
+    A demand fetch (the gate has fired, the computation waits) is urgent and
+    goes before queued prefetches; a prefetch the step turned out to need is
+    promoted; one that turned out wrong, or whose expert was evicted, is
+    cancelled before it starts. A running transfer is never interrupted.
+    """
 
     kind = "thread"
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-offload")
+        self._cond = threading.Condition()
+        self._urgent: deque[_ThreadTransfer] = deque()
+        self._normal: deque[_ThreadTransfer] = deque()
         self._error: BaseException | None = None
-        self._lock = threading.Lock()
+        self._closed = False
+        self._link_free = 0.0
+        self._thread = threading.Thread(target=self._run, name="moekit-offload", daemon=True)
+        self._thread.start()
 
-    def submit(self, layer: int, fn: Callable[[], None]) -> Transfer:
+    def submit(self, layer: int, fn: Callable[[], None], urgent: bool = False, cost: float | None = None) -> Transfer:
+        """Queue `fn` (the copy); `cost`: seconds it occupies an emulated link (None: as long as fn takes)."""
         self.check()
+        job = _ThreadTransfer(fn, urgent, cost)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the transfer queue is closed")
+            (self._urgent if urgent else self._normal).append(job)
+            self._cond.notify()
+        return job
 
-        def run():
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._urgent or self._normal or self._closed):
+                    self._cond.wait()
+                if not (self._urgent or self._normal):
+                    return
+                job = (self._urgent or self._normal).popleft()
+                job.state = "running"
+                if job.cost is not None:  # an emulated link: the transfer occupies it in modelled time
+                    job.deadline = max(self._link_free, job.submitted) + job.cost
+                    self._link_free = job.deadline
             try:
-                fn()
-            except BaseException as e:
-                with self._lock:
+                job.fn()
+            except BaseException as e:  # kept for the job's waiter and for every later check
+                job.error = e
+                with self._cond:
                     if self._error is None:
                         self._error = e
-                raise
+            job.state = "done"
+            job.event.set()
+            if job.cost is not None:
+                # The next transfer starts when the link is free; until then urgent ones may still jump the queue.
+                # (A plain sleep, no spinning: the deadlines are modelled, this thread's wake-up need not be exact.)
+                remaining = self._link_free - time.perf_counter()
+                if remaining > 0:
+                    time.sleep(remaining)
 
-        return _ThreadTransfer(self._executor.submit(run), self)
+    def promote(self, transfer: Transfer) -> None:
+        """A queued prefetch the computation now waits for goes to the front."""
+        with self._cond:
+            if isinstance(transfer, _ThreadTransfer) and transfer.state == "queued" and not transfer.urgent:
+                self._normal.remove(transfer)
+                transfer.urgent = True
+                self._urgent.append(transfer)
+
+    def cancel(self, transfer: Transfer) -> bool:
+        """Drop a transfer that has not started; False if it is running or done."""
+        with self._cond:
+            if not isinstance(transfer, _ThreadTransfer) or transfer.state != "queued":
+                return False
+            (self._urgent if transfer.urgent else self._normal).remove(transfer)
+            transfer.state = "cancelled"
+        transfer.event.set()
+        return True
+
+    def retire(self, transfer: Transfer) -> None:
+        """The transfer's slot is being reused: make sure it will not write there later."""
+        if not self.cancel(transfer) and not transfer.done():
+            transfer.event.wait()
 
     def check(self) -> None:
         """Re-raise the first error of any transfer (even one nobody waits for)."""
-        with self._lock:
+        with self._cond:
             error = self._error
         if error is not None:
             raise error
@@ -221,10 +319,18 @@ class ThreadTransferQueue:
         """CPU kernels are synchronous: a slot is free as soon as the layer's forward returns."""
 
     def drain(self) -> None:
-        self._executor.submit(lambda: None).result()
+        self.submit(-1, lambda: None).event.wait()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._cond:
+            for job in list(self._urgent) + list(self._normal):
+                job.state = "cancelled"
+                job.event.set()
+            self._urgent.clear()
+            self._normal.clear()
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
 
 
 class _EventTransfer(Transfer):
@@ -266,7 +372,7 @@ class CudaTransferQueue:
         self.free_events: dict[int, object] = {}
         self.stall_events: list[tuple[object, object]] = []
 
-    def submit(self, layer: int, fn: Callable[[], None]) -> Transfer:
+    def submit(self, layer: int, fn: Callable[[], None], urgent: bool = False) -> Transfer:
         done = torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
             if layer in self.free_events:
@@ -279,6 +385,15 @@ class CudaTransferQueue:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         self.free_events[layer] = event
+
+    def promote(self, transfer: Transfer) -> None:
+        """Copies are already on the stream in order; nothing to reorder."""
+
+    def cancel(self, transfer: Transfer) -> bool:
+        return False
+
+    def retire(self, transfer: Transfer) -> None:
+        """Stream order already puts a later copy into the same slot after this one."""
 
     def stall_seconds(self) -> float:
         torch.cuda.synchronize(self.device)
