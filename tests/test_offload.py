@@ -19,14 +19,12 @@ from moekit.cli import main
 from moekit.config import MoEConfig, to_dict
 from moekit.data.text import Tokenizer
 from moekit.decoder import DecoderLM, ModelConfig
-from moekit.errors import MoekitError
 from moekit.infer.engine import Engine
 from moekit.infer.expert_cache import POLICIES
 from moekit.infer.offload import (
     Budget, BudgetError, DiskTier, EmulatedLinkTier, LayerShape, MemoryTier, OffloadError, SlowTier, SlowTierError,
-    format_stats, layer_shapes, find_moe_layers, offload_model, parse_bandwidth, parse_duration,
+    find_moe_layers, format_stats, offload_model, parse_bandwidth, parse_duration,
 )
-from moekit.infer.prefetch import PREDICTORS
 from moekit.infer.sampling import SamplingConfig
 from moekit.lm import DataConfig, RunConfig
 from moekit.train import TrainConfig
