@@ -41,7 +41,7 @@ SHAPES = {
 # forward+backward goals: moekit / best transformers implementation, moekit / dense MLP
 GOALS = {"a": (1.3, 0.9), "b": (1.0, 0.9)}
 MEMORY_LIMIT_BYTES = 4 * 2**30  # peers that would need more than this are reported, not run
-SLOW_FACTOR = 4.0  # peers this many times slower than moekit get 2 forward and 1 forward+backward calls
+SLOW_FACTOR = 2.0  # transformers implementations this much slower than its fastest get 2 fwd / 1 fwd+bwd calls
 
 
 def hf_block(shape: dict, implementation: str) -> torch.nn.Module:
@@ -140,7 +140,7 @@ def bench_shape(key: str, tokens: int, reps: int, warmup: int, deadline: float) 
     max_diff: dict[str, float] = {}
     with torch.no_grad():
         ref, routing = layer(x)
-        probe = {"moekit": _seconds(lambda: layer(x))}
+        probe = {"moekit": min(_seconds(lambda: layer(x)) for _ in range(2))}
     counts_E = routing.counts_E
     for name in hf_implementations():
         block = hf_block(shape, name)
@@ -155,8 +155,11 @@ def bench_shape(key: str, tokens: int, reps: int, warmup: int, deadline: float) 
         models[f"transformers {name}"] = block
     for m in models.values():
         m.train()
-    # Peers far slower than moekit (eager loops) get few calls, or the run would not fit its time limit.
-    slow = [n for n, t in probe.items() if t > SLOW_FACTOR * probe["moekit"]]
+    # transformers implementations far slower than its best one (eager loops) get few calls: the targets
+    # compare with the best, and the run must fit its time limit.
+    hf_probe = {n: t for n, t in probe.items() if n.startswith("transformers")}
+    fastest_hf = min(hf_probe.values())
+    slow = [n for n, t in hf_probe.items() if t > SLOW_FACTOR * fastest_hf]
     start = time.perf_counter()
     fwd = interleaved_times({n: forward_fn(m, x) for n, m in models.items()}, reps, warmup,
                             deadline=start + (deadline - start) / 4,  # forward is ~1/4 of the work
@@ -189,6 +192,7 @@ def bench_shape(key: str, tokens: int, reps: int, warmup: int, deadline: float) 
         "best_transformers": {"forward": best_fwd, "forward_backward": best_bwd},
         "ratios": ratios,
         "skipped": skipped,
+        "probe_forward_s": probe,  # one untimed forward each, to give far slower peers fewer calls
         "max_abs_diff_vs_moekit": max_diff,
     }
 
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation (medians reported)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--budget-s", type=float, default=150,
+    p.add_argument("--budget-s", type=float, default=130,
                    help="stop timing rounds early (after at least 3) so the run ends in about this many seconds")
     p.add_argument("--shapes", default="a,b", help="comma-separated subset of: " + ",".join(SHAPES))
     p.add_argument("--no-write", action="store_true", help="print the table, write nothing")
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"({key}) " + ", ".join(f"{n}={v:.3f}" for n, v in r["ratios"].items()), flush=True)
     result["targets"] = targets
     result["machine"]["load_average_1m_at_end"] = load_average()
-    result["notes"] = NOTES
+    result["notes"] = notes(result)
     md = render_markdown(result)
     print(md)
     if not args.no_write:
@@ -271,7 +275,47 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-NOTES: list[str] = []
+def notes(result: dict) -> list[str]:
+    """What the numbers mean and, for a missed target, what bounds it (measured while building the kernels)."""
+    out = [
+        "- moekit path: router -> tokens gathered straight into a buffer padded to the busiest expert -> one "
+        "autograd Function for the whole expert MLP (batched matmuls, hand-written SwiGLU backward, saves only x, "
+        "the pre-activation, silu(gate) and the activation) -> weighted gather-and-sum back to token order "
+        "(embedding_bag; its per-sample-weight gradient gives the router-weight gradient in one pass). "
+        "No torch.compile.",
+        f"- transformers implementations more than {SLOW_FACTOR:g}x slower than its fastest one get 2 forward and 1 "
+        "forward+backward calls (see 'timed calls'), so the run fits in its time budget; targets use the fastest.",
+    ]
+    for key, r in result["shapes"].items():
+        ratio = r["ratios"]["forward_backward_vs_dense"]
+        if ratio >= GOALS[key][1]:
+            continue
+        pad = 100 * r["expert_load"]["padding_for_bmm"]
+        s = r["shape"]
+        out.append(
+            f"- ({key}) misses the dense-MLP target ({ratio:.2f} < {GOALS[key][1]}). The expert matmuls are "
+            f"{pad:.1f}% larger than the dense MLP's (padding to the busiest expert, so all experts run as one "
+            "batched matmul); per-expert matmuls (transformers grouped_mm, moekit kernel=grouped_mm) avoid the "
+            "padding but lose more on 2 shared cores, where every small matmul split across both threads waits "
+            "for the other core. On top of that: the router (matmul, softmax, top-k, z- and balance losses) and "
+            f"moving each token to its {s['top_k']} experts and back, forward and backward "
+            f"({s['top_k']}x the dense MLP's input/output bytes)."
+        )
+        if key == "a":
+            out.append(
+                "- (a) also pays for small GEMMs: 64 experts of width 256 give ~580x512 @ 512x256 blocks, on "
+                "which MKL runs slower than on the dense 4096x512 @ 512x2048 ones. A single-thread profile "
+                "during development: the six expert bmm calls took 1.47x the dense MLP's nine mm calls for "
+                "1.14x the FLOPs (the down projection, inner size 256, 1.7x). Routing and token movement "
+                "added another ~0.3-0.5x the dense MLP's time. Reaching 0.9x would take a variable-size "
+                "grouped GEMM that runs whole experts per thread without padding (not available in PyTorch on "
+                "CPU)."
+            )
+    out.append(
+        "- The machine is shared with other jobs (see the load average above): absolute tokens/s vary by 2x between "
+        "runs, ratios by about +-0.1; in repeated runs while building this, moekit / dense on (b) ranged 0.8-0.98."
+    )
+    return out
 
 if __name__ == "__main__":
     main()

@@ -99,14 +99,10 @@ def loop_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tenso
             outputs.append(F.linear(activate(F.linear(x, w_in_HD), activation), w_out_DF))
         start += count
     if not outputs:
-        return _empty_output(x_ND, w_in_EHD, w_out_EDF)
+        # Keep the weights in the graph so every parameter gets a (zero) gradient.
+        empty = (x_ND[:, :1] * 0).expand(0, w_out_EDF.shape[1])
+        return empty + 0 * (w_in_EHD.sum() + w_out_EDF.sum())
     return torch.cat(outputs)
-
-
-def _empty_output(x_ND, w_in_EHD, w_out_EDF) -> torch.Tensor:
-    # Keep the weights in the graph so every parameter gets a (zero) gradient.
-    empty = (x_ND[:, :1] * 0).expand(0, w_out_EDF.shape[1])
-    return empty + 0 * (w_in_EHD.sum() + w_out_EDF.sum())
 
 
 def grouped_mm_supported(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> bool:
