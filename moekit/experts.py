@@ -16,7 +16,7 @@ expert (see dispatch.py):
   would multiply the rows more than 8-fold (nearly all experts idle), then loop.
 
 `grouped_mm` and `bmm` run the whole expert MLP as one autograd Function
-(`_ExpertMLP`): the activation is fused, backward keeps only x, the
+(`_ExpertMLP`): no autograd graph inside, backward keeps only x, the
 pre-activation, silu(gate) and the activation, and computes the gradients with
 the same batched / grouped matmuls. This module does not move tokens: see
 dispatch.py.
@@ -134,7 +134,7 @@ def bmm_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tensor
     C = int(counts_E.max())
     with _no_autocast(x_ND):
         if N == E * C:  # already padded (or perfectly even): no copies
-            return _expert_mlp(x_ND.view(E, C, D), w_in_EHD, w_out_EDF, activation, None).view(N, D)
+            return _expert_mlp(x_ND.reshape(E, C, D), w_in_EHD, w_out_EDF, activation, None).view(N, D)
         starts_E = counts_E.cumsum(0) - counts_E
         expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
         slot_N = expert_N * C + (torch.arange(N, device=x_ND.device) - starts_E[expert_N])
