@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .routing import Routing
 
@@ -154,6 +155,7 @@ class _Gather(torch.autograd.Function):
         return x_SD
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_SD):
         slot_N, token_N = ctx.saved_tensors
         return _sum_rows_per_token(grad_SD.contiguous(), slot_N, token_N, ctx.num_tokens, ctx.top_k), None, None, None, None, None
@@ -168,6 +170,7 @@ class _Combine(torch.autograd.Function):
         return _sum_rows_per_token(y_SD, slot_N, token_N, num_tokens, top_k, weight_N)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_TD):
         y_SD, weight_N, slot_N, token_N, token_S = ctx.saved_tensors
         grad_TD = grad_TD.contiguous()
@@ -202,7 +205,7 @@ def _sum_rows_per_token(rows_SD, slot_N, token_N, num_tokens, top_k, weight_N=No
     if top_k and rows_SD.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         # One fused gather-and-sum pass (token-major assignments: token t owns t*K .. t*K+K-1).
         weights = None if weight_N is None else weight_N.view(num_tokens, top_k)
-        return F.embedding_bag(slot_N.view(num_tokens, top_k), rows_SD, per_sample_weights=weights, mode="sum")
+        return F.embedding_bag(slot_N.view(num_tokens, top_k), rows_SD.contiguous(), per_sample_weights=weights, mode="sum")
     picked = rows_SD.index_select(0, slot_N)
     if weight_N is not None:
         picked = picked * weight_N[:, None]

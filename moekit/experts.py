@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 KERNELS = ("auto", "loop", "grouped_mm", "bmm")
 
@@ -201,6 +202,7 @@ class _ExpertMLP(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         x, w_in_EHD, w_out_EDF, h, silu_gate, act, offs = ctx.saved_tensors
         need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
