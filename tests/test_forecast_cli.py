@@ -129,6 +129,20 @@ def test_no_traceback_from_the_installed_command(tmp_path):
     text_only.write_text("date,name\n2020-01-01,a\n")
     proc = subprocess.run([sys.executable, "-m", "moekit", "forecast", "--model", str(tmp_path), "--csv",
                            str(text_only), "--horizon", "3", "--out", str(tmp_path / "o.csv")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "no numeric column" in proc.stderr
+
+
+def test_fine_tuning_starts_from_the_init_model(trained, tmp_path, capsys):
+    d, data = trained
+    from moekit.forecaster import load_forecaster, save_hf
+
+    save_hf(load_forecaster(d / "run"), tmp_path / "hf")  # a Time-MoE Hugging Face directory
+    args = ["train-forecaster", "--init", str(tmp_path / "hf"), "--csv", str(data), "--out", str(tmp_path / "ft"),
+            "--quiet", "train.steps=2", "train.seq_len=48", "train.batch_size=2", "train.eval_every=0"]
+    assert main(args) == 0
+    cfg = json.loads((tmp_path / "ft" / "step-00000002" / "config.json").read_text())
+    assert cfg["train"]["lr"] == 1e-4 and cfg["forecaster"]["hidden_size"] == 16
+    code, err = run_cli(args[:-4] + ["--out", str(tmp_path / "ft2"), "model.hidden_size=32"], capsys)
+    assert code == 2 and "drop the override(s) of model.hidden_size" in err
