@@ -125,6 +125,16 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def paired_ratio(numerator_s: list[float], denominator_s: list[float]) -> float:
+    """Median over rounds of numerator / denominator, pairing the i-th samples of `interleaved_times`.
+
+    Calls in one round run back to back, so their ratio cancels slow drifts in
+    machine load that the ratio of two medians would keep.
+    """
+    n = min(len(numerator_s), len(denominator_s))
+    return statistics.median(a / b for a, b in zip(numerator_s[:n], denominator_s[:n]))
+
+
 def target(name: str, value: float, goal: float, direction: str = ">=") -> dict:
     """One entry of a result's `targets` list."""
     if direction not in (">=", "<="):
