@@ -300,8 +300,8 @@ def notes(result: dict) -> list[str]:
             f"- ({key}) misses the dense-MLP target ({ratio:.2f} < {GOALS[key][1]}). The expert matmuls are "
             f"{pad:.1f}% larger than the dense MLP's (padding to the busiest expert, so all experts run as one "
             "batched matmul); per-expert matmuls (transformers grouped_mm, moekit kernel=grouped_mm) avoid the "
-            "padding but lose more on 2 shared cores, where every small matmul split across both threads waits "
-            "for the other core. On top of that: the router (matmul, softmax, top-k, z- and balance losses) and "
+            "padding but measured as slow or slower here: every per-expert matmul is split across both threads, "
+            "and on a busy 2-core machine each split waits for the other core. On top of that: the router (matmul, softmax, top-k, z- and balance losses) and "
             f"moving each token to its {s['top_k']} experts and back, forward and backward "
             f"({s['top_k']}x the dense MLP's input/output bytes)."
         )
@@ -317,7 +317,7 @@ def notes(result: dict) -> list[str]:
             )
     out.append(
         "- The machine is shared with other jobs (see the load average above): absolute tokens/s vary by 2-3x between "
-        "runs and the ratios move too. Six full runs on the development machine (load average 2.6-5) gave, "
+        "runs and the ratios move too. Seven full runs on the development machine (load average 2-5) gave, "
         "fwd+bwd: moekit / dense 0.55-0.86 on (a) and 0.64-0.96 on (b); moekit / best transformers 1.6-2.5 on (a) "
         "and 0.82-1.35 on (b). Targets near their goal, (b) in particular, can flip between runs."
     )
