@@ -52,7 +52,7 @@ def _preset_tiny() -> RunConfig:
 def _preset_small() -> RunConfig:
     moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=256)
     model = ModelConfig(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2, max_seq_len=512, dense_hidden=512, moe=moe)
-    train = TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, eval_every=100, eval_batches=8, save_every=100)
+    train = TrainConfig(steps=800, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=40, eval_every=200, eval_batches=8, save_every=200)
     return RunConfig(model, train, DataConfig(max_bytes=4_000_000))
 
 
