@@ -17,12 +17,7 @@ from moekit.infer.sampling import _top_p, next_tokens
 from moekit.layers import MoELayer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0, **kw):

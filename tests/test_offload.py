@@ -32,13 +32,7 @@ from moekit.train import TrainConfig
 PROMPTS = [[5, 17, 3, 99, 42, 8, 23], [61, 2]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: intra-op threads only add synchronisation.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**moe) -> ModelConfig:

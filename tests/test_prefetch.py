@@ -18,12 +18,7 @@ from moekit.pregate import apply_pregated_routing
 from test_offload import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def greedy(engine, prompt, n):

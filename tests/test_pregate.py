@@ -21,12 +21,7 @@ from moekit.pregate import (
 from moekit.train import TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_config(num_experts=8, ffn="moe") -> ModelConfig:

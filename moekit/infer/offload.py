@@ -60,7 +60,7 @@ from ..errors import MoekitError
 from ..experts import Experts, choose_kernel
 from ..layers import MoELayer
 from .expert_cache import POLICIES, ExpertCache, RoutingTrace, build_policy
-from .prefetch import PREDICTORS, CudaTransferQueue, Predictor, ThreadTransferQueue, build_predictor
+from .prefetch import PREDICTORS, CudaTransferQueue, Predictor, ThreadTransferQueue, _sleep_until, build_predictor
 
 TIERS = ("disk", "emulated", "memory", "cuda-host")
 
@@ -281,14 +281,6 @@ class EmulatedLinkTier(SlowTier):
 
     def close(self) -> None:
         self.inner.close()
-
-
-def _sleep_until(deadline: float) -> None:
-    remaining = deadline - time.perf_counter()
-    if remaining > 2e-4:
-        time.sleep(remaining - 1e-4)
-    while time.perf_counter() < deadline:  # the last ~100 us spin: sleep overshoots by about that much
-        pass
 
 
 # ---------------------------------------------------------------- the disk tier
