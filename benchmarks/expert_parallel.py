@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import command_line, machine_info, markdown_table, median, target, write_results  # noqa: E402
 
 from moekit.config import MoEConfig  # noqa: E402
-from moekit.layers import MoELayer  # noqa: E402
+from moekit.moe.layers import MoELayer  # noqa: E402
 
 SHAPE = {"tokens_per_rank": 1024, "hidden": 256, "experts": 8, "top_k": 2, "expert_hidden": 512}
 WORLDS = (2, 4)
@@ -180,7 +180,7 @@ def _loopback_bytes() -> int | None:
 
 def worker(out_dir: Path, kernel: str, reps: int) -> None:
     """One rank: interleaved timing of local vs expert-parallel, and the byte check."""
-    from moekit.parallel import apply_expert_parallel, init_expert_parallel
+    from moekit.parallel.core import apply_expert_parallel, init_expert_parallel
 
     torch.set_num_threads(1)
     parallel = init_expert_parallel(int(os.environ["WORLD_SIZE"]), timeout_s=300)

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import command_line, interleaved_times, machine_info, markdown_table, median, target, write_results  # noqa: E402
 
-from moekit.decoder import count_parameters  # noqa: E402
+from moekit.models.decoder import count_parameters  # noqa: E402
 from moekit.infer import Engine, SamplingConfig  # noqa: E402
 
 NAME = "generate"

@@ -32,7 +32,7 @@ from _common import (  # noqa: E402
 )
 
 from moekit.config import MoEConfig  # noqa: E402
-from moekit.layers import MoELayer  # noqa: E402
+from moekit.moe.layers import MoELayer  # noqa: E402
 from moekit.modules import SwiGLU  # noqa: E402
 
 SHAPES = {

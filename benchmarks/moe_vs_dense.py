@@ -47,9 +47,9 @@ from _common import RESULTS_DIR, command_line, interleaved_times, machine_info, 
 from moekit.checkpoints import load_checkpoint, load_model_state  # noqa: E402
 from moekit.config import MoEConfig, from_dict, to_dict  # noqa: E402
 from moekit.data.text import batch_at  # noqa: E402
-from moekit.decoder import DecoderLM, ModelConfig, count_parameters, lm_loss  # noqa: E402
-from moekit.lm import DataConfig, LMData, evaluate, prepare_data  # noqa: E402
-from moekit.train import TrainConfig, fit, make_optimizer  # noqa: E402
+from moekit.models.decoder import DecoderLM, ModelConfig, count_parameters, lm_loss  # noqa: E402
+from moekit.train.lm import DataConfig, LMData, evaluate, prepare_data  # noqa: E402
+from moekit.train.loop import TrainConfig, fit, make_optimizer  # noqa: E402
 
 NAME = "moe_vs_dense"
 REPO = Path(__file__).resolve().parents[1]

@@ -46,7 +46,7 @@ from _common import command_line, machine_info, markdown_table, target, write_re
 from moekit.data.text import Tokenizer  # noqa: E402
 from moekit.infer.engine import Engine  # noqa: E402
 from moekit.infer.expert_cache import POLICIES  # noqa: E402
-from moekit.infer.offload import EmulatedLinkTier, MemoryTier, find_moe_layers, format_bytes  # noqa: E402
+from moekit.infer.offload.core import EmulatedLinkTier, MemoryTier, find_moe_layers, format_bytes  # noqa: E402
 from moekit.infer.sampling import SamplingConfig  # noqa: E402
 
 NAME = "offload"
@@ -96,7 +96,7 @@ def build_random_hf(work: Path, like: Engine) -> Path:
 def pregate_heads(model_path: Path, out: Path, steps: int, corpus_tokens: torch.Tensor | None, quick: bool) -> dict:
     """Heads for a moekit run (its corpus) or for the HF model (the given byte tokens)."""
     from moekit.data.text import batch_at
-    from moekit.pregate import REPORT_FILE, distill_pregate, save_pregate_heads, train_pregate
+    from moekit.train.pregate import REPORT_FILE, distill_pregate, save_pregate_heads, train_pregate
 
     if (out / REPORT_FILE).is_file():
         return json.loads((out / REPORT_FILE).read_text())
@@ -113,7 +113,7 @@ def pregate_heads(model_path: Path, out: Path, steps: int, corpus_tokens: torch.
 
 
 def pregated_model(run: Path, out: Path, steps: int, quick: bool) -> dict:
-    from moekit.pregate import PREGATED_MARKER, PREGATED_MODEL_DIR, finetune_pregated
+    from moekit.train.pregate import PREGATED_MARKER, PREGATED_MODEL_DIR, finetune_pregated
 
     marker = out / PREGATED_MODEL_DIR / PREGATED_MARKER
     if marker.is_file():
@@ -421,7 +421,7 @@ def main() -> None:
     else:
         run, train_cmd = train_run(work, 20 if args.quick else args.train_steps, args.quick)
 
-    from moekit.lm import load_lm, prepare_data
+    from moekit.train.lm import load_lm, prepare_data
 
     _, tokenizer, cfg = load_lm(run)
     data = prepare_data(cfg.data, cfg.train.seq_len, tokenizer)

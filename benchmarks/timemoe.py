@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moekit.data.timeseries import prepare, read_csv  # noqa: E402
-from moekit.forecast_eval import (  # noqa: E402
+from moekit.infer.forecast_eval import (  # noqa: E402
     DLinear,
     LastValue,
     ModelForecaster,
@@ -48,7 +48,7 @@ from moekit.forecast_eval import (  # noqa: E402
     results_table,
     season_length,
 )
-from moekit.forecaster import PRESETS, dense_equivalent, train_forecaster  # noqa: E402
+from moekit.models.timemoe import PRESETS, dense_equivalent, train_forecaster  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data" / "timeseries"
 DATASETS = ("ETTh1", "ETTh2", "ETTm1")

@@ -80,7 +80,7 @@ def validate_moe(c: MoEConfig) -> None:
     _check_choice(c, "noise_policy", NOISE_POLICIES)
     _check_choice(c, "drop_policy", DROP_POLICIES)
     _check_choice(c, "balance_loss", BALANCE_LOSSES)
-    from .experts import KERNELS  # late: experts imports this module
+    from .moe.experts import KERNELS  # late: experts imports this module
 
     _check_choice(c, "kernel", KERNELS)
     if c.router != "expert_choice" and not 1 <= c.top_k <= c.num_experts:

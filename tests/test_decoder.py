@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moekit.config import MoEConfig
-from moekit.decoder import DecoderLM, ModelConfig, count_parameters
-from moekit.layers import MoELayer, ResidualMoE
+from moekit.models.decoder import DecoderLM, ModelConfig, count_parameters
+from moekit.moe.layers import MoELayer, ResidualMoE
 from moekit.modules import SwiGLU
 
 

@@ -8,13 +8,13 @@ import torch
 from moekit.checkpoints import save_checkpoint
 from moekit.config import MoEConfig, to_dict
 from moekit.data.text import Tokenizer
-from moekit.decoder import DecoderLM, ModelConfig
+from moekit.models.decoder import DecoderLM, ModelConfig
 from moekit.errors import ConfigError
-from moekit.experts import Experts
+from moekit.moe.experts import Experts
 from moekit.infer import Engine, SamplingConfig
 from moekit.infer.engine import _Sequence, check_settings, lean_eligible, moe_decode
 from moekit.infer.sampling import _top_p, next_tokens
-from moekit.layers import MoELayer
+from moekit.moe.layers import MoELayer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -227,7 +227,7 @@ def test_bad_prompts_get_one_clear_error(engine):
 
 
 def test_engine_loads_a_moekit_checkpoint(tmp_path, engine):
-    from moekit.lm import RunConfig
+    from moekit.train.lm import RunConfig
 
     model = engine.model
     save_checkpoint(tmp_path / "run", 3, config=to_dict(RunConfig(model=model.cfg)), model_state=model.state_dict(),

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moekit.config import MoEConfig
-from moekit.experts import Experts
-from moekit.layers import MoELayer
+from moekit.moe.experts import Experts
+from moekit.moe.layers import MoELayer
 from moekit.modules import SwiGLU
 
 KERNELS = ["grouped_mm", "bmm", "auto"]
@@ -147,8 +147,8 @@ def test_auto_pads_the_layer_buffer_for_bmm():
 
 @pytest.mark.parametrize("token_major", [True, False])
 def test_gather_and_combine_match_indexing(token_major):
-    from moekit.dispatch import LocalDispatcher
-    from moekit.routing import Routing
+    from moekit.moe.dispatch import LocalDispatcher
+    from moekit.moe.routing import Routing
 
     torch.manual_seed(0)
     T, K, E, D = 12, 3, 5, 8
@@ -217,7 +217,7 @@ def test_frozen_experts_still_give_input_gradients():
 
 
 def test_auto_kernel_choice():
-    from moekit.experts import choose_kernel
+    from moekit.moe.experts import choose_kernel
 
     experts = Experts(64, 32, 16)
     w_in, w_out = experts.w_in_EHD, experts.w_out_EDF

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from moekit.cli import main
+from moekit.cli.main import main
 
 TINY = ["model.hidden_size=16", "model.intermediate_size=32", "model.num_layers=1", "model.num_heads=2",
         "train.steps=4", "train.seq_len=48", "train.batch_size=4", "train.eval_every=2", "train.save_every=2",
@@ -136,7 +136,7 @@ def test_no_traceback_from_the_installed_command(tmp_path):
 
 def test_fine_tuning_starts_from_the_init_model(trained, tmp_path, capsys):
     d, data = trained
-    from moekit.forecaster import load_forecaster, save_hf
+    from moekit.models.timemoe import load_forecaster, save_hf
 
     save_hf(load_forecaster(d / "run"), tmp_path / "hf")  # a Time-MoE Hugging Face directory
     args = ["train-forecaster", "--init", str(tmp_path / "hf"), "--csv", str(data), "--out", str(tmp_path / "ft"),

@@ -10,7 +10,7 @@ import torch
 
 from moekit.data.timeseries import Series, prepare, read_csv
 from moekit.errors import DataError
-from moekit.forecast_eval import (
+from moekit.infer.forecast_eval import (
     DLinear,
     LastValue,
     ModelForecaster,
@@ -75,7 +75,7 @@ def test_dlinear_learns_what_last_value_cannot():
 
 
 def test_model_adapter_batches_and_matches_direct_predict():
-    from moekit.forecaster import ForecasterConfig, TimeMoE
+    from moekit.models.timemoe import ForecasterConfig, TimeMoE
 
     torch.manual_seed(0)
     model = TimeMoE(ForecasterConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2)).eval()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moekit.errors import CheckpointError, DataError
-from moekit.forecaster import (
+from moekit.models.timemoe import (
     PRESETS,
     ForecasterConfig,
     TimeMoE,

@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from moekit.cli import main  # noqa: E402
+from moekit.cli.main import main  # noqa: E402
 from moekit.data.text import Tokenizer  # noqa: E402
 from moekit.infer import Engine  # noqa: E402
 
@@ -39,7 +39,7 @@ def hf_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A real (3-step) `moekit train` run of the tiny preset with a gated shared expert."""
-    from moekit.lm import resolve_run_config, train_lm
+    from moekit.train.lm import resolve_run_config, train_lm
 
     root = tmp_path_factory.mktemp("train")
     (root / "data.txt").write_text("def add(a, b):\n    return a + b\n" * 200)
@@ -80,7 +80,7 @@ def test_generate_and_convert_a_trained_moekit_checkpoint(trained_run, tmp_path,
     code, out, err = run_cli(capsys, "convert", "--to", "hf", "--arch", "qwen2_moe", trained_run, tmp_path / "hf")
     assert code == 0 and "hf" in out, err
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "qwen2_moe"
-    from moekit.lm import load_lm
+    from moekit.train.lm import load_lm
 
     model, tokenizer, _ = load_lm(trained_run)
     ids = torch.tensor([tokenizer.encode("def add(a, b):")])

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from moekit import hf  # noqa: E402
 from moekit.config import MoEConfig  # noqa: E402
-from moekit.decoder import DecoderLM, ModelConfig  # noqa: E402
+from moekit.models.decoder import DecoderLM, ModelConfig  # noqa: E402
 from moekit.errors import CheckpointError, ConfigError, MoekitError  # noqa: E402
 from moekit.infer import Engine  # noqa: E402
 

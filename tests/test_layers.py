@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from moekit.config import MoEConfig
-from moekit.layers import MixtureOfDepths, MoELayer, ResidualMoE, pyramid_schedule
+from moekit.moe.layers import MixtureOfDepths, MoELayer, ResidualMoE, pyramid_schedule
 
 
 def test_shared_expert_with_sigmoid_gate_is_added():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from moekit.config import MoEConfig
-from moekit.decoder import DecoderLM, ModelConfig, count_parameters
+from moekit.models.decoder import DecoderLM, ModelConfig, count_parameters
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_vs_dense.py"
 

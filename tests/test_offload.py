@@ -15,19 +15,19 @@ import torch
 
 from moekit import hf
 from moekit.checkpoints import save_checkpoint, save_tensors
-from moekit.cli import main
+from moekit.cli.main import main
 from moekit.config import MoEConfig, to_dict
 from moekit.data.text import Tokenizer
-from moekit.decoder import DecoderLM, ModelConfig
+from moekit.models.decoder import DecoderLM, ModelConfig
 from moekit.infer.engine import Engine
 from moekit.infer.expert_cache import POLICIES
-from moekit.infer.offload import (
+from moekit.infer.offload.core import (
     Budget, BudgetError, DiskTier, EmulatedLinkTier, LayerShape, MemoryTier, OffloadError, SlowTier, SlowTierError,
     find_moe_layers, format_stats, offload_model, parse_bandwidth, parse_duration,
 )
 from moekit.infer.sampling import SamplingConfig
-from moekit.lm import DataConfig, RunConfig
-from moekit.train import TrainConfig
+from moekit.train.lm import DataConfig, RunConfig
+from moekit.train.loop import TrainConfig
 
 PROMPTS = [[5, 17, 3, 99, 42, 8, 23], [61, 2]]
 

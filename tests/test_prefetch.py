@@ -8,12 +8,12 @@ import torch
 
 from moekit.errors import MoekitError
 from moekit.infer.engine import Engine
-from moekit.infer.offload import EmulatedLinkTier, MemoryTier, find_moe_layers
+from moekit.infer.offload.core import EmulatedLinkTier, MemoryTier, find_moe_layers
 from moekit.infer.prefetch import (
     DONE, PREDICTORS, CudaTransferQueue, NextGate, PrefetchAll, ThreadTransferQueue, build_predictor, rank_assignments,
 )
 from moekit.infer.sampling import SamplingConfig
-from moekit.pregate import apply_pregated_routing
+from moekit.train.pregate import apply_pregated_routing
 
 from test_offload import tiny_model
 

@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from moekit.checkpoints import save_checkpoint
-from moekit.cli import main
+from moekit.cli.main import main
 from moekit.config import MoEConfig, to_dict
 from moekit.data.text import Tokenizer
-from moekit.decoder import DecoderLM, ModelConfig
+from moekit.models.decoder import DecoderLM, ModelConfig
 from moekit.infer.engine import Engine
 from moekit.infer.sampling import SamplingConfig
-from moekit.lm import DataConfig, RunConfig
-from moekit.pregate import (
+from moekit.train.lm import DataConfig, RunConfig
+from moekit.train.pregate import (
     PreGateError, PreGateHeads, apply_pregated_routing, finetune_pregated, load_pregate_heads, load_pregate_predictor,
     train_pregate,
 )
-from moekit.train import TrainConfig
+from moekit.train.loop import TrainConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

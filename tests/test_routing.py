@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from moekit.config import MoEConfig
-from moekit.dispatch import LocalDispatcher, capacity_keep_mask, expert_capacity
-from moekit.layers import MoELayer
-from moekit.routing import (
+from moekit.moe.dispatch import LocalDispatcher, capacity_keep_mask, expert_capacity
+from moekit.moe.layers import MoELayer
+from moekit.moe.routing import (
     ExpertChoiceRouter,
     GroupRouter,
     Routing,

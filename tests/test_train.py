@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moekit.cli import main
-from moekit.lm import resolve_run_config, train_lm
+from moekit.cli.main import main
+from moekit.train.lm import resolve_run_config, train_lm
 
 MICRO = [
     "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
@@ -53,8 +53,8 @@ def test_tiny_run_learns_and_writes_a_complete_checkpoint(tmp_path, text_file):
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
-    from moekit.decoder import DecoderLM, ModelConfig, lm_loss
-    from moekit.train import TrainConfig, fit
+    from moekit.models.decoder import DecoderLM, ModelConfig, lm_loss
+    from moekit.train.loop import TrainConfig, fit
 
     torch.manual_seed(0)
     data = torch.randint(0, 50, (8, 17))

@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..decoder import DecoderLM
+from ..models.decoder import DecoderLM
 from ..errors import ConfigError
-from ..experts import Experts, activate
-from ..layers import MoELayer
+from ..moe.experts import Experts, activate
+from ..moe.layers import MoELayer
 from ..modules import RMSNorm, causal_mask
-from ..routing import GroupRouter, TopKRouter
+from ..moe.routing import GroupRouter, TopKRouter
 from .sampling import SamplingConfig, make_generator, next_tokens
 
 # on_token(sequence index, token id, newly decoded text): text may be "" while a multi-byte character is
@@ -98,10 +98,10 @@ class Engine:
                          hf.special_tokens(p), **kwargs)
             engine.path = p
             return engine
-        from ..lm import load_lm
+        from ..train.lm import load_lm
 
         model, tokenizer, _ = load_lm(p)
-        from ..pregate import apply_pregated_routing, is_pregated
+        from ..train.pregate import apply_pregated_routing, is_pregated
 
         if is_pregated(p):  # fine-tuned to route block i+1 at block i (moekit pregate --finetune-steps)
             apply_pregated_routing(model)
@@ -119,7 +119,7 @@ class Engine:
         See moekit.infer.offload.offload_model for the options (tier, policy, predictor, ...);
         the disk tier reads the checkpoint the engine was loaded from.
         """
-        from .offload import offload_model
+        from .offload.core import offload_model
 
         options.setdefault("checkpoint", self.path)
         self.offloader = offload_model(self.model, budget, **options)
@@ -135,7 +135,7 @@ class Engine:
         if chat:
             if not self.chat_template:
                 raise ConfigError("this model has no chat template (tokenizer_config.json has no 'chat_template'): drop --chat")
-            from ..hf import render_chat
+            from ..hf.core import render_chat
 
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             text = render_chat(self.chat_template, messages, add_generation_prompt=True, **self.special_tokens)

@@ -150,7 +150,7 @@ def build_predictor(name: str, pregate: str | Path | None = None, model=None) ->
     if name == "pregate":
         if pregate is None:
             raise PredictorError("the pregate predictor needs the heads trained by `moekit pregate CKPT --out DIR` (pass that DIR)")
-        from ..pregate import load_pregate_predictor
+        from ..train.pregate import load_pregate_predictor
 
         return load_pregate_predictor(pregate, model)
     return {"none": NoPredictor, "prefetch-all": PrefetchAll, "next-gate": NextGate}[name]()

@@ -28,7 +28,7 @@ def _plain_warnings(command: str):
 
 
 def _train(args) -> int:
-    from .forecaster import train_forecaster
+    from ..models.timemoe import train_forecaster
 
     if args.resume and (args.init or args.overrides):
         print("note: --resume continues with the run's saved config; --init and overrides are ignored", file=sys.stderr)
@@ -49,7 +49,7 @@ def _train(args) -> int:
 
 
 def _forecast(args) -> int:
-    from .forecaster import forecast_csv
+    from ..models.timemoe import forecast_csv
 
     with _plain_warnings("forecast"):
         res = forecast_csv(args.model, args.csv, args.horizon, context=args.context, out=args.out, plot=args.plot)
@@ -65,7 +65,7 @@ def _eval(args) -> int:
     import json
     from pathlib import Path
 
-    from .forecast_eval import evaluate_csv, parse_horizons, results_dicts, results_table
+    from ..infer.forecast_eval import evaluate_csv, parse_horizons, results_dicts, results_table
 
     horizons = parse_horizons(args.horizons)
     with _plain_warnings("eval-forecast"):

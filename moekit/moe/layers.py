@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import MoEConfig
+from ..config import MoEConfig
 from .dispatch import LocalDispatcher
 from .experts import Experts
-from .modules import build_mlp
+from ..modules import build_mlp
 from .routing import Routing, build_router
 
 

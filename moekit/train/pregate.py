@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import CheckpointError, ConfigError, MoekitError
+from ..errors import CheckpointError, ConfigError, MoekitError
 
 HEADS_FILE = "pregate.safetensors"
 REPORT_FILE = "pregate.json"
@@ -49,7 +49,7 @@ class PreGateError(MoekitError):
 
 
 def _moe_layers(model: nn.Module) -> list:
-    from .layers import MoELayer
+    from ..moe.layers import MoELayer
 
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if not layers:
@@ -198,7 +198,7 @@ def train_pregate(
     progress: bool = False,
 ) -> dict:
     """Train pre-gate heads for a moekit LM checkpoint on its training corpus; write DIR/pregate.{safetensors,json}."""
-    from .data.text import batch_at
+    from ..data.text import batch_at
     from .lm import load_lm, prepare_data
 
     for name, value, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("seq_len", seq_len, 2), ("eval_batches", eval_batches, 1)):
@@ -270,7 +270,7 @@ def distill_pregate(model: nn.Module, train_batch, val_batches: list[torch.Tenso
 
 def save_pregate_heads(heads: PreGateHeads, out_dir: str | Path, report: dict) -> Path:
     """DIR/pregate.safetensors (the heads) and DIR/pregate.json (the report, with the shapes they fit)."""
-    from .checkpoints import save_tensors
+    from ..checkpoints import save_tensors
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -296,7 +296,7 @@ def load_pregate_heads(directory: str | Path, model: nn.Module) -> PreGateHeads:
             f"the pre-gate heads in {d} were trained for MoE layers with hidden sizes {have[0]} and experts {have[1]}, "
             f"but this model has {want[0]} and {want[1]}"
         )
-    from .checkpoints import load_tensors
+    from ..checkpoints import load_tensors
 
     state, _ = load_tensors(d / HEADS_FILE)
     first = layers[0].router.gate
@@ -313,7 +313,7 @@ def load_pregate_predictor(directory: str | Path, model: nn.Module):
     """The `pregate` predictor of moekit.infer.prefetch, from a directory written by `moekit pregate`."""
     if model is None:
         raise PreGateError("the pregate predictor needs the model to check the heads against")
-    from .infer.prefetch import LearnedPreGate
+    from ..infer.prefetch import LearnedPreGate
 
     heads = load_pregate_heads(directory, model)
     return LearnedPreGate(heads.heads, [m.cfg.top_k for m in _moe_layers(model)])
@@ -473,10 +473,10 @@ class _FineTune:
         return evaluate(self.model, self.data.val, self.tc, self.cfg.model)["val_loss"]
 
     def fit(self, run: Path, progress: bool):
-        from .config import to_dict
-        from .data.text import batch_at
-        from .decoder import lm_loss
-        from .train import fit
+        from ..config import to_dict
+        from ..data.text import batch_at
+        from ..models.decoder import lm_loss
+        from .loop import fit
 
         tc, data = self.tc, self.data
 

@@ -58,10 +58,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .dispatch import LocalDispatcher, capacity_keep_mask, expert_capacity
-from .errors import CheckpointError, ConfigError, MoekitError
-from .layers import MoELayer
-from .routing import Routing
+from ..moe.dispatch import LocalDispatcher, capacity_keep_mask, expert_capacity
+from ..errors import CheckpointError, ConfigError, MoekitError
+from ..moe.layers import MoELayer
+from ..moe.routing import Routing
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 TIMEOUT_ENV = "MOEKIT_DIST_TIMEOUT"
@@ -453,7 +453,7 @@ class ExpertParallel:
 
     def load_model_state(self, model: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
         """Strictly load a single-process (layout-free) state dict into the sharded model."""
-        from .checkpoints import load_model_state
+        from ..checkpoints import load_model_state
 
         load_model_state(model, self.shard_state_dict(model, full_state))
 

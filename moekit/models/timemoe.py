@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig, _check_int, field_list, from_dict, to_dict
-from .errors import CheckpointError, ConfigError, DataError
-from .modules import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
-from .train import TrainConfig
+from ..config import MoEConfig, _check_int, field_list, from_dict, to_dict
+from ..errors import CheckpointError, ConfigError, DataError
+from ..modules import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from ..train.loop import TrainConfig
 
 MODEL_TYPE = "moekit-forecaster"  # the marker in a moekit checkpoint's config
 HF_MODEL_TYPE = "time_moe"
@@ -109,7 +109,7 @@ def preset(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Forecaster
     """A preset by name, with optional `key=value` overrides."""
     if name not in PRESETS:
         raise ConfigError(f"forecaster preset {name!r} is unknown: accepted presets are {', '.join(PRESETS)}")
-    from .config import apply_overrides
+    from ..config import apply_overrides
 
     return apply_overrides(replace(PRESETS[name]), list(overrides))
 
@@ -157,7 +157,7 @@ class Block(nn.Module):
         if cfg.use_dense:
             self.ffn_layer = DenseFFN(cfg.hidden_size, cfg.intermediate_size)
         else:
-            from .layers import MoELayer
+            from ..moe.layers import MoELayer
 
             self.ffn_layer = MoELayer(cfg.moe_config())
 
@@ -585,7 +585,7 @@ def load_forecaster(path: str | Path) -> TimeMoE:
             f"{p} is a Hugging Face {hf_type!r} checkpoint, not a forecaster: expected a Time-MoE directory "
             f"(config.json with model_type 'time_moe') or the output of `moekit train-forecaster`"
         )
-    from .checkpoints import load_checkpoint, load_model_state
+    from ..checkpoints import load_checkpoint, load_model_state
 
     ckpt = load_checkpoint(p)
     config = ckpt.config or {}
@@ -633,9 +633,9 @@ def train_forecaster(csvs: list[str | Path], out: str | Path, preset_name: str =
     """
     import time
 
-    from .config import apply_overrides
-    from .data.timeseries import TimeSeriesMixture, load_training_mixture
-    from .train import fit
+    from ..config import apply_overrides
+    from ..data.timeseries import TimeSeriesMixture, load_training_mixture
+    from ..train.loop import fit
 
     run = Path(out)
     if resume:
@@ -702,8 +702,8 @@ class _RunOverrides:
 
 
 def _saved_run(run: Path):
-    from .checkpoints import load_checkpoint
-    from .train import train_config_from
+    from ..checkpoints import load_checkpoint
+    from ..train.loop import train_config_from
 
     ckpt = load_checkpoint(run)
     config = ckpt.config
@@ -739,7 +739,7 @@ def forecast_csv(model_path: str | Path, csv_path: str | Path, horizon: int, con
     de-normalised. Writes a CSV with timestamps continued at the file's
     frequency and, with `plot`, a PNG of history and forecast.
     """
-    from .data.timeseries import check_length, read_csv
+    from ..data.timeseries import check_length, read_csv
 
     if not isinstance(horizon, int) or horizon < 1:
         raise DataError(f"--horizon {horizon} is invalid: it must be a positive integer")

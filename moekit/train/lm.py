@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import load_checkpoint, load_model_state, resolve_checkpoint
-from .config import MoEConfig, _check_choice, _check_int, apply_overrides, from_dict, load_json, to_dict
-from .data.text import Tokenizer, batch_at, encode_corpus, load_corpus
-from .decoder import DecoderLM, ModelConfig, count_parameters, lm_loss
-from .errors import CheckpointError, ConfigError
-from .stats import LoadTracker
-from .train import TrainConfig, fit
+from ..checkpoints import load_checkpoint, load_model_state, resolve_checkpoint
+from ..config import MoEConfig, _check_choice, _check_int, apply_overrides, from_dict, load_json, to_dict
+from ..data.text import Tokenizer, batch_at, encode_corpus, load_corpus
+from ..models.decoder import DecoderLM, ModelConfig, count_parameters, lm_loss
+from ..errors import CheckpointError, ConfigError
+from ..moe.stats import LoadTracker
+from .loop import TrainConfig, fit
 
 
 @dataclass
@@ -104,7 +104,7 @@ def train_lm(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress
     """
     if not expert_parallel:
         return _train_lm(cfg, Path(out_dir), resume, progress, None)
-    from .parallel import init_expert_parallel
+    from ..parallel.core import init_expert_parallel
 
     with init_expert_parallel(expert_parallel) as parallel:
         return _train_lm(cfg, Path(out_dir), resume, progress, parallel)
@@ -124,7 +124,7 @@ def _train_lm(cfg: RunConfig, out: Path, resume: bool, progress: bool, parallel)
     torch.manual_seed(tc.seed)
     model = DecoderLM(cfg.model)
     if parallel is not None:
-        from .parallel import apply_expert_parallel
+        from ..parallel.core import apply_expert_parallel
 
         parallel.check_same(to_dict(cfg), "config")
         apply_expert_parallel(model, parallel)

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.timeseries import PreparedSeries, gather_windows, prepare, read_csv, window_starts
-from .errors import DataError
+from ..data.timeseries import PreparedSeries, gather_windows, prepare, read_csv, window_starts
+from ..errors import DataError
 
 DEFAULT_HORIZONS = (96, 192, 336, 720)
 
@@ -303,7 +303,7 @@ def baselines(prepared: PreparedSeries, horizons, context: int, dlinear: bool = 
 def evaluate_csv(model_path: str | Path, csv_path: str | Path, horizons=DEFAULT_HORIZONS, context: int = 512,
                  stride: int = 1, with_baselines: bool = True, progress: bool = True) -> list[EvalResult]:
     """`moekit eval-forecast`: the model and the baselines on the CSV's test windows."""
-    from .forecaster import load_forecaster
+    from ..models.timemoe import load_forecaster
 
     horizons = _check_horizons(horizons)
     if stride < 1:

@@ -13,7 +13,7 @@ import sys
 
 
 def _train(args) -> int:
-    from .lm import resolve_run_config, sample, train_lm
+    from ..train.lm import resolve_run_config, sample, train_lm
 
     cfg = resolve_run_config(args.preset, args.config, args.overrides, args.data)
     if args.resume and (args.preset or args.config or args.overrides or args.data):
@@ -33,7 +33,7 @@ def _train(args) -> int:
     if not args.no_sample:
         text = sample(summary["model"].eval(), summary["tokenizer"], args.sample_prompt, max_new_tokens=200, temperature=0.8)
         print(f"\n--- sample (prompt {args.sample_prompt!r}) ---\n{args.sample_prompt}{text}\n---")
-    from .lm import inspect_checkpoint
+    from ..train.lm import inspect_checkpoint
 
     report = inspect_checkpoint(result.checkpoint, heatmap=f"{args.out}/expert_load.png")
     print(f"\nrouting on validation text:\n{report['summary']}")
@@ -59,7 +59,7 @@ def _add_train(sub) -> None:
 
 
 def _inspect(args) -> int:
-    from .lm import inspect_checkpoint
+    from ..train.lm import inspect_checkpoint
 
     report = inspect_checkpoint(args.checkpoint, heatmap=args.heatmap, batches=args.batches)
     p = report["params"]
@@ -81,7 +81,7 @@ def _add_inspect(sub) -> None:
 
 
 def _generate(args) -> int:
-    from .infer.engine import Engine, check_settings
+    from ..infer.engine import Engine, check_settings
 
     settings = check_settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, stop_strings=args.stop or [])
@@ -91,7 +91,7 @@ def _generate(args) -> int:
     if args.expert_budget is not None:
         _offload(engine, args, prompt, settings)
     elif args.prefetch or args.cache or args.pregate or args.slow_tier:
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError("--prefetch, --cache, --pregate and --slow-tier need --expert-budget (e.g. --expert-budget 25%)")
     if not args.chat:
@@ -125,7 +125,7 @@ def _offload(engine, args, prompt, settings) -> None:
 def _print_stats(engine) -> None:
     stats = engine.last_stats
     if stats.get("offload"):
-        from .infer.offload import format_stats
+        from ..infer.offload.core import format_stats
 
         print(format_stats(stats["offload"], stats))
     else:
@@ -164,7 +164,7 @@ def _add_generate(sub) -> None:
 
 
 def _pregate(args) -> int:
-    from .pregate import finetune_pregated, format_report, train_pregate
+    from ..train.pregate import finetune_pregated, format_report, train_pregate
 
     report = train_pregate(args.checkpoint, args.out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                            lr=args.lr, eval_batches=args.eval_batches, progress=not args.quiet)
@@ -201,7 +201,7 @@ HF_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # = moekit.hf.SUPPORT
 
 
 def _convert(args) -> int:
-    from .hf import convert
+    from ..hf.core import convert
 
     out = convert(args.checkpoint, args.out_dir, arch=args.arch)
     print(f"wrote a Hugging Face model to {out}")
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_inspect(sub)
     _add_pregate(sub)
-    _add_optional(sub, "moekit.forecast_cli")
+    _add_optional(sub, "moekit.cli.forecast")
     return parser
 
 
@@ -245,13 +245,13 @@ def _add_optional(sub, module: str) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import MoekitError
+    from ..errors import MoekitError
 
     parser = build_parser()
     args = parser.parse_args(argv)

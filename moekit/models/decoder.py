@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import MoEConfig, _check_choice, _check_int
-from .errors import ConfigError
-from .layers import MoELayer, ResidualMoE
-from .modules import Attention, KVCache, RMSNorm, RotaryEmbedding, build_mlp, causal_mask
-from .routing import Routing
+from ..config import MoEConfig, _check_choice, _check_int
+from ..errors import ConfigError
+from ..moe.layers import MoELayer, ResidualMoE
+from ..modules import Attention, KVCache, RMSNorm, RotaryEmbedding, build_mlp, causal_mask
+from ..moe.routing import Routing
 
 FFN_KINDS = ("dense", "moe", "residual_moe")
 

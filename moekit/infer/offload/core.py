@@ -56,11 +56,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import MoekitError
-from ..experts import Experts, choose_kernel
-from ..layers import MoELayer
-from .expert_cache import POLICIES, ExpertCache, RoutingTrace, build_policy
-from .prefetch import PREDICTORS, CudaTransferQueue, Predictor, ThreadTransferQueue, _sleep_until, build_predictor
+from ...errors import MoekitError
+from ...moe.experts import Experts, choose_kernel
+from ...moe.layers import MoELayer
+from ..expert_cache import POLICIES, ExpertCache, RoutingTrace, build_policy
+from ..prefetch import PREDICTORS, CudaTransferQueue, Predictor, ThreadTransferQueue, _sleep_until, build_predictor
 
 TIERS = ("disk", "emulated", "memory", "cuda-host")
 
@@ -347,7 +347,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         except (OSError, KeyError, json.JSONDecodeError) as e:
             raise OffloadError(f"{indexes[0]} is not a valid safetensors index: {e}") from None
         return [p / name for name in sorted(set(weight_map.values()))]
-    from ..checkpoints import resolve_checkpoint
+    from ...checkpoints import resolve_checkpoint
 
     return checkpoint_files(resolve_checkpoint(p))
 

@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from .config import MoEConfig
-from .decoder import DecoderLM, ModelConfig
-from .errors import CheckpointError, ConfigError, MoekitError
-from .modules import RotaryEmbedding
+from ..config import MoEConfig
+from ..models.decoder import DecoderLM, ModelConfig
+from ..errors import CheckpointError, ConfigError, MoekitError
+from ..modules import RotaryEmbedding
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -383,7 +383,7 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> 
 
 def load_tokenizer(path: str | Path):
     """The directory's tokenizer.json as a moekit Tokenizer, or None when there is none."""
-    from .data.text import Tokenizer
+    from ..data.text import Tokenizer
 
     p = Path(path) / "tokenizer.json"
     return Tokenizer.from_file(p) if p.is_file() else None
@@ -645,7 +645,7 @@ def _write_tokenizer(d: Path, tokenizer, chat_template: str | None) -> None:
 
 def convert(checkpoint: str | Path, out_dir: str | Path, arch: str = "auto") -> Path:
     """A moekit run/checkpoint directory written as a Hugging Face model directory."""
-    from .lm import load_lm
+    from ..train.lm import load_lm
 
     model, tokenizer, _ = load_lm(checkpoint)
     return save(model, out_dir, arch=arch, tokenizer=tokenizer)

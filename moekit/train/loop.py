@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from .checkpoints import checkpoint_name, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
-from .config import _check_choice, _check_int, from_dict, to_dict
-from .errors import CheckpointError, ConfigError
+from ..checkpoints import checkpoint_name, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
+from ..config import _check_choice, _check_int, from_dict, to_dict
+from ..errors import CheckpointError, ConfigError
 
 
 @dataclass
