@@ -389,6 +389,12 @@ def _read_json(path: Path, required: bool) -> Any:
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Strictly load `state` into `model`; any name or shape mismatch is a CheckpointError naming it."""
+    check_state(model, state)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Every name of the model's state in `state` and no other, each with the model's shape; else a CheckpointError."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -405,7 +411,6 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
                 f"tensor {name!r} has shape {tuple(state[name].shape)} in the checkpoint "
                 f"but {tuple(tensor.shape)} in the model (was the checkpoint saved with another config?)"
             )
-    model.load_state_dict(state, strict=True)
 
 
 def _names(names: list[str], limit: int = 10) -> str:

@@ -645,7 +645,7 @@ def _write_tokenizer(d: Path, tokenizer, chat_template: str | None) -> None:
 
 def convert(checkpoint: str | Path, out_dir: str | Path, arch: str = "auto") -> Path:
     """A moekit run/checkpoint directory written as a Hugging Face model directory."""
-    from ..train.lm import load_lm
+    from ..models.build import load_model
 
-    model, tokenizer, _ = load_lm(checkpoint)
+    model, tokenizer, _ = load_model(checkpoint)
     return save(model, out_dir, arch=arch, tokenizer=tokenizer)

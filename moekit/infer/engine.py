@@ -98,13 +98,9 @@ class Engine:
                          hf.special_tokens(p), **kwargs)
             engine.path = p
             return engine
-        from ..train.lm import load_lm
+        from ..models.build import load_model
 
-        model, tokenizer, _ = load_lm(p)
-        from ..train.pregate import apply_pregated_routing, is_pregated
-
-        if is_pregated(p):  # fine-tuned to route block i+1 at block i (moekit pregate --finetune-steps)
-            apply_pregated_routing(model)
+        model, tokenizer, _ = load_model(p)  # a pre-gated model comes back with its routing applied
         model = model.to(hf.resolve_device(device))
         torch_dtype = hf.resolve_dtype(dtype)
         for param in model.parameters():  # parameters only: the rotary table stays float32

@@ -53,6 +53,7 @@ class ModelConfig:
     dense_layers: list[int] = field(default_factory=list)  # further dense layers by index
     moe_layer_freq: int = 1  # every n-th layer is MoE (Qwen2-MoE's decoder_sparse_step)
     experts_per_layer: list[int] = field(default_factory=list)  # PR-MoE pyramid; empty: moe.num_experts
+    pregated: bool = False  # MoE layer i+1 routes on layer i's input (models/pregated.py; applied by build_model)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:

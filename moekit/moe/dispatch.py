@@ -213,7 +213,25 @@ def _sum_rows_per_token(rows_SD, slot_N, token_N, num_tokens, top_k, weight_N=No
 
 
 class LocalDispatcher:
-    """Groups a process's tokens by expert and scatters the results back."""
+    """Groups a process's tokens by expert and scatters the results back.
+
+    `run` is the one call an MoE layer makes: tokens go straight into the
+    layout the experts' kernel wants (compact, or padded to the largest load
+    for `bmm`), the experts compute, and the weighted outputs come back in
+    token order. Any experts storage works (resident, offloaded, quantized):
+    it only has to answer `kernel_for(x, counts_E)` and
+    `forward(x_SD, rows_E, kernel=...)`.
+    """
+
+    def run(self, x_TD: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
+        """y_TD = sum over token t's assignments of weight * expert(x_t)."""
+        counts_E = routing.counts_E
+        kernel = experts.kernel_for(x_TD, counts_E)
+        capacity = int(counts_E.max()) if kernel == "bmm" and routing.expert_idx_N.numel() else None
+        slots = self.slots(routing, capacity)
+        x_SD = self.gather(x_TD, routing, slots)
+        y_SD = experts(x_SD, slots.rows_E, kernel=kernel)
+        return self.combine_slots(y_SD, routing, slots)
 
     def limit(
         self,

@@ -60,28 +60,10 @@ class MoELayer(nn.Module):
         if cfg.router != "expert_choice":
             factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
             routing = self.dispatcher.limit(routing, cfg.top_k, factor, cfg.min_capacity, cfg.drop_policy, self.generator)
-        if isinstance(self.dispatcher, LocalDispatcher):
-            y_TD = self._routed_local(x_TD, routing)
-        else:  # e.g. expert parallel: the dispatcher owns the layout
-            x_ND, counts_E, plan = self.dispatcher.dispatch(x_TD, routing)
-            y_TD = self.dispatcher.combine(self.experts(x_ND, counts_E), routing, plan)
+        y_TD = self.dispatcher.run(x_TD, routing, self.experts)
         if cfg.num_shared_experts > 0:
             y_TD = y_TD + self.shared_output(x_TD)
         return y_TD.view(x.shape), routing
-
-    def _routed_local(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Routed experts in one process: tokens go straight into the layout the kernel wants.
-
-        For `bmm` that is the padded buffer, so no copy sits between dispatch and the batched matmuls.
-        """
-        counts_E = routing.counts_E
-        # Stand-ins for Experts (e.g. offloaded experts) choose their own kernel on the compact layout.
-        kernel = self.experts.kernel_for(x_TD, counts_E) if isinstance(self.experts, Experts) else None
-        capacity = int(counts_E.max()) if kernel == "bmm" and routing.expert_idx_N.numel() else None
-        slots = self.dispatcher.slots(routing, capacity)
-        x_SD = self.dispatcher.gather(x_TD, routing, slots)
-        y_SD = self.experts(x_SD, slots.rows_E, kernel=kernel)
-        return self.dispatcher.combine_slots(y_SD, routing, slots)
 
     def shared_output(self, x_TD: torch.Tensor) -> torch.Tensor:
         out = self.shared(x_TD)

@@ -672,6 +672,11 @@ class AllToAllDispatcher:
 
     # ------------------------------------------------ moving tokens
 
+    def run(self, x_TD: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
+        """The MoE layer's one call: tokens to their experts' ranks, the local experts, results back."""
+        x_MD, counts_L, plan = self.dispatch(x_TD, routing)
+        return self.combine(experts(x_MD, counts_L), routing, plan)
+
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         """(x_MD grouped by local expert, counts for the local experts, plan for combine)."""
         if self.parallel.ep_size == 1:

@@ -16,6 +16,7 @@ import torch
 from ..checkpoints import load_checkpoint, load_model_state, resolve_checkpoint
 from ..config import MoEConfig, _check_choice, _check_int, apply_overrides, from_dict, load_json, to_dict
 from ..data.text import Tokenizer, batch_at, encode_corpus, load_corpus
+from ..models.build import load_model
 from ..models.decoder import DecoderLM, ModelConfig, count_parameters, lm_loss
 from ..errors import CheckpointError, ConfigError
 from ..moe.stats import LoadTracker
@@ -206,13 +207,8 @@ def run_config_from(data: dict, where: Path | str) -> RunConfig:
 
 def load_lm(path: str | Path) -> tuple[DecoderLM, Tokenizer, RunConfig]:
     """A trained model, its tokenizer and config from a run or checkpoint directory."""
-    ckpt = load_checkpoint(resolve_checkpoint(path))
-    cfg = run_config_from(ckpt.config, ckpt.dir)
-    model = DecoderLM(cfg.model)
-    load_model_state(model, ckpt.model_state)
-    if ckpt.tokenizer_path is None:
-        raise CheckpointError(f"checkpoint {ckpt.dir} has no tokenizer.json")
-    return model.eval(), Tokenizer.from_file(ckpt.tokenizer_path), cfg
+    model, tokenizer, config = load_model(path)
+    return model, tokenizer, run_config_from(config, path)
 
 
 @torch.no_grad()

@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError, MoekitError
+from ..errors import CheckpointError, ConfigError
+from ..models.pregated import PreGateError, apply_pregated_routing, moe_layers_of  # noqa: F401 (re-exported)
 
 HEADS_FILE = "pregate.safetensors"
 REPORT_FILE = "pregate.json"
@@ -44,17 +45,8 @@ PREGATED_MARKER = "pregated.json"
 PREGATED_MODEL_DIR = "pregated-model"
 
 
-class PreGateError(MoekitError):
-    """Pre-gate heads or a pre-gated model that cannot be used with this model."""
-
-
 def _moe_layers(model: nn.Module) -> list:
-    from ..moe.layers import MoELayer
-
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    if not layers:
-        raise PreGateError("the model has no MoE layers, so there is nothing to pre-gate")
-    return layers
+    return moe_layers_of(model)
 
 
 # ---------------------------------------------------------------- heads
@@ -322,82 +314,6 @@ def load_pregate_predictor(directory: str | Path, model: nn.Module):
 # ---------------------------------------------------------------- the pre-gated model
 
 
-class PreGatedRouting:
-    """Makes MoE layer i+1 route on MoE layer i's input (parameter names unchanged).
-
-    Both ways a router is asked are rewired: its forward (a pre-hook swaps
-    the input) and its `select` (the generation engine's decode path; an
-    instance attribute wraps the class's method).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.layers = _moe_layers(model)
-        if len(self.layers) < 2:
-            raise PreGateError("the model has a single MoE layer: there is no next layer to pre-gate")
-        self._inputs: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.handles = [m.router.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self.layers)]
-        for i, m in enumerate(self.layers):
-            if hasattr(type(m.router), "select"):
-                m.router.select = self._select(i, m.router)
-        model._moekit_pregated = self
-
-    def _swap(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Remember layer i's own input; return the input layer i routes on."""
-        self._inputs[i] = x
-        if i == 0:
-            return x
-        prev = self._inputs[i - 1]
-        if prev is None or prev.shape != x.shape:
-            raise RuntimeError(f"pre-gated routing: MoE layer {i} ran before layer {i - 1} in this forward pass")
-        self._inputs[i - 1] = None
-        return prev
-
-    def _hook(self, i):
-        def hook(module, args, kwargs):
-            if args:
-                return (self._swap(i, args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "x_TD": self._swap(i, kwargs["x_TD"])}
-        return hook
-
-    def _select(self, i, router):
-        method = type(router).select
-
-        def select(x_TD, *args, **kwargs):
-            return method(router, self._swap(i, x_TD), *args, **kwargs)
-        return select
-
-    def remove(self, model: nn.Module | None = None) -> None:
-        for h in self.handles:
-            h.remove()
-        for m in self.layers:
-            m.router.__dict__.pop("select", None)
-        if model is not None and getattr(model, "_moekit_pregated", None) is self:
-            del model._moekit_pregated
-
-
-def apply_pregated_routing(model: nn.Module) -> PreGatedRouting:
-    """Rewire `model` so each MoE layer after the first routes on the previous MoE layer's input."""
-    if getattr(model, "_moekit_pregated", None) is not None:
-        raise PreGateError("the model already routes with pre-gating")
-    return PreGatedRouting(model)
-
-
-def is_pregated(path: str | Path) -> bool:
-    """Whether a run or checkpoint directory holds a pre-gated model (written by `finetune_pregated`)."""
-    p = Path(path)
-    return (p / PREGATED_MARKER).is_file() or (p.is_dir() and (p.parent / PREGATED_MARKER).is_file())
-
-
-def load_lm_any(path: str | Path):
-    """load_lm, rewired with pre-gated routing when the checkpoint is a pre-gated model."""
-    from .lm import load_lm
-
-    model, tokenizer, cfg = load_lm(path)
-    if is_pregated(path):
-        apply_pregated_routing(model)
-    return model, tokenizer, cfg
-
-
 def finetune_pregated(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -429,7 +345,7 @@ def finetune_pregated(
     original = job.val_loss()
     apply_pregated_routing(job.model)
     zero_shot = job.val_loss()
-    result = job.fit(run, progress)
+    result = job.fit(run, progress, pregated=True)
     tuned = job.val_loss()
     report = {
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -472,7 +388,7 @@ class _FineTune:
 
         return evaluate(self.model, self.data.val, self.tc, self.cfg.model)["val_loss"]
 
-    def fit(self, run: Path, progress: bool):
+    def fit(self, run: Path, progress: bool, pregated: bool = False):
         from ..config import to_dict
         from ..data.text import batch_at
         from ..models.decoder import lm_loss
@@ -490,7 +406,7 @@ class _FineTune:
 
         self.model.train()
         result = fit(self.model, tc, batch_fn=batch_fn, loss_fn=loss_fn, run_dir=run,
-                     config_dict=to_dict(replace(self.cfg, train=tc)), tokenizer=self.tokenizer, progress=progress)
+                     config_dict=to_dict(replace(self.cfg, train=tc, model=replace(self.cfg.model, pregated=pregated))), tokenizer=self.tokenizer, progress=progress)
         self.model.eval()
         return result
 

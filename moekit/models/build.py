@@ -1,0 +1,96 @@
+"""Building a model from its config, and loading a saved one from its directory alone.
+
+`build_model(cfg)` makes a DecoderLM and applies the transforms its config
+names (pre-gated routing). `load_model(path)` reads a moekit run or checkpoint
+directory: the model is built on the meta device, its weights are read once
+from the safetensors file into it (no random initialisation first), and the
+tokenizer comes from tokenizer.json. Nothing here trains: the training recipes
+(moekit.train) call these functions too.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..checkpoints import load_checkpoint, resolve_checkpoint
+from ..config import from_dict
+from ..data.text import Tokenizer
+from ..errors import CheckpointError
+from .decoder import DecoderLM, ModelConfig
+from .pregated import apply_pregated_routing
+
+LEGACY_PREGATED_MARKER = "pregated.json"  # before `ModelConfig.pregated`, a marker file beside the run said so
+
+
+def build_model(cfg: ModelConfig, empty: bool = False) -> DecoderLM:
+    """A DecoderLM for `cfg`, with its config's transforms applied.
+
+    empty=True: parameters on the meta device, not initialised (buffers are
+    real), for `load_state` to fill from a checkpoint without a second copy.
+    """
+    with parameters_on_meta(empty):
+        model = DecoderLM(cfg)
+    if cfg.pregated:
+        apply_pregated_routing(model)
+    return model
+
+
+def model_config_of(config: dict, where: Path | str) -> ModelConfig:
+    """The ModelConfig in a checkpoint's config.json (its 'model' section)."""
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{where} is not a moekit language-model checkpoint: its config.json has no 'model' section")
+    return from_dict(ModelConfig, config["model"], f"{where}/config.json: model")
+
+
+def load_model(path: str | Path) -> tuple[DecoderLM, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, the checkpoint's whole config dict) from a run or checkpoint directory."""
+    ckpt = load_checkpoint(resolve_checkpoint(path))
+    cfg = model_config_of(ckpt.config, ckpt.dir)
+    if not cfg.pregated and _legacy_pregated(Path(path), ckpt.dir):
+        cfg.pregated = True
+    model = build_model(cfg, empty=True)
+    load_state(model, ckpt.model_state)
+    if cfg.tie_embeddings:  # assigning tensors unties them; tie again
+        model.lm_head.weight = model.embed_tokens.weight
+    if ckpt.tokenizer_path is None:
+        raise CheckpointError(f"checkpoint {ckpt.dir} has no tokenizer.json")
+    return model.eval(), Tokenizer.from_file(ckpt.tokenizer_path), ckpt.config
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Strictly load `state` into a model built on the meta device (or anywhere): names and shapes checked first."""
+    from ..checkpoints import check_state
+
+    check_state(model, state)
+    model.load_state_dict(state, strict=True, assign=True)
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise CheckpointError(f"parameter {name!r} was not restored from the checkpoint")
+
+
+@contextmanager
+def parameters_on_meta(enabled: bool = True):
+    """While active, every parameter a module registers is moved to the meta device (buffers stay real)."""
+    if not enabled:
+        yield
+        return
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _legacy_pregated(path: Path, ckpt_dir: Path) -> bool:
+    return any((d / LEGACY_PREGATED_MARKER).is_file() for d in (path, ckpt_dir, ckpt_dir.parent))
