@@ -12,7 +12,7 @@ from moekit.models.decoder import DecoderLM, ModelConfig
 from moekit.errors import ConfigError
 from moekit.moe.experts import Experts
 from moekit.infer import Engine, SamplingConfig
-from moekit.infer.engine import _Sequence, check_settings, lean_eligible, moe_decode
+from moekit.infer.engine import _Sequence, check_settings
 from moekit.infer.sampling import _top_p, next_tokens
 from moekit.moe.layers import MoELayer
 
@@ -86,45 +86,65 @@ MOE_VARIANTS = {
 }
 
 
+def _hand_moe(layer, x_TD):
+    """The MoE output computed by hand: each token's chosen experts, one at a time, weighted and summed."""
+    idx_TK, w_TK = type(layer.router).select(layer.router, x_TD)
+    w_in, w_out = layer.experts.w_in_EHD, layer.experts.w_out_EDF
+    rows = []
+    for t in range(x_TD.shape[0]):
+        acc = torch.zeros(x_TD.shape[1])
+        for e, w in zip(idx_TK[t].tolist(), w_TK[t].tolist()):
+            gate, up = (w_in[e] @ x_TD[t]).chunk(2)
+            acc += w * (w_out[e] @ (torch.nn.functional.silu(gate) * up))
+        rows.append(acc)
+    out = torch.stack(rows)
+    if layer.cfg.num_shared_experts > 0:
+        out = out + layer.shared_output(x_TD)
+    return out
+
+
 @pytest.mark.parametrize("variant", list(MOE_VARIANTS))
 @pytest.mark.parametrize("tokens", [1, 6])
-def test_moe_decode_equals_the_moe_layer(variant, tokens):
+def test_inference_path_equals_a_hand_computed_moe(variant, tokens):
+    """Under no_grad the layer skips its losses and visits only the chosen experts: same output as by hand."""
     torch.manual_seed(0)
     kw = {"hidden_size": 32, "num_experts": 4, "top_k": 2, "expert_hidden": 24, **MOE_VARIANTS[variant]}
     layer = MoELayer(MoEConfig(**kw)).eval()
     x = torch.randn(tokens, 1, 32)
-    assert lean_eligible(layer)
     with torch.no_grad():
-        expected, routing = layer(x)
-        idx_TK, w_TK = layer.router.select(x.view(-1, 32))
-        got = moe_decode(layer, x)
-    assert torch.equal(idx_TK.reshape(-1), routing.expert_idx_N) and torch.equal(w_TK.reshape(-1), routing.weight_N)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        got, routing = layer(x)
+        expected = _hand_moe(layer, x.view(-1, 32))
+        if tokens == 1:
+            assert layer.experts.kernel_for(x.view(-1, 32), routing.counts_E) == "loop"
+    assert routing.aux_losses == {}  # no losses where nothing can use them
+    torch.testing.assert_close(got.view(-1, 32), expected, atol=1e-5, rtol=1e-5)
+    with_grad, routing = layer(x)  # gradients on: the training path, losses included
+    assert set(routing.aux_losses) >= {"z"}
+    torch.testing.assert_close(with_grad, got, atol=1e-6, rtol=1e-5)
 
 
-def test_layers_the_lean_path_cannot_reproduce_run_their_own_module():
-    base = dict(hidden_size=32, num_experts=4, top_k=2, expert_hidden=24)
-    assert not lean_eligible(MoELayer(MoEConfig(**base, router="expert_choice", capacity_factor=1.0)).eval())
-    assert not lean_eligible(MoELayer(MoEConfig(**base, eval_capacity_factor=1.0)).eval())
-    assert not lean_eligible(MoELayer(MoEConfig(**base)).train())
+@pytest.mark.parametrize("router", ["expert_choice", "group"])
+def test_routers_a_causal_lm_cannot_use_are_refused(router):
+    with pytest.raises(ConfigError, match=f"router='{router}' is refused"):
+        tiny_model(moe=dict(router=router, capacity_factor=2.0))
 
-    class Offloaded(Experts):
-        pass
 
-    layer = MoELayer(MoEConfig(**base)).eval()
-    layer.experts = Offloaded(4, 32, 24)
-    assert not lean_eligible(layer)
+def _greedy_without_cache(model, prompt, n):
+    """The oracle: a full forward over the whole sequence for every new token, no KV cache, no padding."""
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(first_k_dense=1, moe=dict(num_shared_experts=1, shared_expert_gate=True)),
-                                dict(ffn="residual_moe", moe=dict(top_k=1)),
-                                dict(moe=dict(router="expert_choice", capacity_factor=2.0))])
-def test_lean_and_module_decode_give_the_same_tokens(kw):
+                                dict(ffn="residual_moe", moe=dict(top_k=1))])
+def test_cached_batched_decode_gives_the_tokens_of_uncached_forwards(kw):
     model = tiny_model(**kw)
     prompts = [[1, 2, 3, 4, 5], [9, 8], [7, 7, 7, 7]]
-    lean = Engine(model, lean_decode=True).generate(prompts, max_new_tokens=12)
-    module = Engine(model, lean_decode=False).generate(prompts, max_new_tokens=12)
-    assert [c.token_ids for c in lean] == [c.token_ids for c in module]
+    got = Engine(model).generate(prompts, max_new_tokens=12, stop_token_ids=[])
+    assert [c.token_ids for c in got] == [_greedy_without_cache(model, p, 12) for p in prompts]
 
 
 # ---------------------------------------------------------------- batches, cache, budget

@@ -70,7 +70,7 @@ def generate(engine: Engine, prompts=PROMPTS, n: int = 12) -> list[list[int]]:
 def reference(model_dir):
     engine = Engine.load(model_dir)
     return {"lean": generate(engine), "single": generate(engine, PROMPTS[:1]),
-            "layer": generate(Engine(engine.model, engine.tokenizer, lean_decode=False))}
+            "layer": generate(Engine(engine.model, engine.tokenizer))}
 
 
 # ---------------------------------------------------------------- budgets and sizes
@@ -132,8 +132,8 @@ def layer_bytes(offloader) -> int:
 
 
 def test_moe_layer_path_and_waves_give_the_resident_tokens(model_dir, reference):
-    """lean_decode=False runs MoELayer.forward; 25% of 8 experts = 2 slots, so a batch needs several waves."""
-    engine = Engine.load(model_dir, lean_decode=False)
+    """25% of 8 experts = 2 slots, so a batch needs several waves."""
+    engine = Engine.load(model_dir)
     offloader = engine.offload("25%", tier="disk", predictor="next-gate")
     assert generate(engine) == reference["layer"]
     assert offloader.stats()["misses"] > 0

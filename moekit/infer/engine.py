@@ -7,17 +7,14 @@ decodes one token per step for every sequence, with greedy, temperature,
 top-k and top-p sampling (seeded), stop token ids, stop strings, a token
 budget and a streaming callback.
 
-Speed at small batches is Python overhead per token, so the steps are lean:
-rotary tables and the padding mask are built once per call, logits are
-computed for the last position only, RMSNorm is one fused op, and MoE layers
-with the standard router and stacked experts take `moe_decode`: the router's
-`select` (the routing decision without losses or statistics), then for one
-token a loop over only its chosen experts, for several tokens one grouped
-matmul pair (prefill included). Anything else (offloaded or quantized experts,
-expert-choice routing, capacity limits at inference, Residual-MoE) runs its
-own module, so the engine never changes what a layer computes. Offloaded
-experts (infer/offload.py) take the lean path too: `decode_step` fetches the
-chosen experts and lends their fast slots, so the arithmetic is the same.
+The engine runs the model's own forward (`DecoderLM.forward` with a KV cache
+object): prefill writes the prompts into the cache, each decode step feeds one
+token per sequence. There is no second copy of the blocks here, so every model
+change (a family quirk, a storage transform such as offloading) applies to
+generation as it does to training. Speed at small batches comes from the
+layers themselves: under torch.no_grad the routers skip their losses, the
+experts' `auto` kernel visits only the chosen experts, RMSNorm is one fused
+op, and logits are computed for the last position only.
 
 Not here: sampling rules and setting checks (sampling.py), Hugging Face
 files (moekit.hf), moekit checkpoints (moekit.lm / moekit.checkpoints).
@@ -34,14 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..models.decoder import DecoderLM
 from ..errors import ConfigError
-from ..moe.experts import Experts, activate
-from ..moe.layers import MoELayer
-from ..modules import RMSNorm, causal_mask
-from ..moe.routing import GroupRouter, TopKRouter
 from .sampling import SamplingConfig, make_generator, next_tokens
 
 # on_token(sequence index, token id, newly decoded text): text may be "" while a multi-byte character is
@@ -63,8 +55,7 @@ class Engine:
     """Batched generation from a DecoderLM and (optionally) its tokenizer."""
 
     def __init__(self, model: DecoderLM, tokenizer=None, stop_token_ids: Sequence[int] | None = None,
-                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None,
-                 lean_decode: bool | None = None) -> None:
+                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         if stop_token_ids is None:
@@ -75,8 +66,6 @@ class Engine:
         self.special_tokens = dict(special_tokens or {})
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        # The active-expert loop syncs on the chosen ids: free on CPU, a stall per layer on GPUs.
-        self.lean_decode = self.device.type == "cpu" if lean_decode is None else lean_decode
         self.path: Path | None = None  # where the model was loaded from (the disk tier of `offload` reads it)
         self.offloader = None  # set by `offload`
         self.last_stats: dict = {}  # timing (and offloading statistics) of the latest generate call
@@ -184,17 +173,15 @@ class Engine:
             ids_BP[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
             keep_BK[b, : P - len(p)] = False
         ids_BP, keep_BK = ids_BP.to(self.device), keep_BK.to(self.device)
-        padded = min(lens) < P
+        mask_BK = keep_BK if min(lens) < P else None  # left padding: real keys only
         positions_BP = (keep_BK[:, :P].long().cumsum(-1) - 1).clamp_min(0)
-        cos_Kd, sin_Kd = model.rotary(torch.arange(total, device=self.device), self.dtype)
         cache = model.new_cache(B, total)
 
         if self.offloader is not None:
             self.offloader.reset_stats()
         started = time.perf_counter()
-        logits_BV = self._prefill(ids_BP, positions_BP, keep_BK[:, :P] if padded else None, cos_Kd, sin_Kd, cache)
+        logits_BV = self._step(ids_BP, positions_BP, mask_BK, cache, 0)
         prefilled, decode_steps = time.perf_counter(), 0
-        key_mask = keep_BK[:, None, None, :] if padded else None  # decode queries see every earlier real key
         pos_B1 = positions_BP[:, -1:]
         for step in range(budget):
             tok_B = next_tokens(logits_BV, cfg, generator)
@@ -204,9 +191,7 @@ class Engine:
             if step == budget - 1 or all(s.done for s in seqs):
                 break
             pos_B1 = pos_B1 + 1
-            start = P + step
-            mask = key_mask[..., : start + 1] if key_mask is not None else None
-            logits_BV = self._decode(tok_B[:, None], pos_B1, mask, cos_Kd, sin_Kd, cache, start)
+            logits_BV = self._step(tok_B[:, None], pos_B1, mask_BK, cache, P + step)
             decode_steps += 1
         decode_s = time.perf_counter() - prefilled
         self.last_stats = {
@@ -239,82 +224,12 @@ class Engine:
             lens.append(len(p))
         return lens
 
-    def _prefill(self, ids_BP, positions_BP, keep_BP, cos_Kd, sin_Kd, cache) -> torch.Tensor:
-        P = ids_BP.shape[1]
-        mask = causal_mask(P, P, 0, ~keep_BP if keep_BP is not None else None, device=ids_BP.device)
-        x = self._layers(self.model.embed_tokens(ids_BP), cos_Kd[positions_BP], sin_Kd[positions_BP], mask, cache, 0)
-        # Left padding: the last column is every sequence's last prompt token.
-        return self.model.lm_head(_norm(self.model.norm, x[:, -1]))
-
-    def _decode(self, tok_B1, pos_B1, mask, cos_Kd, sin_Kd, cache, start) -> torch.Tensor:
-        x = self._layers(self.model.embed_tokens(tok_B1), cos_Kd[pos_B1], sin_Kd[pos_B1], mask, cache, start)
-        return self.model.lm_head(_norm(self.model.norm, x[:, -1]))
-
-    def _layers(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
-        """The blocks (pre-norm attention, pre-norm FFN), MoE layers on the lean path where it applies."""
-        for i, layer in enumerate(self.model.layers):
-            x = x + layer.self_attn(_norm(layer.input_layernorm, x), cos, sin, mask, cache, i, start)
-            h = _norm(layer.post_attention_layernorm, x)
-            if not layer.is_moe:
-                x = x + layer.mlp(h)
-            elif self.lean_decode and lean_eligible(layer.mlp):
-                x = x + moe_decode(layer.mlp, h)
-            else:
-                x = x + layer.mlp(h)[0]
-        return x
-
-
-def _norm(norm, x: torch.Tensor) -> torch.Tensor:
-    # One fused op instead of eight; in float32 it is bit-identical to RMSNorm.forward (tested).
-    if x.dtype == torch.float32 and type(norm) is RMSNorm:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
-    return norm(x)
-
-
-# ---------------------------------------------------------------- the MoE decode path
-
-
-def lean_eligible(moe) -> bool:
-    """An MoELayer whose router, experts and capacity the active-expert loop reproduces exactly."""
-    return (
-        type(moe) is MoELayer
-        and "forward" not in moe.__dict__
-        and type(moe.router) in (TopKRouter, GroupRouter)
-        and (type(moe.experts) is Experts or hasattr(moe.experts, "decode_step"))  # stacked, or offloaded (infer/offload)
-        and moe.cfg.eval_capacity_factor <= 0
-        and not moe.training
-    )
-
-
-def moe_decode(moe: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """MoELayer's output for a handful of tokens: only the chosen experts run, one matmul pair each."""
-    D = x.shape[-1]
-    x_TD = x.reshape(-1, D)
-    expert_idx_TK, weight_TK = moe.router.select(x_TD)
-    experts = moe.experts
-    # Offloaded experts (infer/offload.py) fetch the chosen experts here; the arithmetic below is the same.
-    step = experts.decode_step(x, expert_idx_TK) if type(experts) is not Experts else None
-    act = experts.activation
-    T, K = expert_idx_TK.shape
-    if T == 1:
-        w_in, w_out = (step.w_in, step.w_out) if step is not None else (experts.w_in_EHD, experts.w_out_EDF)
-        out = None
-        for e, w in zip(expert_idx_TK[0].tolist(), weight_TK[0].tolist()):
-            y = F.linear(activate(F.linear(x_TD, w_in[e]), act), w_out[e])
-            out = y * w if out is None else out.add_(y, alpha=w)
-    else:
-        flat_N = expert_idx_TK.reshape(-1)
-        order_N = flat_N.argsort(stable=True)
-        token_N = order_N // K
-        counts_E = torch.bincount(flat_N, minlength=experts.num_experts)
-        # A few tokens per expert: one grouped matmul pair measured faster on CPU than a loop of small ones.
-        y_ND = experts(x_TD[token_N], counts_E, kernel="grouped_mm")
-        out = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * weight_TK.reshape(-1)[order_N, None])
-    if step is not None:
-        step.done()
-    if moe.cfg.num_shared_experts > 0:
-        out = out + moe.shared_output(x_TD)
-    return out.view(x.shape)
+    def _step(self, ids_BT, positions_BT, mask_BK, cache, start) -> torch.Tensor:
+        """The model's own forward over new tokens at cache position `start`: next-token logits [B, V]."""
+        mask = mask_BK[:, : start + ids_BT.shape[1]] if mask_BK is not None else None
+        out = self.model(ids_BT, attention_mask_BK=mask, positions_BT=positions_BT, kv_cache=cache,
+                         cache_start=start, last_only=True)
+        return out.logits[:, -1]
 
 
 # ---------------------------------------------------------------- per-sequence bookkeeping
@@ -387,4 +302,4 @@ def check_settings(**settings) -> SamplingConfig:
         raise ConfigError(f"unknown generation setting: {e}") from None
 
 
-__all__ = ["Engine", "Completion", "SamplingConfig", "moe_decode", "lean_eligible", "check_settings"]
+__all__ = ["Engine", "Completion", "SamplingConfig", "check_settings"]

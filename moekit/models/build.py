@@ -66,7 +66,8 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     from ..checkpoints import check_state
 
     check_state(model, state)
-    model.load_state_dict(state, strict=True, assign=True)
+    # Own copies: the tensors may be views of a memory-mapped file, which can change or vanish under the model.
+    model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
     for name, p in model.named_parameters():
         if p.is_meta:
             raise CheckpointError(f"parameter {name!r} was not restored from the checkpoint")

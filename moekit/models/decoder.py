@@ -69,6 +69,9 @@ class ModelConfig:
             )
         if self.moe.hidden_size != self.hidden_size:
             self.moe = replace(self.moe, hidden_size=self.hidden_size)
+        if self.ffn != "dense":
+            _check_causal_router(self.moe.router)
+
 
     def is_moe_layer(self, i: int) -> bool:
         return (
@@ -83,6 +86,23 @@ class ModelConfig:
             return self.moe
         E = self.experts_per_layer[i]
         return replace(self.moe, num_experts=E, top_k=min(self.moe.top_k, E))
+
+
+def _check_causal_router(router: str) -> None:
+    """Refuse routers a causal language model cannot use (yet), naming why and what works."""
+    if router == "expert_choice":
+        raise ConfigError(
+            "moe.router='expert_choice' is refused in a causal language model: each expert picks its tokens "
+            "from the whole batch, so a token's output would depend on later tokens and on other sequences, "
+            "and generation would route differently from training. Use moe.router='topk' (a causal "
+            "expert-choice variant is planned)"
+        )
+    if router == "group":
+        raise ConfigError(
+            "moe.router='group' is refused in a language model for now: it needs per-token group ids "
+            "(modality or task), which language-model data and generation do not provide yet, so every token "
+            "would silently route over all experts. Use moe.router='topk'"
+        )
 
 
 @dataclass
@@ -139,8 +159,14 @@ class DecoderLM(nn.Module):
         kv_cache: KVCache | None = None,
         cache_start: int = 0,
         group_ids_BT: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> DecoderOutput:
-        """attention_mask_BK: 1 for real tokens, 0 for padding, over cache + new tokens."""
+        """attention_mask_BK: 1 for real tokens, 0 for padding, over cache + new tokens.
+
+        With a KV cache this is also the generation step (prefill: cache_start=0;
+        decode: one new token per sequence at cache_start). last_only=True computes
+        the logits of the last position alone ([B, 1, V]), all that sampling needs.
+        """
         B, T = input_ids_BT.shape
         if cache_start + T > self.cfg.max_seq_len:
             raise ConfigError(f"sequence of {cache_start + T} tokens is longer than the model's context max_seq_len={self.cfg.max_seq_len}")
@@ -157,6 +183,8 @@ class DecoderLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x, routing = layer(x, cos, sin, mask, kv_cache, i, cache_start, group_ids)
             routings.append(routing)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         return DecoderOutput(logits, _mean_aux(routings), routings)
 

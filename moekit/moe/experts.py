@@ -91,6 +91,8 @@ def activate(h_NH: torch.Tensor, activation: str) -> torch.Tensor:
 
 def loop_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
     """The reference: each expert's tokens through its own two matmuls."""
+    if not _needs_grad(x_ND, w_in_EHD, w_out_EDF):
+        return _loop_active(x_ND, counts_E, w_in_EHD, w_out_EDF, activation)
     outputs = []
     start = 0
     # unbind, not w[e]: indexing would build a full-size gradient per expert in backward.
@@ -104,6 +106,25 @@ def loop_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tenso
         empty = (x_ND[:, :1] * 0).expand(0, w_out_EDF.shape[1])
         return empty + 0 * (w_in_EHD.sum() + w_out_EDF.sum())
     return torch.cat(outputs)
+
+
+def _loop_active(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
+    """`loop` without autograd: the same matmuls, visiting only the experts that have rows.
+
+    Decoding sends a token to k of E experts; this reads only those k experts' weights.
+    """
+    out_ND = x_ND.new_empty(x_ND.shape[0], w_out_EDF.shape[1])
+    start = 0
+    for e, count in enumerate(counts_E.tolist()):
+        if count:
+            x = x_ND[start : start + count]
+            out_ND[start : start + count] = F.linear(activate(F.linear(x, w_in_EHD[e]), activation), w_out_EDF[e])
+        start += count
+    return out_ND
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def grouped_mm_supported(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor) -> bool:
@@ -155,15 +176,23 @@ def choose_kernel(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.T
     padding, to 4096-token prefill). Only when nearly all experts are idle does
     the per-expert loop, which reads only the busy experts' weights, win.
     """
-    if grouped_mm_supported(x_ND, w_in_EHD, w_out_EDF) and x_ND.device.type == "cuda":
+    grouped = grouped_mm_supported(x_ND, w_in_EHD, w_out_EDF)
+    if grouped and x_ND.device.type == "cuda":
         return "grouped_mm"
     E = w_in_EHD.shape[0]
     if counts_E is not None:
-        N = int(counts_E.sum())
-        padded_rows = E * int(counts_E.max()) if N else 0
+        N, most = int(counts_E.sum()), int(counts_E.max()) if counts_E.numel() else 0
     else:  # without the counts, assume an even load
         N = x_ND.shape[0]
-        padded_rows = E * -(-N // E)
+        most = -(-N // E)
+    if not _needs_grad(x_ND, w_in_EHD, w_out_EDF):
+        # Inference reads weights more than it multiplies: one row per active expert (decoding a token)
+        # is a matmul pair per chosen expert; more rows, one grouped call that reads only the active experts.
+        if most <= 1:
+            return "loop"
+        if grouped:
+            return "grouped_mm"
+    padded_rows = E * most if N else 0
     return "bmm" if N and padded_rows <= MAX_PADDING_FACTOR * N else "loop"
 
 

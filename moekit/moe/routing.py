@@ -130,7 +130,7 @@ class TopKRouter(nn.Module):
         logits_TE, scores_TE, expert_idx_TK, weight_TK = self._decide(x_TD, group_ids_T)
         if self.training and cfg.bias_update_rate > 0:
             self._update_bias(expert_idx_TK)
-        return _token_choice_routing(cfg, logits_TE, scores_TE, expert_idx_TK, weight_TK, batch_size)
+        return _token_choice_routing(cfg, logits_TE, scores_TE, expert_idx_TK, weight_TK, batch_size, wants_losses(self))
 
     def select(self, x_TD: torch.Tensor, group_ids_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert_idx_TK, weight_TK) alone: the same decision as `forward`, without losses or statistics (inference)."""
@@ -226,7 +226,7 @@ class ExpertChoiceRouter(nn.Module):
             num_experts=E,
             logits_TE=logits_TE,
             probs_TE=scores_TE,
-            aux_losses={"z": z_loss(logits_TE)},
+            aux_losses={"z": z_loss(logits_TE)} if wants_losses(self) else {},
             selected_E=torch.full((E,), C, device=x_TD.device),
         )
 
@@ -267,14 +267,23 @@ def _limit_to_groups(choice_TE: torch.Tensor, n_group: int, topk_group: int) -> 
     return choice_TE.masked_fill(~keep_TE, float("-inf"))
 
 
-def _token_choice_routing(cfg, logits_TE, scores_TE, expert_idx_TK, weight_TK, batch_size) -> Routing:
+def wants_losses(router: nn.Module) -> bool:
+    """Aux losses are computed where they can be used: in training, or wherever gradients are on.
+
+    Inference under torch.no_grad (generation, serving) skips them: nothing
+    would read them, and at one token per step they cost as much as the routing.
+    """
+    return router.training or torch.is_grad_enabled()
+
+
+def _token_choice_routing(cfg, logits_TE, scores_TE, expert_idx_TK, weight_TK, batch_size, losses=True) -> Routing:
     T, K = expert_idx_TK.shape
     E = cfg.num_experts
     probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-    aux = {"z": z_loss(logits_TE)}
-    if cfg.balance_loss == "batch":
+    aux = {"z": z_loss(logits_TE)} if losses else {}
+    if losses and cfg.balance_loss == "batch":
         aux["balance"] = load_balance_loss(probs_TE, expert_idx_TK, E)
-    elif cfg.balance_loss == "sequence":
+    elif losses and cfg.balance_loss == "sequence":
         aux["balance"] = sequence_balance_loss(probs_TE, expert_idx_TK, E, batch_size)
     return Routing(
         token_idx_N=torch.arange(T, device=logits_TE.device).repeat_interleave(K),

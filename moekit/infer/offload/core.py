@@ -551,10 +551,10 @@ def summarize(layers: list[LayerStats]) -> dict:
 class OffloadedExperts(nn.Module):
     """Stands in for a layer's `Experts`: S fast slots, filled on demand by the offloader.
 
-    `forward` is the `Experts` call MoELayer makes. `decode_step` serves the
-    generation engine's lean decode path, which indexes expert weights one
-    expert at a time: it fetches the chosen experts and hands back views of
-    their slots, so the engine's arithmetic (and so its tokens) is unchanged.
+    `forward` is the `Experts` call every MoE layer makes (training, prefill and
+    decode alike): the router's hook has already started fetching the chosen
+    experts; forward waits for them and computes on their slots with the kernel
+    the resident layer would pick, so the arithmetic (and the tokens) is unchanged.
     """
 
     def __init__(self, offloader: "Offloader", layer: int, full_shape: LayerShape, activation: str, kernel: str):
@@ -584,41 +584,6 @@ class OffloadedExperts(nn.Module):
         """Like Experts.forward: x_ND holds rows_E[e] consecutive rows per expert (compact or padded)."""
         name = kernel if kernel not in (None, "auto") else self.kernel_for(x_ND, rows_E, kernel)
         return self._offloader._compute(self.layer, x_ND, rows_E, name)
-
-    def decode_step(self, x: torch.Tensor, expert_idx_TK: torch.Tensor) -> "DecodeStep":
-        """Open a step for the router's choice: fetch the chosen experts (and prefetch the next layer's).
-
-        If they fit the fast tier at once they are resident when this returns
-        and `step.w_in[e]` / `step.w_out[e]` are their slots; otherwise call
-        this module (forward), which computes in waves. `step.done()` ends it.
-        """
-        return self._offloader._decode_step(self.layer, x, expert_idx_TK)
-
-
-class _SlotView:
-    """Expert id -> that expert's weights in its fast slot (indexing like a stacked [E, ...] tensor)."""
-
-    def __init__(self, stacked: torch.Tensor, slot_of: dict[int, int], num_experts: int):
-        self.stacked = stacked
-        self.slot_of = slot_of
-        self.shape = (num_experts, *stacked.shape[1:])
-
-    def __getitem__(self, expert: int) -> torch.Tensor:
-        return self.stacked[self.slot_of[expert]]
-
-
-class DecodeStep:
-    """The chosen experts of one layer, resident until `done()` ends the step."""
-
-    def __init__(self, offloader: "Offloader", layer: int):
-        slots, cache = offloader._slots[layer], offloader.caches[layer]
-        E = offloader.shapes[layer].num_experts
-        self.w_in = _SlotView(slots.w_in_EHD.data, cache.slot_of, E)
-        self.w_out = _SlotView(slots.w_out_EDF.data, cache.slot_of, E)
-        self._offloader, self._layer = offloader, layer
-
-    def done(self) -> None:
-        self._offloader._end_step(self._layer)
 
 
 # ---------------------------------------------------------------- the offloader
@@ -707,21 +672,6 @@ class Offloader:
         self._demand[j] = demand
         if x is not None:
             self._predict_next(j, x)
-
-    def _decode_step(self, j: int, x: torch.Tensor, idx_TK: torch.Tensor) -> DecodeStep:
-        idx = idx_TK.reshape(-1)
-        demand = sorted(set(idx.tolist())) if idx.numel() <= 64 else idx.unique().tolist()
-        self._begin_step(j, demand)
-        self._demand[j] = demand
-        self._predict_next(j, x)
-        if len(demand) <= self.caches[j].num_slots:
-            try:
-                self._wait(j, demand)
-            except BaseException:
-                self._forget_failed(j)
-                self._end_step(j)
-                raise
-        return DecodeStep(self, j)
 
     def _predict_next(self, j: int, x: torch.Tensor) -> None:
         """x: layer j's MoE input, [B, T, D] (or [T, D] for single-position steps)."""
@@ -842,7 +792,7 @@ class Offloader:
     def _compute(self, j: int, x_ND: torch.Tensor, rows_E: torch.Tensor, kernel: str) -> torch.Tensor:
         cache, slots = self.caches[j], self._slots[j]
         rows = rows_E.tolist()
-        if not self._open[j]:  # called without the router hook or decode_step: the rows say who is needed
+        if not self._open[j]:  # called without the router hook: the rows say who is needed
             self._begin_step(j, [e for e, r in enumerate(rows) if r])
         demand = self._demand[j]
         # Padded layouts give every expert rows; only the experts the router chose need their weights.
