@@ -107,17 +107,15 @@ def test_cached_decode_equals_full_forward(family_dir):
     prompts = [p + [30 + i, 31, 32, 33] for i, p in enumerate(PROMPTS)]
     ids, mask = padded(prompts)
     full = moekit_logits(model, ids, mask)
-    # prefill all but the last 4 tokens, then decode them one at a time through the engine's lean path
+    # prefill all but the last 4 tokens, then decode them one at a time through the engine's cached steps
     B, P = ids.shape
     keep = mask.bool()
-    cos, sin = model.rotary(torch.arange(P))
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = model.new_cache(B, P)
     with torch.no_grad():
-        steps = [engine._prefill(ids[:, :-4], positions[:, :-4], keep[:, :-4], cos, sin, cache)]
-        key_mask = keep[:, None, None, :]
+        steps = [engine._step(ids[:, :-4], positions[:, :-4], keep, cache, 0)]
         for t in range(P - 4, P - 1):
-            steps.append(engine._decode(ids[:, t:t + 1], positions[:, t:t + 1], key_mask[..., :t + 1], cos, sin, cache, t))
+            steps.append(engine._step(ids[:, t:t + 1], positions[:, t:t + 1], keep, cache, t))
     torch.testing.assert_close(torch.stack(steps, 1), full[:, P - 5:P - 1], atol=1e-5, rtol=1e-5)
 
 
