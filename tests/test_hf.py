@@ -20,6 +20,7 @@ from moekit.config import MoEConfig  # noqa: E402
 from moekit.models.decoder import DecoderLM, ModelConfig  # noqa: E402
 from moekit.errors import CheckpointError, ConfigError, MoekitError  # noqa: E402
 from moekit.infer import Engine  # noqa: E402
+from moekit.infer.chat import load_chat_template, render_chat, special_tokens, stop_token_ids  # noqa: E402
 
 FAMILIES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -332,9 +333,9 @@ def test_shared_dir_tokenizer_chat_template_and_stop_ids(tmp_path):
     template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}" \
                "{% if add_generation_prompt %}<assistant>{% endif %}"
     (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "<|endoftext|>"}))
-    assert hf.stop_token_ids(path) == [256]
-    assert hf.load_chat_template(path) == template
-    text = hf.render_chat(template, [{"role": "user", "content": "hi"}], **hf.special_tokens(path))
+    assert stop_token_ids(path) == [256]
+    assert load_chat_template(path) == template
+    text = render_chat(template, [{"role": "user", "content": "hi"}], **special_tokens(path))
     assert text == "<user>hi<|endoftext|><assistant>"
     engine = Engine.load(path)
     assert engine.encode("hi", chat=True) == engine.tokenizer.encode(text)

@@ -201,7 +201,7 @@ HF_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # = moekit.hf.SUPPORT
 
 
 def _convert(args) -> int:
-    from ..hf.core import convert
+    from ..hf import convert
 
     out = convert(args.checkpoint, args.out_dir, arch=args.arch)
     print(f"wrote a Hugging Face model to {out}")

@@ -76,6 +76,7 @@ class Engine:
     def load(cls, path: str | Path, dtype=None, device=None, **kwargs) -> "Engine":
         """An engine for a Hugging Face model directory or a moekit run/checkpoint directory."""
         from .. import hf
+        from .chat import load_chat_template, special_tokens, stop_token_ids
 
         p = Path(path)
         if not p.exists():
@@ -83,8 +84,8 @@ class Engine:
         if hf.is_hf_dir(p):
             model = hf.load(p, dtype=dtype, device=device)
             tokenizer = hf.load_tokenizer(p)
-            engine = cls(model, tokenizer, hf.stop_token_ids(p, tokenizer), hf.load_chat_template(p),
-                         hf.special_tokens(p), **kwargs)
+            engine = cls(model, tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p),
+                         special_tokens(p), **kwargs)
             engine.path = p
             return engine
         from ..models.build import load_model
@@ -120,7 +121,7 @@ class Engine:
         if chat:
             if not self.chat_template:
                 raise ConfigError("this model has no chat template (tokenizer_config.json has no 'chat_template'): drop --chat")
-            from ..hf.core import render_chat
+            from .chat import render_chat
 
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             text = render_chat(self.chat_template, messages, add_generation_prompt=True, **self.special_tokens)

@@ -1,0 +1,250 @@
+"""Reading a Hugging Face model directory: `load(path)` -> an eval-mode `DecoderLM`.
+
+`load` reads config.json (mapped onto `ModelConfig` by families.py), finds
+the weights (one model.safetensors, or the shards an index names; pickles
+are refused), builds the model on the meta device, allocates it once in the
+target dtype and device, and copies each tensor in straight from the
+memory-mapped file (expert tensors into their stacked `[E, ...]` slots), so
+the weights are never held twice. Also here: `is_hf_dir`, `resolve_dtype`,
+`resolve_device`, and the low-level reading of the files stored beside the
+weights (`load_tokenizer`, `tokenizer_config`, `stored_eos_token_id`).
+
+Not here: the family tables and config mapping (families.py), writing
+(save.py), chat templates, special tokens and stop ids as generation uses
+them (moekit.infer.chat), moekit's own checkpoint format (moekit.checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ConfigError, MoekitError
+from ..models.decoder import DecoderLM, ModelConfig
+from ..modules import RotaryEmbedding
+from .families import CONFIG_FILE, expected_names, family_of, model_config_from_hf
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints stored
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A directory with a config.json that names a `model_type` (moekit's own config.json has 'model')."""
+    p = Path(path) / CONFIG_FILE
+    if not p.is_file():
+        return False
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "model_type" in data
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of a model directory as a dict (a CheckpointError naming the problem otherwise)."""
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(f"model directory {d} does not exist")
+    p = d / CONFIG_FILE
+    if not p.is_file():
+        raise CheckpointError(f"{d} has no {CONFIG_FILE}: a Hugging Face model directory needs one")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{p} must hold a JSON object")
+    return data
+
+
+def weight_files(path: str | Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (single file or the shards of an index)."""
+    d = Path(path)
+    index = d / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index (it needs a 'weight_map'): {e}") from None
+        files = {name: d / shard for name, shard in weight_map.items()}
+        missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
+        if missing:
+            raise CheckpointError(f"{d}: shard(s) {', '.join(missing)} named in {INDEX_FILE} are missing")
+        return files
+    single = d / SINGLE_FILE
+    if single.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return {name: single for name in f.keys()}
+        except Exception as e:  # the Rust binding raises a bare SafetensorError
+            raise CheckpointError(f"{single} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    pickles = [n for n in PICKLE_FILES if (d / n).exists()]
+    if pickles:
+        raise CheckpointError(f"{d} holds only pickle weights ({', '.join(pickles)}); moekit refuses pickles: convert them to safetensors")
+    raise CheckpointError(f"{d} has no {SINGLE_FILE} and no {INDEX_FILE}")
+
+
+# ---------------------------------------------------------------- dtype and device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, hf: dict | None = None) -> torch.dtype:
+    """A torch dtype from a name; None = float32, "auto" = the dtype config.json records."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(f"dtype={dtype} is not supported: use float32, bfloat16 or float16")
+        return dtype
+    if dtype == "auto":
+        stored = (hf or {}).get("dtype") or (hf or {}).get("torch_dtype") or "float32"
+        return DTYPES.get(str(stored), torch.float32)
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is unknown: accepted values are float32, bfloat16, float16, auto")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device from a name; None = cpu. An unavailable or malformed device is a ConfigError."""
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError as e:
+        raise ConfigError(f"device={device!r} is invalid: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} was asked for but CUDA is not available on this machine: use cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r} is not supported: use cpu or cuda")
+    return dev
+
+
+# ---------------------------------------------------------------- loading
+
+
+@torch.no_grad()
+def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+         kernel: str = "auto") -> DecoderLM:
+    """A Hugging Face MoE model directory as an eval-mode DecoderLM (float32 on CPU unless told otherwise)."""
+    d = Path(path)
+    hf = read_config(d)
+    cfg = model_config_from_hf(hf, f"{d.name}/{CONFIG_FILE}")
+    if kernel != "auto":
+        cfg = replace(cfg, moe=replace(cfg.moe, kernel=kernel))
+    torch_dtype = resolve_dtype(dtype, hf)
+    device = resolve_device(device)
+    files = weight_files(d)
+    fused = any(n.endswith("experts.gate_up_proj") for n in files)
+    plan = expected_names(cfg, family_of(hf), fused)
+    ignored = {n for n in files if n.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and n == "lm_head.weight")}
+    _check_names(plan, set(files) - ignored, d)
+
+    model = _empty_model(cfg, torch_dtype, device)
+    _copy_tensors(model, plan, files)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+def _copy_tensors(model: DecoderLM, plan: dict[str, tuple[str, tuple]], files: dict[str, Path]) -> None:
+    """Each planned tensor copied once from its memory-mapped file into its parameter slot."""
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    by_file: dict[Path, list[str]] = {}
+    for name in plan:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in names:
+                    target_name, index = plan[name]
+                    target = params[target_name].data[index] if index else params[target_name].data
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(target.shape):
+                        raise CheckpointError(
+                            f"{file.name}: tensor {name} has shape {list(shape)} but the config needs {list(target.shape)}"
+                            f" (config.json disagrees with the weights)"
+                        )
+                    target.copy_(f.get_tensor(name))
+        except MoekitError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _check_names(plan: dict, present: set[str], d: Path) -> None:
+    missing = sorted(set(plan) - present)
+    if missing:
+        raise CheckpointError(
+            f"{d}: {len(missing)} tensor(s) the config needs are missing from the weights, e.g. {', '.join(missing[:3])}"
+        )
+    extra = sorted(present - set(plan))
+    if extra:
+        raise CheckpointError(
+            f"{d}: {len(extra)} tensor(s) in the weights do not fit the config (config.json disagrees with the weights), "
+            f"e.g. {', '.join(extra[:3])}"
+        )
+
+
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> DecoderLM:
+    """A DecoderLM allocated once, uninitialised, in its final dtype and device; buffers recomputed."""
+    with torch.device("meta"):
+        model = DecoderLM(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            fresh = RotaryEmbedding(module.head_dim, module.theta)
+            module.inv_freq = fresh.inv_freq.to(device)
+        elif hasattr(module, "expert_bias"):
+            module.expert_bias = torch.zeros(module.expert_bias.shape, device=device)
+    return model
+
+
+# ---------------------------------------------------------------- files beside the weights
+
+
+def load_tokenizer(path: str | Path):
+    """The directory's tokenizer.json as a moekit Tokenizer, or None when there is none."""
+    from ..data.text import Tokenizer
+
+    p = Path(path) / "tokenizer.json"
+    return Tokenizer.from_file(p) if p.is_file() else None
+
+
+def tokenizer_config(path: str | Path) -> dict:
+    """tokenizer_config.json of a model directory as a dict ({} when absent or not an object)."""
+    p = Path(path) / TOKENIZER_CONFIG_FILE
+    if not p.is_file():
+        return {}
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p} is not valid JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def stored_eos_token_id(path: str | Path) -> int | list[int] | None:
+    """The `eos_token_id` entry as stored: generation_config.json first, then config.json; None when neither has one.
+
+    Unreadable files count as having none (generation falls back to the tokenizer's EOS).
+    """
+    d = Path(path)
+    for name in (GENERATION_CONFIG_FILE, CONFIG_FILE):
+        p = d / name
+        if p.is_file():
+            try:
+                eos = json.loads(p.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError):
+                eos = None
+            if eos is not None:
+                return eos
+    return None
