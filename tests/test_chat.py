@@ -64,9 +64,9 @@ def test_render_chat_helpers_and_errors():
 
 
 def test_hf_stays_below_infer_and_keeps_its_function_names():
-    code = ("import sys, moekit.hf, moekit.hf.load, moekit.hf.save, moekit.hf.families; import moekit.hf as hf; "
+    code = ("import sys, moekit.hf, moekit.hf.reader, moekit.hf.writer, moekit.hf.families; import moekit.hf as hf; "
             "assert not any(m.startswith('moekit.infer') for m in sys.modules), sorted(sys.modules); "
-            "assert hf.load.__module__ == 'moekit.hf.load' and callable(hf.load); "
-            "assert hf.save.__module__ == 'moekit.hf.save' and callable(hf.save)")
+            "assert hf.load.__module__ == 'moekit.hf.reader' and callable(hf.load); "
+            "assert hf.save.__module__ == 'moekit.hf.writer' and callable(hf.save)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

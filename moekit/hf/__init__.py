@@ -3,18 +3,17 @@
 Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE. The parts:
 
 - families.py: the per-family tables and quirks, `model_config_from_hf`, tensor names;
-- load.py: reading a model directory (`load`, `is_hf_dir`, `load_tokenizer`, dtype and device);
-- save.py: writing a moekit model in a family's layout (`save`, `convert`, `fit_problems`).
+- reader.py: reading a model directory (`load`, `is_hf_dir`, `load_tokenizer`, dtype and device);
+- writer.py: writing a moekit model in a family's layout (`save`, `convert`, `fit_problems`).
 
-This file only re-exports the public names. Note that `moekit.hf.load` and
-`moekit.hf.save` are the functions; import from the modules of the same name
-with `from moekit.hf.load import ...`. Not here: chat templates, special
+This file only re-exports the public names (`moekit.hf.load` and
+`moekit.hf.save` are the functions). Not here: chat templates, special
 tokens and stop ids as generation uses them (moekit.infer.chat).
 """
 
 from .families import CONFIG_FILE, FAMILIES, SUPPORTED_MODEL_TYPES, Family, UnsupportedModelError, model_config_from_hf
-from .load import INDEX_FILE, SINGLE_FILE, is_hf_dir, load, load_tokenizer, resolve_device, resolve_dtype, weight_files
-from .save import convert, fit_problems, hf_config, save
+from .reader import INDEX_FILE, SINGLE_FILE, is_hf_dir, load, load_tokenizer, resolve_device, resolve_dtype, weight_files
+from .writer import convert, fit_problems, hf_config, save
 
 __all__ = [
     "load", "save", "convert", "is_hf_dir", "load_tokenizer", "resolve_device", "resolve_dtype", "weight_files",

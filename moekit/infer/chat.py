@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..hf.load import stored_eos_token_id, tokenizer_config
+from ..hf.reader import stored_eos_token_id, tokenizer_config
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 

@@ -26,7 +26,7 @@ import torch
 from ..errors import ConfigError
 from ..models.decoder import DecoderLM, ModelConfig
 from .families import CONFIG_FILE, FAMILIES, SUPPORTED_MODEL_TYPES, UnsupportedModelError, expected_names
-from .load import GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TOKENIZER_CONFIG_FILE
+from .reader import GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TOKENIZER_CONFIG_FILE
 
 def fit_problems(model: DecoderLM, arch: str) -> list[str]:
     """Why `model` does not fit family `arch` (empty: it fits)."""
