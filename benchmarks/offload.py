@@ -46,7 +46,7 @@ from _common import command_line, machine_info, markdown_table, target, write_re
 from moekit.data.text import Tokenizer  # noqa: E402
 from moekit.infer.engine import Engine  # noqa: E402
 from moekit.infer.expert_cache import POLICIES  # noqa: E402
-from moekit.infer.offload.core import EmulatedLinkTier, MemoryTier, find_moe_layers, format_bytes  # noqa: E402
+from moekit.infer.offload import EmulatedLinkTier, MemoryTier, find_moe_layers, format_bytes  # noqa: E402
 from moekit.infer.sampling import SamplingConfig  # noqa: E402
 
 NAME = "offload"

@@ -21,7 +21,7 @@ from moekit.data.text import Tokenizer
 from moekit.models.decoder import DecoderLM, ModelConfig
 from moekit.infer.engine import Engine
 from moekit.infer.expert_cache import POLICIES
-from moekit.infer.offload.core import (
+from moekit.infer.offload import (
     Budget, BudgetError, DiskTier, EmulatedLinkTier, LayerShape, MemoryTier, OffloadError, SlowTier, SlowTierError,
     find_moe_layers, format_stats, offload_model, parse_bandwidth, parse_duration,
 )

@@ -8,7 +8,7 @@ import torch
 
 from moekit.errors import MoekitError
 from moekit.infer.engine import Engine
-from moekit.infer.offload.core import EmulatedLinkTier, MemoryTier, find_moe_layers
+from moekit.infer.offload import EmulatedLinkTier, MemoryTier, find_moe_layers
 from moekit.infer.prefetch import (
     DONE, PREDICTORS, CudaTransferQueue, NextGate, PrefetchAll, ThreadTransferQueue, build_predictor, rank_assignments,
 )

@@ -125,7 +125,7 @@ def _offload(engine, args, prompt, settings) -> None:
 def _print_stats(engine) -> None:
     stats = engine.last_stats
     if stats.get("offload"):
-        from ..infer.offload.core import format_stats
+        from ..infer.offload import format_stats
 
         print(format_stats(stats["offload"], stats))
     else:

@@ -105,7 +105,7 @@ class Engine:
         See moekit.infer.offload.offload_model for the options (tier, policy, predictor, ...);
         the disk tier reads the checkpoint the engine was loaded from.
         """
-        from .offload.core import offload_model
+        from .offload import offload_model
 
         options.setdefault("checkpoint", self.path)
         self.offloader = offload_model(self.model, budget, **options)

@@ -1,4 +1,56 @@
-"""Expert offloading: budgets, slow tiers, the offloader and its statistics."""
+"""Expert offloading (this package): expert weights live in a slow tier and are computed from a fixed fast tier.
 
-from .core import *  # noqa: F401,F403
-from .core import offload_model  # noqa: F401
+`offload_model(model, ...)` is a transform on a built model. Every MoE
+layer's stacked experts are replaced by a small stack of fast *slots*
+(`OffloadedExperts`); the full weights stay in a slow tier:
+
+- `DiskTier` (CPU): the checkpoint's safetensors file(s). Each expert is read
+  with positional reads straight into its preallocated slot, and the page
+  cache for the bytes read is dropped (posix_fadvise DONTNEED), so that the
+  next miss on that expert is a real read. Every read checks that the file
+  is still the one opened (inode, size, mtime, ctime) and that the full
+  length arrived; otherwise it raises `SlowTierError`.
+- `EmulatedLinkTier`: any tier behind a link of configurable bandwidth and
+  latency, for reproducible experiments (the offloader models the link's
+  time in its transfer queue). Its label always says "emulated".
+- `MemoryTier`: host RAM (the base of the emulated link; tests).
+- `CudaHostTier` (CUDA): pinned host memory, copied to the device slots on a
+  copy stream, ordered by events (see prefetch.CudaTransferQueue).
+
+The fast tier's size is an `--expert-budget`: bytes ("2GB") or a fraction of
+all experts ("25%"), split across layers in proportion to their expert
+counts. Each layer's slots form an `ExpertCache` (expert_cache.py) with a
+replacement policy; a `Predictor` (prefetch.py) names the next layer's
+experts when a router fires, and those are fetched in the background while
+this layer computes. A layer's computation waits for exactly the experts
+it uses; the time spent waiting is the stall time.
+
+Correctness: a slot is used only after its transfer finished without error;
+any transfer error (even of a prefetch nobody waits for) is re-raised at
+the next layer, so generation stops with a clear error instead of
+computing with a half-read expert. Offloaded generation gives bit-identical
+outputs to all-resident generation (same kernel on the same weights; the
+tests check greedy tokens on the disk, memory and emulated tiers for every policy and predictor; the CUDA
+tier has one test, which runs only with a GPU).
+
+The package: budget.py (sizes, budgets, errors), tiers.py and disk.py (slow
+tiers), experts.py (the OffloadedExperts storage), offloader.py (slots,
+caches, transfers, statistics), stats.py (counters and the report),
+transform.py (`offload_model`). Not here: the cache policies
+(infer/expert_cache.py), predictors and transfer queues (infer/prefetch.py),
+the pre-gate heads (moekit.models.pregated, moekit.train.pregate),
+generation (infer/engine.py).
+
+Shape legend: E experts, S slots, H = 2F (SwiGLU) or F, D hidden, F expert
+width, N assignments (tokens grouped by expert), T tokens.
+"""
+
+from .budget import (  # noqa: F401
+    Budget, BudgetError, LayerShape, OffloadError, SlowTierError, format_bytes, parse_bandwidth, parse_bytes, parse_duration,
+)
+from .disk import DiskTier, checkpoint_files, read_safetensors_header  # noqa: F401
+from .experts import OffloadedExperts  # noqa: F401
+from .offloader import Offloader  # noqa: F401
+from .stats import LayerStats, format_stats, summarize  # noqa: F401
+from .tiers import CudaHostTier, EmulatedLinkTier, MemoryTier, SlowTier  # noqa: F401
+from .transform import TIERS, find_moe_layers, layer_shapes, offload_model  # noqa: F401

@@ -1,0 +1,62 @@
+"""OffloadedExperts: the experts storage of an offloaded MoE layer (S fast slots filled from a slow tier).
+
+It answers the same two calls as resident `Experts` (`kernel_for`, `forward`),
+so the MoE layer and its dispatcher run unchanged. Not here: fetching and
+caching (offloader.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ...moe.experts import Experts
+from .budget import LayerShape
+
+
+# ---------------------------------------------------------------- the offloaded experts
+
+
+class OffloadedExperts(nn.Module):
+    """Stands in for a layer's `Experts`: S fast slots, filled on demand by the offloader.
+
+    `forward` is the `Experts` call every MoE layer makes (training, prefill and
+    decode alike): the router's hook has already started fetching the chosen
+    experts; forward waits for them and computes on their slots with the kernel
+    the resident layer would pick, so the arithmetic (and the tokens) is unchanged.
+    """
+
+    def __init__(self, offloader, layer: int, full_shape: LayerShape, activation: str, kernel: str):
+        super().__init__()
+        self.slots: Experts | None = None
+        self.layer = layer
+        self.kernel = kernel
+        self.activation = activation
+        self._offloader = offloader
+        self._shape = full_shape
+        # A weightless stand-in of the resident experts: kernel choices are made exactly as they would be.
+        with torch.device("meta"):
+            self._resident = Experts(full_shape.num_experts, full_shape.D, full_shape.F, activation=activation, kernel=kernel)
+
+    @property
+    def num_experts(self) -> int:
+        return self._shape.num_experts
+
+    def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
+        """The kernel the resident layer would run for this input (so results are bit-identical)."""
+        return self._resident.kernel_for(x, counts_E, kernel)
+
+    def forward(self, x_ND: torch.Tensor, rows_E: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+        """Like Experts.forward: x_ND holds rows_E[e] consecutive rows per expert (compact or padded)."""
+        name = kernel if kernel not in (None, "auto") else self.kernel_for(x_ND, rows_E, kernel)
+        return self._offloader._compute(self.layer, x_ND, rows_E, name)
+
+
+def _make_slots(n: int, shape: LayerShape, activation: str, device) -> Experts:
+    with torch.device("meta"):
+        slots = Experts(n, shape.D, shape.F, activation=activation, kernel="loop")
+    slots = slots.to_empty(device=device).to(shape.dtype)
+    for p in slots.parameters():
+        p.requires_grad_(False)
+        p.data.zero_()
+    return slots
