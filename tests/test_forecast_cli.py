@@ -136,7 +136,8 @@ def test_no_traceback_from_the_installed_command(tmp_path):
 
 def test_fine_tuning_starts_from_the_init_model(trained, tmp_path, capsys):
     d, data = trained
-    from moekit.models.timemoe import load_forecaster, save_hf
+    from moekit.hf.timemoe import save_hf
+    from moekit.infer.forecast import load_forecaster
 
     save_hf(load_forecaster(d / "run"), tmp_path / "hf")  # a Time-MoE Hugging Face directory
     args = ["train-forecaster", "--init", str(tmp_path / "hf"), "--csv", str(data), "--out", str(tmp_path / "ft"),
