@@ -3,7 +3,7 @@
 Holds `parse_dates` (cells -> datetime64[s] timestamps and the strftime format
 they came in) and `date_readings` (every format the cells fully parse in).
 The format is `date_format` when given; else pandas guesses it from the first
-cell, month-first and day-first. When both readings parse every cell and give
+cell, and the guess with day and month swapped is tried too. When both readings parse every cell and give
 different dates (03/04/2020 with no day above 12), the column is ambiguous and
 is refused unless `dayfirst` (or an explicit format) says which it is.
 Year-first dates (2020-03-04) are read year-month-day only.
@@ -57,12 +57,11 @@ def parse_dates(cells: list[str], date_format: str | None = None, dayfirst: bool
         differ = np.flatnonzero(a != b)
         if differ.size:
             i = int(differ[0])
-            month_first, day_first_ = (a, b) if not _day_before_month(fmt_a) else (b, a)
+            (mf_fmt, mf), (_, df) = sorted([(fmt_a, a), (fmt_b, b)], key=lambda r: _day_before_month(r[0]))
             raise DataError(
                 f"{where} holds ambiguous dates: they read both month-first and day-first "
-                f"({cells[i]!r} is {_day(month_first[i])} or {_day(day_first_[i])}); pass --dayfirst for "
-                f"day-first dates, or --date-format FMT with their format (e.g. --date-format '%m/%d/%Y' "
-                f"for month-first)")
+                f"({cells[i]!r} is {_day(mf[i])} or {_day(df[i])}); pass --dayfirst for day-first dates, "
+                f"or --date-format FMT with their format (e.g. --date-format '{mf_fmt}' for month-first)")
     fmt = next((f for f in readings if not _day_before_month(f)), next(iter(readings)))
     return readings[fmt], fmt
 
@@ -90,16 +89,18 @@ def date_readings(cells: list[str], candidates: list[str] | None = None) -> dict
 
 
 def _candidate_formats(first: str) -> list[str]:
-    """pandas' guesses for the first cell, month-first then day-first; year-day-month guesses dropped."""
+    """pandas' guesses for the first cell and their day/month swaps, month-first first; year-day-month dropped."""
     from pandas.tseries.api import guess_datetime_format
 
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for dayfirst in (False, True):
-            fmt = guess_datetime_format(first, dayfirst=dayfirst)
-            if fmt and fmt not in out and not _year_day_month(fmt):
-                out.append(fmt)
+        guesses = [guess_datetime_format(first, dayfirst=dayfirst) for dayfirst in (False, True)]
+    for fmt in [g for g in guesses if g]:
+        swapped = fmt.replace("%d", "\0").replace("%m", "%d").replace("\0", "%m")
+        for f in sorted({fmt, swapped}, key=_day_before_month):
+            if f not in out and not _year_day_month(f):
+                out.append(f)
     return out
 
 
