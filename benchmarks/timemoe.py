@@ -15,16 +15,15 @@ dense model's, and below DLinear's on ETTh1 and on ETTh2.
 
     python benchmarks/timemoe.py --threads 1     # the full run (about 40 minutes on 2 cores)
     python benchmarks/timemoe.py --quick         # a one-minute smoke run (results not written)
+    python benchmarks/timemoe.py --render        # rewrite timemoe.{json,md} from the committed JSON (no training)
 
-Writes benchmarks/results/timemoe.{json,md,png}.
+Writes benchmarks/results/timemoe.{json,md,png} (JSON and markdown through _common.write_results).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -36,10 +35,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _common import RESULTS_DIR, command_line, machine_info, target, write_results  # noqa: E402
 from moekit.data.timeseries import prepare, read_csv  # noqa: E402
 from moekit.infer.forecast_eval import (  # noqa: E402
     DLinear,
+    EvalResult,
     LastValue,
     ModelForecaster,
     SeasonalNaive,
@@ -48,14 +50,16 @@ from moekit.infer.forecast_eval import (  # noqa: E402
     results_table,
     season_length,
 )
-from moekit.models.timemoe import PRESETS, dense_equivalent, train_forecaster  # noqa: E402
+from moekit.models.timemoe import PRESETS, dense_equivalent  # noqa: E402
+from moekit.train.forecaster import train_forecaster  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data" / "timeseries"
 DATASETS = ("ETTh1", "ETTh2", "ETTm1")
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = RESULTS_DIR
+NAME = "timemoe"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=0, help="training steps for each model (0: fit --train-minutes)")
     p.add_argument("--train-minutes", type=float, default=11.0, help="time the MoE may train; the dense model gets the same steps")
@@ -70,11 +74,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny smoke run; nothing is written to benchmarks/results")
     p.add_argument("--keep-runs", metavar="DIR", help="keep the two training runs in DIR")
-    return p.parse_args()
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite timemoe.json (targets recomputed) and timemoe.md from the existing timemoe.json")
+    return p.parse_args(argv)
 
 
 def main() -> int:
     args = parse_args()
+    if args.render:
+        return render()
     missing = [d for d in DATASETS if not (DATA / f"{d}.csv").is_file()]
     if missing:
         print(f"benchmarks/timemoe.py needs {', '.join(missing)}.csv in {DATA.resolve()} (the shared data folder)",
@@ -130,11 +138,22 @@ def main() -> int:
     if args.quick:
         print("\n(--quick: nothing written)")
         return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "timemoe.md").write_text(report["markdown"] + "\n")
-    plot(report["json"], RESULTS / "timemoe.png", report["curves"])
-    (RESULTS / "timemoe.json").write_text(json.dumps(report["json"], indent=2) + "\n")
-    print(f"wrote {RESULTS / 'timemoe.json'}, .md, .png")
+    json_path, _ = write_results(NAME, report["json"], report["markdown"], RESULTS)
+    plot(report["json"], RESULTS / f"{NAME}.png", report["curves"])
+    print(f"wrote {json_path}, .md, .png")
+    return 0
+
+
+def render(results_dir: Path = RESULTS) -> int:
+    """Rewrite <NAME>.json (targets recomputed from its results) and <NAME>.md from the committed JSON."""
+    path = results_dir / f"{NAME}.json"
+    if not path.is_file():
+        print(f"--render needs {path} (run the benchmark first)", file=sys.stderr)
+        return 2
+    data = json.loads(path.read_text())
+    data["targets"] = targets_for([EvalResult(**r) for r in data["results"]])
+    json_path, md_path = write_results(NAME, data, markdown(data), results_dir)
+    print(f"rewrote {json_path} and {md_path} (the plot needs the training curves: rerun the benchmark)")
     return 0
 
 
@@ -156,21 +175,18 @@ def averages(results, method: str, dataset: str | None = None) -> tuple[float, f
     return float(np.mean([r.mse for r in rs])), float(np.mean([r.mae for r in rs]))
 
 
-def target(name: str, value: float, goal: float, direction: str = "<=") -> dict:
-    met = value <= goal if direction == "<=" else value >= goal
-    return {"name": name, "value": round(value, 4), "goal": round(goal, 4), "direction": direction, "met": bool(met)}
+def targets_for(results) -> list[dict]:
+    """The benchmark's claims as _common targets (goals rounded to 4 places, as they are reported)."""
+    moe_avg, dense_avg = averages(results, "time_moe")[0], averages(results, "dense")[0]
+    targets = [target("time_moe average MSE / dense (equal active parameters) average MSE, all datasets and horizons",
+                      moe_avg / dense_avg, 1.0, "<=")]
+    for d in ("ETTh1", "ETTh2"):
+        targets.append(target(f"time_moe average MSE on {d} vs DLinear's (goal) under the identical harness",
+                              averages(results, "time_moe", d)[0], round(averages(results, "dlinear", d)[0], 4), "<="))
+    return targets
 
 
 def build_report(args, steps, trained, results, strides, dlinear_seconds, total, horizons) -> dict:
-    moe_avg, dense_avg = averages(results, "time_moe")[0], averages(results, "dense")[0]
-    targets = [target("time_moe average MSE / dense (equal active parameters) average MSE, all datasets and horizons",
-                      moe_avg / dense_avg, 1.0)]
-    for d in ("ETTh1", "ETTh2"):
-        targets.append(target(f"time_moe average MSE on {d} vs DLinear's (goal) under the identical harness",
-                              averages(results, "time_moe", d)[0], averages(results, "dlinear", d)[0]))
-    command = "python benchmarks/timemoe.py " + " ".join(sys.argv[1:])
-    machine = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-               "device": "cpu", "platform": platform.platform(), "python": platform.python_version()}
     models = {k: {"parameters": v["parameters"], "active_parameters": v["active_parameters"],
                   "train_seconds": round(v["seconds"], 1),
                   "final_train_loss": round(v["result"].last_metrics.get("loss", float("nan")), 4)}
@@ -181,9 +197,9 @@ def build_report(args, steps, trained, results, strides, dlinear_seconds, total,
         if path is not None and path.is_file():
             curves[k] = [json.loads(x)["loss"] for x in path.read_text().splitlines() if '"loss"' in x]
     data = {
-        "benchmark": "timemoe",
-        "command": command,
-        "machine": machine,
+        "benchmark": NAME,
+        "command": command_line(),
+        "machine": machine_info("cpu"),
         "total_seconds": round(total, 1),
         "setup": {"datasets": list(DATASETS), "train_split_only": True, "steps": steps, "batch_size": args.batch_size,
                   "seq_len": args.seq_len, "lr": args.lr, "mixture": args.mixture, "context": args.context, "horizons": horizons,
@@ -195,24 +211,31 @@ def build_report(args, steps, trained, results, strides, dlinear_seconds, total,
         "averages": {m: {d: dict(zip(("mse", "mae"), averages(results, m, d))) for d in DATASETS}
                      for m in dict.fromkeys(r.method for r in results)},
         "results": results_dicts(results),
-        "targets": targets,
+        "targets": targets_for(results),
     }
-    md = [f"# Time-MoE on CPU: MoE vs dense (equal active parameters) vs baselines", "",
-          f"`{command}` on {machine['cores']} cores, torch {machine['torch']} ({machine['torch_threads']} threads), "
-          f"{total / 60:.1f} min in all.", "",
-          f"Both forecasters: {steps} steps x {args.batch_size} sequences of {args.seq_len} points from the train "
-          f"splits of {', '.join(DATASETS)} (same batches, datasets mixed: {args.mixture}). MoE: {models['time_moe']['parameters']:,} parameters, "
+    return {"json": data, "markdown": markdown(data), "curves": curves}
+
+
+def markdown(data: dict) -> str:
+    """The report, from the result JSON alone (so --render can rewrite it)."""
+    setup, models, machine = data["setup"], data["models"], data["machine"]
+    datasets = setup["datasets"]
+    md = ["# Time-MoE on CPU: MoE vs dense (equal active parameters) vs baselines", "",
+          f"`{data['command']}` on {machine['cores']} cores, torch {machine['torch']} ({machine['torch_threads']} threads), "
+          f"{data['total_seconds'] / 60:.1f} min in all.", "",
+          f"Both forecasters: {setup['steps']} steps x {setup['batch_size']} sequences of {setup['seq_len']} points from the train "
+          f"splits of {', '.join(datasets)} (same batches, datasets mixed: {setup['mixture']}). MoE: {models['time_moe']['parameters']:,} parameters, "
           f"{models['time_moe']['active_parameters']:,} active; dense: {models['dense']['parameters']:,}. "
-          f"Test windows once a day (stride {strides}), context {args.context}; MSE / MAE on train-scaled values.", "",
+          f"Test windows once a day (stride {setup['eval_stride']}), context {setup['context']}; MSE / MAE on train-scaled values.", "",
           "## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
     md += [f"| {t['name']} | {t['value']:.4f} | {t['direction']} {t['goal']:.4f} | {'yes' if t['met'] else '**no**'} |"
-           for t in targets]
-    md += ["", "## Average over horizons", "", "| method | " + " | ".join(f"{d} MSE | {d} MAE" for d in DATASETS) + " |",
-           "|---|" + "---|" * (2 * len(DATASETS))]
+           for t in data["targets"]]
+    md += ["", "## Average over horizons", "", "| method | " + " | ".join(f"{d} MSE | {d} MAE" for d in datasets) + " |",
+           "|---|" + "---|" * (2 * len(datasets))]
     for m, per in data["averages"].items():
-        md.append(f"| {m} | " + " | ".join(f"{per[d]['mse']:.3f} | {per[d]['mae']:.3f}" for d in DATASETS) + " |")
-    md += ["", "## Per horizon", "", results_table(results)]
-    return {"json": data, "markdown": "\n".join(md), "curves": curves}
+        md.append(f"| {m} | " + " | ".join(f"{per[d]['mse']:.3f} | {per[d]['mae']:.3f}" for d in datasets) + " |")
+    md += ["", "## Per horizon", "", results_table([EvalResult(**r) for r in data["results"]])]
+    return "\n".join(md)
 
 
 def plot(data: dict, path: Path, curves: dict) -> None:

@@ -136,7 +136,8 @@ def test_no_traceback_from_the_installed_command(tmp_path):
 
 def test_fine_tuning_starts_from_the_init_model(trained, tmp_path, capsys):
     d, data = trained
-    from moekit.models.timemoe import load_forecaster, save_hf
+    from moekit.hf.timemoe import save_hf
+    from moekit.infer.forecast import load_forecaster
 
     save_hf(load_forecaster(d / "run"), tmp_path / "hf")  # a Time-MoE Hugging Face directory
     args = ["train-forecaster", "--init", str(tmp_path / "hf"), "--csv", str(data), "--out", str(tmp_path / "ft"),
@@ -146,3 +147,53 @@ def test_fine_tuning_starts_from_the_init_model(trained, tmp_path, capsys):
     assert cfg["train"]["lr"] == 1e-4 and cfg["forecaster"]["hidden_size"] == 16
     code, err = run_cli(args[:-4] + ["--out", str(tmp_path / "ft2"), "model.hidden_size=32"], capsys)
     assert code == 2 and "drop the override(s) of model.hidden_size" in err
+
+
+def write_day_first(path: Path, rows: int = 240) -> Path:
+    """Hourly rows from 1 March 2021 written dd/mm/YYYY HH:MM: ten days, so every day <= 12 (ambiguous)."""
+    start = np.datetime64("2021-03-01T00:00")
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["date", "load"])
+        for i in range(rows):
+            stamp = (start + np.timedelta64(i, "h")).astype(object).strftime("%d/%m/%Y %H:%M")
+            w.writerow([stamp, f"{10 + np.sin(i / 4):.4f}"])
+    return path
+
+
+def test_ambiguous_dates_are_refused_by_every_forecast_command(trained, tmp_path, capsys):
+    d, _ = trained
+    data = write_day_first(tmp_path / "eu.csv")
+    commands = [
+        ["train-forecaster", "--csv", str(data), "--out", str(tmp_path / "r"), "--quiet", *TINY],
+        ["forecast", "--model", str(d / "run"), "--csv", str(data), "--horizon", "5", "--out", str(tmp_path / "f.csv")],
+        ["eval-forecast", "--model", str(d / "run"), "--csv", str(data), "--horizons", "5", "--context", "24", "--quiet"],
+    ]
+    for args in commands:
+        code, err = run_cli(args, capsys)
+        assert code == 2 and err.count("\n") == 1, (args[0], err)
+        assert "column 'date'" in err and "ambiguous" in err and "--dayfirst" in err and "--date-format" in err
+    assert not (tmp_path / "f.csv").exists() and not (tmp_path / "r").exists()
+
+
+def test_dayfirst_and_date_format_on_the_forecast_commands(trained, tmp_path, capsys):
+    d, _ = trained
+    data = write_day_first(tmp_path / "eu.csv")
+    for option in (["--dayfirst"], ["--date-format", "%d/%m/%Y %H:%M"]):
+        out = tmp_path / "f.csv"
+        code, err = run_cli(["forecast", "--model", str(d / "run"), "--csv", str(data), "--horizon", "3",
+                             "--context", "48", "--out", str(out), *option], capsys)
+        assert code == 0, err
+        rows = list(csv.reader(out.open()))
+        # 240 hours after 2021-03-01 00:00 is 11 March 00:00, written like the file (day first)
+        assert [r[0] for r in rows[1:]] == ["11/03/2021 00:00", "11/03/2021 01:00", "11/03/2021 02:00"]
+    code, err = run_cli(["eval-forecast", "--model", str(d / "run"), "--csv", str(data), "--horizons", "5",
+                         "--context", "24", "--stride", "12", "--no-baselines", "--quiet", "--dayfirst"], capsys)
+    assert code == 0, err
+    run = tmp_path / "r"
+    code, err = run_cli(["train-forecaster", "--csv", str(data), "--out", str(run), "--quiet",
+                         "--date-format", "%d/%m/%Y %H:%M", *TINY[:4], "train.steps=1", "train.seq_len=48",
+                         "train.batch_size=2", "train.eval_every=0", "train.warmup_steps=1"], capsys)
+    assert code == 0, err
+    saved = json.loads((run / "step-00000001" / "config.json").read_text())
+    assert saved["data"]["date_format"] == "%d/%m/%Y %H:%M" and saved["data"]["dayfirst"] is False

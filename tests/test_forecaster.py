@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moekit.errors import CheckpointError, DataError
+from moekit.hf.timemoe import load_forecaster, load_hf, save_hf
 from moekit.models.timemoe import (
     PRESETS,
     ForecasterConfig,
@@ -16,10 +17,7 @@ from moekit.models.timemoe import (
     build,
     count_parameters,
     dense_equivalent,
-    load_forecaster,
-    load_hf,
     preset,
-    save_hf,
     time_moe_balance_loss,
 )
 

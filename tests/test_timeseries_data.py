@@ -143,3 +143,80 @@ def test_real_etth1():
     p = prepare(s)
     assert p.splits.test == (11520, 14400)
     assert len(window_starts(p.splits.test, 512, 96)) == 2880 - 96 + 1
+
+
+AMBIGUOUS = "date,x\n03/04/2020,1\n04/04/2020,2\n05/04/2020,3\n"  # 3-5 April day-first, 4 March-4 May month-first
+
+
+def test_ambiguous_day_month_dates_are_refused_naming_the_column_and_both_options(tmp_path):
+    with pytest.raises(DataError) as e:
+        read_csv(write(tmp_path, AMBIGUOUS))
+    msg = str(e.value)
+    assert "column 'date'" in msg and "ambiguous" in msg
+    assert "--dayfirst" in msg and "--date-format" in msg
+    assert "'03/04/2020' is 2020-03-04 or 2020-04-03" in msg
+    assert "\n" not in msg
+
+
+def test_dayfirst_and_date_format_give_the_dates_they_name(tmp_path):
+    p = write(tmp_path, AMBIGUOUS)
+    s = read_csv(p, dayfirst=True)
+    np.testing.assert_array_equal(s.timestamps, np.array(["2020-04-03", "2020-04-04", "2020-04-05"], dtype="datetime64[s]"))
+    assert s.future_timestamps(2) == ["06/04/2020", "07/04/2020"]  # daily, written day-first like the file
+    s = read_csv(p, date_format="%m/%d/%Y")
+    np.testing.assert_array_equal(s.timestamps, np.array(["2020-03-04", "2020-04-04", "2020-05-04"], dtype="datetime64[s]"))
+    s = read_csv(write(tmp_path, "when,x\n01/02/2021 10:30,1\n01/02/2021 11:30,2\n", "t.csv"), dayfirst=True)
+    np.testing.assert_array_equal(s.timestamps, np.array(["2021-02-01T10:30", "2021-02-01T11:30"], dtype="datetime64[s]"))
+    assert s.future_timestamps(1) == ["01/02/2021 12:30"]
+
+
+def test_unambiguous_dates_need_no_option(tmp_path):
+    # the first cell reads both ways, a later one only day-first: the whole column decides
+    s = read_csv(write(tmp_path, "date,x\n12/04/2020,1\n13/04/2020,2\n"))
+    np.testing.assert_array_equal(s.timestamps, np.array(["2020-04-12", "2020-04-13"], dtype="datetime64[s]"))
+    s = read_csv(write(tmp_path, "date,x\n04/12/2020,1\n04/13/2020,2\n", "m.csv"))
+    np.testing.assert_array_equal(s.timestamps, np.array(["2020-04-12", "2020-04-13"], dtype="datetime64[s]"))
+    # year-first dates are year-month-day, never year-day-month, even with every day <= 12
+    s = read_csv(write(tmp_path, "date,x\n2020-03-04,1\n2020-03-05,2\n", "iso.csv"), dayfirst=True)
+    np.testing.assert_array_equal(s.timestamps, np.array(["2020-03-04", "2020-03-05"], dtype="datetime64[s]"))
+    # same dates either way (day == month): nothing to ask
+    s = read_csv(write(tmp_path, "date,x\n01/01/2020,1\n02/02/2020,2\n", "same.csv"))
+    np.testing.assert_array_equal(s.timestamps, np.array(["2020-01-01", "2020-02-02"], dtype="datetime64[s]"))
+
+
+def test_date_options_that_do_not_fit_are_clear_errors(tmp_path):
+    p = write(tmp_path, "date,x\n04/25/2020,1\n04/26/2020,2\n")
+    with pytest.raises(DataError, match=r"column 'date' does not read day-first.*'04/25/2020'"):
+        read_csv(p, dayfirst=True)
+    with pytest.raises(DataError, match=r"column 'date' does not match --date-format '%d/%m/%Y' \(e.g. '04/25/2020'\)"):
+        read_csv(p, date_format="%d/%m/%Y")
+
+
+def test_pandas_reader_keeps_the_repairs_and_errors(tmp_path):
+    # blank lines and all-blank rows are dropped; short rows are missing cells; a BOM and padded names are cleaned
+    p = write(tmp_path, "\ufeffdate, a ,b\n2020-01-01,1,2\n\n,,\n2020-01-02,3\n2020-01-03,5,6\n")
+    with pytest.warns(DataWarning, match="filled 1 missing value"):
+        s = read_csv(p)
+    assert s.channels == ["a", "b"] and s.length == 3
+    np.testing.assert_array_equal(s.values_TC, [[1, 2], [3, 2], [5, 6]])
+    with pytest.raises(DataError, match="is empty"):
+        read_csv(write(tmp_path, "", "blank.csv"))
+    with pytest.raises(DataError, match="not a readable CSV file"):
+        read_csv(write(tmp_path, "date,a\n2020-01-01,1\n2020-01-02,2,3\n", "long.csv"))
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("date,caf\xe9\n2020-01-01,1\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not a UTF-8 text CSV file"):
+        read_csv(bad)
+
+
+@pytest.mark.skipif(not (SHARED / "ETTm1.csv").is_file(), reason="needs ../shared/data/timeseries/ETT*.csv")
+def test_real_ett_timestamps_hourly_and_15_minute():
+    h = read_csv(SHARED / "ETTh1.csv")
+    assert h.timestamps[0] == np.datetime64("2016-07-01T00:00:00") and h.timestamps[1] == np.datetime64("2016-07-01T01:00:00")
+    assert h.frequency() == np.timedelta64(3600, "s") and h.date_format == "%Y-%m-%d %H:%M:%S"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = read_csv(SHARED / "ETTm1.csv")
+    assert m.values_TC.shape == (69680, 7)
+    assert m.timestamps[1] == np.datetime64("2016-07-01T00:15:00") and m.frequency() == np.timedelta64(900, "s")
+    assert m.future_timestamps(1) == [str(m.timestamps[-1] + np.timedelta64(15, "m")).replace("T", " ")]

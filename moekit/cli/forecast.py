@@ -1,8 +1,8 @@
 """The forecasting subcommands of `moekit`: train-forecaster, forecast, eval-forecast.
 
 Glue only: each handler parses its flags, calls one library function
-(`forecaster.train_forecaster`, `forecaster.forecast_csv`,
-`forecast_eval.evaluate_csv`) and prints. Heavy imports happen inside the
+(`moekit.train.forecaster.train_forecaster`, `moekit.infer.forecast.forecast_csv`,
+`moekit.infer.forecast_eval.evaluate_csv`) and prints. Heavy imports happen inside the
 handlers. Data repairs (filled gaps, skipped columns) are printed as one-line
 warnings; user mistakes raise MoekitError, which `moekit.cli` prints without a
 traceback (exit status 2).
@@ -28,13 +28,15 @@ def _plain_warnings(command: str):
 
 
 def _train(args) -> int:
-    from ..models.timemoe import train_forecaster
+    from ..train.forecaster import train_forecaster
 
-    if args.resume and (args.init or args.overrides):
-        print("note: --resume continues with the run's saved config; --init and overrides are ignored", file=sys.stderr)
+    if args.resume and (args.init or args.overrides or args.date_format or args.dayfirst):
+        print("note: --resume continues with the run's saved config; --init, overrides and date options are ignored",
+              file=sys.stderr)
     with _plain_warnings("train-forecaster"):
         summary = train_forecaster(args.csv or [], args.out, preset_name=args.preset, overrides=args.overrides,
-                                   init=args.init, resume=args.resume, progress=not args.quiet)
+                                   init=args.init, resume=args.resume, progress=not args.quiet,
+                                   date_format=args.date_format, dayfirst=args.dayfirst)
     result = summary["result"]
     if result.interrupted:
         print(f"interrupted at step {result.step}; saved {result.checkpoint} (continue with --resume)")
@@ -49,10 +51,11 @@ def _train(args) -> int:
 
 
 def _forecast(args) -> int:
-    from ..models.timemoe import forecast_csv
+    from ..infer.forecast import forecast_csv
 
     with _plain_warnings("forecast"):
-        res = forecast_csv(args.model, args.csv, args.horizon, context=args.context, out=args.out, plot=args.plot)
+        res = forecast_csv(args.model, args.csv, args.horizon, context=args.context, out=args.out, plot=args.plot,
+                           date_format=args.date_format, dayfirst=args.dayfirst)
     print(f"forecast {len(res.timestamps)} steps of {len(res.channels)} channel(s) ({', '.join(res.channels)}) "
           f"from {res.timestamps[0]} to {res.timestamps[-1]}, context {res.context}")
     print(f"wrote {res.out}")
@@ -70,7 +73,8 @@ def _eval(args) -> int:
     horizons = parse_horizons(args.horizons)
     with _plain_warnings("eval-forecast"):
         results = evaluate_csv(args.model, args.csv, horizons, context=args.context, stride=args.stride,
-                               with_baselines=not args.no_baselines, progress=not args.quiet)
+                               with_baselines=not args.no_baselines, progress=not args.quiet,
+                               date_format=args.date_format, dayfirst=args.dayfirst)
     print(f"MSE / MAE on the scaled test split, context {args.context}, stride {args.stride}:")
     print(results_table(results))
     if args.out:
@@ -78,6 +82,14 @@ def _eval(args) -> int:
                                               "results": results_dicts(results)}, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
+
+
+def _add_date_options(p) -> None:
+    p.add_argument("--date-format", metavar="FMT",
+                   help="strftime format of the date column, e.g. '%%d/%%m/%%Y %%H:%%M' (default: inferred)")
+    p.add_argument("--dayfirst", action="store_true",
+                   help="read ambiguous dates such as 03/04/2020 day-first (4 March); without it or --date-format "
+                        "they are refused")
 
 
 def add_parsers(sub) -> None:
@@ -92,6 +104,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="run directory for checkpoints and metrics")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_date_options(p)
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("forecast", help="forecast every numeric channel of a CSV past its end")
@@ -101,6 +114,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--context", type=int, metavar="L", help="history points per channel (default: up to 512)")
     p.add_argument("--out", required=True, metavar="FILE", help="forecast CSV to write (timestamps continue the file's)")
     p.add_argument("--plot", metavar="PNG", help="also write a plot of history and forecast")
+    _add_date_options(p)
     p.set_defaults(handler=_forecast)
 
     p = sub.add_parser("eval-forecast", help="MSE/MAE on a CSV's test split, next to last-value, seasonal-naive and DLinear")
@@ -112,4 +126,5 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-baselines", action="store_true", help="score the model only")
     p.add_argument("--out", metavar="JSON", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_date_options(p)
     p.set_defaults(handler=_eval)

@@ -1,22 +1,22 @@
 """Time-series data: CSV reading, the standard splits, scaling, windows and mixtures.
 
-Holds what every forecasting command shares: `read_csv` (a date column plus
-numeric channels; missing values filled, non-numeric columns named and
-skipped), the long-horizon benchmark splits (`split_bounds`: ETTh 12/4/4
+Holds what every forecasting command shares: `read_csv` (pandas' CSV reader;
+a date column plus numeric channels; missing values filled, non-numeric
+columns named and skipped), the long-horizon benchmark splits (`split_bounds`: ETTh 12/4/4
 months, ETTm four times that, anything else 70/10/20), a per-channel
 `StandardScaler` fitted on the train split only, channel-independent evaluation
 windows (`window_starts`, `gather_windows`) and `TimeSeriesMixture`, which
 samples pre-training windows from several series as a pure function of the
 step (so a resumed run sees the same batches).
 
-Not here: models, training loops, metrics (`moekit.forecast_eval`).
+Not here: date parsing and its ambiguity check (`moekit.data.dates`), models,
+training loops, metrics (`moekit.infer.forecast_eval`).
 
 Shape suffixes: T time steps, C channels, N windows, L context, H horizon.
 """
 
 from __future__ import annotations
 
-import csv
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .dates import date_readings, parse_dates
 
 DATE_NAMES = ("date", "datetime", "time", "timestamp", "ds")
 MISSING = {"", "nan", "na", "n/a", "null", "none", "?", "-"}
-DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M",
-                "%Y/%m/%d", "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M", "%m/%d/%Y", "%d.%m.%Y %H:%M", "%d.%m.%Y")
 SPLIT_SCHEMES = ("auto", "etth", "ettm", "ratio")
 MIXTURES = ("size", "equal")  # how a mixture weighs its series: by points, or each series alike
 
@@ -81,23 +80,26 @@ class Series:
 # ---------------------------------------------------------------- reading
 
 
-def read_csv(path: str | Path, *, date_column: str | None = None, channels: list[str] | None = None) -> Series:
-    """Read a CSV of a date column plus numeric channels.
+def read_csv(path: str | Path, *, date_column: str | None = None, channels: list[str] | None = None,
+             date_format: str | None = None, dayfirst: bool = False) -> Series:
+    """Read a CSV of a date column plus numeric channels (pandas' CSV reader and date parser).
 
     The date column is `date_column`, else a column named like a date (date,
-    time, timestamp, ...), else the first column if it parses as dates. Other
-    non-numeric columns are skipped with a warning naming them; missing cells
-    are forward-filled (back-filled at the start) with a warning giving the count.
+    time, timestamp, ...), else the first column if it parses as dates. Dates
+    follow `date_format` (strftime codes) when given; else their format is
+    inferred, and dates that read both month-first and day-first (03/04/2020)
+    are refused unless `dayfirst` says which. Other non-numeric columns are
+    skipped with a warning naming them; missing cells are forward-filled
+    (back-filled at the start) with a warning giving the count.
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"CSV file {p} does not exist")
-    header, rows = _read_rows(p)
-    columns = {name: [row[i] if i < len(row) else "" for row in rows] for i, name in enumerate(header)}
+    header, columns = _read_columns(p)
     date_name = _find_date_column(header, columns, date_column, p)
     timestamps, fmt = (None, None)
     if date_name is not None:
-        timestamps, fmt = _parse_dates(columns[date_name])
+        timestamps, fmt = parse_dates(columns[date_name], date_format, dayfirst, f"{p.name}: column {date_name!r}")
         if timestamps is None:
             warnings.warn(f"{p.name}: column {date_name!r} does not parse as dates; timestamps are ignored", DataWarning)
     wanted = [c for c in header if c != date_name]
@@ -130,22 +132,26 @@ def read_csv(path: str | Path, *, date_column: str | None = None, channels: list
     return Series(p.stem, values_TC.astype(np.float32), list(numeric), timestamps, date_name, fmt, notes)
 
 
-def _read_rows(p: Path) -> tuple[list[str], list[list[str]]]:
+def _read_columns(p: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """Header and stripped string cells per column; rows whose cells are all blank are dropped."""
+    import pandas as pd
+
     try:
-        with p.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            rows = [row for row in reader if any(cell.strip() for cell in row)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)  # rows longer than the header
+            df = pd.read_csv(p, dtype=str, keep_default_na=False, index_col=False, encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"{p} is not a UTF-8 text CSV file") from None
-    except csv.Error as e:
-        raise DataError(f"{p} is not a readable CSV file: {e}") from None
-    if not header:
-        raise DataError(f"{p} is empty: expected a header row (a date column plus numeric channels)")
-    header = [h.strip() for h in header]
-    if not rows:
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{p} is empty: expected a header row (a date column plus numeric channels)") from None
+    except (pd.errors.ParserError, pd.errors.ParserWarning) as e:
+        raise DataError(f"{p} is not a readable CSV file: {str(e).strip()}") from None
+    header = [str(h).strip() for h in df.columns]
+    cells = df.fillna("").apply(lambda col: col.str.strip())
+    cells = cells[(cells != "").any(axis=1)]
+    if cells.empty:
         raise DataError(f"{p} has a header but no data rows")
-    return header, rows
+    return header, {name: cells.iloc[:, i].tolist() for i, name in enumerate(header)}
 
 
 def _find_date_column(header: list[str], columns: dict, date_column: str | None, p: Path) -> str | None:
@@ -157,7 +163,7 @@ def _find_date_column(header: list[str], columns: dict, date_column: str | None,
         if name.lower() in DATE_NAMES:
             return name
     first = header[0]
-    if _parse_numeric(columns[first]) is None and _parse_dates(columns[first][:50])[0] is not None:
+    if _parse_numeric(columns[first]) is None and date_readings(columns[first][:50]):
         return first
     return None
 
@@ -177,28 +183,6 @@ def _parse_numeric(cells: list[str]) -> np.ndarray | None:
             return None
         present += 1
     return out if present else None
-
-
-def _parse_dates(cells: list[str]) -> tuple[np.ndarray | None, str | None]:
-    """datetime64[s] values and the strftime format they came in, or (None, None)."""
-    cells = [c.strip() for c in cells]
-    if not cells or any(not c for c in cells):
-        return None, None
-    for fmt in DATE_FORMATS:
-        try:
-            datetime.strptime(cells[0], fmt)
-        except ValueError:
-            continue
-        try:
-            parsed = [datetime.strptime(c, fmt) for c in cells]
-        except ValueError:
-            continue
-        return np.array(parsed, dtype="datetime64[s]"), fmt
-    try:
-        parsed = [datetime.fromisoformat(c) for c in cells]
-    except ValueError:
-        return None, None
-    return np.array([d.replace(tzinfo=None) for d in parsed], dtype="datetime64[s]"), "%Y-%m-%dT%H:%M:%S"
 
 
 def _fill_missing(values_TC: np.ndarray) -> int:
@@ -404,10 +388,11 @@ class TimeSeriesMixture:
 
 
 def load_training_mixture(paths: list[str | Path], window: int, seed: int = 0, split: str = "train",
-                          mixture: str = "size") -> tuple[TimeSeriesMixture, list[PreparedSeries]]:
-    """Read CSVs, scale each with its train statistics, and mix their `split` parts."""
+                          mixture: str = "size", date_format: str | None = None,
+                          dayfirst: bool = False) -> tuple[TimeSeriesMixture, list[PreparedSeries]]:
+    """Read CSVs (dates as `read_csv` reads them), scale each with its train statistics, and mix their `split` parts."""
     if not paths:
         raise DataError("no training CSV given: pass at least one --csv FILE")
-    prepared = [prepare(read_csv(p)) for p in paths]
+    prepared = [prepare(read_csv(p, date_format=date_format, dayfirst=dayfirst)) for p in paths]
     parts = [p.part(split) for p in prepared]
     return TimeSeriesMixture(parts, [p.series.name for p in prepared], window, seed, mixture), prepared

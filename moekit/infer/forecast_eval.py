@@ -8,8 +8,8 @@ forecasters it scores (`ModelForecaster` for Time-MoE, `LastValue`,
 early stopping on its validation split), and `evaluate_csv`, the one call behind
 `moekit eval-forecast`. Every method sees exactly the same windows.
 
-Not here: the model (`moekit.forecaster`), CSV reading and splits
-(`moekit.data.timeseries`).
+Not here: the model (`moekit.models.timemoe`), loading it and forecasting a
+CSV (`moekit.infer.forecast`), CSV reading and splits (`moekit.data.timeseries`).
 
 Shape suffixes: N series (windows x channels), L context, H horizon, C channels.
 """
@@ -301,15 +301,16 @@ def baselines(prepared: PreparedSeries, horizons, context: int, dlinear: bool = 
 
 
 def evaluate_csv(model_path: str | Path, csv_path: str | Path, horizons=DEFAULT_HORIZONS, context: int = 512,
-                 stride: int = 1, with_baselines: bool = True, progress: bool = True) -> list[EvalResult]:
-    """`moekit eval-forecast`: the model and the baselines on the CSV's test windows."""
-    from ..models.timemoe import load_forecaster
+                 stride: int = 1, with_baselines: bool = True, progress: bool = True,
+                 date_format: str | None = None, dayfirst: bool = False) -> list[EvalResult]:
+    """`moekit eval-forecast`: the model and the baselines on the CSV's test windows (dates read as `read_csv` says)."""
+    from .forecast import load_forecaster
 
     horizons = _check_horizons(horizons)
     if stride < 1:
         raise DataError(f"--stride {stride} is invalid: it must be a positive integer")
     model = load_forecaster(model_path)
-    prepared = prepare(read_csv(csv_path))
+    prepared = prepare(read_csv(csv_path, date_format=date_format, dayfirst=dayfirst))
     methods = [ModelForecaster(model)]
     if with_baselines:
         methods += baselines(prepared, horizons, context, progress=progress)
