@@ -83,6 +83,10 @@ def test_budget_parsing_and_slots():
     assert Budget.parse("100%").slots(shapes) == [8, 16]
     assert Budget.parse(str(12 * per)).slots(shapes) == [4, 8]  # bytes: the same fraction of every layer
     assert Budget.parse("1.5MiB").bytes == 1.5 * 2**20
+    assert Budget.parse("0.25").slots(shapes) == [2, 4] and Budget.parse("0.25").fraction == 0.25  # a bare fraction
+    assert Budget.parse(0.5).fraction == 0.5 and Budget.parse(1.0).fraction == 1.0
+    with pytest.raises(BudgetError, match=r"fraction below 1 \(0.25\), a percentage \(25%\), or a size in bytes"):
+        Budget.parse("2.5")
     with pytest.raises(BudgetError, match=r"too small: it holds 1 expert\(s\) of MoE layer 0, which routes each token to 2; "
                                           r"the minimum is 25% of experts \(\d+ bytes"):
         Budget.parse("12.5%").slots(shapes)

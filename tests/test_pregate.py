@@ -14,10 +14,9 @@ from moekit.models.decoder import DecoderLM, ModelConfig
 from moekit.infer.engine import Engine
 from moekit.infer.sampling import SamplingConfig
 from moekit.train.lm import DataConfig, RunConfig
-from moekit.train.pregate import (
-    PreGateError, PreGateHeads, apply_pregated_routing, finetune_pregated, load_pregate_heads, load_pregate_predictor,
-    train_pregate,
-)
+from moekit.infer.prefetch import load_pregate_predictor
+from moekit.models.pregated import PreGateError, PreGateHeads, apply_pregated_routing, load_pregate_heads
+from moekit.train.pregate import finetune_pregated, train_pregate
 from moekit.train.loop import TrainConfig
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoekitError
+from ..models.pregated import load_pregate_heads, moe_layers_of
 
 PREDICTORS = ("none", "prefetch-all", "next-gate", "pregate")
 
@@ -150,10 +151,16 @@ def build_predictor(name: str, pregate: str | Path | None = None, model=None) ->
     if name == "pregate":
         if pregate is None:
             raise PredictorError("the pregate predictor needs the heads trained by `moekit pregate CKPT --out DIR` (pass that DIR)")
-        from ..train.pregate import load_pregate_predictor
-
         return load_pregate_predictor(pregate, model)
     return {"none": NoPredictor, "prefetch-all": PrefetchAll, "next-gate": NextGate}[name]()
+
+
+def load_pregate_predictor(directory: str | Path, model):
+    """The `pregate` predictor of moekit.infer.prefetch, from a directory written by `moekit pregate`."""
+    if model is None:
+        raise PredictorError("the pregate predictor needs the model to check the heads against")
+    heads = load_pregate_heads(directory, model)
+    return LearnedPreGate(heads.heads, [m.cfg.top_k for m in moe_layers_of(model)])
 
 
 # ---------------------------------------------------------------- asynchronous transfers

@@ -15,7 +15,6 @@ Shape legend: B batch, T new tokens, K keys (cache included), D hidden, V vocab.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch

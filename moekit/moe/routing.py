@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import MoEConfig
 

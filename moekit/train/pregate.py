@@ -37,10 +37,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
-from ..models.pregated import PreGateError, apply_pregated_routing, moe_layers_of  # noqa: F401 (re-exported)
+from ..models.pregated import (  # noqa: F401 (re-exported)
+    HEADS_FILE, REPORT_FILE, PreGateError, PreGateHeads, apply_pregated_routing, load_pregate_heads, moe_layers_of,
+)
 
-HEADS_FILE = "pregate.safetensors"
-REPORT_FILE = "pregate.json"
 PREGATED_MARKER = "pregated.json"
 PREGATED_MODEL_DIR = "pregated-model"
 
@@ -52,42 +52,15 @@ def _moe_layers(model: nn.Module) -> list:
 # ---------------------------------------------------------------- heads
 
 
-class PreGateHeads(nn.Module):
-    """heads[str(i)]: Linear(D, E_{i+1}) from MoE layer i's input to MoE layer i+1's expert logits.
+def save_pregate_heads(heads: PreGateHeads, out_dir: str | Path, report: dict) -> Path:
+    """DIR/pregate.safetensors (the heads) and DIR/pregate.json (the report, with the shapes they fit)."""
+    from ..checkpoints import save_tensors
 
-    heads["wrap"] (optional) looks one token ahead: from the last MoE layer's
-    input at token t to the first MoE layer's experts at token t+1, whose
-    input is not known until t+1 is sampled (the first layer has no earlier
-    layer of its own step to be predicted from).
-    """
-
-    def __init__(self, hidden_sizes: list[int], num_experts: list[int], bias: bool = False, wrap: bool = True):
-        super().__init__()
-        heads = {str(i): nn.Linear(hidden_sizes[i], num_experts[i + 1], bias=bias) for i in range(len(num_experts) - 1)}
-        if wrap:
-            heads["wrap"] = nn.Linear(hidden_sizes[-1], num_experts[0], bias=bias)
-        self.heads = nn.ModuleDict(heads)
-
-    @classmethod
-    def from_model(cls, model: nn.Module) -> "PreGateHeads":
-        """Heads initialised from the next layer's router: at step 0 they are the next-gate predictor."""
-        layers = _moe_layers(model)
-        if len(layers) < 2:
-            raise PreGateError("the model has a single MoE layer: there is no next layer to pre-gate")
-        if any(m.cfg.router == "expert_choice" for m in layers):
-            raise PreGateError("pre-gate heads predict token-choice routing; this model uses the expert_choice router")
-        gates = [m.router.gate for m in layers]
-        heads = cls([m.cfg.hidden_size for m in layers], [m.cfg.num_experts for m in layers], bias=gates[0].bias is not None)
-        with torch.no_grad():
-            for i, head in heads.heads.items():
-                nxt = gates[0] if i == "wrap" else gates[int(i) + 1]
-                head.weight.copy_(nxt.weight)
-                if head.bias is not None:
-                    head.bias.copy_(nxt.bias)
-        return heads.to(gates[0].weight.device)
-
-    def forward(self, layer: int | str, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.heads[str(layer)](x_TD)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / HEADS_FILE, {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()})
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return out
 
 
 def _next_token_pairs(x_BTD: torch.Tensor, y_BTE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,57 +231,6 @@ def distill_pregate(model: nn.Module, train_batch, val_batches: list[torch.Tenso
         "next_token_first_layer_recall_at_init": before["next_token_first_layer_recall"],
         "first_distillation_loss": losses[0], "last_distillation_loss": losses[-1],
     }
-
-
-def save_pregate_heads(heads: PreGateHeads, out_dir: str | Path, report: dict) -> Path:
-    """DIR/pregate.safetensors (the heads) and DIR/pregate.json (the report, with the shapes they fit)."""
-    from ..checkpoints import save_tensors
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / HEADS_FILE, {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()})
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    return out
-
-
-def load_pregate_heads(directory: str | Path, model: nn.Module) -> PreGateHeads:
-    """Heads written by `train_pregate`, checked against `model`'s MoE layers."""
-    d = Path(directory)
-    if not (d / HEADS_FILE).is_file() or not (d / REPORT_FILE).is_file():
-        raise PreGateError(f"{d} holds no pre-gate heads ({HEADS_FILE} + {REPORT_FILE}); train them with `moekit pregate CKPT --out {d}`")
-    try:
-        report = json.loads((d / REPORT_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PreGateError(f"{d / REPORT_FILE} cannot be read: {e}") from None
-    layers = _moe_layers(model)
-    want = ([m.cfg.hidden_size for m in layers], [m.cfg.num_experts for m in layers])
-    have = (report.get("hidden_size"), report.get("num_experts"))
-    if list(have) != list(want):
-        raise PreGateError(
-            f"the pre-gate heads in {d} were trained for MoE layers with hidden sizes {have[0]} and experts {have[1]}, "
-            f"but this model has {want[0]} and {want[1]}"
-        )
-    from ..checkpoints import load_tensors
-
-    state, _ = load_tensors(d / HEADS_FILE)
-    first = layers[0].router.gate
-    heads = PreGateHeads(want[0], want[1], bias=any(k.endswith(".bias") for k in state),
-                         wrap=any(k.startswith("heads.wrap.") for k in state))
-    try:
-        heads.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise PreGateError(f"{d / HEADS_FILE} does not match this model: {e}") from None
-    return heads.to(device=first.weight.device, dtype=first.weight.dtype).eval().requires_grad_(False)
-
-
-def load_pregate_predictor(directory: str | Path, model: nn.Module):
-    """The `pregate` predictor of moekit.infer.prefetch, from a directory written by `moekit pregate`."""
-    if model is None:
-        raise PreGateError("the pregate predictor needs the model to check the heads against")
-    from ..infer.prefetch import LearnedPreGate
-
-    heads = load_pregate_heads(directory, model)
-    return LearnedPreGate(heads.heads, [m.cfg.top_k for m in _moe_layers(model)])
 
 
 # ---------------------------------------------------------------- the pre-gated model

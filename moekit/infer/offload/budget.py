@@ -99,9 +99,18 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def _plain_number(text: str) -> float | None:
+    """The value of a unitless number ("0.25", "3e9"), else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 @dataclass(frozen=True)
 class Budget:
-    """A fast-tier size: a fraction of all experts, or bytes."""
+    """A fast-tier size: a fraction of all experts ("25%", or a bare number below 1: "0.25"), or bytes ("2GB", "500000000")."""
 
     fraction: float | None = None
     bytes: int | None = None
@@ -120,8 +129,16 @@ class Budget:
             if not math.isfinite(pct) or not 0 < pct <= 100:
                 raise BudgetError(f"expert budget {text!r} is invalid: a percentage must be in (0%, 100%]")
             return cls(fraction=pct / 100, text=text)
-        if isinstance(value, float) and 0 < value <= 1:
-            return cls(fraction=value, text=f"{value:.4g}")
+        number = _plain_number(text)
+        if number is not None and 0 < number < 1:  # a bare fraction: 0.25 means 25% of the experts
+            return cls(fraction=number, text=f"{100 * number:.4g}%")
+        if isinstance(value, float) and value == 1:
+            return cls(fraction=1.0, text="100%")
+        if number is not None and number != int(number):
+            raise BudgetError(
+                f"expert budget {text!r} is invalid: give a fraction below 1 (0.25), a percentage (25%), "
+                f"or a size in bytes (a whole number, or with a unit: 512MB, 2GB)"
+            )
         return cls(bytes=parse_bytes(text, "expert budget"), text=text)
 
     def slots(self, shapes: list[LayerShape]) -> list[int]:
