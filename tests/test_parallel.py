@@ -7,7 +7,7 @@ them) and writes what it measured to out_dir; the tests compare in the
 parent. Every launch has a hard timeout and kills its processes on expiry.
 
 "Equal" means: the global batch split by rows over all ranks, compared with
-one process on the whole batch, at atol 1e-5 (see moekit/parallel.py).
+one process on the whole batch, at atol 1e-5 (see moekit/parallel/).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def tiny_fit(run_dir, parallel=None, steps: int = 3, resume: bool = False):
     torch.manual_seed(0)
     model = DecoderLM(tiny_lm_config())
     if parallel is not None:
-        from moekit.parallel.core import apply_expert_parallel
+        from moekit.parallel import apply_expert_parallel
 
         apply_expert_parallel(model, parallel)
     tokens = torch.randint(0, 64, (4000,), generator=torch.Generator().manual_seed(1))
@@ -109,7 +109,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _layer_check(parallel, name: str, cfg: MoEConfig) -> dict:
     """One layer, forward + backward, sharded vs one process on the whole batch."""
-    from moekit.parallel.core import apply_expert_parallel, expert_shards
+    from moekit.parallel import apply_expert_parallel, expert_shards
 
     x, g = layer_inputs(cfg)
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def write_text_corpus(path: Path) -> Path:
 
 def _equality(out_dir: Path, layouts: list[int]) -> dict:
     """Layer checks and 3 training steps of the tiny DecoderLM for each EP size (DP = world / EP)."""
-    from moekit.parallel.core import init_expert_parallel
+    from moekit.parallel import init_expert_parallel
 
     results, contexts = {}, {}
     for ep in layouts:
@@ -188,7 +188,7 @@ def _equality(out_dir: Path, layouts: list[int]) -> dict:
 def job_two(out_dir: Path, corpus: str) -> None:
     """2 ranks: bad input, equality at EP 2 and EP 1 x DP 2, and `moekit train --expert-parallel 2`."""
     from moekit.cli.main import main
-    from moekit.parallel.core import init_expert_parallel
+    from moekit.parallel import init_expert_parallel
 
     messages = _bad_input()
     results, contexts = _equality(out_dir, [2])
@@ -218,7 +218,7 @@ def job_four(out_dir: Path) -> None:
 
 def _bad_input() -> dict:
     """Each mistake must raise the same clear error on every rank, and leave no rank behind."""
-    from moekit.parallel.core import apply_expert_parallel, init_expert_parallel
+    from moekit.parallel import apply_expert_parallel, init_expert_parallel
 
     parallel = init_expert_parallel(2, timeout_s=30)
     messages = {}
@@ -241,14 +241,14 @@ def _bad_input() -> dict:
 
 
 def job_hang(out_dir: Path) -> None:
-    from moekit.parallel.core import init_expert_parallel
+    from moekit.parallel import init_expert_parallel
 
     _fail_at_step(init_expert_parallel(2), out_dir, "hang")  # timeout from MOEKIT_DIST_TIMEOUT
 
 
 def _fail_at_step(parallel, out_dir: Path, mode: str) -> None:
     """Rank 1 dies (or stops answering) at step 2; rank 0 must stop with a ParallelError, as the CLI prints it."""
-    from moekit.parallel.core import ParallelError, apply_expert_parallel
+    from moekit.parallel import ParallelError, apply_expert_parallel
 
     cfg = layer_config()
     torch.manual_seed(0)
@@ -319,7 +319,7 @@ def _fork_ranks(world: int, tmp: Path, job: list[str]) -> None:
     """The launcher: heavy imports once, then one forked child per rank; writes ranks.json (exit codes)."""
     import traceback
 
-    import moekit.parallel.core  # noqa: F401
+    import moekit.parallel  # noqa: F401
 
     if job[0] != "hang":  # jobs that train: what the first optimizer and the CLI import, seconds per process
         import torch._dynamo  # noqa: F401
@@ -367,7 +367,7 @@ def _clear_torchrun_env(monkeypatch):
 
 
 def test_missing_torchrun_environment(monkeypatch):
-    from moekit.parallel.core import init_expert_parallel
+    from moekit.parallel import init_expert_parallel
 
     _clear_torchrun_env(monkeypatch)
     with pytest.raises(ConfigError, match=r"needs the torchrun environment.*RANK.*torchrun --nproc-per-node 2"):
@@ -375,7 +375,7 @@ def test_missing_torchrun_environment(monkeypatch):
 
 
 def test_world_not_divisible_by_ep(monkeypatch):
-    from moekit.parallel.core import init_expert_parallel
+    from moekit.parallel import init_expert_parallel
 
     monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "3"), monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1"), monkeypatch.setenv("MASTER_PORT", "1")  # never contacted
@@ -395,7 +395,7 @@ def test_cli_bad_layout_is_one_line(monkeypatch, capsys, tmp_path):
 
 
 def test_layout_groups():
-    from moekit.parallel.core import Layout, check_experts
+    from moekit.parallel import Layout, check_experts
 
     lay = Layout(world_size=8, ep_size=4, rank=6)
     assert (lay.dp_size, lay.ep_rank, lay.dp_rank) == (2, 2, 1)

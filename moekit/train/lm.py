@@ -105,7 +105,7 @@ def train_lm(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress
     """
     if not expert_parallel:
         return _train_lm(cfg, Path(out_dir), resume, progress, None)
-    from ..parallel.core import init_expert_parallel
+    from ..parallel import init_expert_parallel
 
     with init_expert_parallel(expert_parallel) as parallel:
         return _train_lm(cfg, Path(out_dir), resume, progress, parallel)
@@ -125,7 +125,7 @@ def _train_lm(cfg: RunConfig, out: Path, resume: bool, progress: bool, parallel)
     torch.manual_seed(tc.seed)
     model = DecoderLM(cfg.model)
     if parallel is not None:
-        from ..parallel.core import apply_expert_parallel
+        from ..parallel import apply_expert_parallel
 
         parallel.check_same(to_dict(cfg), "config")
         apply_expert_parallel(model, parallel)
