@@ -219,3 +219,74 @@ def test_bf16_autocast_training_runs_and_learns(tmp_path, text_file):
     train_lm(cfg, tmp_path / "run", progress=False)
     loss = losses(tmp_path / "run")
     assert all(l == l for l in loss) and loss[-1] < loss[0]
+
+
+# ---------------------------------------------------------------- resume: overrides, finished runs, unsaved runs
+
+CONSTANT_LR = MICRO + ["train.min_lr_ratio=1.0", "train.eval_every=0", "train.save_every=0"]  # lr fixed after warmup
+
+
+def test_resume_with_more_steps_continues_from_the_last_step(tmp_path, text_file, capsys):
+    # Oracle: with a constant LR after warmup, 6 steps + a resume to 9 must equal 9 uninterrupted steps, bit for bit.
+    for steps, name in ((9, "full"), (6, "run")):
+        train_lm(resolve_run_config("tiny", None, CONSTANT_LR + [f"train.steps={steps}"], str(text_file)), tmp_path / name,
+                 progress=False)
+    assert len(losses(tmp_path / "run")) == 6
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--quiet", "--no-sample", "train.steps=9"]) == 0
+    assert "trained 9 steps" in capsys.readouterr().out
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 10))
+    assert losses(tmp_path / "run") == losses(tmp_path / "full")
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step-00000009"
+    saved = json.loads((tmp_path / "run" / "step-00000009" / "config.json").read_text())
+    assert saved["train"]["steps"] == 9
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, text_file):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    cfg = resolve_run_config("tiny", None, MICRO + ["train.steps=3", "train.eval_every=0"], str(text_file))
+    train_lm(cfg, run, progress=False)
+    return run
+
+
+def test_resume_of_a_finished_run_says_it_is_complete(finished, capsys):
+    err = cli_error(capsys, ["train", "--out", str(finished), "--resume", "--quiet"])
+    assert "complete (at step 3 of 3)" in err and "--resume train.steps=" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("override", ["model.hidden_size=16", "train.lr=1e-3", "moe.top_k=1"])
+def test_resume_refuses_overrides_that_change_the_run(finished, capsys, override):
+    err = cli_error(capsys, ["train", "--out", str(finished), "--resume", override])
+    assert repr(override) in err
+    for allowed in ("train.steps", "train.eval_every", "train.eval_batches", "train.save_every", "train.keep_last"):
+        assert allowed in err
+    assert (finished / "latest").read_text().strip() == "step-00000003"  # untouched
+
+
+@pytest.mark.parametrize("flags", [["--preset", "tiny"], ["--config", "my.json"], ["--data", "corpus.txt"]])
+def test_resume_refuses_preset_config_and_data(finished, capsys, flags):
+    err = cli_error(capsys, ["train", "--out", str(finished), "--resume", *flags])
+    assert flags[0] in err and "--resume" in err
+
+
+def test_resume_before_the_first_checkpoint_says_to_start_again(tmp_path, capsys):
+    run = tmp_path / "killed"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n")
+    err = cli_error(capsys, ["train", "--out", str(run), "--resume"])
+    assert "no checkpoint yet" in err and "without --resume" in err and "neither" not in err
+
+
+def test_after_training_sample_is_the_engines_generation(tmp_path, text_file, capsys):
+    # Oracle: the generation engine run on the saved checkpoint with the library's default settings.
+    from moekit.infer import Engine
+
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(text_file), "--quiet", "--out", str(run),
+                 *MICRO, "train.steps=3", "train.eval_every=0"]) == 0
+    out = capsys.readouterr().out
+    expected = Engine.load(run).generate(["def "])[0].text
+    assert f"--- sample (prompt 'def ') ---\ndef {expected}\n---" in out

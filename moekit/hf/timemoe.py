@@ -7,7 +7,7 @@ names, one tensor per expert) and moekit's `TimeMoE` (stacked experts),
 Hugging Face directory or a moekit forecaster checkpoint.
 
 Not here: the model and its moekit checkpoint format (`moekit.models.timemoe`),
-the language-model Hugging Face families (`moekit.hf.core`), training
+the language-model Hugging Face families (`moekit.hf.families`), training
 (`moekit.train.forecaster`), forecasting CSVs (`moekit.infer.forecast`).
 """
 

@@ -1,8 +1,11 @@
-"""The language-model recipe: presets, data, training, evaluation, sampling, inspection.
+"""The language-model recipe: presets, data, training (and resuming), evaluation, inspection.
 
 `moekit train`, `moekit generate` (for moekit checkpoints) and `moekit inspect`
 call into this file. A run's resolved `RunConfig` is saved in every
-checkpoint, so `load_lm(path)` rebuilds the model from the directory alone.
+checkpoint, so `load_lm(path)` rebuilds the model from the directory alone;
+a resume takes that config, with only the overrides in RESUME_OVERRIDES.
+
+Not here: text generation (moekit.infer.Engine), the training loop (loop.py).
 """
 
 from __future__ import annotations
@@ -96,24 +99,31 @@ def prepare_data(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer | None = No
 # ---------------------------------------------------------------- training
 
 
-def train_lm(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, expert_parallel: int = 0) -> dict:
+def train_lm(cfg: RunConfig | None, out_dir: str | Path, resume: bool = False, progress: bool = True,
+             expert_parallel: int = 0, resume_overrides=()) -> dict:
     """Train (or resume) a DecoderLM run; returns a summary with the checkpoint path.
+
+    resume=True ignores `cfg`: the run continues with the config saved in its
+    last checkpoint, changed only by `resume_overrides` (keys in RESUME_OVERRIDES,
+    e.g. "train.steps=2000" to extend a finished run).
 
     expert_parallel=N (under torchrun): experts sharded over N ranks, the batch
     split over all ranks (see moekit.parallel); metrics and checkpoints are
     those of one process, and the returned model is the full, unsharded one.
     """
     if not expert_parallel:
-        return _train_lm(cfg, Path(out_dir), resume, progress, None)
+        return _train_lm(cfg, Path(out_dir), resume, progress, None, resume_overrides)
     from ..parallel import init_expert_parallel
 
     with init_expert_parallel(expert_parallel) as parallel:
-        return _train_lm(cfg, Path(out_dir), resume, progress, parallel)
+        return _train_lm(cfg, Path(out_dir), resume, progress, parallel, resume_overrides)
 
 
-def _train_lm(cfg: RunConfig, out: Path, resume: bool, progress: bool, parallel) -> dict:
+def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, parallel, resume_overrides=()) -> dict:
     if resume:
-        cfg = _config_of_run(out)
+        cfg = resume_run_config(out, resume_overrides)
+    elif cfg is None:
+        raise ConfigError("train_lm needs a RunConfig (cfg=None is only accepted with resume=True)")
     elif out.exists() and any(out.glob("step-*")):
         raise ConfigError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
     tc = cfg.train
@@ -191,9 +201,46 @@ def evaluate(model: DecoderLM, tokens: torch.Tensor, tc: TrainConfig, mcfg: Mode
     return {"val_loss": sum(losses) / len(losses), "tracker": tracker}
 
 
-def _config_of_run(path: Path) -> RunConfig:
-    ckpt = load_checkpoint(resolve_checkpoint(path))
-    return run_config_from(ckpt.config, ckpt.dir)
+# Overrides a resume accepts: they change how long the run goes on and what it evaluates and keeps, never what
+# it computes up to the checkpoint. train.steps is also the end of the LR schedule (warmup + cosine to train.steps).
+RESUME_OVERRIDES = ("train.steps", "train.eval_every", "train.eval_batches", "train.save_every", "train.keep_last")
+
+
+def resume_run_config(out: str | Path, overrides=()) -> RunConfig:
+    """The saved config of the run in `out` with `overrides` applied; refuses a run with nothing left to do."""
+    out = Path(out)
+    _check_has_checkpoint(out)
+    ckpt = load_checkpoint(resolve_checkpoint(out))
+    cfg = run_config_from(ckpt.config, ckpt.dir)
+    cfg = apply_overrides(cfg, [_check_resume_override(item) for item in overrides])
+    step, steps = int(ckpt.trainer_state.get("step", 0)), cfg.train.steps
+    if step >= steps:
+        raise ConfigError(f"the run in {out} is complete (at step {step} of {steps}): nothing to resume; to train it "
+                          f"further, raise its step count, e.g. --resume train.steps={max(2 * step, step + 1)}")
+    return cfg
+
+
+def _check_resume_override(item: str) -> str:
+    key = item.split("=", 1)[0].strip()
+    full = key if key.startswith("train.") else f"train.{key}"
+    if "=" not in item or full not in RESUME_OVERRIDES:
+        raise ConfigError(f"override {item!r} cannot be used with --resume (it would change what the saved run "
+                          f"computes); accepted with --resume: {', '.join(k + '=...' for k in RESUME_OVERRIDES)}")
+    return f"{full}={item.split('=', 1)[1]}"
+
+
+def _check_has_checkpoint(out: Path) -> None:
+    """A missing run, or one killed before its first checkpoint, gets a message saying how to start it."""
+    if not out.exists():
+        raise CheckpointError(f"there is no run in {out} to resume (it does not exist): start it without --resume")
+    if out.is_dir() and _holds_only_logs(out):
+        raise CheckpointError(f"{out} holds no checkpoint yet (the run stopped before its first save, so there is "
+                              f"nothing to resume): start the run again without --resume")
+
+
+def _holds_only_logs(out: Path) -> bool:
+    """True for an empty directory, or one with metrics or plots only: nothing a checkpoint check would name."""
+    return all(p.is_file() and p.name in ("metrics.jsonl", "expert_load.png") for p in out.iterdir())
 
 
 def run_config_from(data: dict, where: Path | str) -> RunConfig:
@@ -202,47 +249,13 @@ def run_config_from(data: dict, where: Path | str) -> RunConfig:
     return from_dict(RunConfig, data, f"{where}/config.json")
 
 
-# ---------------------------------------------------------------- loading, sampling, inspecting
+# ---------------------------------------------------------------- loading, inspecting
 
 
 def load_lm(path: str | Path) -> tuple[DecoderLM, Tokenizer, RunConfig]:
     """A trained model, its tokenizer and config from a run or checkpoint directory."""
     model, tokenizer, config = load_model(path)
     return model, tokenizer, run_config_from(config, path)
-
-
-@torch.no_grad()
-def sample(model: DecoderLM, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 200,
-           temperature: float = 0.8, top_k: int = 0, seed: int = 0, on_text=None) -> str:
-    """Plain sampling with a KV cache (the full engine lives in moekit.infer)."""
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature} is invalid: it must be >= 0 (0 = greedy)")
-    ids = tokenizer.encode(prompt) or [tokenizer.eos_id or 0]
-    max_len = model.cfg.max_seq_len
-    if len(ids) >= max_len:
-        raise ConfigError(f"the prompt has {len(ids)} tokens but the model's context is {max_len}")
-    max_new_tokens = min(max_new_tokens, max_len - len(ids))
-    gen = torch.Generator().manual_seed(seed)
-    cache = model.new_cache(1, len(ids) + max_new_tokens)
-    x = torch.tensor([ids])
-    start, out_ids = 0, []
-    for _ in range(max_new_tokens):
-        logits = model(x, kv_cache=cache, cache_start=start).logits[0, -1].float()
-        start += x.shape[1]
-        if temperature == 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                logits[logits < logits.topk(min(top_k, logits.numel())).values[-1]] = float("-inf")
-            nxt = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
-        if nxt == tokenizer.eos_id:
-            break
-        out_ids.append(nxt)
-        if on_text is not None:
-            on_text(tokenizer.decode([nxt]))
-        x = torch.tensor([[nxt]])
-    return tokenizer.decode(out_ids)
 
 
 def inspect_checkpoint(path: str | Path, heatmap: str | Path | None = None, batches: int = 4) -> dict:

@@ -250,7 +250,7 @@ def finetune_pregated(
 ) -> dict:
     """Fine-tune the pre-gated version of a moekit LM; validation loss before/after against the original.
 
-    Writes a run directory out_dir/pregated-model (loadable with load_lm_any,
+    Writes a run directory out_dir/pregated-model (loadable with moekit.models.build.load_model,
     Engine.load or `moekit generate`, which apply the pre-gated routing).
     control=True also fine-tunes the original model with the same recipe (not
     saved), so the change can be told apart from the effect of more training.

@@ -1,0 +1,144 @@
+"""`moekit generate` and `moekit convert`: flags, one library call each, printing.
+
+generate drives `moekit.infer.Engine` (and its offloader for --expert-budget);
+convert calls `moekit.hf.convert`. Sampling flags default to None, meaning
+"the library's default": the defaults are defined once, in
+`moekit.infer.sampling.SamplingConfig`, and `moekit generate --help` reads them
+from there. Heavy imports happen inside the handlers (and in the help
+formatter). Not here: sampling, offloading, the Hugging Face layouts, the
+parser itself (main.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HF_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # = moekit.hf.SUPPORTED_MODEL_TYPES (not imported: torch)
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")  # SamplingConfig fields; None = its default
+
+
+class _LibraryDefaults(argparse.HelpFormatter):
+    """Shows SamplingConfig's default for the sampling flags (imported only when this help is printed)."""
+
+    def _get_help_string(self, action):
+        if action.dest in SAMPLING_FLAGS and action.default is None:
+            from ..infer.sampling import SamplingConfig
+
+            return f"{action.help} (default {getattr(SamplingConfig, action.dest)})"
+        return action.help
+
+
+def sampling_settings(args) -> dict:
+    """The sampling flags the user gave; the others take SamplingConfig's defaults."""
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    return {**given, "stop_strings": args.stop or []}
+
+
+def _generate(args) -> int:
+    from ..infer.engine import Engine, check_settings
+
+    settings = check_settings(**sampling_settings(args))
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
+    prompt = engine.encode(args.prompt, chat=args.chat, system=args.system)
+    engine.check_prompts([prompt])
+    if args.expert_budget is not None:
+        _offload(engine, args, prompt, settings)
+    elif args.prefetch or args.cache or args.pregate or args.slow_tier:
+        from ..errors import ConfigError
+
+        raise ConfigError("--prefetch, --cache, --pregate and --slow-tier need --expert-budget (e.g. --expert-budget 25%)")
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+
+    def stream(index: int, token: int, text: str) -> None:
+        print(text, end="", flush=True)
+
+    engine.generate_ids([prompt], settings, on_token=stream)
+    print()
+    if args.stats:
+        _print_stats(engine)
+    return 0
+
+
+def _offload(engine, args, prompt, settings) -> None:
+    """Offload the engine's experts as the --expert-budget/--prefetch/--cache/... flags say."""
+    tier = args.slow_tier or ("cuda-host" if engine.device.type == "cuda" else "disk")
+    options = dict(tier=tier, predictor=args.prefetch or "none", pregate=args.pregate,
+                   link_bandwidth=args.link_bandwidth, link_latency=args.link_latency)
+    policy = args.cache or "lru"
+    if policy != "belady":
+        engine.offload(args.expert_budget, policy=policy, **options)
+        return
+    # Belady needs the future: a silent first pass (same prompt and seed, so the same tokens) records the routing.
+    offloader = engine.offload(args.expert_budget, policy="lru", **options)
+    engine.generate_ids([prompt], settings)
+    offloader.configure(args.expert_budget, "belady", options["predictor"], trace=offloader.trace, pregate=args.pregate)
+
+
+def _print_stats(engine) -> None:
+    stats = engine.last_stats
+    if stats.get("offload"):
+        from ..infer.offload import format_stats
+
+        print(format_stats(stats["offload"], stats))
+    else:
+        print(f"{stats['new_tokens']} new tokens; prefill {1000 * stats['prefill_s']:.1f} ms, "
+              f"decode {stats['decode_tokens_per_s']:.2f} tokens/s")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a Hugging Face model directory or a moekit checkpoint",
+                       formatter_class=_LibraryDefaults)
+    p.add_argument("model", help="a Hugging Face model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) or a moekit run/checkpoint")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set with probability >= p (1 = all)")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
+    p.add_argument("--system", help="a system message for --chat")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto (config.json's)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    off = p.add_argument_group("expert offloading (run a model whose experts do not fit in fast memory)")
+    off.add_argument("--expert-budget", metavar="SIZE",
+                     help="fast memory for experts: bytes (300MB, 2GB) or a fraction of all experts (25%%); the rest stay in the slow tier")
+    off.add_argument("--prefetch", metavar="PREDICTOR",
+                     help="how the next layer's experts are predicted and fetched early: none (default), prefetch-all, next-gate, pregate")
+    off.add_argument("--cache", metavar="POLICY", help="expert cache policy: lru (default), lfu, lfru, belady (offline optimum; runs the prompt twice)")
+    off.add_argument("--pregate", metavar="DIR", help="pre-gate heads trained by `moekit pregate` (for --prefetch pregate)")
+    off.add_argument("--slow-tier", metavar="TIER",
+                     help="where the experts live: disk (default on CPU: the checkpoint's safetensors), emulated (a link of "
+                          "--link-bandwidth/--link-latency), cuda-host (default on CUDA: pinned host memory)")
+    off.add_argument("--link-bandwidth", metavar="RATE", help="emulated link bandwidth, e.g. 2GB/s")
+    off.add_argument("--link-latency", metavar="TIME", default="0", help="emulated link latency per transfer, e.g. 50us (default 0)")
+    p.add_argument("--stats", action="store_true", help="print decode speed and (when offloading) cache and transfer statistics")
+    p.set_defaults(handler=_generate)
+
+
+def _convert(args) -> int:
+    from ..hf import convert
+
+    out = convert(args.checkpoint, args.out_dir, arch=args.arch)
+    print(f"wrote a Hugging Face model to {out}")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write a moekit checkpoint as a Hugging Face model directory")
+    p.add_argument("checkpoint", help="a moekit run directory or one of its step-* checkpoints")
+    p.add_argument("out_dir", help="the new Hugging Face model directory (must not exist or be empty)")
+    p.add_argument("--to", required=True, choices=["hf"], help="the target format: hf (Hugging Face transformers)")
+    p.add_argument("--arch", default="auto", choices=["auto", *HF_ARCHS],
+                   help="the Hugging Face family to write (default: the first one the model fits)")
+    p.set_defaults(handler=_convert)
+
+
+def add_parsers(sub) -> None:
+    """Register generate and convert on the `moekit` subparsers."""
+    _add_generate(sub)
+    _add_convert(sub)
+
+
+__all__ = ["add_parsers", "sampling_settings", "HF_ARCHS"]

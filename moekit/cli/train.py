@@ -1,0 +1,96 @@
+"""`moekit train` and `moekit inspect`: flags, one library call each, printing.
+
+The handlers call `moekit.train.lm` (train_lm, inspect_checkpoint) and, for the
+sample printed after training, the generation engine (`moekit.infer.Engine`)
+with the library's default sampling settings. Heavy imports happen inside the
+handlers. Not here: training, resuming rules (moekit.train.lm), the parser
+itself (main.py).
+"""
+
+from __future__ import annotations
+
+
+def _train(args) -> int:
+    from ..train.lm import inspect_checkpoint, resolve_run_config, train_lm
+
+    if args.resume:
+        _check_resume_flags(args)
+        cfg = None
+    else:
+        cfg = resolve_run_config(args.preset, args.config, args.overrides, args.data)
+    summary = train_lm(cfg, args.out, resume=args.resume, progress=not args.quiet, expert_parallel=args.expert_parallel,
+                       resume_overrides=args.overrides if args.resume else ())
+    result = summary["result"]
+    if not summary["is_main"]:  # under torchrun only rank 0 reports, samples and inspects
+        return 130 if result.interrupted else 0
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; saved {result.checkpoint} (continue with --resume)")
+        return 130
+    minutes = summary["seconds"] / 60
+    print(f"\ntrained {result.step} steps in {minutes:.1f} min on {summary['source']}")
+    if result.last_eval:
+        print(f"validation loss {result.last_eval['val_loss']:.4f}")
+    print(f"checkpoint: {result.checkpoint}")
+    if not args.no_sample:
+        from ..infer import Engine
+
+        text = Engine(summary["model"], summary["tokenizer"]).generate([args.sample_prompt])[0].text
+        print(f"\n--- sample (prompt {args.sample_prompt!r}) ---\n{args.sample_prompt}{text}\n---")
+    report = inspect_checkpoint(result.checkpoint, heatmap=f"{args.out}/expert_load.png")
+    print(f"\nrouting on validation text:\n{report['summary']}")
+    print(f"expert-load heatmap: {report['heatmap']}")
+    return 0
+
+
+def _check_resume_flags(args) -> None:
+    """--resume continues the run's saved config: a new preset, config file or corpus would silently not apply."""
+    from ..errors import ConfigError
+
+    given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config), ("--data", args.data)) if value]
+    if given:
+        raise ConfigError(f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps the preset, config "
+                          f"and data it was started with (only some key=value overrides are accepted, e.g. train.steps=N)")
+
+
+def _inspect(args) -> int:
+    from ..train.lm import inspect_checkpoint
+
+    report = inspect_checkpoint(args.checkpoint, heatmap=args.heatmap, batches=args.batches)
+    p = report["params"]
+    print(f"checkpoint: {report['checkpoint']}")
+    print(f"parameters: {p['total']:,} total, {p['active']:,} active per token")
+    print(f"validation loss: {report['val_loss']:.4f}")
+    print(report["summary"])
+    if report["heatmap"]:
+        print(f"expert-load heatmap: {report['heatmap']}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register train and inspect on the `moekit` subparsers."""
+    p = sub.add_parser("train", help="train a MoE language model")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. moe.num_experts=16 train.steps=500 (with --resume: train.steps, "
+                        "train.eval_every, train.eval_batches, train.save_every, train.keep_last only)")
+    p.add_argument("--preset", help="tiny (under a minute) or small (the default)")
+    p.add_argument("--config", help="a JSON config file (RunConfig: model, train, data)")
+    p.add_argument("--data", help="a text file or folder (default: the Python standard library's source)")
+    p.add_argument("--out", required=True, help="run directory for checkpoints, metrics and plots")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly where it stopped (extend a finished one with train.steps=N)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--expert-parallel", type=int, default=0, metavar="N",
+                   help="shard the experts over N ranks; start with torchrun --nproc-per-node M -m moekit train "
+                        "(M a multiple of N; the batch is split over all M ranks)")
+    p.add_argument("--no-sample", action="store_true", help="skip the sample printed after training")
+    p.add_argument("--sample-prompt", default="def ", help="prompt for the sample printed after training")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("inspect", help="parameters and expert load of a checkpoint")
+    p.add_argument("checkpoint", help="a run directory or one of its step-* checkpoints")
+    p.add_argument("--heatmap", help="where to write the expert-load PNG (default: inside the checkpoint)")
+    p.add_argument("--batches", type=int, default=4, help="validation batches to route (default 4)")
+    p.set_defaults(handler=_inspect)
+
+
+__all__ = ["add_parsers"]

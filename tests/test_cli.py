@@ -1,0 +1,76 @@
+"""The `moekit` command's parser: every command registers, and parsing imports nothing heavy."""
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "transformers", "matplotlib", "numpy", "safetensors")
+
+
+def _modules_loaded_by(code: str) -> set[str]:
+    probe = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.split())
+
+
+def test_help_imports_no_heavy_module():
+    # Oracle: sys.modules of a fresh interpreter after building the full parser and printing `moekit --help`.
+    code = ("import contextlib, io\nfrom moekit.cli.main import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    try:\n        main(['--help'])\n"
+            "    except SystemExit:\n        pass")
+    loaded = _modules_loaded_by(code)
+    assert "moekit.cli.main" in loaded and "moekit.cli.forecast" in loaded
+    assert not [m for m in HEAVY if m in loaded]
+
+
+def test_python_m_moekit_help_does_not_import_torch():
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "moekit", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    for command in ("train", "inspect", "generate", "convert", "pregate", "train-forecaster", "forecast", "eval-forecast"):
+        assert command in done.stdout
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "moekit.cli.main" in imported  # the probe sees moekit's own imports
+    assert not [m for m in HEAVY if m in imported]
+
+
+def test_import_moekit_is_lazy_and_public_names_still_resolve():
+    assert "torch" not in _modules_loaded_by("import moekit")
+    loaded = _modules_loaded_by("from moekit import MoEConfig, MoELayer; assert MoELayer.__name__ == 'MoELayer'")
+    assert "torch" in loaded
+    import moekit
+
+    from moekit.config import MoEConfig
+    from moekit.moe.layers import MoELayer, pyramid_schedule
+    from moekit.moe.routing import Routing
+
+    assert (moekit.MoEConfig, moekit.MoELayer, moekit.pyramid_schedule, moekit.Routing) == (MoEConfig, MoELayer,
+                                                                                              pyramid_schedule, Routing)
+    assert set(moekit.__all__) <= set(dir(moekit))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        moekit.no_such_name  # noqa: B018
+
+
+def test_generate_help_shows_the_library_sampling_defaults(capsys):
+    from moekit.cli.main import main
+    from moekit.infer.sampling import SamplingConfig
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    defaults = SamplingConfig()
+    assert f"0 = greedy (default {defaults.temperature})" in out
+    assert f"tokens to generate at most (default {defaults.max_new_tokens})" in out
+
+
+def test_generate_flags_left_out_take_the_library_defaults():
+    from moekit.cli.generate import sampling_settings
+    from moekit.cli.main import build_parser
+    from moekit.infer.sampling import SamplingConfig
+
+    args = build_parser().parse_args(["generate", "m", "--prompt", "x"])
+    assert SamplingConfig(**sampling_settings(args)) == SamplingConfig()
+    args = build_parser().parse_args(["generate", "m", "--prompt", "x", "--temperature", "0.5", "--seed", "3"])
+    assert SamplingConfig(**sampling_settings(args)) == SamplingConfig(temperature=0.5, seed=3)
