@@ -150,21 +150,7 @@ def fit(
         _truncate_metrics(metrics_path, step)
     forward_model = torch.compile(model) if cfg.compile else model
     result = FitResult(step=step, interrupted=False, checkpoint=None)
-
-    def save() -> Path:
-        state = {"step": step, "rng": _rng_state(), "config": to_dict(cfg)}
-        if parallel is None:
-            model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
-        else:  # every rank takes part in gathering the experts; rank 0 writes
-            model_state = parallel.full_state_dict(model)
-            optimizer_state = parallel.full_optimizer_state(model, optimizer)
-            if not main:
-                return run / checkpoint_name(step)
-        return save_checkpoint(
-            run, step, config=config_dict, model_state=model_state, optimizer_state=optimizer_state,
-            trainer_state=state, tokenizer=tokenizer, keep_last=cfg.keep_last,
-        )
-
+    save = _Saver(run, model, optimizer, cfg, config_dict, tokenizer, parallel)
     bar = _progress_bar(cfg.steps, step, progress and main)
     stopping = False
     with _StopRequest() as stop, open(metrics_path if main else os.devnull, "a") as log:
@@ -182,21 +168,50 @@ def fit(
             bar.set_postfix(_postfix(metrics), refresh=False)
             at_end = step == cfg.steps
             if eval_fn is not None and (at_end or (cfg.eval_every and step % cfg.eval_every == 0)):
-                model.eval()
-                with torch.no_grad():
-                    result.last_eval = {"step": step, **eval_fn(model, step)}
-                model.train()
-                _log(log, result.last_eval)
-                if main:
-                    bar.write(_eval_line(result.last_eval))
+                result.last_eval = _evaluate(model, eval_fn, step, log, bar if main else None)
             if at_end or (cfg.save_every and step % cfg.save_every == 0):
-                result.checkpoint = save()
+                result.checkpoint = save(step)
         if stopping and step < cfg.steps:
             result.interrupted = True
-            result.checkpoint = save()
+            result.checkpoint = save(step)
     bar.close()
     result.step = step
     return result
+
+
+def _evaluate(model, eval_fn, step: int, log, bar) -> dict:
+    """eval_fn in eval mode without gradients; logged, and printed under the progress bar on the main rank."""
+    model.eval()
+    with torch.no_grad():
+        metrics = {"step": step, **eval_fn(model, step)}
+    model.train()
+    _log(log, metrics)
+    if bar is not None:
+        bar.write(_eval_line(metrics))
+    return metrics
+
+
+class _Saver:
+    """Writes the step's checkpoint (with an expert-parallel model, every rank gathers and rank 0 writes)."""
+
+    def __init__(self, run, model, optimizer, cfg, config_dict, tokenizer, parallel):
+        self.run, self.model, self.optimizer, self.cfg = run, model, optimizer, cfg
+        self.config_dict, self.tokenizer, self.parallel = config_dict, tokenizer, parallel
+
+    def __call__(self, step: int) -> Path:
+        state = {"step": step, "rng": _rng_state(), "config": to_dict(self.cfg)}
+        parallel = self.parallel
+        if parallel is None:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        else:  # every rank takes part in gathering the experts; rank 0 writes
+            model_state = parallel.full_state_dict(self.model)
+            optimizer_state = parallel.full_optimizer_state(self.model, self.optimizer)
+            if not parallel.is_main:
+                return self.run / checkpoint_name(step)
+        return save_checkpoint(
+            self.run, step, config=self.config_dict, model_state=model_state, optimizer_state=optimizer_state,
+            trainer_state=state, tokenizer=self.tokenizer, keep_last=self.cfg.keep_last,
+        )
 
 
 def _train_step(forward_model, model, optimizer, cfg, step, batch_fn, loss_fn, parallel=None) -> dict:
