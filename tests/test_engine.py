@@ -116,15 +116,52 @@ def test_layers_the_lean_path_cannot_reproduce_run_their_own_module():
     assert not lean_eligible(layer)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(first_k_dense=1, moe=dict(num_shared_experts=1, shared_expert_gate=True)),
-                                dict(ffn="residual_moe", moe=dict(top_k=1)),
-                                dict(moe=dict(router="expert_choice", capacity_factor=2.0))])
+@pytest.mark.parametrize("kw", [dict(), dict(first_k_dense=1, moe=dict(num_shared_experts=1, shared_expert_gate=True))])
 def test_lean_and_module_decode_give_the_same_tokens(kw):
     model = tiny_model(**kw)
     prompts = [[1, 2, 3, 4, 5], [9, 8], [7, 7, 7, 7]]
+    assert lean_eligible(model.layers[-1].mlp)  # else both runs would take the module path and compare it with itself
     lean = Engine(model, lean_decode=True).generate(prompts, max_new_tokens=12)
     module = Engine(model, lean_decode=False).generate(prompts, max_new_tokens=12)
     assert [c.token_ids for c in lean] == [c.token_ids for c in module]
+
+
+def full_forward_greedy(model, prompt, n):
+    """The oracle: greedy tokens from full forwards of the whole sequence, no KV cache, one token appended per step."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_residual_moe_decode_equals_full_forwards():
+    model = tiny_model(ffn="residual_moe", moe=dict(top_k=1))
+    prompts = [[1, 2, 3, 4, 5], [9, 8], [7, 7, 7, 7]]
+    out = Engine(model).generate(prompts, max_new_tokens=12)
+    assert [c.token_ids for c in out] == [full_forward_greedy(model, p, 12) for p in prompts]
+
+
+# Expert choice picks tokens per expert over the whole sequence, so a token's routing depends on later tokens: a
+# cached decode (one token at a time) does not route like a full forward, and this oracle comparison fails (prompt 3
+# diverges at its 6th token). It is about to be refused in causal language models: then flip this to True (and put
+# the refusal's words in EXPERT_CHOICE_REFUSAL); the xfail goes with it.
+EXPERT_CHOICE_REFUSED_IN_DECODER = False
+EXPERT_CHOICE_REFUSAL = "expert_choice"
+
+
+@pytest.mark.xfail(not EXPERT_CHOICE_REFUSED_IN_DECODER, strict=True,
+                   reason="expert-choice routing is not causal: cached decode differs from full forwards")
+def test_expert_choice_decoder_decodes_like_full_forwards_or_is_refused():
+    kw = dict(moe=dict(router="expert_choice", capacity_factor=2.0))
+    if EXPERT_CHOICE_REFUSED_IN_DECODER:
+        with pytest.raises(ConfigError, match=EXPERT_CHOICE_REFUSAL):
+            tiny_model(**kw)
+        return
+    model = tiny_model(**kw)
+    prompts = [[1, 2, 3, 4, 5], [9, 8], [7, 7, 7, 7]]
+    out = Engine(model).generate(prompts, max_new_tokens=12)
+    assert [c.token_ids for c in out] == [full_forward_greedy(model, p, 12) for p in prompts]
 
 
 # ---------------------------------------------------------------- batches, cache, budget
