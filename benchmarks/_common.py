@@ -135,6 +135,23 @@ def paired_ratio(numerator_s: list[float], denominator_s: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator_s[:n], denominator_s[:n]))
 
 
+def per_round_ratios(numerator_s: list[float], denominator_s: list[float]) -> list[float]:
+    """numerator / denominator for each round of `interleaved_times` (the i-th samples paired)."""
+    return [a / b for a, b in zip(numerator_s, denominator_s)]
+
+
+def spread(values: list[float]) -> dict:
+    """Median, quartiles (IQR), min and max of per-round values: how far one round's figure wanders."""
+    vals = sorted(values)
+    if len(vals) >= 2:
+        q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive")
+    else:
+        q1 = q3 = vals[0]
+    med = statistics.median(vals)
+    return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1, "min": vals[0], "max": vals[-1], "rounds": len(vals),
+            "relative_iqr": (q3 - q1) / med if med else float("inf")}
+
+
 def target(name: str, value: float, goal: float, direction: str = ">=") -> dict:
     """One entry of a result's `targets` list."""
     if direction not in (">=", "<="):
@@ -149,11 +166,12 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, result: dict, markdown: str, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+def write_results(name: str, result: dict, markdown: str, results_dir: Path | str = RESULTS_DIR) -> tuple[Path, Path]:
     """Write <name>.json and <name>.md atomically; the JSON must carry targets, machine and command."""
     missing = [k for k in ("targets", "machine", "command") if k not in result]
     if missing:
         raise ValueError(f"result for {name!r} lacks {', '.join(missing)} (see ../shared/DESIGN.md)")
+    results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     paths = results_dir / f"{name}.json", results_dir / f"{name}.md"
     for path, text in zip(paths, (json.dumps(result, indent=2) + "\n", markdown.rstrip() + "\n")):

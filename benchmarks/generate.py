@@ -13,8 +13,10 @@ transformers runs `generate` with the experts implementation that was fastest
 for that model and batch in a short calibration (eager, grouped_mm and
 batched_mm are tried; one more than 3x slower than the best on a short probe
 is not timed further). moekit and transformers are timed interleaved in
-the same process, medians of several repetitions, and both must produce the
-same greedy tokens (checked and reported).
+the same process, round by round; a ratio is the median of the per-round
+ratios (paired: each round's two timings saw the same load), reported with
+their spread (quartiles, min and max); both must produce the same greedy
+tokens (checked and reported).
 
 For scale the script also times a "floor": one matrix-vector product over
 every weight a batch-1 decode step must read (attention, the top-k experts,
@@ -22,7 +24,7 @@ the output head), i.e. reading the active weights once.
 
 Writes benchmarks/results/generate.json and .md. Run from the repository root:
     python benchmarks/generate.py               # about 10 minutes on a busy 2-core machine
-    python benchmarks/generate.py --quick       # a smoke test; writes nothing
+    python benchmarks/generate.py --quick       # a smoke test; writes nothing (unless --out DIR)
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import command_line, interleaved_times, machine_info, markdown_table, median, target, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR, command_line, interleaved_times, machine_info, markdown_table, median, paired_ratio, per_round_ratios, spread,
+    target, write_results,
+)
 
 from moekit.models.decoder import count_parameters  # noqa: E402
 from moekit.infer import Engine, SamplingConfig  # noqa: E402
@@ -180,14 +185,19 @@ def bench_model(family: str, path: Path, batches: list[int], decode_tokens: dict
                "transformers_calibration_s": {k: v for k, v in calib.items()},
                "transformers_calibration_tokens": 1 + max(2, n // 4),
                "greedy_tokens_equal_fraction": match, "times_s": t}
-        for lib in ("moekit", "hf"):
+        decode_s = {}
+        for lib in ("moekit", "hf"):  # a round's decode time: its full generation minus its prefill
+            decode_s[lib] = [max(f - p, 1e-9) for f, p in zip(t[f"{lib}_full"], t[f"{lib}_prefill"])]
             prefill = median(t[f"{lib}_prefill"])
-            decode = max(median(t[f"{lib}_full"]) - prefill, 1e-9)
+            decode = median(decode_s[lib])
             row[f"{lib}_prefill_tokens_per_s"] = B * PROMPT_LEN / prefill
             row[f"{lib}_decode_tokens_per_s"] = B * n / decode
             row[f"{lib}_decode_ms_per_step"] = 1e3 * decode / n
-        row["decode_speedup"] = row["moekit_decode_tokens_per_s"] / row["hf_decode_tokens_per_s"]
-        row["prefill_speedup"] = row["moekit_prefill_tokens_per_s"] / row["hf_prefill_tokens_per_s"]
+        # moekit's speed over transformers' = transformers' time / moekit's, paired round by round (the same load)
+        row["decode_speedup"] = paired_ratio(decode_s["hf"], decode_s["moekit"])
+        row["prefill_speedup"] = paired_ratio(t["hf_prefill"], t["moekit_prefill"])
+        row["decode_speedup_spread"] = spread(per_round_ratios(decode_s["hf"], decode_s["moekit"]))
+        row["prefill_speedup_spread"] = spread(per_round_ratios(t["hf_prefill"], t["moekit_prefill"]))
         print(f"  batch {B}: decode {row['moekit_decode_ms_per_step']:.1f} vs {row['hf_decode_ms_per_step']:.1f} ms/step "
               f"({row['decode_speedup']:.2f}x), prefill {row['prefill_speedup']:.2f}x, tokens equal {match:.3f}", flush=True)
         result["batches"][str(B)] = row
@@ -213,12 +223,16 @@ def markdown(result: dict) -> str:
                 f"{row['moekit_prefill_tokens_per_s']:.0f}", f"{row['hf_prefill_tokens_per_s']:.0f}", f"{row['prefill_speedup']:.2f}x",
                 f"{row['moekit_decode_tokens_per_s']:.1f}", f"{row['hf_decode_tokens_per_s']:.1f}",
                 f"{row['moekit_decode_ms_per_step']:.1f} / {row['hf_decode_ms_per_step']:.1f}", f"{row['decode_speedup']:.2f}x",
-                f"{row['greedy_tokens_equal_fraction']:.3f}",
+                _range(row["decode_speedup_spread"]), f"{row['greedy_tokens_equal_fraction']:.3f}",
             ])
     lines.append(markdown_table(
         ["model", "batch", "transformers experts", "prefill tok/s moekit", "prefill tok/s transformers", "prefill ratio",
          "decode tok/s moekit", "decode tok/s transformers", "ms/step moekit / transformers", "decode ratio",
-         "same greedy tokens"], rows))
+         "decode ratio per round: IQR [min, max]", "same greedy tokens"], rows))
+    lines += ["", "Ratios are medians of per-round ratios (moekit and transformers timed back to back in each round); "
+              "the spread is that of the per-round ratios. Prefill ratio per round, IQR [min, max]: "
+              + "; ".join(f"{family} batch {B}: {_range(row['prefill_speedup_spread'])}"
+                          for family, r in result["models"].items() for B, row in r["batches"].items()) + "."]
     lines += ["", "Floor: one token times every weight a batch-1 decode step reads (active weights read once):", ""]
     lines.append(markdown_table(
         ["model", "params total / active", "floor ms/token", "moekit batch-1 ms/step", "transformers batch-1 ms/step"],
@@ -227,11 +241,16 @@ def markdown(result: dict) -> str:
           f"{r['batches']['1']['hf_decode_ms_per_step']:.1f}" if "1" in r["batches"] else "-"]
          for r in result["models"].values()]))
     lines += ["", "Targets:", ""]
-    lines.append(markdown_table(["target", "value", "goal", "met"],
-                                [[t["name"], f"{t['value']:.2f}", f"{t['direction']} {t['goal']}", t["met"]] for t in result["targets"]]))
+    lines.append(markdown_table(["target", "value (median of per-round ratios)", "per round: IQR [min, max]", "goal", "met"],
+                                [[t["name"], f"{t['value']:.2f}", _range(t["spread"]), f"{t['direction']} {t['goal']}", t["met"]]
+                                 for t in result["targets"]]))
     if result.get("notes"):
         lines += ["", *result["notes"]]
     return "\n".join(lines)
+
+
+def _range(s: dict) -> str:
+    return f"{s['q1']:.2f}-{s['q3']:.2f} [{s['min']:.2f}, {s['max']:.2f}] ({s['rounds']} rounds)"
 
 
 def main() -> None:
@@ -242,6 +261,8 @@ def main() -> None:
                    help="torch threads for both libraries (default 1: on a shared 2-core machine more threads "
                         "oversubscribe the cores and make every timing erratic)")
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--out", help=f"directory for {NAME}.json and .md (default {RESULTS_DIR}; with --quick: nothing is "
+                                 "written unless --out is given)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -249,7 +270,7 @@ def main() -> None:
     batches = [1, 8]
     models = args.models
     if args.quick:
-        decode_tokens, batches, models, args.reps = {1: 4}, [1], models[:1], 1
+        decode_tokens, batches, models, args.reps = {1: 4}, [1], models[:1], min(args.reps, 2)
     result = {"benchmark": NAME, "command": command_line(), "machine": machine_info("cpu"), "reps": args.reps, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for family in models:
@@ -257,15 +278,17 @@ def main() -> None:
     targets = []
     for family, r in result["models"].items():
         for B, row in r["batches"].items():
-            targets.append(target(f"decode tokens/s vs transformers, {family}, batch {B}", row["decode_speedup"], DECODE_GOAL))
+            targets.append(target(f"decode tokens/s vs transformers, {family}, batch {B}", row["decode_speedup"], DECODE_GOAL)
+                           | {"spread": row["decode_speedup_spread"]})
         for B, row in r["batches"].items():
-            targets.append(target(f"prefill tokens/s vs transformers, {family}, batch {B}", row["prefill_speedup"], PREFILL_GOAL))
+            targets.append(target(f"prefill tokens/s vs transformers, {family}, batch {B}", row["prefill_speedup"], PREFILL_GOAL)
+                           | {"spread": row["prefill_speedup_spread"]})
     result["targets"] = targets
     result["seconds"] = time.perf_counter() - started
     result["notes"] = notes(result)
     print(markdown(result))
-    if not args.quick:
-        paths = write_results(NAME, result, markdown(result))
+    if not args.quick or args.out:
+        paths = write_results(NAME, result, markdown(result), args.out or RESULTS_DIR)
         print(f"wrote {paths[0]} and {paths[1]}")
 
 

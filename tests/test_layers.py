@@ -27,10 +27,24 @@ def test_residual_moe_mixes_mlp_and_expert():
     cfg = MoEConfig(hidden_size=16, num_experts=4, top_k=1, expert_hidden=8)
     block = ResidualMoE(cfg, mlp_hidden=32)
     x = torch.randn(3, 16)
+    with torch.no_grad():
+        moe_alone, _ = block.moe(x)
+        mlp_alone = block.mlp(x)
+        assert not torch.allclose(moe_alone, mlp_alone, atol=1e-3)  # else the cases below could not tell them apart
+        block.coefficient.weight.zero_()
+        for bias, alone in (((30.0, -30.0), moe_alone), ((-30.0, 30.0), mlp_alone)):  # the mix is (1, 0), then (0, 1)
+            block.coefficient.bias.copy_(torch.tensor(bias))
+            torch.testing.assert_close(block(x)[0], alone, atol=1e-6, rtol=0)
+        # One token, known weights: x = e_0, row 0 of the coefficient map = ln(3) e_0, row 1 and bias zero, so the logits
+        # are (ln 3, 0) and the mix is (3/4, 1/4) by hand.
+        x1 = torch.zeros(1, 16)
+        x1[0, 0] = 1.0
+        block.coefficient.bias.zero_()
+        block.coefficient.weight[0, 0] = torch.log(torch.tensor(3.0))
+        want = 0.75 * block.moe(x1)[0] + 0.25 * block.mlp(x1)
+        torch.testing.assert_close(block(x1)[0], want, atol=1e-6, rtol=1e-5)
+    block = ResidualMoE(cfg, mlp_hidden=32)
     y, routing = block(x)
-    moe_out, _ = block.moe(x)
-    a = block.coefficient(x).softmax(-1)
-    torch.testing.assert_close(y, a[:, :1] * moe_out + a[:, 1:] * block.mlp(x))
     y.sum().backward()
     assert block.coefficient.weight.grad.abs().sum() > 0
 

@@ -18,6 +18,7 @@ from moekit.checkpoints import save_checkpoint, save_tensors
 from moekit.cli.main import main
 from moekit.config import MoEConfig, to_dict
 from moekit.data.text import Tokenizer
+from moekit.errors import MoekitError
 from moekit.models.decoder import DecoderLM, ModelConfig
 from moekit.infer.engine import Engine
 from moekit.infer.expert_cache import POLICIES
@@ -260,7 +261,9 @@ def test_bad_input_gets_one_clear_message(model_dir, tmp_path):
     model = Engine.load(model_dir).model
     with pytest.raises(OffloadError, match="unknown cache policy 'fifo': accepted policies are lru, lfu, lfru, belady"):
         offload_model(model, "50%", tier="memory", policy="fifo")
-    with pytest.raises(OffloadError, match="unknown predictor 'oracle': accepted predictors are none, prefetch-all, next-gate, pregate"):
+    with pytest.raises(OffloadError, match="unknown predictor 'psychic': accepted predictors are none, prefetch-all, next-gate, pregate, oracle"):
+        offload_model(model, "50%", tier="memory", predictor="psychic")
+    with pytest.raises(MoekitError, match="the oracle predictor needs a routing trace recorded on the same generation"):
         offload_model(model, "50%", tier="memory", predictor="oracle")
     with pytest.raises(OffloadError, match="unknown slow tier 'tape'"):
         offload_model(model, "50%", tier="tape")

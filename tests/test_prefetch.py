@@ -10,7 +10,8 @@ from moekit.errors import MoekitError
 from moekit.infer.engine import Engine
 from moekit.infer.offload import EmulatedLinkTier, MemoryTier, find_moe_layers
 from moekit.infer.prefetch import (
-    DONE, PREDICTORS, CudaTransferQueue, NextGate, PrefetchAll, ThreadTransferQueue, build_predictor, rank_assignments,
+    DONE, PREDICTORS, CudaTransferQueue, NextGate, OraclePredictor, PrefetchAll, ThreadTransferQueue, build_predictor,
+    rank_assignments,
 )
 from moekit.infer.sampling import SamplingConfig
 from moekit.train.pregate import apply_pregated_routing
@@ -97,7 +98,8 @@ def test_thread_queue_runs_in_order_and_reports_errors():
     queue = ThreadTransferQueue()
     seen = []
     transfers = [queue.submit(0, lambda i=i: (time.sleep(0.001), seen.append(i))) for i in range(5)]
-    assert sum(t.wait() for t in transfers) >= 0 and seen == [0, 1, 2, 3, 4]
+    transfers[-1].wait()  # one link, in order: when the last is done, all are
+    assert seen == [0, 1, 2, 3, 4] and all(t.done() for t in transfers)
 
     def fail():
         raise OSError("read failed")
@@ -109,6 +111,60 @@ def test_thread_queue_runs_in_order_and_reports_errors():
         queue.submit(0, lambda: None)
     queue.close()
     assert DONE.wait() == 0.0 and DONE.done()
+
+
+def test_emulated_link_stalls_on_demand_for_the_modelled_time_and_prefetch_ahead_hides_it():
+    """Oracle: the link model itself, latency + bytes / bandwidth, computed here by hand (2 ms + 1 MB / 100 MB/s = 12 ms)."""
+    link = EmulatedLinkTier(MemoryTier([]), bandwidth="100MB/s", latency="2ms")
+    cost = link.cost(1_000_000)
+    assert cost == pytest.approx(0.002 + 1_000_000 / 100e6)
+    queue = ThreadTransferQueue()
+    on_demand = []
+    for _ in range(3):  # the gate fired: fetch and wait right away
+        on_demand.append(queue.submit(0, lambda: None, urgent=True, cost=cost).wait())
+    assert min(on_demand) >= cost - 1e-3, (on_demand, cost)
+    ahead = []
+    for _ in range(3):  # prefetched one layer ahead, then 1.5 transfer-times of computation before it is needed
+        t = queue.submit(0, lambda: None, cost=cost)
+        time.sleep(1.5 * cost)
+        ahead.append(t.wait())
+    assert max(ahead) < 0.25 * min(on_demand), (ahead, on_demand)
+    # A serial link: the second of two transfers submitted together ends no sooner than two transfer-times later.
+    start = time.perf_counter()
+    first, second = (queue.submit(0, lambda: None, urgent=True, cost=cost) for _ in range(2))
+    first.wait()
+    second.wait()
+    assert time.perf_counter() - start >= 2 * cost - 1e-3
+    queue.close()
+
+
+def test_oracle_predicts_the_recorded_generation_exactly():
+    """The oracle replays a trace recorded with prediction off; its precision and recall are 1 on that generation."""
+    model = tiny_model(3)
+    engine = Engine(model)
+    want = greedy(engine, [5, 6, 7], 10)
+    offloader = engine.offload("100%", tier="memory", predictor="none")
+    assert greedy(engine, [5, 6, 7], 10) == want
+    trace = offloader.trace
+    assert len(trace.steps) == len(find_moe_layers(model)) and len(trace.steps[0]) == 10  # prefill + 9 decode steps
+    oracle = OraclePredictor(trace)
+    offloader.configure("100%", "lru", oracle)  # slots for every expert: the prefill's union is not cut to fit
+    assert greedy(engine, [5, 6, 7], 10) == want
+    stats = offloader.stats()
+    assert stats["predictor"] == "oracle" and stats["predicted"] > 0
+    assert stats["prefetch_precision"] == 1.0 and stats["prefetch_recall"] == 1.0
+    # every step but the very first (prefill of layer 0) was predicted, each with exactly its routed experts
+    per_layer = stats["layers"]
+    assert per_layer[0]["predicted"] == sum(len(s) for s in trace.steps[0][1:])
+    assert all(l["predicted"] == sum(len(s) for s in steps) for l, steps in zip(per_layer[1:], trace.steps[1:]))
+    # by name, with the trace, beside Belady; at 25% the prefill's prediction is cut to the slots (recall < 1 there)
+    offloader.configure("25%", "belady", build_predictor("oracle", trace=trace), trace=trace)
+    assert greedy(engine, [5, 6, 7], 10) == want and offloader.stats()["prefetch_precision"] == 1.0
+    # without a trace, or on another generation, it is refused
+    offloader.configure("25%", "lru", OraclePredictor(trace))
+    with pytest.raises(MoekitError, match="routing trace for the oracle does not match this generation"):
+        greedy(engine, [9, 9, 9, 9, 9, 9], 10)
+    offloader.close()
 
 
 @pytest.mark.gpu
@@ -125,8 +181,10 @@ def test_cuda_copy_stream_orders_copies_and_compute():
 
 
 def test_unknown_or_incomplete_predictors_are_named():
-    with pytest.raises(MoekitError, match="unknown predictor 'psychic': accepted predictors are none, prefetch-all, next-gate, pregate"):
+    with pytest.raises(MoekitError, match="unknown predictor 'psychic': accepted predictors are none, prefetch-all, next-gate, pregate, oracle"):
         build_predictor("psychic")
     with pytest.raises(MoekitError, match="moekit pregate"):
         build_predictor("pregate")
-    assert PREDICTORS == ("none", "prefetch-all", "next-gate", "pregate")
+    with pytest.raises(MoekitError, match="the oracle predictor needs a routing trace"):
+        build_predictor("oracle")
+    assert PREDICTORS == ("none", "prefetch-all", "next-gate", "pregate", "oracle")

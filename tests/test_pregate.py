@@ -16,7 +16,7 @@ from moekit.infer.sampling import SamplingConfig
 from moekit.train.lm import DataConfig, RunConfig
 from moekit.infer.prefetch import load_pregate_predictor
 from moekit.models.pregated import PreGateError, PreGateHeads, apply_pregated_routing, load_pregate_heads
-from moekit.train.pregate import finetune_pregated, train_pregate
+from moekit.train.pregate import finetune_pregated, topk_recall, train_pregate
 from moekit.train.loop import TrainConfig
 
 
@@ -68,7 +68,9 @@ def test_heads_start_as_next_gate_and_distillation_improves_them(heads_dir):
     assert [r["layer"] for r in saved["layers"]] == [1, 2]
     assert report["mean_pregate_recall_at_init"] == pytest.approx(report["mean_next_gate_recall"])
     assert report["last_distillation_loss"] < report["first_distillation_loss"]
-    assert report["mean_pregate_recall"] >= report["mean_next_gate_recall"] - 0.02
+    # A real gain (deterministic: the heads start as next-gate, the batches are seeded): 0.867 -> 0.898 at these settings.
+    assert report["mean_pregate_recall"] >= report["mean_next_gate_recall"] + 0.02, report
+    assert all(r["pregate_recall"] >= r["next_gate_recall"] for r in report["layers"]), report["layers"]
     assert all(0 <= r["pregate_recall"] <= 1 for r in report["layers"])
     assert 0 <= report["next_token_first_layer_recall"] <= 1
 
@@ -130,8 +132,6 @@ def test_finetuned_pregated_model_reports_loss_and_loads_pregated(checkpoint, tm
     report = finetune_pregated(checkpoint, tmp_path, steps=3, batch_size=4, seq_len=16, eval_batches=1)
     for key in ("val_loss_original", "val_loss_pregated_zero_shot", "val_loss_pregated_finetuned"):
         assert report[key] > 0
-    assert report["val_loss_change"] == pytest.approx(
-        (report["val_loss_pregated_finetuned"] - report["val_loss_original"]) / report["val_loss_original"])
     engine = Engine.load(report["model_dir"])
     assert getattr(engine.model, "_moekit_pregated", None) is not None
     cfg = SamplingConfig(max_new_tokens=6, temperature=0, stop_token_ids=[])
@@ -140,6 +140,29 @@ def test_finetuned_pregated_model_reports_loss_and_loads_pregated(checkpoint, tm
     assert engine.generate_ids([[50, 51]], cfg)[0].token_ids == want
     assert offloader.stats()["prefetch_precision"] == 1.0  # single-token steps: the prediction is the routing
     offloader.close()
+
+
+def test_topk_recall_by_hand():
+    """Two tokens, four experts, top-2. Token 0: predicted {0, 3}, routed {3, 1}: one of two. Token 1: predicted {2, 1},
+    routed {1, 2}: two of two. Recall = (1/2 + 2/2) / 2 = 0.75."""
+    logits_TE = torch.tensor([[5.0, 1.0, 0.0, 4.0], [0.0, 3.0, 9.0, -1.0]])
+    routed_TK = torch.tensor([[3, 1], [1, 2]])
+    assert topk_recall(logits_TE, routed_TK) == 0.75
+    assert topk_recall(torch.tensor([[0.0, 0.0, 1.0, 2.0]]), torch.tensor([[0, 1]])) == 0.0
+
+
+def test_finetune_report_against_the_control_by_hand(checkpoint, tmp_path, monkeypatch):
+    """The losses are set (original 2.0, rewired 2.2, fine-tuned 1.8, control 1.9): the changes follow by hand,
+    -10% against the original and (1.8 - 1.9) / 1.9 = -5.26% against the equally fine-tuned control."""
+    from moekit.train import pregate
+
+    losses = iter([2.0, 2.2, 1.8, 1.9])
+    monkeypatch.setattr(pregate._FineTune, "val_loss", lambda self: next(losses))
+    report = finetune_pregated(checkpoint, tmp_path, steps=1, batch_size=2, seq_len=16, eval_batches=1, control=True)
+    assert report["val_loss_change"] == pytest.approx(-0.1)
+    assert report["val_loss_change_zero_shot"] == pytest.approx(0.1)
+    assert report["val_loss_original_finetuned"] == 1.9
+    assert report["val_loss_change_vs_control"] == pytest.approx(-0.0526316, abs=1e-6)
 
 
 def test_cli_pregate(checkpoint, tmp_path, text_file, capsys):

@@ -15,6 +15,10 @@ predictor returns the experts MoE layer i+1 will probably use, best first
   `moekit pregate` (moekit.pregate) by distillation from the real routers;
   one more head predicts the first MoE layer of the next token from the
   last MoE layer of this one.
+- `oracle`: the true next experts, read from a RoutingTrace recorded on the
+  very same generation (expert_cache.RoutingTrace, as the belady cache
+  policy uses); the bound of prefetching one layer ahead on the same link.
+  Built as `OraclePredictor(trace)` or `build_predictor("oracle", trace=...)`.
 
 Transfers run asynchronously: a single background thread on CPU (a serial
 link: one transfer at a time; demand fetches before prefetches, wrong
@@ -42,7 +46,7 @@ import torch
 from ..errors import MoekitError
 from ..models.pregated import load_pregate_heads, moe_layers_of
 
-PREDICTORS = ("none", "prefetch-all", "next-gate", "pregate")
+PREDICTORS = ("none", "prefetch-all", "next-gate", "pregate", "oracle")
 
 
 class PredictorError(MoekitError, ValueError):
@@ -128,6 +132,48 @@ class LearnedPreGate(Predictor):
         return rank_assignments(idx_TK.reshape(-1), weight_TK.reshape(-1), logits_TE.shape[-1])
 
 
+class OraclePredictor(Predictor):
+    """The experts each MoE layer will really use, from a routing trace of this same generation.
+
+    `trace.steps[j][s]` holds the experts MoE layer j used at its step s. When
+    layer j's gate fires at step s, the oracle names layer j+1's experts of
+    step s, and from the last layer those of layer 0 at step s+1 (it wraps).
+    The step is counted per layer, and checked against the offloader's use
+    counts (`usage`), so a trace of another generation is refused.
+    """
+
+    name = "oracle"
+    wraps = True
+
+    def __init__(self, trace) -> None:
+        self.trace_steps = [list(map(list, layer)) for layer in trace.steps]
+        self.ends = []  # ends[j][s]: experts used by layer j in its steps 0..s together (the running sum of use counts)
+        for layer in self.trace_steps:
+            total, ends = 0, []
+            for experts in layer:
+                total += len(experts)
+                ends.append(total)
+            self.ends.append(ends)
+
+    def bind(self, moe_layers, usage):
+        super().bind(moe_layers, usage)
+        if len(self.trace_steps) != len(moe_layers):
+            raise PredictorError(f"the routing trace for the oracle has {len(self.trace_steps)} MoE layers, the model "
+                                 f"{len(moe_layers)}: record it on the same model, prompt and settings")
+        self.calls = [0] * len(moe_layers)
+
+    def predict(self, layer, x_TD):
+        step = self.calls[layer]
+        self.calls[layer] += 1
+        ends = self.ends[layer]
+        if step >= len(ends) or ends[step] != sum(self.usage[layer]):
+            raise PredictorError(f"the routing trace for the oracle does not match this generation at MoE layer {layer}, "
+                                 f"step {step}: record it on the same prompt and settings")
+        nxt, step = (layer + 1, step) if layer + 1 < len(self.trace_steps) else (0, step + 1)
+        steps = self.trace_steps[nxt]
+        return list(steps[step]) if step < len(steps) else None
+
+
 def rank_assignments(expert_idx_N: torch.Tensor, weight_N: torch.Tensor, num_experts: int) -> list[int]:
     """The experts named in the assignments, by total routing weight (then by id)."""
     if expert_idx_N.numel() <= 16:  # decode: a few assignments, cheaper in Python
@@ -144,14 +190,19 @@ def rank_assignments(expert_idx_N: torch.Tensor, weight_N: torch.Tensor, num_exp
     return sorted(ids, key=lambda e: (-totals[e], e))
 
 
-def build_predictor(name: str, pregate: str | Path | None = None, model=None) -> Predictor:
-    """A predictor by name; `pregate` needs the directory written by `moekit pregate`."""
+def build_predictor(name: str, pregate: str | Path | None = None, model=None, trace=None) -> Predictor:
+    """A predictor by name; `pregate` needs the directory written by `moekit pregate`, `oracle` a RoutingTrace."""
     if name not in PREDICTORS:
         raise PredictorError(f"unknown predictor {name!r}: accepted predictors are {', '.join(PREDICTORS)}")
     if name == "pregate":
         if pregate is None:
             raise PredictorError("the pregate predictor needs the heads trained by `moekit pregate CKPT --out DIR` (pass that DIR)")
         return load_pregate_predictor(pregate, model)
+    if name == "oracle":
+        if trace is None:
+            raise PredictorError("the oracle predictor needs a routing trace recorded on the same generation "
+                                 "(OraclePredictor(trace), or pass trace=)")
+        return OraclePredictor(trace)
     return {"none": NoPredictor, "prefetch-all": PrefetchAll, "next-gate": NextGate}[name]()
 
 

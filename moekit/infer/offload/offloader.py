@@ -68,7 +68,7 @@ class Offloader:
             raise OffloadError("the belady cache policy needs a routing trace of the same generation (record one first)")
         budget = Budget.parse(budget)
         num_slots = budget.slots(self.shapes)
-        pred = predictor if isinstance(predictor, Predictor) else build_predictor(predictor, pregate, self.model)
+        pred = predictor if isinstance(predictor, Predictor) else build_predictor(predictor, pregate, self.model, trace=trace)
         self.queue.drain()
         self.queue.check()
         options = {"half_life": lfru_half_life} if policy == "lfru" else {}

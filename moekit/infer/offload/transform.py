@@ -75,7 +75,7 @@ def offload_model(
         raise OffloadError("the belady cache policy needs a routing trace of the same generation (record one first)")
     shapes = layer_shapes(moe_layers)
     Budget.parse(budget).slots(shapes)  # a budget that is too small fails before anything is changed
-    pred = predictor if isinstance(predictor, Predictor) else build_predictor(predictor, pregate, model)
+    pred = predictor if isinstance(predictor, Predictor) else build_predictor(predictor, pregate, model, trace=trace)
     device = moe_layers[0][1].experts.w_in_EHD.device
     slow = _build_tier(tier, moe_layers, shapes, checkpoint, link_bandwidth, link_latency, device)
     if verify and isinstance(slow, DiskTier):
