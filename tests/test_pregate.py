@@ -140,6 +140,26 @@ def test_finetuned_pregated_model_reports_loss_and_loads_pregated(checkpoint, tm
     assert engine.generate_ids([[50, 51]], cfg)[0].token_ids == want
     assert offloader.stats()["prefetch_precision"] == 1.0  # single-token steps: the prediction is the routing
     offloader.close()
+    # The flag is part of the saved model config, so every command rebuilds the same (pre-gated) model.
+    import json
+    from pathlib import Path
+
+    from moekit.checkpoints import resolve_checkpoint
+    from moekit.hf import save as hf_save
+    from moekit.hf.families import UnsupportedModelError
+    from moekit.models.build import load_model
+    from moekit.train.lm import load_lm
+
+    ckpt = resolve_checkpoint(report["model_dir"])
+    assert json.loads((Path(ckpt) / "config.json").read_text())["model"]["pregated"] is True
+    (Path(report["model_dir"]) / "pregated.json").unlink()  # no marker file: the config alone says so
+    model, _, run_cfg = load_lm(report["model_dir"])
+    assert run_cfg.model.pregated and getattr(model, "_moekit_pregated", None) is not None
+    with pytest.raises(UnsupportedModelError, match="pre-gated routing"):
+        hf_save(model, tmp_path / "hf", arch="mixtral")
+    assert not (tmp_path / "hf").exists()
+    plain, _, _ = load_model(checkpoint)
+    assert getattr(plain, "_moekit_pregated", None) is None
 
 
 def test_topk_recall_by_hand():

@@ -36,6 +36,8 @@ def fit_problems(model: DecoderLM, arch: str) -> list[str]:
     problems = []
     if cfg.ffn != "moe":
         problems.append(f"ffn={cfg.ffn!r} (only plain MoE layers)")
+    if cfg.pregated:
+        problems.append("pre-gated routing (layer i+1 routes on layer i's input; no Hugging Face family does)")
     if cfg.experts_per_layer and len(set(cfg.experts_per_layer)) > 1:
         problems.append("a pyramid of expert counts per layer (experts_per_layer)")
     m = cfg.moe

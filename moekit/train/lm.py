@@ -19,7 +19,7 @@ import torch
 from ..checkpoints import load_checkpoint, load_model_state, resolve_checkpoint
 from ..config import MoEConfig, _check_choice, _check_int, apply_overrides, from_dict, load_json, to_dict
 from ..data.text import Tokenizer, batch_at, encode_corpus, load_corpus
-from ..models.build import load_model
+from ..models.build import build_model, load_model
 from ..models.decoder import DecoderLM, ModelConfig, count_parameters, lm_loss
 from ..errors import CheckpointError, ConfigError
 from ..moe.stats import LoadTracker
@@ -133,7 +133,7 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
     if tc.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     torch.manual_seed(tc.seed)
-    model = DecoderLM(cfg.model)
+    model = build_model(cfg.model)  # the config's transforms too (pre-gated routing), so a resumed run is the same model
     if parallel is not None:
         from ..parallel import apply_expert_parallel
 
@@ -167,7 +167,7 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
     )
     if parallel is not None:  # hand back an ordinary single-process model holding every expert
         full_state = parallel.full_state_dict(model)
-        model = DecoderLM(cfg.model)
+        model = build_model(cfg.model)
         load_model_state(model, full_state)
     return {
         "model": model, "tokenizer": data.tokenizer, "result": result, "config": cfg,
