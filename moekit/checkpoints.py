@@ -27,13 +27,14 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors import torch as safetensors_torch
 
 from .errors import CheckpointError, ConfigError
@@ -231,18 +232,70 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return stored, aliases
 
 
-def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors with aliases restored, metadata) from a safetensors file; CheckpointError if unreadable."""
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def safetensors_header(path: str | Path) -> tuple[dict[str, tuple[str, list[int], int, int]], int, dict[str, str]]:
+    """({name: (dtype, shape, begin, end)}, data start, metadata) without reading tensor data; ValueError if malformed."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError("shorter than 8 bytes")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100_000_000:
+            raise ValueError(f"header length {length} is implausible")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    entries = {name: (v["dtype"], list(v["shape"]), int(v["data_offsets"][0]), int(v["data_offsets"][1]))
+               for name, v in header.items()}
+    return entries, 8 + length, metadata
+
+
+def load_tensors(path: str | Path, skip: Callable[[str], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors with aliases restored, metadata) from a safetensors file; CheckpointError if unreadable.
+
+    Each tensor is read with positional reads into memory of its own (no memory map stays behind, so a
+    file replaced or truncated later cannot touch a loaded model, and the bytes are in memory once).
+    Names for which skip(name) is True are not read.
+    """
     p = Path(path)
     try:
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:  # the Rust binding raises SafetensorError (an Exception) for any corruption
+        entries, start, metadata = safetensors_header(p)
+        size = p.stat().st_size
+        tensors = {}
+        with open(p, "rb", buffering=0) as f:
+            for name, (dtype, shape, begin, end) in entries.items():
+                if skip is not None and skip(name):
+                    continue
+                tensors[name] = _read_tensor(f, dtype, shape, start + begin, end - begin, size)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     for alias, target in json.loads(metadata.get(ALIASES_KEY, "{}")).items():
-        tensors[alias] = tensors[target]
+        if target in tensors:
+            tensors[alias] = tensors[target]
     return tensors, metadata
+
+
+def _read_tensor(f, dtype: str, shape: list[int], offset: int, nbytes: int, file_size: int) -> torch.Tensor:
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype {dtype} is not supported")
+    out = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
+    if out.numel() * out.element_size() != nbytes or offset + nbytes > file_size:
+        raise ValueError(f"a tensor's byte range {offset}..{offset + nbytes} does not fit its shape or the file")
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+    done = 0
+    while done < nbytes:
+        n = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if n <= 0:
+            raise ValueError(f"the file ended at byte {offset + done}")
+        done += n
+    return out
 
 
 # ---------------------------------------------------------------- nested state <-> flat tensors
@@ -353,13 +406,17 @@ def _pickle_refused(path: Path) -> CheckpointError:
     )
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load config, model (and optimizer) state and trainer state from a run or checkpoint directory."""
+def load_checkpoint(path: str | Path, optimizer: bool = True, skip: Callable[[str], bool] | None = None) -> Checkpoint:
+    """Load config, model (and optimizer) state and trainer state from a run or checkpoint directory.
+
+    optimizer=False leaves the optimizer state unread (inference); `skip(name)` True leaves that model tensor
+    unread (lazy loading reads the experts later, straight into their fast slots).
+    """
     directory = resolve_checkpoint(path)
     config = _read_json(directory / CONFIG_FILE, required=True)
-    model_state, _ = load_tensors(directory / MODEL_FILE)
+    model_state, _ = load_tensors(directory / MODEL_FILE, skip)
     optimizer_state = None
-    if (directory / OPTIMIZER_FILE).is_file():
+    if optimizer and (directory / OPTIMIZER_FILE).is_file():
         tensors, metadata = load_tensors(directory / OPTIMIZER_FILE)
         if SKELETON_KEY not in metadata:
             raise CheckpointError(f"{directory / OPTIMIZER_FILE} lacks its state layout ({SKELETON_KEY} metadata)")
@@ -393,9 +450,12 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     model.load_state_dict(state, strict=True)
 
 
-def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Every name of the model's state in `state` and no other, each with the model's shape; else a CheckpointError."""
-    expected = model.state_dict()
+def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], skip: Callable[[str], bool] | None = None) -> None:
+    """Every name of the model's state in `state` and no other, each with the model's shape; else a CheckpointError.
+
+    Names for which skip(name) is True are neither needed nor checked.
+    """
+    expected = {k: v for k, v in model.state_dict().items() if skip is None or not skip(k)}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

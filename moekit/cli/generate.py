@@ -38,15 +38,18 @@ def _generate(args) -> int:
     from ..infer.engine import Engine, check_settings
 
     settings = check_settings(**sampling_settings(args))
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device)
+    if args.expert_budget is None and (args.prefetch or args.cache or args.pregate or args.slow_tier):
+        from ..errors import ConfigError
+
+        raise ConfigError("--prefetch, --cache, --pregate and --slow-tier need --expert-budget (e.g. --expert-budget 25%)")
+    lazy = args.expert_budget is not None and (args.slow_tier or "disk") == "disk"
+    # With a disk tier the experts are never read into memory: they go from the checkpoint straight into fast slots.
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device,
+                         **(_offload_options(args, "lru" if args.cache == "belady" else args.cache) if lazy else {}))
     prompt = engine.encode(args.prompt, chat=args.chat, system=args.system)
     engine.check_prompts([prompt])
     if args.expert_budget is not None:
         _offload(engine, args, prompt, settings)
-    elif args.prefetch or args.cache or args.pregate or args.slow_tier:
-        from ..errors import ConfigError
-
-        raise ConfigError("--prefetch, --cache, --pregate and --slow-tier need --expert-budget (e.g. --expert-budget 25%)")
     if not args.chat:
         print(args.prompt, end="", flush=True)
 
@@ -60,19 +63,22 @@ def _generate(args) -> int:
     return 0
 
 
+def _offload_options(args, policy) -> dict:
+    """Engine.load / Engine.offload options from the --expert-budget/--slow-tier/--prefetch/... flags."""
+    tier = args.slow_tier or ("cuda-host" if args.device and str(args.device).startswith("cuda") else "disk")
+    return dict(expert_budget=args.expert_budget, tier=tier, policy=policy or "lru", predictor=args.prefetch or "none",
+                pregate=args.pregate, link_bandwidth=args.link_bandwidth, link_latency=args.link_latency)
+
+
 def _offload(engine, args, prompt, settings) -> None:
-    """Offload the engine's experts as the --expert-budget/--prefetch/--cache/... flags say."""
-    tier = args.slow_tier or ("cuda-host" if engine.device.type == "cuda" else "disk")
-    options = dict(tier=tier, predictor=args.prefetch or "none", pregate=args.pregate,
-                   link_bandwidth=args.link_bandwidth, link_latency=args.link_latency)
-    policy = args.cache or "lru"
-    if policy != "belady":
-        engine.offload(args.expert_budget, policy=policy, **options)
-        return
-    # Belady needs the future: a silent first pass (same prompt and seed, so the same tokens) records the routing.
-    offloader = engine.offload(args.expert_budget, policy="lru", **options)
-    engine.generate_ids([prompt], settings)
-    offloader.configure(args.expert_budget, "belady", options["predictor"], trace=offloader.trace, pregate=args.pregate)
+    """Offload the engine's experts (unless loading did) as the flags say; Belady records its trace first."""
+    options = _offload_options(args, "lru" if args.cache == "belady" else args.cache)
+    budget = options.pop("expert_budget")
+    offloader = engine.offloader or engine.offload(budget, **options)
+    if args.cache == "belady":
+        # Belady needs the future: a silent first pass (same prompt and seed, so the same tokens) records the routing.
+        engine.generate_ids([prompt], settings)
+        offloader.configure(budget, "belady", options["predictor"], trace=offloader.trace, pregate=args.pregate)
 
 
 def _print_stats(engine) -> None:

@@ -21,8 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError, MoekitError
+from ..models.build import is_expert_param
 from ..models.decoder import DecoderLM, ModelConfig
 from ..modules import RotaryEmbedding
 from .families import CONFIG_FILE, expected_names, family_of, model_config_from_hf
@@ -132,8 +134,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 @torch.no_grad()
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-         kernel: str = "auto") -> DecoderLM:
-    """A Hugging Face MoE model directory as an eval-mode DecoderLM (float32 on CPU unless told otherwise)."""
+         kernel: str = "auto", experts: bool = True) -> DecoderLM:
+    """A Hugging Face MoE model directory as an eval-mode DecoderLM (float32 on CPU unless told otherwise).
+
+    experts=False (lazy loading): the routed experts are not read and stay on the meta device, for an
+    offloading transform to give them fast slots filled from these very files.
+    """
     d = Path(path)
     hf = read_config(d)
     cfg = model_config_from_hf(hf, f"{d.name}/{CONFIG_FILE}")
@@ -147,8 +153,9 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     ignored = {n for n in files if n.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and n == "lm_head.weight")}
     _check_names(plan, set(files) - ignored, d)
 
-    model = _empty_model(cfg, torch_dtype, device)
-    _copy_tensors(model, plan, files)
+    skip = None if experts else is_expert_param
+    model = _empty_model(cfg, torch_dtype, device, skip)
+    _copy_tensors(model, {k: v for k, v in plan.items() if skip is None or not skip(v[0])}, files)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
@@ -195,11 +202,20 @@ def _check_names(plan: dict, present: set[str], d: Path) -> None:
         )
 
 
-def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> DecoderLM:
-    """A DecoderLM allocated once, uninitialised, in its final dtype and device; buffers recomputed."""
+def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, skip=None) -> DecoderLM:
+    """A DecoderLM allocated once, uninitialised, in its final dtype and device; buffers recomputed.
+
+    Parameters for which skip(name) is True stay on the meta device (in the final dtype), unallocated.
+    """
     with torch.device("meta"):
-        model = DecoderLM(cfg)
-    model = model.to(dtype).to_empty(device=device)
+        model = DecoderLM(cfg).to(dtype)
+    if skip is None:
+        model = model.to_empty(device=device)
+    else:
+        for module_name, module in model.named_modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and not skip(f"{module_name}.{name}" if module_name else name):
+                    module._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             fresh = RotaryEmbedding(module.head_dim, module.theta)

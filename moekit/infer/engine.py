@@ -73,30 +73,35 @@ class Engine:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def load(cls, path: str | Path, dtype=None, device=None, **kwargs) -> "Engine":
-        """An engine for a Hugging Face model directory or a moekit run/checkpoint directory."""
+    def load(cls, path: str | Path, dtype=None, device=None, expert_budget=None, **offload_options) -> "Engine":
+        """An engine for a Hugging Face model directory or a moekit run/checkpoint directory.
+
+        expert_budget ("25%", 0.25, "2GB", bytes; None = all resident) loads lazily: the routed experts
+        are never read into memory; they stay in the checkpoint's own safetensors files and are read
+        straight into the fast slots (see `offload`, which takes `offload_options`).
+        """
         from .. import hf
         from .chat import load_chat_template, special_tokens, stop_token_ids
 
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"model path {p} does not exist: give a Hugging Face model directory or a moekit checkpoint")
+        if offload_options and expert_budget is None:
+            raise ConfigError(f"{', '.join(sorted(offload_options))} only apply with an expert budget (expert_budget=...)")
+        lazy = expert_budget is not None
         if hf.is_hf_dir(p):
-            model = hf.load(p, dtype=dtype, device=device)
+            model = hf.load(p, dtype=dtype, device=device, experts=not lazy)
             tokenizer = hf.load_tokenizer(p)
-            engine = cls(model, tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p),
-                         special_tokens(p), **kwargs)
-            engine.path = p
-            return engine
-        from ..models.build import load_model
+            engine = cls(model, tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p), special_tokens(p))
+        else:
+            from ..models.build import load_model
 
-        model, tokenizer, _ = load_model(p)  # a pre-gated model comes back with its routing applied
-        model = model.to(hf.resolve_device(device))
-        torch_dtype = hf.resolve_dtype(dtype)
-        for param in model.parameters():  # parameters only: the rotary table stays float32
-            param.data = param.data.to(torch_dtype)
-        engine = cls(model, tokenizer, **kwargs)
+            model, tokenizer, _ = load_model(p, experts=not lazy)  # a pre-gated model comes back with its routing applied
+            _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
+            engine = cls(model, tokenizer)
         engine.path = p
+        if lazy:
+            engine.offload(expert_budget, **offload_options)
         return engine
 
     def offload(self, budget, **options):
@@ -231,6 +236,19 @@ class Engine:
         out = self.model(ids_BT, attention_mask_BK=mask, positions_BT=positions_BT, kv_cache=cache,
                          cache_start=start, last_only=True)
         return out.logits[:, -1]
+
+
+def _place(model, device: torch.device, dtype: torch.dtype) -> None:
+    """Parameters to `device` and `dtype` (buffers stay: the rotary table is float32); meta ones change dtype only."""
+    for param in model.parameters():
+        if param.is_meta:
+            param.data = torch.empty_like(param, dtype=dtype)
+        else:
+            param.data = param.data.to(device=device, dtype=dtype)
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
 
 
 # ---------------------------------------------------------------- per-sequence bookkeeping

@@ -46,14 +46,27 @@ def model_config_of(config: dict, where: Path | str) -> ModelConfig:
     return from_dict(ModelConfig, config["model"], f"{where}/config.json: model")
 
 
-def load_model(path: str | Path) -> tuple[DecoderLM, Tokenizer, dict]:
-    """(model in eval mode, tokenizer, the checkpoint's whole config dict) from a run or checkpoint directory."""
-    ckpt = load_checkpoint(resolve_checkpoint(path))
+def is_expert_param(name: str) -> bool:
+    """A routed expert's stacked weight (what an expert budget keeps out of memory)."""
+    return name.endswith(EXPERT_PARAMS)
+
+
+EXPERT_PARAMS = (".experts.w_in_EHD", ".experts.w_out_EDF")
+
+
+def load_model(path: str | Path, experts: bool = True) -> tuple[DecoderLM, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, the checkpoint's whole config dict) from a run or checkpoint directory.
+
+    experts=False (lazy loading): the routed experts' weights are not read; they stay on the meta
+    device until an offloading transform gives them fast slots filled from the checkpoint itself.
+    """
+    skip = None if experts else is_expert_param
+    ckpt = load_checkpoint(resolve_checkpoint(path), optimizer=False, skip=skip)
     cfg = model_config_of(ckpt.config, ckpt.dir)
     if not cfg.pregated and _legacy_pregated(Path(path), ckpt.dir):
         cfg.pregated = True
     model = build_model(cfg, empty=True)
-    load_state(model, ckpt.model_state)
+    load_state(model, ckpt.model_state, skip)
     if cfg.tie_embeddings:  # assigning tensors unties them; tie again
         model.lm_head.weight = model.embed_tokens.weight
     if ckpt.tokenizer_path is None:
@@ -61,15 +74,18 @@ def load_model(path: str | Path) -> tuple[DecoderLM, Tokenizer, dict]:
     return model.eval(), Tokenizer.from_file(ckpt.tokenizer_path), ckpt.config
 
 
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Strictly load `state` into a model built on the meta device (or anywhere): names and shapes checked first."""
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], skip=None) -> None:
+    """Strictly load `state` into a model built on the meta device (or anywhere): names and shapes checked first.
+
+    Names for which skip(name) is True are left as they are (on the meta device when the model was built empty).
+    """
     from ..checkpoints import check_state
 
-    check_state(model, state)
-    # Own copies: the tensors may be views of a memory-mapped file, which can change or vanish under the model.
-    model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
+    check_state(model, state, skip)
+    # The tensors are the model's own memory (load_tensors reads them, no memory map): assign, do not copy.
+    model.load_state_dict(state, strict=skip is None, assign=True)
     for name, p in model.named_parameters():
-        if p.is_meta:
+        if p.is_meta and (skip is None or not skip(name)):
             raise CheckpointError(f"parameter {name!r} was not restored from the checkpoint")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from .budget import LayerShape, OffloadError, SlowTierError, _itemsize
 from .tiers import SlowTier
+from ...checkpoints import safetensors_header
 
 
 # ---------------------------------------------------------------- the disk tier
@@ -49,21 +49,10 @@ class _Segment:
 def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[str, list[int], int, int]], int]:
     """({name: (dtype, shape, begin, end)}, data start) without reading any tensor data."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError("shorter than 8 bytes")
-            (length,) = struct.unpack("<Q", raw)
-            if length > 100_000_000:
-                raise ValueError(f"header length {length} is implausible")
-            header = json.loads(f.read(length))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+        entries, start, _ = safetensors_header(path)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise SlowTierError(f"{path} is not a readable safetensors file: {e}") from None
-    entries = {
-        name: (v["dtype"], list(v["shape"]), int(v["data_offsets"][0]), int(v["data_offsets"][1]))
-        for name, v in header.items() if name != "__metadata__"
-    }
-    return entries, 8 + length
+    return entries, start
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

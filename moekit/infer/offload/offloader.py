@@ -33,13 +33,14 @@ class Offloader:
     changes) the budget, policy and predictor, starting from empty slots.
     """
 
-    def __init__(self, model: nn.Module, moe_layers: list[tuple[str, MoELayer]], tier: SlowTier, shapes: list[LayerShape]):
+    def __init__(self, model: nn.Module, moe_layers: list[tuple[str, MoELayer]], tier: SlowTier, shapes: list[LayerShape],
+                 device: torch.device | None = None):
         self.model = model
         self.paths = [name for name, _ in moe_layers]
         self.layers = [m for _, m in moe_layers]
         self.tier = tier
         self.shapes = shapes
-        self.device = self.layers[0].experts.w_in_EHD.device
+        self.device = device or self.layers[0].experts.w_in_EHD.device
         self.queue = CudaTransferQueue(self.device) if self.device.type == "cuda" else ThreadTransferQueue()
         self._hooks = []
         self._inputs: list[torch.Tensor | None] = [None for _ in shapes]

@@ -76,11 +76,15 @@ def offload_model(
     shapes = layer_shapes(moe_layers)
     Budget.parse(budget).slots(shapes)  # a budget that is too small fails before anything is changed
     pred = predictor if isinstance(predictor, Predictor) else build_predictor(predictor, pregate, model, trace=trace)
-    device = moe_layers[0][1].experts.w_in_EHD.device
+    lazy = moe_layers[0][1].experts.w_in_EHD.is_meta  # loaded without its experts (Engine.load with expert_budget)
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    if lazy and tier != "disk":
+        raise OffloadError(f"the model was loaded without its experts, so they can only come from its checkpoint: "
+                           f"use tier 'disk', not {tier!r}")
     slow = _build_tier(tier, moe_layers, shapes, checkpoint, link_bandwidth, link_latency, device)
-    if verify and isinstance(slow, DiskTier):
+    if verify and isinstance(slow, DiskTier) and not lazy:  # lazily loaded: the tier is the file the model came from
         _verify_tier(slow, moe_layers, shapes)
-    offloader = Offloader(model, moe_layers, slow, shapes)
+    offloader = Offloader(model, moe_layers, slow, shapes, device)
     return offloader.configure(budget, policy, pred, trace=trace, lfru_half_life=lfru_half_life)
 
 

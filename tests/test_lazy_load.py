@@ -1,0 +1,115 @@
+"""Lazy loading: with an expert budget the experts are never read into memory, and the tokens are the resident ones."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from moekit.checkpoints import save_checkpoint
+from moekit.config import MoEConfig, to_dict
+from moekit.data.text import Tokenizer
+from moekit.infer import Engine
+from moekit.infer.offload import OffloadedExperts
+from moekit.infer.sampling import SamplingConfig
+from moekit.models.decoder import DecoderLM, ModelConfig
+
+
+def _save(tmp_path, **moe):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, max_seq_len=64,
+                      dense_hidden=48, first_k_dense=1,
+                      moe=MoEConfig(num_experts=8, top_k=2, expert_hidden=24, num_shared_experts=1, **moe))
+    model = DecoderLM(cfg)
+    save_checkpoint(tmp_path / "run", 1, config={"model": to_dict(cfg)}, model_state=model.state_dict(), optimizer_state=None,
+                    trainer_state={}, tokenizer=Tokenizer.byte_level())
+    return tmp_path / "run"
+
+
+def _greedy(engine):
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0, stop_token_ids=[])
+    return [c.token_ids for c in engine.generate_ids([[1, 2, 3], [40, 41, 42, 43, 44]], cfg)]
+
+
+def test_lazily_loaded_offloaded_generation_gives_the_resident_tokens(tmp_path):
+    run = _save(tmp_path)
+    want = _greedy(Engine.load(run))
+    for budget in ("25%", 0.5, "100%"):
+        engine = Engine.load(run, expert_budget=budget, predictor="next-gate")
+        moe_layers = [layer.mlp for layer in engine.model.layers if layer.is_moe]
+        assert all(type(m.experts) is OffloadedExperts for m in moe_layers)
+        assert _greedy(engine) == want, budget
+        assert engine.offloader.stats()["misses"] > 0
+        engine.offloader.close()
+
+
+def test_lazy_loading_of_a_hugging_face_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    want = _greedy(Engine.load(tmp_path / "hf"))
+    engine = Engine.load(tmp_path / "hf", expert_budget="50%")
+    assert all(type(layer.mlp.experts) is OffloadedExperts for layer in engine.model.layers)
+    assert _greedy(engine) == want
+    engine.offloader.close()
+
+
+def test_offload_options_need_a_budget_and_a_disk_tier(tmp_path):
+    run = _save(tmp_path)
+    from moekit.errors import ConfigError, MoekitError
+
+    with pytest.raises(ConfigError, match="only apply with an expert budget"):
+        Engine.load(run, policy="lfu")
+    with pytest.raises(MoekitError, match="can only come from its checkpoint: use tier 'disk'"):
+        Engine.load(run, expert_budget="25%", tier="memory")
+
+
+# VmHWM (this process's own peak RSS), not ru_maxrss: after fork + exec the latter still counts the parent's pages.
+PEAK = textwrap.dedent("""
+    import json, sys
+    import torch
+    import moekit.hf, moekit.infer.chat, moekit.infer.offload, moekit.models.build  # the runtime, before the baseline
+    from moekit.infer import Engine
+    from moekit.infer.sampling import SamplingConfig
+
+    def peak():
+        line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+
+    torch.ones(1)
+    before = peak()
+    budget = None if sys.argv[2] == "none" else sys.argv[2]
+    engine = Engine.load(sys.argv[1], expert_budget=budget)
+    engine.generate_ids([[1, 2, 3]], SamplingConfig(max_new_tokens=3, temperature=0, stop_token_ids=[]))
+    print(json.dumps({"growth": peak() - before}))
+""")
+
+
+def test_peak_memory_with_a_budget_excludes_the_experts(tmp_path):
+    """A model whose experts are 200 MB: resident loading grows RSS past them; a 25% budget stays near 25% of them."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, hidden_size=512, num_layers=2, num_heads=8, num_kv_heads=4, max_seq_len=64,
+                      moe=MoEConfig(num_experts=16, top_k=2, expert_hidden=1024))
+    with torch.no_grad():
+        model = DecoderLM(cfg)
+    expert_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in n)
+    assert expert_bytes > 190e6
+    save_checkpoint(tmp_path / "big", 1, config={"model": to_dict(cfg)}, model_state=model.state_dict(), optimizer_state=None,
+                    trainer_state={}, tokenizer=Tokenizer.byte_level())
+    del model
+    growth = {}
+    for budget in ("none", "25%"):
+        out = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / "big"), budget], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        growth[budget] = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+    assert growth["none"] > expert_bytes  # the measurement sees experts when they are loaded
+    assert growth["none"] < 1.1 * expert_bytes + 120e6, growth  # resident: each weight in memory once (plus the runtime)
+    # with a 25% budget: a quarter of the experts in fast slots, the rest never read (plus the same runtime allowance)
+    assert growth["25%"] < 0.25 * expert_bytes + 120e6, (growth, expert_bytes)
+    assert growth["25%"] < growth["none"] - 0.6 * expert_bytes, growth
