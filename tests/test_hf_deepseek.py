@@ -258,3 +258,47 @@ def test_unsupported_deepseek_features_are_refused_by_name(tmp_path):
         (path / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(hf.UnsupportedModelError, match=message):
             hf.load(path)
+
+
+# ---------------------------------------------------------------- moekit-built MLA models
+
+
+def _native_mla(**moe):
+    from moekit.config import MoEConfig
+    from moekit.models.decoder import DecoderLM, ModelConfig
+
+    torch.manual_seed(2)
+    moe = {**dict(num_experts=4, top_k=2, expert_hidden=12, score_func="sigmoid", n_group=2, topk_group=1,
+                  num_shared_experts=1, routed_scaling_factor=2.5), **moe}
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=36, num_layers=2, num_heads=3, num_kv_heads=3, max_seq_len=64,
+                      dense_hidden=44, first_k_dense=1, attention="mla", mla=MLAConfig(q_lora_rank=16, **MLA),
+                      moe=MoEConfig(**moe))
+    return DecoderLM(cfg).eval()
+
+
+def test_moekit_mla_model_exports_to_transformers_with_the_same_logits(tmp_path):
+    model = _native_mla()
+    with torch.no_grad():
+        model.layers[1].mlp.router.expert_bias.uniform_(-0.2, 0.2)
+    out = hf.save(model, tmp_path / "v3", arch="auto")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "deepseek_v3"
+    ref = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids, mask = padded(PROMPTS)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+    assert (moekit_logits(model, ids, mask) - expected)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_mla_config_survives_moekit_checkpoint_config_and_gqa_families_refuse_it(tmp_path):
+    from dataclasses import asdict
+
+    from moekit.config import from_dict
+    from moekit.models.decoder import ModelConfig
+
+    model = _native_mla()
+    assert from_dict(ModelConfig, asdict(model.cfg)) == model.cfg
+    with pytest.raises(hf.UnsupportedModelError, match="attention='mla'"):
+        hf.save(model, tmp_path / "a", arch="mixtral")
+    with pytest.raises(hf.UnsupportedModelError, match="score_func='sigmoid'.*'softmax'"):
+        hf.save(model, tmp_path / "b", arch="deepseek_v2")
+    assert not any(tmp_path.iterdir())
