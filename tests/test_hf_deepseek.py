@@ -302,3 +302,18 @@ def test_mla_config_survives_moekit_checkpoint_config_and_gqa_families_refuse_it
     with pytest.raises(hf.UnsupportedModelError, match="score_func='sigmoid'.*'softmax'"):
         hf.save(model, tmp_path / "b", arch="deepseek_v2")
     assert not any(tmp_path.iterdir())
+
+
+def test_bf16_loading_keeps_yarn_tables_in_float32(family_dir):
+    family, ref, path = family_dir
+    model = hf.load(path, dtype="bfloat16")
+    assert model.rotary.inv_freq.dtype == torch.float32
+    fresh = hf.load(path).rotary.inv_freq
+    assert torch.equal(model.rotary.inv_freq, fresh)
+    # transformers' own bf16 load is the reference (its fp32 logits differ from it by ~0.6 here: routing flips)
+    ref_bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, experts_implementation="eager").eval()
+    ids, mask = padded(PROMPTS)
+    with torch.no_grad():
+        expected = ref_bf16(input_ids=ids, attention_mask=mask).logits.float()
+    got = moekit_logits(model, ids, mask).float()
+    assert torch.isfinite(got).all() and (got - expected)[mask.bool()].abs().max() < 0.1
