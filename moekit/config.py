@@ -54,6 +54,7 @@ class MoEConfig:
     topk_group: int = 1  # ... of which each token may use this many
     group_score_experts: int = 2  # a group scores the sum of its best this-many experts (DeepSeek-V3: 2, V2: 1)
     bias_update_rate: float = 0.0  # aux-loss-free balancing; 0 disables it
+    selection_bias: bool = False  # a fixed selection bias (DeepSeek-V3's e_score_correction_bias), saved with the model
     num_groups: int = 1  # GroupRouter: experts partitioned by a per-token group id
     capacity_factor: float = 0.0  # training; <= 0 means dropless
     eval_capacity_factor: float = 0.0

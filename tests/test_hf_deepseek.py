@@ -143,6 +143,20 @@ def test_export_then_reload_round_trips(family_dir, tmp_path):
     assert (moekit_logits(hf.load(out), ids, mask)[real] - expected[real]).abs().max() <= 1e-4
 
 
+def test_moekit_checkpoint_state_keeps_the_v3_correction_bias(family_dir):
+    from moekit.models.build import build_model, load_state
+
+    family, ref, path = family_dir
+    model = hf.load(path)
+    state = model.state_dict()
+    if family == "deepseek_v3":
+        torch.testing.assert_close(state["layers.1.mlp.router.expert_bias"], ref.model.layers[1].mlp.gate.e_score_correction_bias)
+    again = build_model(model.cfg, empty=True)
+    load_state(again, state)
+    ids, mask = padded(PROMPTS)
+    assert torch.equal(moekit_logits(again.eval(), ids, mask), moekit_logits(model, ids, mask))
+
+
 def test_offloaded_generation_reads_deepseek_experts_from_disk(family_dir):
     family, ref, path = family_dir
     want = [c.token_ids for c in Engine.load(path).generate(PROMPTS[:2], max_new_tokens=8, temperature=0)]

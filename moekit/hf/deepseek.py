@@ -121,7 +121,7 @@ def _moe(hf: dict, where: str, fam: Family, hidden: int) -> MoEConfig:
     if fam.model_type == "deepseek_v3":
         return MoEConfig(score_func="sigmoid", norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
                          n_group=int(hf.get("n_group") or 1), topk_group=int(hf.get("topk_group") or 1),
-                         group_score_experts=2, **common)
+                         group_score_experts=2, selection_bias=True, **common)
     method = hf.get("topk_method") or "greedy"
     if method not in V2_TOPK_METHODS:
         raise _unsupported(where, fam, f"topk_method={method!r} (only {', '.join(V2_TOPK_METHODS)})")

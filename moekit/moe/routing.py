@@ -122,7 +122,8 @@ class TopKRouter(nn.Module):
         self.cfg = cfg
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         # Steers which experts are selected, never the weights (DeepSeek-V3).
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=cfg.bias_update_rate > 0)
+        persistent = cfg.bias_update_rate > 0 or cfg.selection_bias  # a loaded DeepSeek-V3 bias must survive checkpoints
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=persistent)
 
     def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None) -> Routing:
         cfg = self.cfg
