@@ -55,8 +55,8 @@ def fit_problems(model: DecoderLM, arch: str) -> list[str]:
         problems.append("router_bias=true")
     if m.n_group > 1:
         problems.append(f"group-limited routing (n_group={m.n_group})")
-    if m.bias_update_rate > 0:
-        problems.append("aux-loss-free balancing bias (bias_update_rate > 0)")
+    if m.bias_update_rate > 0 or m.selection_bias:
+        problems.append("aux-loss-free balancing bias (bias_update_rate > 0 or selection_bias)")
     if m.eval_capacity_factor > 0:
         problems.append(f"eval_capacity_factor={m.eval_capacity_factor} (tokens dropped at inference)")
     if fam.model_type == "mixtral" and not m.norm_topk_prob:

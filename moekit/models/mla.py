@@ -288,8 +288,21 @@ class MLAttention(nn.Module):
         w_uk_HNr, w_uv_HVr = w_HEr.split([m.qk_nope_head_dim, m.v_head_dim], dim=1)
         q_lat_BHTr = torch.einsum("bhtn,hnr->bhtr", q_nope_BHTn, w_uk_HNr)
         q_BHTl = torch.cat([q_lat_BHTr, q_pe_BHTp], dim=-1)
-        k_B1Kl = latent_BKl[:, None]
-        v_B1Kr = k_B1Kl[..., : m.kv_lora_rank]
-        out_BHTr = F.scaled_dot_product_attention(q_BHTl, k_B1Kl, v_B1Kr, attn_mask=attn_mask, is_causal=is_causal,
-                                                  scale=self.scale, enable_gqa=H > 1)
-        return torch.einsum("bhtr,hvr->bhtv", out_BHTr, w_uv_HVr)
+        return torch.einsum("bhtr,hvr->bhtv", _latent_attention(q_BHTl, latent_BKl, m.kv_lora_rank, attn_mask, is_causal,
+                                                                self.scale), w_uv_HVr)
+
+
+def _latent_attention(q_BHTl, latent_BKl, rank: int, attn_mask, is_causal: bool, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v with one key/value head shared by all query heads: two batched matmuls, no copies.
+
+    (SDPA's math kernel would first repeat the shared latent for every head.)
+    """
+    B, H, T, l = q_BHTl.shape
+    K = latent_BKl.shape[1]
+    scores_BHTK = torch.matmul(q_BHTl.reshape(B, H * T, l), latent_BKl.transpose(1, 2)).view(B, H, T, K) * scale
+    if is_causal:
+        attn_mask = causal_mask(T, K, K - T, device=q_BHTl.device)
+    if attn_mask is not None:
+        scores_BHTK = scores_BHTK.masked_fill(~attn_mask, float("-inf"))
+    probs_BHTK = scores_BHTK.float().softmax(-1).to(q_BHTl.dtype)
+    return torch.matmul(probs_BHTK.view(B, H * T, K), latent_BKl[..., :rank]).view(B, H, T, rank)
