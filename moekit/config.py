@@ -52,7 +52,9 @@ class MoEConfig:
     noise_eps: float = 1e-2  # jitter range: x * U(1 - eps, 1 + eps)
     n_group: int = 1  # group-limited routing (DeepSeek-V3): groups of experts
     topk_group: int = 1  # ... of which each token may use this many
+    group_score_experts: int = 2  # a group scores the sum of its best this-many experts (DeepSeek-V3: 2, V2: 1)
     bias_update_rate: float = 0.0  # aux-loss-free balancing; 0 disables it
+    selection_bias: bool = False  # a fixed selection bias (DeepSeek-V3's e_score_correction_bias), saved with the model
     num_groups: int = 1  # GroupRouter: experts partitioned by a per-token group id
     capacity_factor: float = 0.0  # training; <= 0 means dropless
     eval_capacity_factor: float = 0.0
@@ -90,6 +92,7 @@ def validate_moe(c: MoEConfig) -> None:
     if c.router == "expert_choice" and c.capacity_factor <= 0:
         raise ConfigError("capacity_factor must be > 0 for the expert_choice router (each expert takes C = tokens * factor / experts)")
     _check_int(c, "n_group", 1)
+    _check_int(c, "group_score_experts", 1)
     if c.num_experts % c.n_group:
         raise ConfigError(f"n_group={c.n_group} must divide num_experts={c.num_experts}")
     if not 1 <= c.topk_group <= c.n_group:

@@ -1,4 +1,4 @@
-"""The Hugging Face MoE families moekit reads and writes: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+"""The Hugging Face MoE families moekit reads and writes: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3.
 
 Each family is only a table (`Family`) of names and config keys plus a few
 quirks; the MoE math is the foundation's (TopKRouter, Experts, shared expert
@@ -9,13 +9,13 @@ cannot compute the same way) and `expected_names` (Hugging Face tensor name
 
 Not here: reading files and tensors (load.py), writing a model in a family's
 layout and checking that it fits one (save.py), tokenizers and chat templates
-(load.py, moekit.infer.chat).
+(load.py, moekit.infer.chat); the DeepSeek specifics (deepseek.py, registered in HOOKS).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..config import MoEConfig
 from ..errors import CheckpointError, MoekitError
@@ -48,8 +48,27 @@ FAMILIES = {
                         "moe_intermediate_size", "attention_bias"),
     "olmoe": Family("olmoe", "OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "full", False, False,
                     "intermediate_size", "attention_bias"),
+    # --- DeepSeek (MLA): config, names and export come from deepseek.py's hooks (HOOKS below)
+    "deepseek_v2": Family("deepseek_v2", "DeepseekV2ForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "none",
+                          False, False, "moe_intermediate_size", "attention_bias"),
+    "deepseek_v3": Family("deepseek_v3", "DeepseekV3ForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "none",
+                          False, False, "moe_intermediate_size", "attention_bias"),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+@dataclass(frozen=True)
+class FamilyHooks:
+    """A family the table cannot describe (e.g. DeepSeek's MLA): its own config mapping, names and export checks."""
+
+    model_config: Callable[[dict, str, Family], Any]  # (config.json dict, where, family) -> ModelConfig
+    expected_names: Callable[[Any, Family, bool], dict]  # (ModelConfig, family, fused) -> names, as expected_names
+    fit_problems: Callable[[Any, Family], list]  # (ModelConfig, family) -> problems beyond the generic ones
+    hf_config: Callable[[Any, Family], dict]  # (ModelConfig, family) -> the family's own config.json keys
+
+
+# model_type -> hooks; filled by the modules that own those families (deepseek.py), imported by moekit.hf.
+HOOKS: dict[str, FamilyHooks] = {}
 
 
 class UnsupportedModelError(MoekitError):
@@ -140,6 +159,8 @@ def _dense_layers(hf: dict, fam: Family) -> tuple[list[int], int]:
 def model_config_from_hf(hf: dict, where: str = CONFIG_FILE) -> ModelConfig:
     """The ModelConfig (and MoEConfig) of a supported Hugging Face config dict."""
     fam = family_of(hf, where)
+    if fam.model_type in HOOKS:
+        return HOOKS[fam.model_type].model_config(hf, where, fam)
     _refuse_quirks(hf, where, fam)
     attn = _attention(hf, where, fam)
     moe = _moe(hf, where, fam, attn["hidden_size"])
@@ -185,6 +206,8 @@ def expected_names(cfg: ModelConfig, fam: Family, fused: bool) -> dict[str, tupl
     fused=False: one tensor per expert and projection (what save_pretrained writes);
     fused=True: transformers' in-memory layout, experts.gate_up_proj [E, 2F, D] and experts.down_proj [E, D, F].
     """
+    if fam.model_type in HOOKS:
+        return HOOKS[fam.model_type].expected_names(cfg, fam, fused)
     names: dict[str, tuple[str, tuple]] = {"model.embed_tokens.weight": ("embed_tokens.weight", ()), "model.norm.weight": ("norm.weight", ())}
     if not cfg.tie_embeddings:
         names["lm_head.weight"] = ("lm_head.weight", ())

@@ -17,6 +17,7 @@ them (moekit.infer.chat), moekit's own checkpoint format (moekit.checkpoints).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from ..errors import CheckpointError, ConfigError, MoekitError
 from ..models.build import is_expert_param
 from ..models.decoder import DecoderLM, ModelConfig
 from ..modules import RotaryEmbedding
+from . import fp8
+from .deepseek import mtp_names
 from .families import CONFIG_FILE, expected_names, family_of, model_config_from_hf
 
 SINGLE_FILE = "model.safetensors"
@@ -151,21 +154,51 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     fused = any(n.endswith("experts.gate_up_proj") for n in files)
     plan = expected_names(cfg, family_of(hf), fused)
     ignored = {n for n in files if n.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and n == "lm_head.weight")}
+    ignored |= _ignored_extras(files, cfg, d)
+    block = fp8.block_size(hf, f"{d.name}/{CONFIG_FILE}")
+    if block is not None:
+        ignored |= {fp8.scale_name(n) for n in plan if fp8.scale_name(n) in files}
     _check_names(plan, set(files) - ignored, d)
 
     skip = None if experts else is_expert_param
     model = _empty_model(cfg, torch_dtype, device, skip)
-    _copy_tensors(model, {k: v for k, v in plan.items() if skip is None or not skip(v[0])}, files)
+    _copy_tensors(model, {k: v for k, v in plan.items() if skip is None or not skip(v[0])}, files, block)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
 
 
-def _copy_tensors(model: DecoderLM, plan: dict[str, tuple[str, tuple]], files: dict[str, Path]) -> None:
-    """Each planned tensor copied once from its memory-mapped file into its parameter slot."""
+def _ignored_extras(files: dict[str, Path], cfg: ModelConfig, d: Path) -> set[str]:
+    """DeepSeek-V3's multi-token-prediction layers (index >= num_hidden_layers): not part of the model, skipped with a note."""
+    if cfg.attention != "mla":
+        return set()
+    mtp = mtp_names(files, cfg)
+    if mtp:
+        warnings.warn(f"{d}: {len(mtp)} multi-token-prediction tensor(s) (model.layers.{cfg.num_layers}.* and beyond) "
+                      "are ignored: moekit decodes one token per step", stacklevel=3)
+    return mtp
+
+
+def _read(f, name: str, files: dict[str, Path], block: tuple[int, int] | None) -> torch.Tensor:
+    """The tensor `name`, dequantized when it is FP8 with a block scale beside it (possibly in another shard)."""
+    t = f.get_tensor(name)
+    if block is None or t.dtype not in fp8.FP8_DTYPES:
+        return t
+    scale = fp8.scale_name(name)
+    if scale not in files:
+        raise CheckpointError(f"{files[name]}: FP8 tensor {name} has no {scale} beside it")
     from safetensors import safe_open
 
-    params = dict(model.named_parameters(remove_duplicate=False))
+    with safe_open(str(files[scale]), framework="pt", device="cpu") as g:
+        return fp8.dequantize(t, g.get_tensor(scale), block, name)
+
+
+def _copy_tensors(model: DecoderLM, plan: dict[str, tuple[str, tuple]], files: dict[str, Path],
+                  block: tuple[int, int] | None = None) -> None:
+    """Each planned tensor copied once from its memory-mapped file into its parameter (or buffer) slot."""
+    from safetensors import safe_open
+
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
     by_file: dict[Path, list[str]] = {}
     for name in plan:
         by_file.setdefault(files[name], []).append(name)
@@ -181,7 +214,7 @@ def _copy_tensors(model: DecoderLM, plan: dict[str, tuple[str, tuple]], files: d
                             f"{file.name}: tensor {name} has shape {list(shape)} but the config needs {list(target.shape)}"
                             f" (config.json disagrees with the weights)"
                         )
-                    target.copy_(f.get_tensor(name))
+                    target.copy_(_read(f, name, files, block))
         except MoekitError:
             raise
         except Exception as e:
@@ -216,10 +249,15 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, ski
             for name, p in list(module._parameters.items()):
                 if p is not None and not skip(f"{module_name}.{name}" if module_name else name):
                     module._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = torch.empty_like(b, device=device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             fresh = RotaryEmbedding(module.head_dim, module.theta)
             module.inv_freq = fresh.inv_freq.to(device)
+        elif hasattr(module, "reset_buffers"):  # other rotary tables (MLA's YaRN) recompute their own
+            module.reset_buffers(device)
         elif hasattr(module, "expert_bias"):
             module.expert_bias = torch.zeros(module.expert_bias.shape, device=device)
     return model

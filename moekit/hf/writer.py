@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.decoder import DecoderLM, ModelConfig
-from .families import CONFIG_FILE, FAMILIES, SUPPORTED_MODEL_TYPES, UnsupportedModelError, expected_names
+from .families import CONFIG_FILE, FAMILIES, HOOKS, SUPPORTED_MODEL_TYPES, UnsupportedModelError, expected_names
 from .reader import GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TOKENIZER_CONFIG_FILE
 
 def fit_problems(model: DecoderLM, arch: str) -> list[str]:
@@ -33,7 +33,11 @@ def fit_problems(model: DecoderLM, arch: str) -> list[str]:
     if arch not in FAMILIES:
         raise ConfigError(f"arch={arch!r} is unknown: accepted values are {', '.join(SUPPORTED_MODEL_TYPES)}")
     fam, cfg = FAMILIES[arch], model.cfg
+    if arch in HOOKS:
+        return _common_problems(cfg) + HOOKS[arch].fit_problems(cfg, fam)
     problems = []
+    if cfg.attention != "gqa":
+        problems.append(f"attention={cfg.attention!r} (this family uses grouped-query attention, 'gqa')")
     if cfg.ffn != "moe":
         problems.append(f"ffn={cfg.ffn!r} (only plain MoE layers)")
     if cfg.pregated:
@@ -53,8 +57,8 @@ def fit_problems(model: DecoderLM, arch: str) -> list[str]:
         problems.append("router_bias=true")
     if m.n_group > 1:
         problems.append(f"group-limited routing (n_group={m.n_group})")
-    if m.bias_update_rate > 0:
-        problems.append("aux-loss-free balancing bias (bias_update_rate > 0)")
+    if m.bias_update_rate > 0 or m.selection_bias:
+        problems.append("aux-loss-free balancing bias (bias_update_rate > 0 or selection_bias)")
     if m.eval_capacity_factor > 0:
         problems.append(f"eval_capacity_factor={m.eval_capacity_factor} (tokens dropped at inference)")
     if fam.model_type == "mixtral" and not m.norm_topk_prob:
@@ -72,6 +76,24 @@ def fit_problems(model: DecoderLM, arch: str) -> list[str]:
         problems.append(f"head_dim={cfg.head_dim} != hidden_size / num_heads")
     if not fam.dense_layers and any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
         problems.append("dense layers (first_k_dense / dense_layers / moe_layer_freq); this family makes every layer MoE")
+    return problems
+
+
+def _common_problems(cfg: ModelConfig) -> list[str]:
+    """What no exported family computes (for the families with their own checks in HOOKS)."""
+    m, problems = cfg.moe, []
+    if cfg.ffn != "moe":
+        problems.append(f"ffn={cfg.ffn!r} (only plain MoE layers)")
+    if cfg.experts_per_layer and len(set(cfg.experts_per_layer)) > 1:
+        problems.append("a pyramid of expert counts per layer (experts_per_layer)")
+    if m.activation != "swiglu":
+        problems.append(f"activation={m.activation!r} (only swiglu)")
+    if m.router != "topk":
+        problems.append(f"router={m.router!r} (only top-k token choice)")
+    if m.router_bias:
+        problems.append("router_bias=true")
+    if m.eval_capacity_factor > 0:
+        problems.append(f"eval_capacity_factor={m.eval_capacity_factor} (tokens dropped at inference)")
     return problems
 
 
@@ -97,6 +119,10 @@ def hf_config(cfg: ModelConfig, arch: str, dtype: torch.dtype = torch.float32) -
     }
     if cfg.head_dim and fam.model_type != "olmoe":
         data["head_dim"] = cfg.head_dim
+    if arch in HOOKS:
+        data.update(HOOKS[arch].hf_config(cfg, fam))
+        data.update(attention_dropout=0.0, output_router_logits=False)
+        return data
     moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
     num_experts = cfg.moe_for_layer(moe_layers[0]).num_experts if moe_layers else m.num_experts
     if fam.model_type == "mixtral":
@@ -119,7 +145,7 @@ def hf_config(cfg: ModelConfig, arch: str, dtype: torch.dtype = torch.float32) -
 
 def state_to_hf(model: DecoderLM, arch: str) -> dict[str, torch.Tensor]:
     """The model's tensors under the family's Hugging Face names, experts split per expert."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
     out: dict[str, torch.Tensor] = {}
     for hf_name, (name, index) in expected_names(model.cfg, FAMILIES[arch], fused=False).items():
         t = params[name].detach()

@@ -5,7 +5,8 @@ an output head. The FFN of each layer is chosen by the config: a dense MLP,
 an MoE (with or without shared experts), or a Residual-MoE; PR-MoE pyramids
 set the expert count per layer, and the first k layers (or any listed ones)
 may stay dense. One class covers the Hugging Face families moekit loads
-(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); module names follow theirs
+(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 with multi-head latent
+attention from mla.py); module names follow theirs
 (`embed_tokens`, `layers.i.self_attn`, `mlp`, `lm_head`) so weights map 1:1.
 
 Not here: training (train.py), generation loops (infer/), HF conversion (hf.py).
@@ -26,8 +27,10 @@ from ..errors import ConfigError
 from ..moe.layers import MoELayer, ResidualMoE
 from ..modules import Attention, KVCache, RMSNorm, RotaryEmbedding, build_mlp, causal_mask
 from ..moe.routing import Routing
+from .mla import LatentKVCache, MLAConfig, MLARotaryEmbedding, MLAttention
 
 FFN_KINDS = ("dense", "moe", "residual_moe")
+ATTENTION_KINDS = ("gqa", "mla")  # grouped-query (modules.Attention) | multi-head latent (models/mla.py, DeepSeek)
 
 
 @dataclass
@@ -54,6 +57,9 @@ class ModelConfig:
     experts_per_layer: list[int] = field(default_factory=list)  # PR-MoE pyramid; empty: moe.num_experts
     pregated: bool = False  # MoE layer i+1 routes on layer i's input (models/pregated.py; applied by build_model)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # --- DeepSeek (MLA): attention="mla" uses `mla` (models/mla.py); num_kv_heads / head_dim / qk_norm are then unused
+    attention: str = "gqa"  # gqa | mla
+    mla: MLAConfig = field(default_factory=MLAConfig)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_len", "dense_hidden"):
@@ -62,6 +68,7 @@ class ModelConfig:
             _check_int(self, name, 0)
         _check_int(self, "moe_layer_freq", 1)
         _check_choice(self, "ffn", FFN_KINDS)
+        _check_choice(self, "attention", ATTENTION_KINDS)
         if self.experts_per_layer and len(self.experts_per_layer) != self.num_layers:
             raise ConfigError(
                 f"experts_per_layer has {len(self.experts_per_layer)} entries but num_layers={self.num_layers}"
@@ -115,10 +122,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = Attention(
-            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim or None,
-            qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
-        )
+        self.self_attn = build_attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if not self.is_moe:
@@ -137,6 +141,23 @@ class Block(nn.Module):
         return x + self.mlp(h), None
 
 
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    """The attention module `cfg.attention` names."""
+    if cfg.attention == "mla":
+        return MLAttention(cfg.hidden_size, cfg.num_heads, cfg.mla)
+    return Attention(
+        cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim or None,
+        qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+    )
+
+
+def build_rotary(cfg: ModelConfig) -> nn.Module:
+    """The RoPE tables of `cfg.attention`: over the head (gqa) or over qk_rope_head_dim, with YaRN (mla)."""
+    if cfg.attention == "mla":
+        return MLARotaryEmbedding(cfg.mla, cfg.rope_theta)
+    return RotaryEmbedding(cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+
+
 class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -147,7 +168,7 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryEmbedding(cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        self.rotary = build_rotary(cfg)
         self.apply(_init_weights)
 
     def forward(
@@ -190,6 +211,9 @@ class DecoderLM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
         cfg = self.cfg
         p = self.embed_tokens.weight
+        if cfg.attention == "mla":  # the latent cache: kv_lora_rank + qk_rope_head_dim numbers per token and layer
+            return LatentKVCache(batch_size, cfg.num_layers, max_len or cfg.max_seq_len, cfg.mla.latent_dim,
+                                 dtype or p.dtype, device or p.device)
         return KVCache(
             batch_size, cfg.num_layers, cfg.num_kv_heads, max_len or cfg.max_seq_len,
             cfg.head_dim or cfg.hidden_size // cfg.num_heads, dtype or p.dtype, device or p.device,

@@ -122,7 +122,8 @@ class TopKRouter(nn.Module):
         self.cfg = cfg
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
         # Steers which experts are selected, never the weights (DeepSeek-V3).
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=cfg.bias_update_rate > 0)
+        persistent = cfg.bias_update_rate > 0 or cfg.selection_bias  # a loaded DeepSeek-V3 bias must survive checkpoints
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=persistent)
 
     def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None) -> Routing:
         cfg = self.cfg
@@ -165,7 +166,7 @@ class TopKRouter(nn.Module):
         if allowed_TE is not None:
             choice = choice.masked_fill(~allowed_TE, float("-inf"))
         if cfg.n_group > 1:
-            choice = _limit_to_groups(choice, cfg.n_group, cfg.topk_group)
+            choice = _limit_to_groups(choice, cfg.n_group, cfg.topk_group, cfg.group_score_experts)
         return choice
 
     @torch.no_grad()
@@ -250,15 +251,16 @@ def _scores(logits_TE: torch.Tensor, score_func: str, allowed_TE: torch.Tensor |
     return logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
 
 
-def _limit_to_groups(choice_TE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
-    """DeepSeek-V3 group-limited routing: keep only the `topk_group` best groups per token.
+def _limit_to_groups(choice_TE: torch.Tensor, n_group: int, topk_group: int, per_group: int = 2) -> torch.Tensor:
+    """DeepSeek group-limited routing: keep only the `topk_group` best groups per token.
 
-    A group's score is the sum of its two best expert scores (its best one
-    when groups hold a single expert).
+    A group's score is the sum of its `per_group` best expert scores: two in
+    DeepSeek-V3, one (the maximum) in DeepSeek-V2's group_limited_greedy;
+    capped at the group's size.
     """
     T, E = choice_TE.shape
     grouped = choice_TE.view(T, n_group, E // n_group)
-    best = min(2, E // n_group)
+    best = min(per_group, E // n_group)
     group_score_TG = grouped.topk(best, dim=-1).values.sum(-1)
     keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
     keep_TG.scatter_(1, group_score_TG.topk(topk_group, dim=-1).indices, True)
