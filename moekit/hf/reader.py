@@ -143,7 +143,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     device = resolve_device(device)
     files = weight_files(d)
     fused = any(n.endswith("experts.gate_up_proj") for n in files)
-    plan = expected_names(cfg, family_of(hf), fused)
+    plan = expected_names(cfg, family_of(hf), fused, set(files))
     ignored = {n for n in files if n.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and n == "lm_head.weight")}
     _check_names(plan, set(files) - ignored, d)
 
@@ -154,31 +154,47 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     return model.eval()
 
 
-def _copy_tensors(model: DecoderLM, plan: dict[str, tuple[str, tuple]], files: dict[str, Path]) -> None:
-    """Each planned tensor copied once from its memory-mapped file into its parameter slot."""
+def _copy_tensors(model: DecoderLM, plan: dict[str, tuple], files: dict[str, Path]) -> None:
+    """Each planned tensor copied once from its memory-mapped file into its parameter slot.
+
+    A plan entry (target, index) is copied as stored; (target, index, Convert) is converted first
+    (with its companions, which may sit in other shards); target None is only read as a companion.
+    """
     from safetensors import safe_open
 
     params = dict(model.named_parameters(remove_duplicate=False))
     by_file: dict[Path, list[str]] = {}
-    for name in plan:
-        by_file.setdefault(files[name], []).append(name)
+    for name, entry in plan.items():
+        if entry[0] is not None:
+            by_file.setdefault(files[name], []).append(name)
     for file, names in by_file.items():
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in names:
-                    target_name, index = plan[name]
+                    target_name, index, *convert = plan[name]
                     target = params[target_name].data[index] if index else params[target_name].data
-                    shape = tuple(f.get_slice(name).get_shape())
+                    if convert:
+                        stored = convert[0].load(f.get_tensor(name), *(_read(files, c) for c in convert[0].companions))
+                        shape = tuple(stored.shape)
+                    else:
+                        shape = tuple(f.get_slice(name).get_shape())
                     if shape != tuple(target.shape):
                         raise CheckpointError(
                             f"{file.name}: tensor {name} has shape {list(shape)} but the config needs {list(target.shape)}"
                             f" (config.json disagrees with the weights)"
                         )
-                    target.copy_(f.get_tensor(name))
+                    target.copy_(stored if convert else f.get_tensor(name))
         except MoekitError:
             raise
         except Exception as e:
             raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _read(files: dict[str, Path], name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(files[name]), framework="pt", device="cpu") as f:
+        return f.get_tensor(name)
 
 
 def _check_names(plan: dict, present: set[str], d: Path) -> None:
@@ -202,8 +218,7 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> 
     model = model.to(dtype).to_empty(device=device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            fresh = RotaryEmbedding(module.head_dim, module.theta)
-            module.inv_freq = fresh.inv_freq.to(device)
+            module.inv_freq = module.compute_inv_freq().to(device)
         elif hasattr(module, "expert_bias"):
             module.expert_bias = torch.zeros(module.expert_bias.shape, device=device)
     return model
