@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-HF_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # = moekit.hf.SUPPORTED_MODEL_TYPES (not imported: torch)
+HF_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "gpt_oss")  # = moekit.hf.SUPPORTED_MODEL_TYPES (not imported: torch)
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")  # SamplingConfig fields; None = its default
 
 
