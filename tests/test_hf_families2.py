@@ -148,7 +148,8 @@ def test_longrope_mscale_switches_with_the_longest_position(tmp_path):
     rope = {**FAMILIES["phimoe"]["rope_parameters"], "short_mscale": 1.1, "long_mscale": 1.4}
     ref = build_hf("phimoe", rope_parameters=rope)
     ref.save_pretrained(tmp_path)
-    model = hf.load(tmp_path)
+    with pytest.warns(UserWarning, match="short_mscale != long_mscale.*recomputes the whole cache"):
+        model = hf.load(tmp_path)
     ids = torch.randint(1, VOCAB, (1, 30))
     with torch.no_grad():
         for T in (12, 30):  # below and above original_max_position_embeddings=20
@@ -309,3 +310,35 @@ def test_features_are_refused_by_name(tmp_path):
         hf.save(plain, tmp_path / "c", arch="gpt_oss")
     assert not any(p.name in "abc" for p in tmp_path.iterdir())  # nothing half-written
     assert HF_ARCHS == hf.SUPPORTED_MODEL_TYPES
+
+
+NATIVE = {
+    "granitemoe": dict(qkv_bias=True, o_bias=True, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                       logits_scaling=2.0, moe=dict(score_func="topk_softmax", norm_topk_prob=False)),
+    "phimoe": dict(norm="layer", lm_head_bias=True, qkv_bias=True, o_bias=True, moe=dict(router="sparsemixer", sparsemixer_eps=0.2)),
+    "gpt_oss": dict(head_dim=12, qkv_bias=True, o_bias=True, attention_sinks=True, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, truncate=False),
+                    moe=dict(activation="clamped_swiglu", expert_biases=True, router_bias=True, score_func="topk_softmax",
+                             norm_topk_prob=False, swiglu_limit=0.9)),
+}
+
+
+@pytest.mark.parametrize("family", list(NATIVE))
+def test_moekit_model_exports_to_transformers_with_the_same_logits(family, tmp_path):
+    kw = dict(NATIVE[family])
+    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=16, **kw.pop("moe"))
+    torch.manual_seed(1)
+    model = DecoderLM(ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                                  max_seq_len=64, moe=moe, **kw)).eval()
+    with torch.no_grad():  # every bias, sink and norm away from its init
+        for name, p in model.named_parameters():
+            if p.dim() == 1 or name.endswith(("b_in_EH", "b_out_ED")):
+                p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.3)
+    out = hf.save(model, tmp_path / family, arch="auto")
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    ref = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids, mask = padded([p + [40, 41, 42] for p in PROMPTS])
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+    assert (moekit_logits(model, ids, mask) - expected)[mask.bool()].abs().max() <= 1e-4

@@ -20,6 +20,7 @@ reading files (reader.py).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -136,6 +137,13 @@ def _phimoe(hf, where, fam, base, moe) -> dict[str, Any]:
         raise unsupported(where, fam, f"num_experts_per_tok={moe['top_k']} (sparsemixer routing always picks 2)")
     moe.update(router="sparsemixer", sparsemixer_eps=float(hf.get("router_jitter_noise", 0.01)))
     _sliding_cap(hf, base)
+    scaling = base["rope_scaling"]
+    if scaling and float(scaling["short_mscale"]) != float(scaling["long_mscale"]):
+        warnings.warn(
+            f"{where}: short_mscale != long_mscale. moekit's forward switches the mscale by the largest position as "
+            f"transformers' does, but transformers' generate also recomputes the whole cache when the sequence first "
+            f"passes original_max_position_embeddings={scaling['original_max_position_embeddings']}; moekit's cached "
+            f"generation does not, so tokens after that point may differ", stacklevel=2)
     return dict(norm="layer", lm_head_bias=bool(hf.get("lm_head_bias", False)))
 
 

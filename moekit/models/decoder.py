@@ -5,7 +5,9 @@ an output head. The FFN of each layer is chosen by the config: a dense MLP,
 an MoE (with or without shared experts), or a Residual-MoE; PR-MoE pyramids
 set the expert count per layer, and the first k layers (or any listed ones)
 may stay dense. One class covers the Hugging Face families moekit loads
-(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); module names follow theirs
+(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite-MoE, PhiMoE, GPT-OSS: their
+multipliers, LayerNorm, biases, attention sinks, sliding-window layers and
+scaled RoPE are ModelConfig fields); module names follow theirs
 (`embed_tokens`, `layers.i.self_attn`, `mlp`, `lm_head`) so weights map 1:1.
 
 Not here: training (train.py), generation loops (infer/), HF conversion (hf.py).
