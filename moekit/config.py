@@ -25,11 +25,11 @@ from .errors import ConfigError
 
 T = TypeVar("T")
 
-ROUTERS = ("topk", "expert_choice", "group")
-SCORE_FUNCS = ("softmax", "sigmoid")
+ROUTERS = ("topk", "expert_choice", "group", "sparsemixer")
+SCORE_FUNCS = ("softmax", "sigmoid", "topk_softmax")  # topk_softmax: top-k of the logits, softmax over those k
 NOISE_POLICIES = ("none", "jitter", "rsample")
 DROP_POLICIES = ("position", "random")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "clamped_swiglu")  # clamped_swiglu: GPT-OSS experts
 BALANCE_LOSSES = ("batch", "sequence", "none")
 
 
@@ -43,7 +43,7 @@ class MoEConfig:
     expert_hidden: int = 512  # width of one expert's MLP
     activation: str = "swiglu"
     kernel: str = "auto"  # loop | grouped_mm | bmm | auto
-    router: str = "topk"  # topk | expert_choice | group
+    router: str = "topk"  # topk | expert_choice | group | sparsemixer
     score_func: str = "softmax"
     norm_topk_prob: bool = True  # renormalise the k selected weights to sum to 1
     routed_scaling_factor: float = 1.0
@@ -64,6 +64,12 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_expert_hidden: int = 0  # 0: same as expert_hidden
     shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE, Time-MoE)
+    # --- PhiMoE: the sparsemixer router's threshold (router="sparsemixer", top-2 only)
+    sparsemixer_eps: float = 0.01
+    # --- GPT-OSS: experts with biases and the clamped SwiGLU (activation="clamped_swiglu")
+    expert_biases: bool = False  # a bias on each expert's input and output projection
+    swiglu_alpha: float = 1.702  # clamped SwiGLU: (up + 1) * gate * sigmoid(alpha * gate)
+    swiglu_limit: float = 7.0  # ... with gate <= limit and -limit <= up <= limit
 
     def __post_init__(self) -> None:
         validate_moe(self)
@@ -87,10 +93,17 @@ def validate_moe(c: MoEConfig) -> None:
     _check_choice(c, "kernel", KERNELS)
     if c.router != "expert_choice" and not 1 <= c.top_k <= c.num_experts:
         raise ConfigError(f"top_k={c.top_k} is invalid: it must be between 1 and num_experts={c.num_experts}")
-    for name in ("capacity_factor", "eval_capacity_factor", "routed_scaling_factor", "noise_eps", "bias_update_rate"):
+    for name in ("capacity_factor", "eval_capacity_factor", "routed_scaling_factor", "noise_eps", "bias_update_rate",
+                 "sparsemixer_eps", "swiglu_alpha", "swiglu_limit"):
         _check_finite(c, name)
     if c.router == "expert_choice" and c.capacity_factor <= 0:
         raise ConfigError("capacity_factor must be > 0 for the expert_choice router (each expert takes C = tokens * factor / experts)")
+    if c.router == "sparsemixer" and c.top_k != 2:
+        raise ConfigError(f"top_k={c.top_k} is invalid for the sparsemixer router: it always picks 2 experts (top_k=2)")
+    if c.activation == "clamped_swiglu" and not c.expert_biases:
+        raise ConfigError("activation='clamped_swiglu' (GPT-OSS experts) needs expert_biases=true")
+    if c.activation == "clamped_swiglu" and c.swiglu_limit <= 0:
+        raise ConfigError(f"swiglu_limit={c.swiglu_limit} is invalid: the clamped SwiGLU needs a limit > 0")
     _check_int(c, "n_group", 1)
     _check_int(c, "group_score_experts", 1)
     if c.num_experts % c.n_group:

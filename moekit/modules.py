@@ -22,6 +22,7 @@ from torch import nn
 from .errors import ConfigError
 
 QK_NORMS = ("none", "head", "full")
+NORMS = ("rms", "layer")
 MLP_ACTIVATIONS = ("swiglu", "gelu")
 
 
@@ -60,9 +61,12 @@ class RotaryEmbedding(nn.Module):
             raise ConfigError(f"head_dim={head_dim} is invalid for rotary embeddings: it must be even")
         self.head_dim = head_dim
         self.theta = theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        """The inverse frequencies (float32, CPU); scaled variants (moekit.rope) override this."""
         # Same expression as HF's compute_default_rope_parameters, so the float32 values are identical.
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
 
     def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos_BTd, sin_BTd) for integer positions of any leading shape, cast to `dtype`."""
@@ -194,6 +198,9 @@ class Attention(nn.Module):
         o_bias: bool = False,
         qk_norm: str = "none",
         norm_eps: float = 1e-6,
+        scale: float | None = None,
+        sinks: bool = False,
+        sliding_window: int = 0,
     ) -> None:
         super().__init__()
         _check_heads(hidden_size, num_heads, num_kv_heads, head_dim, qk_norm)
@@ -201,6 +208,10 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim or hidden_size // num_heads
         self.qk_norm = qk_norm
+        self.scale = scale if scale else self.head_dim**-0.5  # Granite-MoE: attention_multiplier
+        self.sliding_window = sliding_window  # > 0: a query sees only the last `sliding_window` keys (itself included)
+        # GPT-OSS: one learned logit per head joins each softmax (and takes its share of the probability).
+        self.sinks = nn.Parameter(torch.zeros(num_heads)) if sinks else None
         q_dim, kv_dim = num_heads * self.head_dim, num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(hidden_size, q_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden_size, kv_dim, bias=qkv_bias)
@@ -229,21 +240,24 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v, cache_start)
+        start = cache_start if kv_cache is not None else 0
         is_causal = False
+        if self.sliding_window and start + t > self.sliding_window:
+            attn_mask = window_mask(attn_mask, t, start, self.sliding_window, x_BTD.device)
         if attn_mask is None and kv_cache is None:
             is_causal = True
         elif attn_mask is None and t > 1:
             # A multi-token write into a cache: SDPA's is_causal aligns top-left, so spell the mask out.
             attn_mask = causal_mask(t, cache_start + t, cache_start, device=x_BTD.device)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            is_causal=is_causal,
-            scale=self.head_dim**-0.5,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        if self.sinks is not None:
+            if attn_mask is None and t > 1:
+                attn_mask = causal_mask(t, start + t, start, device=x_BTD.device)
+            out = sink_attention(q, k, v, attn_mask, self.scale, self.sinks)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, t, -1))
 
     def _project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -258,6 +272,45 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def window_mask(attn_mask, q_len: int, start: int, window: int, device) -> torch.Tensor:
+    """The causal (and padding) mask restricted to a sliding window: key j is seen from query i iff i - window < j <= i.
+
+    Positions are cache slots, as transformers counts them (left padding included).
+    """
+    kv_len = start + q_len
+    base = attn_mask if attn_mask is not None else causal_mask(q_len, kv_len, start, device=device)
+    q_pos = torch.arange(q_len, device=device)[:, None] + start
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    return base & (k_pos > q_pos - window)[None, None]
+
+
+def sink_attention(q_BHTd, k_BHKd, v_BHKd, attn_mask, scale: float, sinks_H: torch.Tensor) -> torch.Tensor:
+    """Attention whose softmax also holds one learned logit per head (GPT-OSS sinks), that sink then dropped.
+
+    Computed eagerly as transformers' GPT-OSS does: logits, mask, sink column, max-shifted softmax.
+    """
+    B, H, T, d = q_BHTd.shape
+    Hkv = k_BHKd.shape[1]
+    q = q_BHTd.reshape(B, Hkv, (H // Hkv) * T, d)  # query heads of one kv group side by side: no k/v copies
+    logits = (q @ k_BHKd.transpose(-1, -2)).view(B, H, T, -1) * scale
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf"))
+    sink = sinks_H.to(logits.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
+    combined = torch.cat([logits, sink], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = combined.softmax(-1)[..., :-1].to(v_BHKd.dtype)
+    return (probs.reshape(B, Hkv, (H // Hkv) * T, -1) @ v_BHKd).view(B, H, T, d)
+
+
+def build_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """"rms": RMSNorm; "layer": LayerNorm with weight and bias (PhiMoE)."""
+    if kind == "rms":
+        return RMSNorm(dim, eps)
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=eps)
+    raise ConfigError(f"norm={kind!r} is unknown: accepted values are {', '.join(NORMS)}")
 
 
 def _check_heads(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None, qk_norm: str) -> None:

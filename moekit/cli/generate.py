@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-HF_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # = moekit.hf.SUPPORTED_MODEL_TYPES (not imported: torch)
+HF_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe", "phimoe", "gpt_oss")  # = moekit.hf.SUPPORTED_MODEL_TYPES (not imported: torch)
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")  # SamplingConfig fields; None = its default
 
 
@@ -95,7 +95,7 @@ def _print_stats(engine) -> None:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a Hugging Face model directory or a moekit checkpoint",
                        formatter_class=_LibraryDefaults)
-    p.add_argument("model", help="a Hugging Face model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) or a moekit run/checkpoint")
+    p.add_argument("model", help="a Hugging Face model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, Granite-MoE, PhiMoE, GPT-OSS) or a moekit run/checkpoint")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, help="0 = greedy")

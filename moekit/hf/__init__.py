@@ -1,8 +1,10 @@
 """Hugging Face checkpoints in and out: `moekit.hf.load(dir)` and `moekit.hf.save(model, dir, arch=...)`.
 
-Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3. The parts:
+Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, Granite-MoE, PhiMoE, GPT-OSS. The parts:
 
 - families.py: the per-family tables and quirks, `model_config_from_hf`, tensor names;
+- families_more.py / writer_more.py: the Granite-MoE, PhiMoE and GPT-OSS mappings (in / out);
+- common.py: `Family`, `Convert` (stored layout <-> moekit's), the error; mxfp4.py: MXFP4 dequantization;
 - reader.py: reading a model directory (`load`, `is_hf_dir`, `load_tokenizer`, dtype and device);
 - deepseek.py: DeepSeek-V2/V3 (multi-head latent attention) config and names; fp8.py: FP8 block dequantization;
 - writer.py: writing a moekit model in a family's layout (`save`, `convert`, `fit_problems`).

@@ -1,4 +1,4 @@
-"""The Hugging Face MoE families moekit reads and writes: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3.
+"""The Hugging Face MoE families moekit reads and writes: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 (+ families_more.py).
 
 Each family is only a table (`Family`) of names and config keys plus a few
 quirks; the MoE math is the foundation's (TopKRouter, Experts, shared expert
@@ -6,6 +6,9 @@ with sigmoid gate). Here: the tables (`FAMILIES`), `model_config_from_hf`
 (a config.json dict -> `ModelConfig` / `MoEConfig`, refusing what moekit
 cannot compute the same way) and `expected_names` (Hugging Face tensor name
 -> moekit parameter slot).
+
+Granite-MoE, PhiMoE and GPT-OSS have their own mapping in families_more.py;
+this module lists them in `FAMILIES` and hands their configs and names over.
 
 Not here: reading files and tensors (load.py), writing a model in a family's
 layout and checking that it fits one (save.py), tokenizers and chat templates
@@ -18,26 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..config import MoEConfig
-from ..errors import CheckpointError, MoekitError
 from ..models.decoder import ModelConfig
-
-CONFIG_FILE = "config.json"
-
-
-@dataclass(frozen=True)
-class Family:
-    """How one Hugging Face MoE family names its config keys and tensors."""
-
-    model_type: str
-    architecture: str
-    moe_module: str  # the MoE block's name inside a layer
-    expert_names: tuple[str, str, str]  # gate, up, down projections of one expert
-    qk_norm: str  # none | head | full
-    shared_expert: bool  # Qwen2-MoE: one shared expert behind a sigmoid gate
-    dense_layers: bool  # mlp_only_layers / decoder_sparse_step exist
-    expert_width_key: str
-    bias_key: str | None  # the config key for q/k/v biases; None: never biased
-
+from . import families_more as more
+from .common import CONFIG_FILE, Family, UnsupportedModelError, need as _need, unsupported as _unsupported
 
 FAMILIES = {
     "mixtral": Family("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"), "none", False, False,
@@ -53,6 +39,7 @@ FAMILIES = {
                           False, False, "moe_intermediate_size", "attention_bias"),
     "deepseek_v3": Family("deepseek_v3", "DeepseekV3ForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "none",
                           False, False, "moe_intermediate_size", "attention_bias"),
+    **more.MORE_FAMILIES,  # granitemoe, phimoe, gpt_oss (families_more.py)
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -71,10 +58,6 @@ class FamilyHooks:
 HOOKS: dict[str, FamilyHooks] = {}
 
 
-class UnsupportedModelError(MoekitError):
-    """A Hugging Face model (or a moekit model for export) that no supported family describes."""
-
-
 def family_of(hf: dict, where: str = CONFIG_FILE) -> Family:
     """The family a config.json dict names by its model_type (an UnsupportedModelError for any other)."""
     model_type = hf.get("model_type")
@@ -86,17 +69,6 @@ def family_of(hf: dict, where: str = CONFIG_FILE) -> Family:
 
 
 # ---------------------------------------------------------------- config: Hugging Face -> moekit
-
-
-def _need(hf: dict, where: str, fam: Family, key: str, *alternatives: str) -> Any:
-    for k in (key, *alternatives):
-        if hf.get(k) is not None:
-            return hf[k]
-    raise CheckpointError(f"{where} lacks {key!r}, which a {fam.model_type} config needs")
-
-
-def _unsupported(where: str, fam: Family, what: str) -> UnsupportedModelError:
-    return UnsupportedModelError(f"{where}: {what} is not supported by moekit's {fam.model_type} loader")
 
 
 def _refuse_quirks(hf: dict, where: str, fam: Family) -> None:
@@ -161,6 +133,9 @@ def model_config_from_hf(hf: dict, where: str = CONFIG_FILE) -> ModelConfig:
     fam = family_of(hf, where)
     if fam.model_type in HOOKS:
         return HOOKS[fam.model_type].model_config(hf, where, fam)
+    if fam.model_type in more.MORE_FAMILIES:
+        return more.model_config(hf, where, fam)
+    more.refuse_quantized(hf, where, fam)
     _refuse_quirks(hf, where, fam)
     attn = _attention(hf, where, fam)
     moe = _moe(hf, where, fam, attn["hidden_size"])
@@ -200,14 +175,17 @@ def _sliding_window(hf: dict, fam: Family) -> int | None:
 # ---------------------------------------------------------------- weight names
 
 
-def expected_names(cfg: ModelConfig, fam: Family, fused: bool) -> dict[str, tuple[str, tuple]]:
+def expected_names(cfg: ModelConfig, fam: Family, fused: bool, stored: set[str] | None = None) -> dict[str, tuple]:
     """Hugging Face tensor name -> (moekit parameter name, index into that parameter; () = all of it).
 
     fused=False: one tensor per expert and projection (what save_pretrained writes);
     fused=True: transformers' in-memory layout, experts.gate_up_proj [E, 2F, D] and experts.down_proj [E, D, F].
+    Families of families_more.py may add a third entry, a `Convert` (stored layout <-> moekit's).
     """
     if fam.model_type in HOOKS:
         return HOOKS[fam.model_type].expected_names(cfg, fam, fused)
+    if fam.model_type in more.MORE_FAMILIES:
+        return more.expected_names(cfg, fam, fused, stored)
     names: dict[str, tuple[str, tuple]] = {"model.embed_tokens.weight": ("embed_tokens.weight", ()), "model.norm.weight": ("norm.weight", ())}
     if not cfg.tie_embeddings:
         names["lm_head.weight"] = ("lm_head.weight", ())

@@ -152,7 +152,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     device = resolve_device(device)
     files = weight_files(d)
     fused = any(n.endswith("experts.gate_up_proj") for n in files)
-    plan = expected_names(cfg, family_of(hf), fused)
+    plan = expected_names(cfg, family_of(hf), fused, set(files))
     ignored = {n for n in files if n.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and n == "lm_head.weight")}
     ignored |= _ignored_extras(files, cfg, d)
     block = fp8.block_size(hf, f"{d.name}/{CONFIG_FILE}")
@@ -162,7 +162,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
 
     skip = None if experts else is_expert_param
     model = _empty_model(cfg, torch_dtype, device, skip)
-    _copy_tensors(model, {k: v for k, v in plan.items() if skip is None or not skip(v[0])}, files, block)
+    _copy_tensors(model, {k: v for k, v in plan.items() if skip is None or v[0] is None or not skip(v[0])}, files, block)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
@@ -179,7 +179,7 @@ def _ignored_extras(files: dict[str, Path], cfg: ModelConfig, d: Path) -> set[st
     return mtp
 
 
-def _read(f, name: str, files: dict[str, Path], block: tuple[int, int] | None) -> torch.Tensor:
+def _read_fp8(f, name: str, files: dict[str, Path], block: tuple[int, int] | None) -> torch.Tensor:
     """The tensor `name`, dequantized when it is FP8 with a block scale beside it (possibly in another shard)."""
     t = f.get_tensor(name)
     if block is None or t.dtype not in fp8.FP8_DTYPES:
@@ -200,25 +200,37 @@ def _copy_tensors(model: DecoderLM, plan: dict[str, tuple[str, tuple]], files: d
 
     params = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
     by_file: dict[Path, list[str]] = {}
-    for name in plan:
-        by_file.setdefault(files[name], []).append(name)
+    for name, entry in plan.items():
+        if entry[0] is not None:
+            by_file.setdefault(files[name], []).append(name)
     for file, names in by_file.items():
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in names:
-                    target_name, index = plan[name]
+                    target_name, index, *convert = plan[name]
                     target = params[target_name].data[index] if index else params[target_name].data
-                    shape = tuple(f.get_slice(name).get_shape())
+                    if convert:
+                        stored = convert[0].load(f.get_tensor(name), *(_read_companion(files, c) for c in convert[0].companions))
+                        shape = tuple(stored.shape)
+                    else:
+                        shape = tuple(f.get_slice(name).get_shape())
                     if shape != tuple(target.shape):
                         raise CheckpointError(
                             f"{file.name}: tensor {name} has shape {list(shape)} but the config needs {list(target.shape)}"
                             f" (config.json disagrees with the weights)"
                         )
-                    target.copy_(_read(f, name, files, block))
+                    target.copy_(stored if convert else _read_fp8(f, name, files, block))
         except MoekitError:
             raise
         except Exception as e:
             raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _read_companion(files: dict[str, Path], name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(files[name]), framework="pt", device="cpu") as f:
+        return f.get_tensor(name)
 
 
 def _check_names(plan: dict, present: set[str], d: Path) -> None:
@@ -254,8 +266,7 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, ski
                     module._buffers[name] = torch.empty_like(b, device=device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            fresh = RotaryEmbedding(module.head_dim, module.theta)
-            module.inv_freq = fresh.inv_freq.to(device)
+            module.inv_freq = module.compute_inv_freq().to(device)
         elif hasattr(module, "reset_buffers"):  # other rotary tables (MLA's YaRN) recompute their own
             module.reset_buffers(device)
         elif hasattr(module, "expert_bias"):

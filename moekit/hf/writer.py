@@ -25,7 +25,9 @@ import torch
 
 from ..errors import ConfigError
 from ..models.decoder import DecoderLM, ModelConfig
+from . import writer_more as more
 from .families import CONFIG_FILE, FAMILIES, HOOKS, SUPPORTED_MODEL_TYPES, UnsupportedModelError, expected_names
+from .families_more import MORE_FAMILIES
 from .reader import GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TOKENIZER_CONFIG_FILE
 
 def fit_problems(model: DecoderLM, arch: str) -> list[str]:
@@ -33,15 +35,16 @@ def fit_problems(model: DecoderLM, arch: str) -> list[str]:
     if arch not in FAMILIES:
         raise ConfigError(f"arch={arch!r} is unknown: accepted values are {', '.join(SUPPORTED_MODEL_TYPES)}")
     fam, cfg = FAMILIES[arch], model.cfg
+    problems = ["pre-gated routing (layer i+1 routes on layer i's input; no Hugging Face family does)"] if cfg.pregated else []
     if arch in HOOKS:
-        return _common_problems(cfg) + HOOKS[arch].fit_problems(cfg, fam)
-    problems = []
+        return problems + _common_problems(cfg) + more.extra_features(cfg) + HOOKS[arch].fit_problems(cfg, fam)
     if cfg.attention != "gqa":
         problems.append(f"attention={cfg.attention!r} (this family uses grouped-query attention, 'gqa')")
+    if arch in MORE_FAMILIES:
+        return problems + more.fit_problems(cfg, arch)
+    problems += more.extra_features(cfg)
     if cfg.ffn != "moe":
         problems.append(f"ffn={cfg.ffn!r} (only plain MoE layers)")
-    if cfg.pregated:
-        problems.append("pre-gated routing (layer i+1 routes on layer i's input; no Hugging Face family does)")
     if cfg.experts_per_layer and len(set(cfg.experts_per_layer)) > 1:
         problems.append("a pyramid of expert counts per layer (experts_per_layer)")
     m = cfg.moe
@@ -99,6 +102,8 @@ def _common_problems(cfg: ModelConfig) -> list[str]:
 
 def hf_config(cfg: ModelConfig, arch: str, dtype: torch.dtype = torch.float32) -> dict:
     """The config.json of family `arch` describing `cfg` (which must fit it)."""
+    if arch in MORE_FAMILIES:
+        return more.hf_config(cfg, arch, dtype)
     fam, m = FAMILIES[arch], cfg.moe
     data: dict[str, Any] = {
         "architectures": [fam.architecture],
@@ -147,9 +152,10 @@ def state_to_hf(model: DecoderLM, arch: str) -> dict[str, torch.Tensor]:
     """The model's tensors under the family's Hugging Face names, experts split per expert."""
     params = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
     out: dict[str, torch.Tensor] = {}
-    for hf_name, (name, index) in expected_names(model.cfg, FAMILIES[arch], fused=False).items():
+    for hf_name, (name, index, *convert) in expected_names(model.cfg, FAMILIES[arch], fused=False).items():
         t = params[name].detach()
-        out[hf_name] = (t[index] if index else t).contiguous().cpu()
+        t = t[index] if index else t
+        out[hf_name] = (convert[0].save(t) if convert else t).contiguous().cpu()
     return out
 
 

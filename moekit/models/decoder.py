@@ -6,7 +6,9 @@ an MoE (with or without shared experts), or a Residual-MoE; PR-MoE pyramids
 set the expert count per layer, and the first k layers (or any listed ones)
 may stay dense. One class covers the Hugging Face families moekit loads
 (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 with multi-head latent
-attention from mla.py); module names follow theirs
+attention from mla.py, Granite-MoE, PhiMoE, GPT-OSS: their multipliers,
+LayerNorm, biases, attention sinks, sliding-window layers and scaled RoPE are
+ModelConfig fields); module names follow theirs
 (`embed_tokens`, `layers.i.self_attn`, `mlp`, `lm_head`) so weights map 1:1.
 
 Not here: training (train.py), generation loops (infer/), HF conversion (hf.py).
@@ -25,12 +27,14 @@ import torch.nn.functional as F
 from ..config import MoEConfig, _check_choice, _check_int
 from ..errors import ConfigError
 from ..moe.layers import MoELayer, ResidualMoE
-from ..modules import Attention, KVCache, RMSNorm, RotaryEmbedding, build_mlp, causal_mask
+from ..modules import NORMS, Attention, KVCache, build_mlp, build_norm, causal_mask
+from ..rope import build_rotary
 from ..moe.routing import Routing
 from .mla import LatentKVCache, MLAConfig, MLARotaryEmbedding, MLAttention
 
 FFN_KINDS = ("dense", "moe", "residual_moe")
 ATTENTION_KINDS = ("gqa", "mla")  # grouped-query (modules.Attention) | multi-head latent (models/mla.py, DeepSeek)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -56,6 +60,21 @@ class ModelConfig:
     moe_layer_freq: int = 1  # every n-th layer is MoE (Qwen2-MoE's decoder_sparse_step)
     experts_per_layer: list[int] = field(default_factory=list)  # PR-MoE pyramid; empty: moe.num_experts
     pregated: bool = False  # MoE layer i+1 routes on layer i's input (models/pregated.py; applied by build_model)
+    # --- shared by GPT-OSS / Granite-MoE / PhiMoE
+    o_bias: bool = False  # a bias on the attention output projection
+    rope_scaling: dict = field(default_factory=dict)  # {} = plain RoPE; else moekit.rope (yarn | longrope)
+    # --- Granite-MoE
+    embedding_multiplier: float = 1.0  # token embeddings are multiplied by this
+    residual_multiplier: float = 1.0  # each block's attention and FFN outputs are multiplied by this
+    attention_multiplier: float = 0.0  # the attention softmax scale; 0: head_dim ** -0.5
+    logits_scaling: float = 1.0  # logits are divided by this
+    # --- PhiMoE
+    norm: str = "rms"  # rms | layer (LayerNorm with bias)
+    lm_head_bias: bool = False
+    # --- GPT-OSS
+    attention_sinks: bool = False  # one learned logit per head in every attention softmax
+    layer_types: list[str] = field(default_factory=list)  # per layer: full_attention | sliding_attention; empty: all full
+    sliding_window: int = 0  # the window of sliding_attention layers
     moe: MoEConfig = field(default_factory=MoEConfig)
     # --- DeepSeek (MLA): attention="mla" uses `mla` (models/mla.py); num_kv_heads / head_dim / qk_norm are then unused
     attention: str = "gqa"  # gqa | mla
@@ -69,6 +88,13 @@ class ModelConfig:
         _check_int(self, "moe_layer_freq", 1)
         _check_choice(self, "ffn", FFN_KINDS)
         _check_choice(self, "attention", ATTENTION_KINDS)
+        _check_choice(self, "norm", NORMS)
+        _check_int(self, "sliding_window", 0)
+        if self.layer_types and (len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES)):
+            raise ConfigError(f"layer_types={self.layer_types} is invalid: it needs one of {', '.join(LAYER_TYPES)} per layer "
+                              f"(num_layers={self.num_layers})")
+        if "sliding_attention" in self.layer_types and self.sliding_window < 1:
+            raise ConfigError("layer_types has sliding_attention layers but sliding_window is 0: set the window")
         if self.experts_per_layer and len(self.experts_per_layer) != self.num_layers:
             raise ConfigError(
                 f"experts_per_layer has {len(self.experts_per_layer)} entries but num_layers={self.num_layers}"
@@ -86,6 +112,10 @@ class ModelConfig:
             and i not in self.dense_layers
             and (i + 1) % self.moe_layer_freq == 0
         )
+
+    def window_for_layer(self, i: int) -> int:
+        """The sliding window of layer i (0: full attention)."""
+        return self.sliding_window if self.layer_types and self.layer_types[i] == "sliding_attention" else 0
 
     def moe_for_layer(self, i: int) -> MoEConfig:
         if not self.experts_per_layer:
@@ -121,9 +151,10 @@ class DecoderOutput:
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = build_attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.input_layernorm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = build_attention(cfg, layer_idx)
+        self.post_attention_layernorm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        self.residual_multiplier = cfg.residual_multiplier
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if not self.is_moe:
             self.mlp = build_mlp(cfg.moe.activation, cfg.hidden_size, cfg.dense_hidden)
@@ -133,29 +164,30 @@ class Block(nn.Module):
             self.mlp = MoELayer(cfg.moe_for_layer(layer_idx))
 
     def forward(self, x, cos, sin, mask, kv_cache, layer_idx, cache_start, group_ids):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_idx, cache_start)
+        m = self.residual_multiplier
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_idx, cache_start)
+        x = x + (attn * m if m != 1.0 else attn)
         h = self.post_attention_layernorm(x)
-        if self.is_moe:
-            out, routing = self.mlp(h, group_ids)
-            return x + out, routing
-        return x + self.mlp(h), None
+        out, routing = self.mlp(h, group_ids) if self.is_moe else (self.mlp(h), None)
+        return x + (out * m if m != 1.0 else out), routing
 
 
-def build_attention(cfg: ModelConfig) -> nn.Module:
-    """The attention module `cfg.attention` names."""
+def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """The attention module `cfg.attention` names, for layer `layer_idx` (sliding window or full)."""
     if cfg.attention == "mla":
         return MLAttention(cfg.hidden_size, cfg.num_heads, cfg.mla)
     return Attention(
         cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim or None,
-        qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+        qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+        scale=cfg.attention_multiplier or None, sinks=cfg.attention_sinks, sliding_window=cfg.window_for_layer(layer_idx),
     )
 
 
-def build_rotary(cfg: ModelConfig) -> nn.Module:
-    """The RoPE tables of `cfg.attention`: over the head (gqa) or over qk_rope_head_dim, with YaRN (mla)."""
+def build_lm_rotary(cfg: ModelConfig) -> nn.Module:
+    """The RoPE tables of `cfg.attention`: over the head (gqa, scaled as rope_scaling says) or MLA's (YaRN over qk_rope_head_dim)."""
     if cfg.attention == "mla":
         return MLARotaryEmbedding(cfg.mla, cfg.rope_theta)
-    return RotaryEmbedding(cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+    return build_rotary(cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.rope_theta, cfg.rope_scaling)
 
 
 class DecoderLM(nn.Module):
@@ -164,11 +196,11 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.norm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = build_rotary(cfg)
+        self.rotary = build_lm_rotary(cfg)
         self.apply(_init_weights)
 
     def forward(
@@ -193,6 +225,8 @@ class DecoderLM(nn.Module):
         if positions_BT is None:
             positions_BT = torch.arange(cache_start, cache_start + T, device=input_ids_BT.device).expand(B, T)
         x = self.embed_tokens(input_ids_BT)
+        if self.cfg.embedding_multiplier != 1.0:
+            x = x * self.cfg.embedding_multiplier
         cos, sin = self.rotary(positions_BT, x.dtype)
         mask = None
         if attention_mask_BK is not None:
@@ -206,6 +240,8 @@ class DecoderLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
+        if self.cfg.logits_scaling != 1.0:
+            logits = logits / self.cfg.logits_scaling
         return DecoderOutput(logits, _mean_aux(routings), routings)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
@@ -237,6 +273,9 @@ def _init_weights(module: nn.Module) -> None:
     elif hasattr(module, "w_in_EHD"):
         nn.init.normal_(module.w_in_EHD, std=0.02)
         nn.init.normal_(module.w_out_EDF, std=0.02)
+        for b in (getattr(module, "b_in_EH", None), getattr(module, "b_out_ED", None)):
+            if b is not None:
+                nn.init.zeros_(b)
 
 
 def count_parameters(model: DecoderLM) -> dict[str, int]:

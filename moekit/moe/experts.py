@@ -34,24 +34,56 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..errors import ConfigError
+
 KERNELS = ("auto", "loop", "grouped_mm", "bmm")
+GLU_ACTIVATIONS = ("swiglu", "clamped_swiglu")  # w_in holds the gate rows, then the up rows (H = 2F)
 
 # `auto` pads for bmm while padded rows are at most this many times the real ones.
 MAX_PADDING_FACTOR = 8
 
 
-class Experts(nn.Module):
-    """E independent MLPs (SwiGLU or GELU) stored as stacked weights."""
+class ClampedSwiGLU:
+    """GPT-OSS's expert activation on [gate | up]: (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g), g = min(gate, l)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, expert_hidden: int, activation: str = "swiglu", kernel: str = "auto"):
+    def __init__(self, alpha: float, limit: float):
+        self.alpha, self.limit = float(alpha), float(limit)
+
+    def __call__(self, h_NH: torch.Tensor) -> torch.Tensor:
+        gate, up = h_NH.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def __repr__(self) -> str:
+        return f"ClampedSwiGLU(alpha={self.alpha}, limit={self.limit})"
+
+
+class Experts(nn.Module):
+    """E independent MLPs (SwiGLU, GELU or GPT-OSS's clamped SwiGLU) stored as stacked weights.
+
+    bias=True adds `b_in_EH` and `b_out_ED` (GPT-OSS); the clamped SwiGLU always comes with them.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_hidden: int, activation: str = "swiglu", kernel: str = "auto",
+                 bias: bool = False, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r} is unknown: accepted values are {', '.join(KERNELS)}")
+        if activation == "clamped_swiglu" and not bias:
+            raise ConfigError(
+                "experts with activation='clamped_swiglu' (GPT-OSS) carry biases and their clamp limit, which this "
+                "construction does not pass (bias=False); expert offloading does not move expert biases, so GPT-OSS "
+                "models cannot be offloaded yet: run them resident"
+            )
         self.activation = activation
         self.kernel = kernel
-        H = 2 * expert_hidden if activation == "swiglu" else expert_hidden
+        self._act = ClampedSwiGLU(swiglu_alpha, swiglu_limit) if activation == "clamped_swiglu" else activation
+        H = 2 * expert_hidden if activation in GLU_ACTIVATIONS else expert_hidden
         self.w_in_EHD = nn.Parameter(torch.empty(num_experts, H, hidden_size))
         self.w_out_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, expert_hidden))
+        self.b_in_EH = nn.Parameter(torch.zeros(num_experts, H)) if bias else None
+        self.b_out_ED = nn.Parameter(torch.zeros(num_experts, hidden_size)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -59,6 +91,9 @@ class Experts(nn.Module):
         for w in (self.w_in_EHD, self.w_out_EDF):
             bound = 1 / math.sqrt(w.shape[-1])
             nn.init.uniform_(w, -bound, bound)
+        for b in (self.b_in_EH, self.b_out_ED):
+            if b is not None:
+                nn.init.zeros_(b)
 
     @property
     def num_experts(self) -> int:
@@ -79,36 +114,48 @@ class Experts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
         name = self.kernel_for(x_ND, counts_E, kernel)
         fn = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "bmm": bmm_experts}[name]
-        return fn(x_ND, counts_E, self.w_in_EHD, self.w_out_EDF, self.activation)
+        if self.b_in_EH is None:
+            return fn(x_ND, counts_E, self.w_in_EHD, self.w_out_EDF, self._act)
+        return fn(x_ND, counts_E, self.w_in_EHD, self.w_out_EDF, self._act, self.b_in_EH, self.b_out_ED)
 
 
-def activate(h_NH: torch.Tensor, activation: str) -> torch.Tensor:
+def activate(h_NH: torch.Tensor, activation) -> torch.Tensor:
+    """activation: "swiglu", "gelu", or a callable on [gate | up] (ClampedSwiGLU)."""
     if activation == "swiglu":
         gate, up = h_NH.chunk(2, dim=-1)
         return F.silu(gate) * up
-    return F.gelu(h_NH)
+    if activation == "gelu":
+        return F.gelu(h_NH)
+    return activation(h_NH)
 
 
-def loop_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
-    """The reference: each expert's tokens through its own two matmuls."""
-    if not _needs_grad(x_ND, w_in_EHD, w_out_EDF):
-        return _loop_active(x_ND, counts_E, w_in_EHD, w_out_EDF, activation)
+def _linear_pair(x, w_in_HD, w_out_DF, activation, b_in_H=None, b_out_D=None):
+    return F.linear(activate(F.linear(x, w_in_HD, b_in_H), activation), w_out_DF, b_out_D)
+
+
+def loop_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation, b_in_EH=None, b_out_ED=None) -> torch.Tensor:
+    """The reference: each expert's tokens through its own two matmuls (plus its biases, when it has them)."""
+    biased = b_in_EH is not None
+    if not _needs_grad(x_ND, w_in_EHD, w_out_EDF, *((b_in_EH, b_out_ED) if biased else ())):
+        return _loop_active(x_ND, counts_E, w_in_EHD, w_out_EDF, activation, b_in_EH, b_out_ED)
     outputs = []
     start = 0
+    b_in = b_in_EH.unbind(0) if biased else [None] * len(counts_E)
+    b_out = b_out_ED.unbind(0) if biased else [None] * len(counts_E)
     # unbind, not w[e]: indexing would build a full-size gradient per expert in backward.
-    for w_in_HD, w_out_DF, count in zip(w_in_EHD.unbind(0), w_out_EDF.unbind(0), counts_E.tolist()):
+    for w_in_HD, w_out_DF, bi, bo, count in zip(w_in_EHD.unbind(0), w_out_EDF.unbind(0), b_in, b_out, counts_E.tolist()):
         if count:
-            x = x_ND[start : start + count]
-            outputs.append(F.linear(activate(F.linear(x, w_in_HD), activation), w_out_DF))
+            outputs.append(_linear_pair(x_ND[start : start + count], w_in_HD, w_out_DF, activation, bi, bo))
         start += count
     if not outputs:
         # Keep the weights in the graph so every parameter gets a (zero) gradient.
         empty = (x_ND[:, :1] * 0).expand(0, w_out_EDF.shape[1])
-        return empty + 0 * (w_in_EHD.sum() + w_out_EDF.sum())
+        extra = (b_in_EH.sum() + b_out_ED.sum()) if biased else 0
+        return empty + 0 * (w_in_EHD.sum() + w_out_EDF.sum() + extra)
     return torch.cat(outputs)
 
 
-def _loop_active(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
+def _loop_active(x_ND, counts_E, w_in_EHD, w_out_EDF, activation, b_in_EH=None, b_out_ED=None) -> torch.Tensor:
     """`loop` without autograd: the same matmuls, visiting only the experts that have rows.
 
     Decoding sends a token to k of E experts; this reads only those k experts' weights.
@@ -117,8 +164,8 @@ def _loop_active(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tenso
     start = 0
     for e, count in enumerate(counts_E.tolist()):
         if count:
-            x = x_ND[start : start + count]
-            out_ND[start : start + count] = F.linear(activate(F.linear(x, w_in_EHD[e]), activation), w_out_EDF[e])
+            bi, bo = (b_in_EH[e], b_out_ED[e]) if b_in_EH is not None else (None, None)
+            out_ND[start : start + count] = _linear_pair(x_ND[start : start + count], w_in_EHD[e], w_out_EDF[e], activation, bi, bo)
         start += count
     return out_ND
 
@@ -137,31 +184,41 @@ def grouped_mm_supported(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: 
     return all(n % align == 0 for n in (*w_in_EHD.shape[1:], w_out_EDF.shape[2]))
 
 
-def grouped_mm_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
+def grouped_mm_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation, b_in_EH=None, b_out_ED=None) -> torch.Tensor:
     """All experts in grouped matmul calls (falls back to `loop` when unsupported)."""
     x_ND, w_in_EHD, w_out_EDF = _autocast_inputs(x_ND, w_in_EHD, w_out_EDF)
-    if x_ND.shape[0] == 0 or not grouped_mm_supported(x_ND, w_in_EHD, w_out_EDF):
-        return loop_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation)
+    b_in_EH, b_out_ED = _autocast_bias(x_ND, b_in_EH, b_out_ED)
+    plain = b_in_EH is None and activation in ("swiglu", "gelu")
+    if (x_ND.shape[0] == 0 or not grouped_mm_supported(x_ND, w_in_EHD, w_out_EDF)
+            or (not plain and _needs_grad(x_ND, w_in_EHD, w_out_EDF, *_present(b_in_EH, b_out_ED)))):
+        # torch._grouped_mm has no usable autograd of its own: biased / clamped experts train through `loop`.
+        return loop_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation, b_in_EH, b_out_ED)
     offs_E = counts_E.cumsum(0).to(torch.int32)
+    bias_N = None
+    if b_in_EH is not None:
+        expert_N = torch.repeat_interleave(torch.arange(len(counts_E), device=x_ND.device), counts_E, output_size=x_ND.shape[0])
+        bias_N = (b_in_EH[expert_N], b_out_ED[expert_N])
     with _no_autocast(x_ND):
-        return _expert_mlp(x_ND, w_in_EHD, w_out_EDF, activation, offs_E)
+        return _expert_mlp(x_ND, w_in_EHD, w_out_EDF, activation, offs_E, bias_N)
 
 
-def bmm_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
+def bmm_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation, b_in_EH=None, b_out_ED=None) -> torch.Tensor:
     """Experts padded to the largest group (capacity C) and run as batched matmuls."""
     x_ND, w_in_EHD, w_out_EDF = _autocast_inputs(x_ND, w_in_EHD, w_out_EDF)
+    b_in_EH, b_out_ED = _autocast_bias(x_ND, b_in_EH, b_out_ED)
     E, (N, D) = w_in_EHD.shape[0], x_ND.shape
     if N == 0:
-        return loop_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation)
+        return loop_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation, b_in_EH, b_out_ED)
     C = int(counts_E.max())
+    bias = (b_in_EH[:, None, :], b_out_ED[:, None, :]) if b_in_EH is not None else None
     with _no_autocast(x_ND):
         if N == E * C:  # already padded (or perfectly even): no copies
-            return _expert_mlp(x_ND.reshape(E, C, D), w_in_EHD, w_out_EDF, activation, None).view(N, D)
+            return _expert_mlp(x_ND.reshape(E, C, D), w_in_EHD, w_out_EDF, activation, None, bias).view(N, D)
         starts_E = counts_E.cumsum(0) - counts_E
         expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E, output_size=N)
         slot_N = expert_N * C + (torch.arange(N, device=x_ND.device) - starts_E[expert_N])
         x_ECD = x_ND.new_zeros(E * C, D).index_copy(0, slot_N, x_ND).view(E, C, D)
-        y_ECD = _expert_mlp(x_ECD, w_in_EHD, w_out_EDF, activation, None)
+        y_ECD = _expert_mlp(x_ECD, w_in_EHD, w_out_EDF, activation, None, bias)
         return y_ECD.reshape(E * C, D)[slot_N]
 
 
@@ -199,17 +256,25 @@ def choose_kernel(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.T
 # ---------------------------------------------------------------- the fused expert MLP
 
 
-def _expert_mlp(x, w_in_EHD, w_out_EDF, activation, offs):
-    """The expert MLP through `_ExpertMLP`, or straight through when no gradient is wanted."""
-    if torch.is_grad_enabled() and (x.requires_grad or w_in_EHD.requires_grad or w_out_EDF.requires_grad):
+def _expert_mlp(x, w_in_EHD, w_out_EDF, activation, offs, bias=None):
+    """The expert MLP through `_ExpertMLP`, or straight through when no gradient is wanted.
+
+    bias: (input bias, output bias) broadcastable to the two matmul outputs, or None. Biased or
+    clamped experts always go straight through (autograd then runs through the bmm ops themselves).
+    """
+    plain = bias is None and activation in ("swiglu", "gelu")
+    if plain and torch.is_grad_enabled() and (x.requires_grad or w_in_EHD.requires_grad or w_out_EDF.requires_grad):
         return _ExpertMLP.apply(x, w_in_EHD, w_out_EDF, activation, offs)
     h = _mm(x, w_in_EHD.transpose(1, 2), offs)
-    if activation == "swiglu":
+    if bias is not None:
+        h = h + bias[0]
+    if activation == "swiglu" and not torch.is_grad_enabled():
         gate, up = h.chunk(2, dim=-1)
         act = F.silu(gate).mul_(up)
     else:
-        act = F.gelu(h)
-    return _mm(act, w_out_EDF.transpose(1, 2), offs)
+        act = activate(h, activation)
+    y = _mm(act, w_out_EDF.transpose(1, 2), offs)
+    return y + bias[1] if bias is not None else y
 
 
 class _ExpertMLP(torch.autograd.Function):
@@ -284,6 +349,16 @@ def _autocast_inputs(x, w_in, w_out):
         return x, w_in, w_out
     dtype = torch.get_autocast_dtype(device_type)
     return x.to(dtype), w_in.to(dtype), w_out.to(dtype)
+
+
+def _autocast_bias(x, b_in, b_out):
+    if b_in is None or b_in.dtype == x.dtype:
+        return b_in, b_out
+    return b_in.to(x.dtype), b_out.to(x.dtype)
+
+
+def _present(*tensors):
+    return [t for t in tensors if t is not None]
 
 
 def _no_autocast(x):

@@ -43,7 +43,8 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.router = build_router(cfg)
         self.dispatcher = LocalDispatcher()
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.expert_hidden, cfg.activation, cfg.kernel)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.expert_hidden, cfg.activation, cfg.kernel,
+                               bias=cfg.expert_biases, swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit)
         self.generator: torch.Generator | None = None  # Random Token Selection; None = the global RNG
         if cfg.num_shared_experts > 0:
             width = (cfg.shared_expert_hidden or cfg.expert_hidden) * cfg.num_shared_experts

@@ -145,7 +145,11 @@ class TopKRouter(nn.Module):
         scores_TE = _scores(logits_TE, cfg.score_func, allowed_TE)
         choice_TE = self._selection_scores(scores_TE, logits_TE, allowed_TE)
         expert_idx_TK = choice_TE.topk(cfg.top_k, dim=-1).indices
-        weight_TK = scores_TE.gather(-1, expert_idx_TK)
+        if cfg.score_func == "topk_softmax":
+            # Granite-MoE, GPT-OSS: the k best logits win and a softmax over those k alone weighs them.
+            weight_TK = logits_TE.float().gather(-1, expert_idx_TK).softmax(-1)
+        else:
+            weight_TK = scores_TE.gather(-1, expert_idx_TK)
         if cfg.norm_topk_prob:
             weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         if cfg.routed_scaling_factor != 1.0:
@@ -231,12 +235,41 @@ class ExpertChoiceRouter(nn.Module):
         )
 
 
+class SparseMixerRouter(TopKRouter):
+    """PhiMoE's sparsemixer top-2 routing, in its inference form (transformers' `sparsemixer` with training=False).
+
+    The first expert is the best logit; its weight is a softmax over the experts whose logit lies within
+    2 * eps (relative) of it. The second is the best of the rest, weighed the same way among the rest. In
+    training the same deterministic choice is used (no Gumbel sampling or Heun gradient estimator).
+    """
+
+    def _decide(self, x_TD: torch.Tensor, group_ids_T: torch.Tensor | None):
+        logits_TE = self.gate(x_TD)
+        scores = logits_TE.float()
+        eps = self.cfg.sparsemixer_eps
+        first_T1, w_first_T1 = _sparsemixer_pick(scores, scores, eps)
+        rest = scores.scatter(-1, first_T1, float("-inf"))
+        second_T1, w_second_T1 = _sparsemixer_pick(rest, scores, eps)
+        expert_idx_TK = torch.cat([first_T1, second_T1], dim=-1)
+        weight_TK = torch.cat([w_first_T1, w_second_T1], dim=-1)
+        return logits_TE, scores.softmax(-1), expert_idx_TK, weight_TK.to(x_TD.dtype)
+
+
+def _sparsemixer_pick(candidates_TE: torch.Tensor, scores_TE: torch.Tensor, eps: float):
+    """(best expert [T, 1], its weight [T, 1]): softmax over the candidates within 2*eps (relative) of the best."""
+    best_T1, idx_T1 = candidates_TE.max(dim=-1, keepdim=True)
+    factor_TE = scores_TE.abs().clamp(min=best_T1)
+    far_TE = ((best_T1 - scores_TE) / factor_TE) > (2 * eps)
+    weights_TE = candidates_TE.masked_fill(far_TE, float("-inf")).softmax(-1)
+    return idx_T1, weights_TE.gather(-1, idx_T1)
+
+
 def expert_choice_capacity(num_tokens: int, num_experts: int, factor: float) -> int:
     return min(num_tokens, math.ceil(num_tokens * factor / num_experts))
 
 
 def build_router(cfg: MoEConfig) -> nn.Module:
-    routers = {"topk": TopKRouter, "group": GroupRouter, "expert_choice": ExpertChoiceRouter}
+    routers = {"topk": TopKRouter, "group": GroupRouter, "expert_choice": ExpertChoiceRouter, "sparsemixer": SparseMixerRouter}
     return routers[cfg.router](cfg)
 
 
@@ -248,7 +281,7 @@ def _scores(logits_TE: torch.Tensor, score_func: str, allowed_TE: torch.Tensor |
     logits = logits_TE.float()
     if allowed_TE is not None:
         logits = logits.masked_fill(~allowed_TE, float("-inf"))
-    return logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+    return logits.sigmoid() if score_func == "sigmoid" else logits.softmax(-1)
 
 
 def _limit_to_groups(choice_TE: torch.Tensor, n_group: int, topk_group: int, per_group: int = 2) -> torch.Tensor:
@@ -280,7 +313,7 @@ def wants_losses(router: nn.Module) -> bool:
 def _token_choice_routing(cfg, logits_TE, scores_TE, expert_idx_TK, weight_TK, batch_size, losses=True) -> Routing:
     T, K = expert_idx_TK.shape
     E = cfg.num_experts
-    probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    probs_TE = scores_TE if cfg.score_func != "sigmoid" else scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
     aux = {"z": z_loss(logits_TE)} if losses else {}
     if losses and cfg.balance_loss == "batch":
         aux["balance"] = load_balance_loss(probs_TE, expert_idx_TK, E)
