@@ -12,8 +12,11 @@ expert (see dispatch.py):
   CPU each thread then multiplies whole experts on its own, which beats
   splitting every small per-expert matmul across threads. Input that is
   already padded (every expert the same row count) is used in place.
-- `auto`: grouped_mm on GPUs where it is native; otherwise bmm unless padding
-  would multiply the rows more than 8-fold (nearly all experts idle), then loop.
+- `auto`: grouped_mm on GPUs where it is native. On CPU in training: bmm for
+  near-even loads, grouped_mm once padding would exceed 1.5x the rows (skewed
+  loads), loop where neither applies and padding would exceed 8x. At inference
+  (no gradients): loop when every expert has one row (decoding a token; only
+  the chosen experts' weights are read), else grouped_mm.
 
 `grouped_mm` and `bmm` run the whole expert MLP as one autograd Function
 (`_ExpertMLP`): no autograd graph inside, backward keeps only x, the
@@ -41,6 +44,11 @@ GLU_ACTIVATIONS = ("swiglu", "clamped_swiglu")  # w_in holds the gate rows, then
 
 # `auto` pads for bmm while padded rows are at most this many times the real ones.
 MAX_PADDING_FACTOR = 8
+# ... but where torch._grouped_mm runs, it wins once padding exceeds this factor. Measured fwd+bwd on the
+# 2-core CPU, 4096 tokens, Zipf(1.1) expert popularity: 64 experts top-8 (padding 7.5x) grouped_mm 3.4x faster
+# than bmm; 8 experts top-2 (padding 2.7x) 2.0x faster; balanced routing (padding ~1.1x) bmm wins
+# (benchmarks/moe_layer.py).
+GROUPED_OVER_PADDING = 1.5
 
 
 class ClampedSwiGLU:
@@ -250,6 +258,8 @@ def choose_kernel(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.T
         if grouped:
             return "grouped_mm"
     padded_rows = E * most if N else 0
+    if grouped and N and padded_rows > GROUPED_OVER_PADDING * N:
+        return "grouped_mm"  # skewed load: one grouped call without the padding beats padded bmm
     return "bmm" if N and padded_rows <= MAX_PADDING_FACTOR * N else "loop"
 
 
