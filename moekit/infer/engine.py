@@ -41,6 +41,15 @@ from .sampling import SamplingConfig, make_generator, next_tokens
 TokenCallback = Callable[[int, int | None, str], None]
 
 
+def _quantized(model: DecoderLM, options: dict | None) -> DecoderLM:
+    """The model quantized at load time (options for moekit.quantize.quantize_model), or as it is."""
+    if options is None:
+        return model
+    from ..quantize import quantize_model
+
+    return quantize_model(model, **options)
+
+
 @dataclass
 class Completion:
     """One generated continuation."""
@@ -73,16 +82,23 @@ class Engine:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def load(cls, path: str | Path, dtype=None, device=None, **kwargs) -> "Engine":
-        """An engine for a Hugging Face model directory or a moekit run/checkpoint directory."""
+    def load(cls, path: str | Path, dtype=None, device=None, quantize: str | None = None, **kwargs) -> "Engine":
+        """An engine for a Hugging Face model directory or a moekit run/checkpoint directory.
+
+        quantize="int8" | "int4" (group 32, symmetric) quantizes the weights at load time
+        (moekit.quantize.quantize_model, experts only); a checkpoint written by `moekit quantize`
+        comes back quantized without it.
+        """
         from .. import hf
+        from ..quantize import load_time_options
         from .chat import load_chat_template, special_tokens, stop_token_ids
 
+        options = load_time_options(quantize)  # a bad name is refused before anything is read
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"model path {p} does not exist: give a Hugging Face model directory or a moekit checkpoint")
         if hf.is_hf_dir(p):
-            model = hf.load(p, dtype=dtype, device=device)
+            model = _quantized(hf.load(p, dtype=dtype, device=device), options)
             tokenizer = hf.load_tokenizer(p)
             engine = cls(model, tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p),
                          special_tokens(p), **kwargs)
@@ -95,7 +111,7 @@ class Engine:
         torch_dtype = hf.resolve_dtype(dtype)
         for param in model.parameters():  # parameters only: the rotary table stays float32
             param.data = param.data.to(torch_dtype)
-        engine = cls(model, tokenizer, **kwargs)
+        engine = cls(_quantized(model, options), tokenizer, **kwargs)
         engine.path = p
         return engine
 
@@ -107,6 +123,9 @@ class Engine:
         """
         from .offload import offload_model
 
+        if getattr(self.model, "quantization", None) is not None:
+            raise ConfigError("offloading quantized experts is not supported yet: drop --quantize (or use a "
+                              "full-precision checkpoint) with --expert-budget")
         options.setdefault("checkpoint", self.path)
         self.offloader = offload_model(self.model, budget, **options)
         return self.offloader
