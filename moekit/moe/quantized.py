@@ -17,7 +17,7 @@ Kernels, by name (the module's `kernel` attribute, or `kernel=` per call):
   matmuls as `loop`.
 - `numba`: quant_kernels.quantized_matmul, reading the codes directly, all
   active experts in one parallel call per matmul.
-- `auto`: `numba` while every matrix sees at most NUMBA_MAX_ROWS rows
+- `auto`: `numba` while every matrix sees at most NUMBA_MAX_ROWS[bits] rows
   (decoding: a few rows per expert) and numba is installed; otherwise
   `dequant`, whose fp32 BLAS matmul wins once rows are many (prefill) because
   the dequantized weight is then reused across rows. The row limit comes from
@@ -40,8 +40,9 @@ from .quant_format import QuantSpec, check_width, dequantize, quantize, stored_n
 
 QUANT_KERNELS = ("auto", "dequant", "numba")
 
-# `auto` uses the numba kernel up to this many rows per matrix (measured: benchmarks/results/quant_kernels.md).
-NUMBA_MAX_ROWS = 8
+# `auto` uses the numba kernel up to this many rows per matrix, by bit width (the int4 kernel does more
+# work per weight than the int8 one); measured in benchmarks/results/quant_kernels.md.
+NUMBA_MAX_ROWS = {8: 64, 4: 8}
 
 
 def _check_kernel(name: str) -> None:
@@ -49,11 +50,11 @@ def _check_kernel(name: str) -> None:
         raise ConfigError(f"kernel={name!r} is unknown for quantized weights: accepted values are {', '.join(QUANT_KERNELS)}")
 
 
-def resolve_kernel(name: str, most_rows: int) -> str:
+def resolve_kernel(name: str, most_rows: int, bits: int) -> str:
     """The kernel a call runs: `auto` by the row rule; `numba` falls back to `dequant` without numba."""
     _check_kernel(name)
     if name == "auto":
-        name = "numba" if most_rows <= NUMBA_MAX_ROWS else "dequant"
+        name = "numba" if most_rows <= NUMBA_MAX_ROWS[bits] else "dequant"
     if name == "numba" and not quant_kernels.AVAILABLE:
         return "dequant"
     return name
@@ -108,7 +109,7 @@ class QuantizedExperts(_QuantizedWeights):
     def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
         """`kernel` (or the module's) with `auto` resolved; x lends its row count when counts are absent."""
         most = int(counts_E.max()) if counts_E is not None and counts_E.numel() else x.shape[0]
-        return resolve_kernel(kernel or self.kernel, most)
+        return resolve_kernel(kernel or self.kernel, most, self.spec.bits)
 
     def forward(self, x_ND: torch.Tensor, rows_E: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
         """x_ND holds rows_E[e] consecutive rows per expert; returns [N, D] in x's dtype."""
@@ -158,7 +159,7 @@ class QuantizedLinear(_QuantizedWeights):
         lead = x.shape[:-1]
         x_NI = x.reshape(-1, self.in_features)
         N = x_NI.shape[0]
-        if resolve_kernel(self.kernel, N) == "numba":
+        if resolve_kernel(self.kernel, N, self.spec.bits) == "numba":
             p = self._parts("weight")
             y = quant_kernels.quantized_matmul(x_NI, p["q"], p["scale"], p.get("zero"), self.spec, [(0, 0, N)])
         else:
