@@ -25,11 +25,12 @@ quantized), checkpoint files (moekit.cli.quantize writes them).
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .errors import ConfigError
 from .modules import Attention
-from .moe.experts import Experts
+from .moe.layers import MoELayer
 from .moe.quant_format import QuantSpec, check_width
 from .moe.quantized import QUANT_KERNELS, QuantizedExperts, QuantizedLinear
 
@@ -89,13 +90,19 @@ def set_kernel(model: nn.Module, kernel: str) -> None:
     if kernel not in QUANT_KERNELS:
         raise ConfigError(f"kernel={kernel!r} is unknown for quantized weights: accepted values are {', '.join(QUANT_KERNELS)}")
     for module in model.modules():
-        if isinstance(module, (QuantizedExperts, QuantizedLinear)):
+        if getattr(module, "quantized_weights", False):
             module.kernel = kernel
 
 
 def _targets(model: nn.Module, scope: str) -> tuple[list, list]:
     """(MoE experts, Linears) to quantize, by qualified name."""
-    experts = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
+    experts = []
+    for n, layer in model.named_modules():
+        if isinstance(layer, MoELayer):
+            if not isinstance(getattr(layer.experts, "w_in_EHD", None), torch.Tensor):
+                raise ConfigError(f"the experts of {n or 'the MoE layer'} are not resident full-precision weights (offloaded "
+                                  f"or sharded?): quantize the model before offloading or sharding it")
+            experts.append((f"{n}.experts" if n else "experts", layer.experts))
     if scope == "experts":
         return experts, []
     containers = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) or _is_dense_mlp(m)]
