@@ -116,12 +116,18 @@ agents' jobs while this ran**, so absolute times are noisy; the speedups are pai
 
 {table}
 
-Reading: the numba kernels read int8 (1 byte) or packed int4 (0.5 byte + a 4-byte scale per 32
-weights) instead of 4-byte floats, so at 1-8 rows (decoding, a few rows per expert) they beat
-fp32 F.linear; their work grows with the rows (no blocking across rows beyond one weight row
-in cache), while `dequant` pays one full dequantization and then reuses it in a BLAS matmul, so
-it wins at many rows (prefill). `auto` (moekit.moe.quantized) uses numba up to
-{NUMBA_MAX_ROWS[8]} rows per matrix for int8 and {NUMBA_MAX_ROWS[4]} for int4, dequant above.
+Reading (from the table above, 2 threads): at 1 row numba int8 runs at
+{_get(rows, 2, 1, "numba int8")}x fp32 F.linear's speed and numba int4-g32 at {_get(rows, 2, 1, "numba int4-g32")}x.
+int8 reads 1 byte per weight instead of 4, and its inner loop (int8 -> float, multiply-add) vectorizes, so
+it is bound by the weight read. The int4 kernel reads half the bytes of int8 yet takes
+{_get(rows, 2, 1, "numba int4-g32", "median_ms")} ms against int8's {_get(rows, 2, 1, "numba int8", "median_ms")} ms:
+it is bound by its arithmetic, not by memory (per weight a table lookup of the nibble, per group of 32 a
+16-step reduction that numba/LLVM does not vectorize well); a faster int4 needs SIMD nibble unpacking
+(a C++/ISPC kernel, or llama.cpp-style int8 activations with integer dot products), left for later.
+`dequant` pays a full dequantization of the 4096x4096 weight per call, then a BLAS matmul that is
+reused across rows, so it only pays off at many rows. `auto` (moekit.moe.quantized) uses numba up to
+{NUMBA_MAX_ROWS[8]} rows per matrix for int8 and {NUMBA_MAX_ROWS[4]} for int4, dequant above (the
+"auto's limit" targets check that numba beats dequant at those limits).
 """
     write_results("quant_kernels", result, md)
     print(md)

@@ -264,3 +264,22 @@ def test_a_quantized_checkpoint_missing_a_scale_is_named(run, tmp_path, capsys):
 def test_load_time_quantize_refuses_an_unknown_width(run):
     with pytest.raises(ConfigError, match="quantize='int2' is unknown: accepted values are int8, int4"):
         Engine.load(run, quantize="int2")
+
+
+def test_a_hugging_face_directory_quantizes_like_load_time_quantization(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from moekit.data.text import Tokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(
+        "qwen2_moe", vocab_size=260, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, max_position_embeddings=64, eos_token_id=256, initializer_range=0.2)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    Tokenizer.byte_level().save(tmp_path / "hf")
+    code, out, err = cli(capsys, "quantize", tmp_path / "hf", "--bits", "8", "--out", tmp_path / "q")
+    assert code == 0, err
+    with torch.no_grad():
+        saved = Engine.load(tmp_path / "q").model(IDS).logits
+        at_load = Engine.load(tmp_path / "hf", quantize="int8").model(IDS).logits
+    assert torch.equal(saved, at_load)

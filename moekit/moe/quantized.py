@@ -16,7 +16,8 @@ Kernels, by name (the module's `kernel` attribute, or `kernel=` per call):
   experts): each active expert's weights dequantized to fp32, then the same
   matmuls as `loop`.
 - `numba`: quant_kernels.quantized_matmul, reading the codes directly, all
-  active experts in one parallel call per matmul.
+  active experts in one parallel call per matmul (CPU only: elsewhere, and
+  where numba is not installed, `dequant` runs instead).
 - `auto`: `numba` while every matrix sees at most NUMBA_MAX_ROWS[bits] rows
   (decoding: a few rows per expert) and numba is installed; otherwise
   `dequant`, whose fp32 BLAS matmul wins once rows are many (prefill) because
@@ -50,12 +51,12 @@ def _check_kernel(name: str) -> None:
         raise ConfigError(f"kernel={name!r} is unknown for quantized weights: accepted values are {', '.join(QUANT_KERNELS)}")
 
 
-def resolve_kernel(name: str, most_rows: int, bits: int) -> str:
-    """The kernel a call runs: `auto` by the row rule; `numba` falls back to `dequant` without numba."""
+def resolve_kernel(name: str, most_rows: int, bits: int, device: torch.device) -> str:
+    """The kernel a call runs: `auto` by the row rule; `numba` falls back to `dequant` without numba or off the CPU."""
     _check_kernel(name)
     if name == "auto":
         name = "numba" if most_rows <= NUMBA_MAX_ROWS[bits] else "dequant"
-    if name == "numba" and not quant_kernels.AVAILABLE:
+    if name == "numba" and (not quant_kernels.AVAILABLE or device.type != "cpu"):
         return "dequant"
     return name
 
@@ -109,7 +110,7 @@ class QuantizedExperts(_QuantizedWeights):
     def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
         """`kernel` (or the module's) with `auto` resolved; x lends its row count when counts are absent."""
         most = int(counts_E.max()) if counts_E is not None and counts_E.numel() else x.shape[0]
-        return resolve_kernel(kernel or self.kernel, most, self.spec.bits)
+        return resolve_kernel(kernel or self.kernel, most, self.spec.bits, x.device)
 
     def forward(self, x_ND: torch.Tensor, rows_E: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
         """x_ND holds rows_E[e] consecutive rows per expert; returns [N, D] in x's dtype."""
@@ -159,7 +160,7 @@ class QuantizedLinear(_QuantizedWeights):
         lead = x.shape[:-1]
         x_NI = x.reshape(-1, self.in_features)
         N = x_NI.shape[0]
-        if resolve_kernel(self.kernel, N, self.spec.bits) == "numba":
+        if resolve_kernel(self.kernel, N, self.spec.bits, x.device) == "numba":
             p = self._parts("weight")
             y = quant_kernels.quantized_matmul(x_NI, p["q"], p["scale"], p.get("zero"), self.spec, [(0, 0, N)])
         else:
