@@ -41,7 +41,7 @@ WIDTHS = {  # name -> quantize_model options (None: fp32)
     "int8 scope=all": dict(bits=8, scope="all"),
     "int4-g32 scope=all": dict(bits=4, group_size=32, scope="all"),
 }
-GOALS = {"int8": 0.003, "int4-g32": 0.02}
+GOALS = {"int8": 0.3, "int4-g32": 2.0}  # percent
 
 
 def train(preset: str, steps: int, out: Path) -> Path:
@@ -84,11 +84,12 @@ def main() -> None:
     started = time.perf_counter()
     run = train(args.preset, args.steps, Path(args.out))
     losses = measure(run, args.batches)
-    targets = [target(f"val-loss increase vs fp32, {name} (experts)", losses[name]["increase"], goal, "<=")
+    targets = [target(f"val-loss increase vs fp32 in percent, {name} (experts)", 100 * losses[name]["increase"], goal, "<=")
                for name, goal in GOALS.items()]
     result = {"targets": targets, "machine": machine_info(), "command": command_line(), "preset": args.preset,
               "steps": args.steps, "eval_batches": args.batches, "losses": losses,
               "seconds": round(time.perf_counter() - started, 1)}
+    base_loss = losses["fp32"]["val_loss"]
     rows = [[name, f"{v['val_loss']:.4f}" if "val_loss" in v else "-",
              f"{100 * v['increase']:+.3f}%" if "increase" in v else v.get("error", "-")] for name, v in losses.items()]
     md = f"""# Validation loss of quantized moekit models vs fp32
@@ -97,9 +98,15 @@ Command: `{result['command']}` ({result['seconds']} s). Model: the `{args.preset
 steps on the Python standard library's source; {args.batches} validation batches, the same for every width.
 The machine was shared with other jobs (timing only; the losses are deterministic).
 
-{markdown_table(["target", "value", "goal", "met"], [[t["name"], f"{100 * t['value']:+.3f}%", f"<= {100 * t['goal']:.1f}%", t["met"]] for t in targets])}
+{markdown_table(["target", "value", "goal", "met"], [[t["name"], f"{t['value']:+.3f}%", f"<= {t['goal']:.1f}%", t["met"]] for t in targets])}
 
 {markdown_table(["width", "val loss", "increase vs fp32"], rows)}
+
+Caveat: the default run is the tiny preset after a short training (the machine is small and was
+shared), so the model is far from converged (fp32 validation loss {base_loss:.3f}); its own error
+dwarfs the weight rounding, and increases within about +-0.05% are noise of the rounding, not a
+trend (int4 can come out marginally below fp32). A longer-trained, larger model (`--preset small
+--steps 800`) is the harder test; it was not run here for lack of CPU time.
 """
     write_results("quant_quality", result, md)
     print(md)
