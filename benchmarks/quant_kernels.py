@@ -121,9 +121,11 @@ Reading (from the table above, 2 threads): at 1 row numba int8 runs at
 int8 reads 1 byte per weight instead of 4, and its inner loop (int8 -> float, multiply-add) vectorizes, so
 it is bound by the weight read. The int4 kernel reads half the bytes of int8 yet takes
 {_get(rows, 2, 1, "numba int4-g32", "median_ms")} ms against int8's {_get(rows, 2, 1, "numba int8", "median_ms")} ms:
-it is bound by its arithmetic, not by memory (per weight a table lookup of the nibble, per group of 32 a
-16-step reduction that numba/LLVM does not vectorize well); a faster int4 needs SIMD nibble unpacking
-(a C++/ISPC kernel, or llama.cpp-style int8 activations with integer dot products), left for later.
+it is bound by its arithmetic, not by memory: per weight a table lookup of the nibble (a gather, which
+does not vectorize like int8's loads) and per group of 32 a 16-step reduction. (Writing that reduction as
+`range(base, base + half)` instead of `range(half)` made it another 4-5x slower: LLVM did not vectorize it.)
+A faster int4 needs SIMD nibble unpacking (a C++/ISPC kernel, or llama.cpp-style int8 activations with
+integer dot products), left for later.
 `dequant` pays a full dequantization of the 4096x4096 weight per call, then a BLAS matmul that is
 reused across rows, so it only pays off at many rows. `auto` (moekit.moe.quantized) uses numba up to
 {NUMBA_MAX_ROWS[8]} rows per matrix for int8 and {NUMBA_MAX_ROWS[4]} for int4, dequant above (the

@@ -41,10 +41,6 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     AVAILABLE = False
 
 
-# int4 codes of every byte value: low and high nibble as floats (a table lookup beat shifting and masking here).
-_LOW = np.array([b & 15 for b in range(256)], dtype=np.float32)
-_HIGH = np.array([b >> 4 for b in range(256)], dtype=np.float32)
-
 if AVAILABLE:
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -64,7 +60,9 @@ if AVAILABLE:
     def _int4_kernel(xe, xo, xsum, q, scale, zero, sym, group, experts, starts, counts, out):  # pragma: no cover
         A, O, G = experts.shape[0], q.shape[1], scale.shape[2]
         half = group // 2
-        lo, hi = _LOW, _HIGH
+        lo, hi = np.empty(256, np.float32), np.empty(256, np.float32)  # nibble values of every byte
+        for b in range(256):
+            lo[b], hi[b] = b & 15, b >> 4
         for t in prange(A * O):
             a, o = t // O, t % O
             e = experts[a]
@@ -74,9 +72,10 @@ if AVAILABLE:
                 total = numba.float32(0.0)
                 for g in range(G):
                     acc = numba.float32(0.0)
-                    for p in range(g * half, (g + 1) * half):
-                        b = q_o[p]
-                        acc += lo[b] * xe_r[p] + hi[b] * xo_r[p]
+                    base = g * half
+                    for j in range(half):  # range(0, half), not range(base, base + half): 5x faster (vectorized)
+                        b = q_o[base + j]
+                        acc += lo[b] * xe_r[base + j] + hi[b] * xo_r[base + j]
                     z = numba.float32(SYMMETRIC_ZERO) if sym else numba.float32(zero[e, o, g])
                     total += scale[e, o, g] * (acc - z * xsum[r, g])
                 out[r, o] = total
