@@ -37,6 +37,14 @@ ROWS = (1, 8, 64)
 THREADS = (1, 2)
 SPECS = {"int8": QuantSpec(8), "int4-g32": QuantSpec(4, 32), "int4-g32-zp": QuantSpec(4, 32, symmetric=False)}
 
+NOTE = """Why the 1-row targets miss here: the machine ran other agents' jobs at a load average of 4-10 on its
+2 cores, and the 1-row cells last milliseconds, so a time slice lost to another process dominates them
+(fp32 F.linear itself took about 8 ms per call here, against 1.8-2.0 ms measured on a quiet machine in
+issue 12). A best-of-15 run of the same kernels in a quieter moment of this session (1 thread,
+min rather than median: not this script's measurement, and not paired) gave numba int8 1.5-1.7 ms, numba
+int4-g32 5-10 ms and fp32 F.linear 2.8-3.5 ms; the int8 weight-read floor is 16.8 MB / ~19 GB/s = 0.9 ms.
+Rerun this script on an idle machine before trusting either set of numbers."""
+
 
 def peers(x: torch.Tensor, w: torch.Tensor, stored: dict) -> dict:
     N = x.shape[0]
@@ -126,6 +134,8 @@ does not vectorize like int8's loads) and per group of 32 a 16-step reduction. (
 `range(base, base + half)` instead of `range(half)` made it another 4-5x slower: LLVM did not vectorize it.)
 A faster int4 needs SIMD nibble unpacking (a C++/ISPC kernel, or llama.cpp-style int8 activations with
 integer dot products), left for later.
+
+{NOTE}
 `dequant` pays a full dequantization of the 4096x4096 weight per call, then a BLAS matmul that is
 reused across rows, so it only pays off at many rows. `auto` (moekit.moe.quantized) uses numba up to
 {NUMBA_MAX_ROWS[8]} rows per matrix for int8 and {NUMBA_MAX_ROWS[4]} for int4, dequant above (the
