@@ -223,11 +223,24 @@ def test_auto_kernel_choice():
     w_in, w_out = experts.w_in_EHD, experts.w_out_EDF
     one_hot = torch.zeros(64, dtype=torch.long)
     one_hot[3] = 2
-    assert choose_kernel(torch.randn(2, 32), w_in, w_out, one_hot) == "loop"  # 62 of 64 experts idle
-    assert choose_kernel(torch.randn(8, 32), w_in, w_out, torch.tensor([1] * 8 + [0] * 56)) == "bmm"  # decoding, 8x
-    assert choose_kernel(torch.randn(3200, 32), w_in, w_out, torch.full((64,), 50)) == "bmm"
+    eight = torch.tensor([1] * 8 + [0] * 56)
+    # training (the weights want gradients): padding decides
+    assert choose_kernel(torch.randn(2, 32), w_in, w_out, one_hot) == "grouped_mm"  # 62 of 64 experts idle
+    assert choose_kernel(torch.randn(8, 32), w_in, w_out, eight) == "grouped_mm"  # 8x padding
+    assert choose_kernel(torch.randn(3200, 32), w_in, w_out, torch.full((64,), 50)) == "bmm"  # even: no padding
+    skew = torch.full((64,), 50)
+    skew[0] = 90  # padding 1.8x
+    assert choose_kernel(torch.randn(3240, 32), w_in, w_out, skew) == "grouped_mm"
     assert choose_kernel(torch.randn(3200, 32), w_in, w_out) == "bmm"  # no counts: assume even
     assert choose_kernel(torch.randn(0, 32), w_in, w_out, torch.zeros(64, dtype=torch.long)) == "loop"
+    # where grouped_mm cannot run (float64): bmm up to 8x padding, loop beyond
+    w_in64, w_out64, x64 = w_in.double(), w_out.double(), torch.randn(2, 32, dtype=torch.float64)
+    assert choose_kernel(x64, w_in64, w_out64, one_hot) == "loop"
+    assert choose_kernel(x64, w_in64, w_out64, eight) == "bmm"
+    # inference: one row per active expert reads only those experts (loop); more rows, one grouped call
+    with torch.no_grad():
+        assert choose_kernel(torch.randn(8, 32), w_in, w_out, eight) == "loop"
+        assert choose_kernel(torch.randn(3200, 32), w_in, w_out, torch.full((64,), 50)) == "grouped_mm"
 
 
 @pytest.mark.parametrize("kernel", KERNELS + ["loop"])

@@ -44,7 +44,7 @@ def _generate(args) -> int:
         raise ConfigError("--prefetch, --cache, --pregate and --slow-tier need --expert-budget (e.g. --expert-budget 25%)")
     lazy = args.expert_budget is not None and (args.slow_tier or "disk") == "disk"
     # With a disk tier the experts are never read into memory: they go from the checkpoint straight into fast slots.
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device,
+    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                          **(_offload_options(args, "lru" if args.cache == "belady" else args.cache) if lazy else {}))
     prompt = engine.encode(args.prompt, chat=args.chat, system=args.system)
     engine.check_prompts([prompt])
@@ -107,6 +107,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--system", help="a system message for --chat")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto (config.json's)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="quantize the experts at load time: int8 (per channel) or int4 (group 32); see `moekit quantize`")
     off = p.add_argument_group("expert offloading (run a model whose experts do not fit in fast memory)")
     off.add_argument("--expert-budget", metavar="SIZE",
                      help="fast memory for experts: bytes (300MB, 2GB) or a fraction of all experts (25%%); the rest stay in the slow tier")

@@ -41,6 +41,15 @@ from .sampling import SamplingConfig, make_generator, next_tokens
 TokenCallback = Callable[[int, int | None, str], None]
 
 
+def _quantized(model: DecoderLM, options: dict | None) -> DecoderLM:
+    """The model quantized at load time (options for moekit.quantize.quantize_model), or as it is."""
+    if options is None:
+        return model
+    from ..quantize import quantize_model
+
+    return quantize_model(model, **options)
+
+
 @dataclass
 class Completion:
     """One generated continuation."""
@@ -73,24 +82,35 @@ class Engine:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def load(cls, path: str | Path, dtype=None, device=None, expert_budget=None, **offload_options) -> "Engine":
+    def load(cls, path: str | Path, dtype=None, device=None, expert_budget=None, quantize: str | None = None,
+             **offload_options) -> "Engine":
         """An engine for a Hugging Face model directory or a moekit run/checkpoint directory.
 
         expert_budget ("25%", 0.25, "2GB", bytes; None = all resident) loads lazily: the routed experts
         are never read into memory; they stay in the checkpoint's own safetensors files and are read
         straight into the fast slots (see `offload`, which takes `offload_options`).
+        quantize="int8" | "int4" (group 32, symmetric) quantizes the weights at load time
+        (moekit.quantize.quantize_model, experts only); a checkpoint written by `moekit quantize`
+        comes back quantized without it.
         """
         from .. import hf
         from .chat import load_chat_template, special_tokens, stop_token_ids
 
+        options = None
+        if quantize is not None:  # (moekit.quantize brings numba: 0.5 s and ~90 MB, only when asked for)
+            from ..quantize import load_time_options
+
+            options = load_time_options(quantize)  # a bad name is refused before anything is read
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"model path {p} does not exist: give a Hugging Face model directory or a moekit checkpoint")
         if offload_options and expert_budget is None:
             raise ConfigError(f"{', '.join(sorted(offload_options))} only apply with an expert budget (expert_budget=...)")
+        if options is not None and expert_budget is not None:
+            raise ConfigError("quantize= and expert_budget= cannot be combined yet: quantized experts are not offloaded")
         lazy = expert_budget is not None
         if hf.is_hf_dir(p):
-            model = hf.load(p, dtype=dtype, device=device, experts=not lazy)
+            model = _quantized(hf.load(p, dtype=dtype, device=device, experts=not lazy), options)
             tokenizer = hf.load_tokenizer(p)
             engine = cls(model, tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p), special_tokens(p))
         else:
@@ -98,7 +118,7 @@ class Engine:
 
             model, tokenizer, _ = load_model(p, experts=not lazy)  # a pre-gated model comes back with its routing applied
             _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
-            engine = cls(model, tokenizer)
+            engine = cls(_quantized(model, options), tokenizer)
         engine.path = p
         if lazy:
             engine.offload(expert_budget, **offload_options)
@@ -112,6 +132,9 @@ class Engine:
         """
         from .offload import offload_model
 
+        if getattr(self.model, "quantization", None) is not None:
+            raise ConfigError("offloading quantized experts is not supported yet: drop --quantize (or use a "
+                              "full-precision checkpoint) with --expert-budget")
         options.setdefault("checkpoint", self.path)
         self.offloader = offload_model(self.model, budget, **options)
         return self.offloader

@@ -4,7 +4,9 @@
 names (pre-gated routing). `load_model(path)` reads a moekit run or checkpoint
 directory: the model is built on the meta device, its weights are read once
 from the safetensors file into it (no random initialisation first), and the
-tokenizer comes from tokenizer.json. Nothing here trains: the training recipes
+tokenizer comes from tokenizer.json. A quantized checkpoint (config.json's
+"quantization" section) is rebuilt by applying `moekit.quantize` to the
+meta-built model, then reading its integer tensors. Nothing here trains: the training recipes
 (moekit.train) call these functions too.
 """
 
@@ -66,6 +68,8 @@ def load_model(path: str | Path, experts: bool = True) -> tuple[DecoderLM, Token
     if not cfg.pregated and _legacy_pregated(Path(path), ckpt.dir):
         cfg.pregated = True
     model = build_model(cfg, empty=True)
+    if ckpt.config.get("quantization") is not None:
+        _quantize_like(model, ckpt.config["quantization"], ckpt.dir, ckpt.model_state)
     load_state(model, ckpt.model_state, skip)
     if cfg.tie_embeddings:  # assigning tensors unties them; tie again
         model.lm_head.weight = model.embed_tokens.weight
@@ -84,9 +88,22 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], skip=None
     check_state(model, state, skip)
     # The tensors are the model's own memory (load_tensors reads them, no memory map): assign, do not copy.
     model.load_state_dict(state, strict=skip is None, assign=True)
-    for name, p in model.named_parameters():
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
         if p.is_meta and (skip is None or not skip(name)):
-            raise CheckpointError(f"parameter {name!r} was not restored from the checkpoint")
+            raise CheckpointError(f"tensor {name!r} was not restored from the checkpoint")
+
+
+def _quantize_like(model: DecoderLM, section, ckpt_dir: Path, state: dict[str, torch.Tensor]) -> None:
+    """Apply the checkpoint's quantization to the meta-built model; a missing code or scale tensor is named."""
+    from ..quantize import quantize_from_section
+
+    quantize_from_section(model, section, f"{ckpt_dir}/config.json: quantization")
+    missing = [k for k in model.state_dict() if k not in state and k.endswith(("_q", "_scale", "_zero"))]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"quantized checkpoint {ckpt_dir} lacks the quantized tensor(s) {shown} "
+                              f"(its config.json says {section.get('bits')}-bit): the file is incomplete or from another "
+                              f"quantization; write it again with `moekit quantize`")
 
 
 @contextmanager

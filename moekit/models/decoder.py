@@ -280,7 +280,9 @@ def _init_weights(module: nn.Module) -> None:
 
 def count_parameters(model: DecoderLM) -> dict[str, int]:
     """Total parameters, and those active for one token (top-k of each MoE's experts)."""
-    total = sum(p.numel() for p in model.parameters())
+    # Quantized weights are buffers (moekit.quantize); they count as the weights they stand for.
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        m.num_weights for m in model.modules() if getattr(m, "quantized_weights", False))
     active = total
     for layer in model.layers:
         moe = layer.mlp.moe if isinstance(layer.mlp, ResidualMoE) else layer.mlp
@@ -288,7 +290,7 @@ def count_parameters(model: DecoderLM) -> dict[str, int]:
             E = moe.cfg.num_experts
             # expert choice: a token is taken by capacity_factor experts on average
             k = min(E, max(1, round(moe.cfg.capacity_factor))) if moe.cfg.router == "expert_choice" else moe.cfg.top_k
-            per_expert = (moe.experts.w_in_EHD.numel() + moe.experts.w_out_EDF.numel()) // E
+            per_expert = moe.experts.num_weights // E
             active -= (E - k) * per_expert
     return {"total": total, "active": active}
 

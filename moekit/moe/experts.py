@@ -107,6 +107,11 @@ class Experts(nn.Module):
     def num_experts(self) -> int:
         return self.w_in_EHD.shape[0]
 
+    @property
+    def num_weights(self) -> int:
+        """Weights of all experts (every experts storage answers this, for parameter counts)."""
+        return self.w_in_EHD.numel() + self.w_out_EDF.numel()
+
     def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
         """The kernel a call would run: `kernel` (or the module's) with `auto` resolved.
 

@@ -246,6 +246,8 @@ def _holds_only_logs(out: Path) -> bool:
 def run_config_from(data: dict, where: Path | str) -> RunConfig:
     if not isinstance(data, dict) or "model" not in data:
         raise CheckpointError(f"{where} is not a moekit language-model checkpoint: its config.json has no 'model' section")
+    # A quantized checkpoint's "quantization" section describes its weights, not the run (moekit.quantize).
+    data = {k: v for k, v in data.items() if k != "quantization"}
     return from_dict(RunConfig, data, f"{where}/config.json")
 
 

@@ -1,0 +1,173 @@
+"""Modules holding weight-only quantized weights: QuantizedExperts and QuantizedLinear.
+
+`QuantizedExperts` is an experts storage (as resident `Experts` and
+`OffloadedExperts` are): the same stacked layout, `w_in_EHD` / `w_out_EDF`
+stored as integer codes plus scales (quant_format.py; state names
+`w_in_EHD_q`, `w_in_EHD_scale`[, `w_in_EHD_zero`]), answering the two calls
+an MoE layer's dispatcher makes, `kernel_for(x, counts_E)` and
+`forward(x_SD, rows_E, kernel=...)`. `QuantizedLinear` stands in for an
+nn.Linear (attention, dense MLPs, the head). All tensors are buffers: nothing
+here trains, and casting a model's parameters (Engine.load's dtype) leaves
+the codes alone. Inputs of any float dtype compute in fp32 and come back in
+their own dtype.
+
+Kernels, by name (the module's `kernel` attribute, or `kernel=` per call):
+- `dequant`: the reference (the oracle in tests, as `loop` is for fp32
+  experts): each active expert's weights dequantized to fp32, then the same
+  matmuls as `loop`.
+- `numba`: quant_kernels.quantized_matmul, reading the codes directly, all
+  active experts in one parallel call per matmul (CPU only: elsewhere, and
+  where numba is not installed, `dequant` runs instead).
+- `auto`: `numba` while every matrix sees at most NUMBA_MAX_ROWS[bits] rows
+  (decoding: a few rows per expert) and numba is installed; otherwise
+  `dequant`, whose fp32 BLAS matmul wins once rows are many (prefill) because
+  the dequantized weight is then reused across rows. The row limit comes from
+  benchmarks/quant_kernels.py (see its results).
+
+Not here: the format (quant_format.py), the kernels (quant_kernels.py),
+choosing which modules to quantize (moekit.quantize).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from . import quant_kernels
+from .experts import activate
+from .quant_format import QuantSpec, check_width, dequantize, quantize, stored_names
+
+QUANT_KERNELS = ("auto", "dequant", "numba")
+
+# `auto` uses the numba kernel up to this many rows per matrix, by bit width (the int4 kernel does more
+# work per weight than the int8 one); measured in benchmarks/results/quant_kernels.md.
+NUMBA_MAX_ROWS = {8: 64, 4: 8}
+
+
+def _check_kernel(name: str) -> None:
+    if name not in QUANT_KERNELS:
+        raise ConfigError(f"kernel={name!r} is unknown for quantized weights: accepted values are {', '.join(QUANT_KERNELS)}")
+
+
+def resolve_kernel(name: str, most_rows: int, bits: int, device: torch.device) -> str:
+    """The kernel a call runs: `auto` by the row rule; `numba` falls back to `dequant` without numba or off the CPU."""
+    _check_kernel(name)
+    if name == "auto":
+        name = "numba" if most_rows <= NUMBA_MAX_ROWS[bits] else "dequant"
+    if name == "numba" and (not quant_kernels.AVAILABLE or device.type != "cpu"):
+        return "dequant"
+    return name
+
+
+class _QuantizedWeights(nn.Module):
+    """Registers one or more quantized weights as buffers `<name>_q`, `<name>_scale`[, `<name>_zero`]."""
+
+    quantized_weights = True  # its `num_weights` are buffers, not parameters (for parameter counts)
+
+    def __init__(self, spec: QuantSpec, kernel: str):
+        super().__init__()
+        _check_kernel(kernel)
+        self.spec = spec
+        self.kernel = kernel
+
+    def _store(self, name: str, w: torch.Tensor) -> None:
+        for suffix, t in quantize(w, self.spec).items():
+            self.register_buffer(f"{name}_{suffix}", t)
+
+    def _parts(self, name: str) -> dict[str, torch.Tensor]:
+        return {suffix: getattr(self, f"{name}_{suffix}") for suffix in stored_names(self.spec)}
+
+    def _zero(self, name: str) -> torch.Tensor | None:
+        return getattr(self, f"{name}_zero") if self.spec.has_zero else None
+
+
+class QuantizedExperts(_QuantizedWeights):
+    """E expert MLPs with weight-only quantized stacked weights; built from a resident `Experts`."""
+
+    def __init__(self, experts, spec: QuantSpec, kernel: str = "auto"):
+        super().__init__(spec, kernel)
+        self.activation = experts.activation
+        E, H, D = experts.w_in_EHD.shape
+        F_ = experts.w_out_EDF.shape[2]
+        check_width(spec, D, f"the experts' w_in [{E}, {H}, {D}]")
+        check_width(spec, F_, f"the experts' w_out [{E}, {D}, {F_}]")
+        self._shape = (E, H, D, F_)
+        self._store("w_in_EHD", experts.w_in_EHD)
+        self._store("w_out_EDF", experts.w_out_EDF)
+
+    @property
+    def num_experts(self) -> int:
+        return self._shape[0]
+
+    @property
+    def num_weights(self) -> int:
+        """Weights the codes stand for (as Experts.num_weights counts its floats)."""
+        E, H, D, F_ = self._shape
+        return E * (H * D + D * F_)
+
+    def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
+        """`kernel` (or the module's) with `auto` resolved; x lends its row count when counts are absent."""
+        most = int(counts_E.max()) if counts_E is not None and counts_E.numel() else x.shape[0]
+        return resolve_kernel(kernel or self.kernel, most, self.spec.bits, x.device)
+
+    def forward(self, x_ND: torch.Tensor, rows_E: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+        """x_ND holds rows_E[e] consecutive rows per expert; returns [N, D] in x's dtype."""
+        name = self.kernel_for(x_ND, rows_E, kernel)
+        groups, start = [], 0
+        for e, count in enumerate(rows_E.tolist()):
+            if count:
+                groups.append((e, start, count))
+            start += count
+        fn = self._numba if name == "numba" else self._dequant
+        return fn(x_ND, groups).to(x_ND.dtype)
+
+    def dequantized(self, name: str, e: int) -> torch.Tensor:
+        """Expert e's fp32 weight `name` (w_in_EHD or w_out_EDF), dequantized."""
+        return dequantize({k: v[e] for k, v in self._parts(name).items()}, self.spec)
+
+    def _dequant(self, x_ND, groups) -> torch.Tensor:
+        x = x_ND.float()
+        out_ND = x.new_zeros(x.shape[0], self._shape[2])
+        for e, start, count in groups:
+            h = F.linear(x[start : start + count], self.dequantized("w_in_EHD", e))
+            out_ND[start : start + count] = F.linear(activate(h, self.activation), self.dequantized("w_out_EDF", e))
+        return out_ND
+
+    def _numba(self, x_ND, groups) -> torch.Tensor:
+        mm = quant_kernels.quantized_matmul
+        p_in, p_out = self._parts("w_in_EHD"), self._parts("w_out_EDF")
+        h = mm(x_ND, p_in["q"], p_in["scale"], p_in.get("zero"), self.spec, groups)
+        return mm(activate(h, self.activation), p_out["q"], p_out["scale"], p_out.get("zero"), self.spec, groups)
+
+
+class QuantizedLinear(_QuantizedWeights):
+    """An nn.Linear with a weight-only quantized weight (`weight_q`, `weight_scale`[, `weight_zero`]); bias kept."""
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, kernel: str = "auto", what: str = "a Linear"):
+        super().__init__(spec, kernel)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        check_width(spec, self.in_features, f"{what} [{self.out_features}, {self.in_features}]")
+        self._store("weight", linear.weight[None])  # stored [1, O, ...]: the experts' kernels take it as is
+        self.bias = linear.bias
+
+    @property
+    def num_weights(self) -> int:
+        return self.in_features * self.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x_NI = x.reshape(-1, self.in_features)
+        N = x_NI.shape[0]
+        if resolve_kernel(self.kernel, N, self.spec.bits, x.device) == "numba":
+            p = self._parts("weight")
+            y = quant_kernels.quantized_matmul(x_NI, p["q"], p["scale"], p.get("zero"), self.spec, [(0, 0, N)])
+        else:
+            y = F.linear(x_NI.float(), dequantize(self._parts("weight"), self.spec)[0])
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}, kernel={self.kernel}"
