@@ -14,6 +14,7 @@ Not here: the server itself (moekit.server), offloading (moekit.infer.offload).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 
@@ -80,6 +81,8 @@ def _serve(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=max(1, round(args.shutdown_timeout)))
     server = holder["server"] = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it with the previous handler: make that a clean exit
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     auth = " (API key required)" if settings.api_key else ""
     print(f"moekit serve: http://{args.host}:{args.port}/v1 as model {settings.model_name!r}{auth}; loading {args.model}",
           flush=True)
