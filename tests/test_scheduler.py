@@ -71,6 +71,19 @@ def test_greedy_batch_with_joins_and_leaves_equals_each_request_alone(engine):
     assert sched.cursor == 0 and not sched.rows  # everything left; the axis restarts
 
 
+def test_requests_arriving_together_are_prefilled_in_one_pass_with_the_tokens_they_get_alone(engine):
+    prompts = [engine.encode(t) for t in ["def f(x):", "a", "hello world", "zz", "12345"]]
+    cfgs = [SamplingConfig(max_new_tokens=n) for n in (7, 12, 9, 3, 10)]
+    sched = Scheduler(engine, max_batch=8)
+    calls = []
+    real = sched.model
+    sched.model = type("Spy", (), {"cfg": real.cfg, "__call__": lambda self, ids, **kw: (calls.append(ids.shape), real(ids, **kw))[1]})()
+    got = run_all(sched, prompts, cfgs)
+    assert calls[0] == (5, 11)  # one left-padded prefill of all five prompts
+    for p, c, g in zip(prompts, cfgs, got):
+        assert g.token_ids == alone(engine, p, c).token_ids
+
+
 def test_a_full_time_axis_is_compacted_without_changing_tokens(monkeypatch):
     engine = tiny_engine(max_seq_len=48)
     sched = Scheduler(engine, max_batch=3, max_queue=16)

@@ -3,9 +3,11 @@
 `Scheduler` keeps up to `max_batch` sequences in one KV cache and advances
 them together, one token per sequence per step, running the model's own
 forward (as `Engine` does). Between steps, finished and cancelled sequences
-leave and waiting requests join: a joining prompt is prefilled alone (batch 1,
-its own rotary positions from 0) straight into its cache row, so a request's
-prefill is the same computation whatever else is running.
+leave and waiting requests join: the prompts waiting at that moment are
+prefilled together in one left-padded pass (as `Engine.generate` prefills a
+batch; each with its own rotary positions from 0) straight into their cache
+rows, so what a request computes does not depend on what else is running
+beyond the padding masks.
 
 The cache has one shared time axis: each decode step writes every row's new
 token at the same column `cursor`; a per-row key mask (`valid`) says which
@@ -46,6 +48,9 @@ from .serve_stats import ServeStats
 # on_event(kind, payload): ("token", (token_id, new_text)) for each token, then ("done", Completion)
 # or ("error", message). Called from the scheduler's thread.
 EventCallback = Callable[[str, object], None]
+
+
+PREFILL_TOKENS = 4096  # most padded prompt tokens prefilled in one forward pass
 
 
 class QueueFullError(MoekitError):
@@ -180,35 +185,49 @@ class Scheduler:
         self.stats.set_load(len(self.rows), len(self.waiting))
 
     def _admit(self) -> None:
-        while len(self.rows) < self.max_batch:
-            with self._cond:
-                if not self.waiting:
-                    return
-                request = self.waiting.popleft()
-            if request.cancelled:
-                self._emit_done(request, _Sequence(0, len(request.prompt_ids), self.engine.tokenizer, []), "cancelled")
-                continue
-            self._prefill(request)
+        """Take waiting requests into free rows, prefilling those that arrived together in one pass."""
+        group: list[Request] = []
+        with self._cond:
+            while self.waiting and len(self.rows) + len(group) < self.max_batch:
+                longest = max([len(self.waiting[0].prompt_ids), *(len(r.prompt_ids) for r in group)])
+                if group and longest * (len(group) + 1) > PREFILL_TOKENS:
+                    break
+                group.append(self.waiting.popleft())
+        for request in [r for r in group if r.cancelled]:
+            self._emit_done(request, _Sequence(0, len(request.prompt_ids), self.engine.tokenizer, []), "cancelled")
+        group = [r for r in group if not r.cancelled]
+        if group:
+            self._prefill(group)
 
-    def _prefill(self, request: Request) -> None:
-        cfg, ids = request.cfg, request.prompt_ids
-        L, n = len(ids), len(self.rows)
-        if self.cursor < L or self.cursor >= self.max_len:
-            self._compact(min_cursor=L)
-        start = self.cursor - L
-        self.valid[n] = False
-        self.valid[n, start:self.cursor] = True
-        writer = _RowWriter(self.cache, n, start)
-        ids_1L = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
-        positions = torch.arange(L, device=self.engine.device)[None]
-        out = self.model(ids_1L, positions_BT=positions, kv_cache=writer, cache_start=0, last_only=True)
-        self.stats.add_routings(out.routings, L)
-        tok = self.engine.tokenizer
-        seq = _Sequence(0, L, tok, cfg.stop_strings)
-        generator = None if cfg.greedy else make_generator(cfg.seed, self.engine.device)
-        row = _Row(request, seq, generator, min(cfg.max_new_tokens, self.max_len - L))
-        self.rows.append(row)
-        self._take(len(self.rows) - 1, next_tokens(out.logits[:, -1], cfg, generator))
+    def _prefill(self, group: list[Request]) -> None:
+        """Left-padded prefill of the group into rows n.., each prompt ending just before the cursor."""
+        lens = [len(r.prompt_ids) for r in group]
+        P, n, k, dev = max(lens), len(self.rows), len(group), self.engine.device
+        if self.cursor < P or self.cursor >= self.max_len:
+            self._compact(min_cursor=P)
+        start = self.cursor - P
+        ids_BP = torch.zeros(k, P, dtype=torch.long)
+        keep_BP = torch.zeros(k, P, dtype=torch.bool)
+        for b, r in enumerate(group):
+            ids_BP[b, P - lens[b]:] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            keep_BP[b, P - lens[b]:] = True
+        ids_BP, keep_BP = ids_BP.to(dev), keep_BP.to(dev)
+        self.valid[n : n + k] = False
+        self.valid[n : n + k, start : self.cursor] = keep_BP
+        positions = (keep_BP.long().cumsum(-1) - 1).clamp_min(0)
+        mask = keep_BP if min(lens) < P else None
+        out = self.model(ids_BP, attention_mask_BK=mask, positions_BT=positions,
+                         kv_cache=_RowWriter(self.cache, n, k, start), cache_start=0, last_only=True)
+        self.stats.add_routings(out.routings, sum(lens), keep_BP.flatten())
+        for r, L in zip(group, lens):
+            cfg = r.cfg
+            generator = None if cfg.greedy else make_generator(cfg.seed, dev)
+            seq = _Sequence(0, L, self.engine.tokenizer, cfg.stop_strings)
+            self.rows.append(_Row(r, seq, generator, min(cfg.max_new_tokens, self.max_len - L)))
+        logits_BV = out.logits[:, -1]
+        for b in reversed(range(k)):  # reversed: a finished row is replaced by the last one
+            row = self.rows[n + b]
+            self._take(n + b, next_tokens(logits_BV[b : b + 1], row.request.cfg, row.generator))
 
     def _decode(self) -> None:
         if self.cursor >= self.max_len:
@@ -316,17 +335,17 @@ class Scheduler:
 
 
 class _RowWriter:
-    """A KV-cache view for one prompt's prefill: writes row `row` of `cache` from column `offset`."""
+    """A KV-cache view for a prefill: writes rows [row, row+count) of `cache` from column `offset`."""
 
-    def __init__(self, cache, row: int, offset: int) -> None:
-        self.cache, self.row, self.offset = cache, row, offset
+    def __init__(self, cache, row: int, count: int, offset: int) -> None:
+        self.cache, self.rows, self.offset = cache, slice(row, row + count), offset
 
     def update(self, layer_idx: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, start: int):
         a, b = self.offset + start, self.offset + start + k_BHTd.shape[2]
         keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        keys[self.row : self.row + 1, :, a:b] = k_BHTd
-        values[self.row : self.row + 1, :, a:b] = v_BHTd
-        return keys[self.row : self.row + 1, :, self.offset : b], values[self.row : self.row + 1, :, self.offset : b]
+        keys[self.rows, :, a:b] = k_BHTd
+        values[self.rows, :, a:b] = v_BHTd
+        return keys[self.rows, :, self.offset : b], values[self.rows, :, self.offset : b]
 
 
 __all__ = ["Scheduler", "Request", "QueueFullError", "ShuttingDownError"]

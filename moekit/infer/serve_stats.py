@@ -44,8 +44,9 @@ class ServeStats:
 
     # ------------------------------------------------------------ from the scheduler
 
-    def add_routings(self, routings, num_tokens: int) -> None:
-        counts = {i: r.counts_E.detach().cpu().long() for i, r in enumerate(routings) if r is not None}
+    def add_routings(self, routings, num_tokens: int, keep_T: torch.Tensor | None = None) -> None:
+        """Expert load of one forward pass; `keep_T` marks the real tokens (padding is not counted)."""
+        counts = {i: _counts(r, keep_T) for i, r in enumerate(routings) if r is not None}
         if not counts:
             return
         with self._lock:
@@ -112,6 +113,13 @@ class ServeStats:
                 "emulated": s.get("emulated"),
             }
         return report
+
+
+def _counts(r, keep_T: torch.Tensor | None) -> torch.Tensor:
+    if keep_T is None:
+        return r.counts_E.detach().cpu().long()
+    expert_N = r.expert_idx_N[keep_T[r.token_idx_N]]
+    return torch.bincount(expert_N, minlength=r.num_experts).cpu().long()
 
 
 def _rows(tracker: LoadTracker) -> list[dict]:

@@ -126,14 +126,15 @@ class Job:
                 pass
         return on_event
 
-    async def events(self):
-        """(choice index, kind, payload) until every choice is done (or one fails)."""
+    async def batches(self):
+        """Lists of (choice index, kind, payload): all events that arrived together, until every choice is done."""
         left = len(self.requests)
         while left:
-            index, kind, payload = await self.queue.get()
-            yield index, kind, payload
-            if kind in ("done", "error"):
-                left -= 1
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            left -= sum(kind in ("done", "error") for _, kind, _ in batch)
+            yield batch
 
     def cancel(self) -> None:
         for r in self.requests:

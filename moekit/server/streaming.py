@@ -46,17 +46,21 @@ async def stream_job(job: Job, chat: bool, model_name: str, include_usage: bool)
         if chat:
             for i in range(len(job.requests)):
                 yield chunk(i, None, role=True)
-        async for index, kind, payload in job.events():
-            if kind == "token":
-                if payload[1]:
-                    yield chunk(index, payload[1])
-            elif kind == "done":
-                if payload.finish_reason == "cancelled":
-                    raise cancelled_error()
-                completion_tokens += len(payload.token_ids)
-                yield chunk(index, None, payload.finish_reason)
-            else:
-                raise APIError(500, str(payload), code="generation_failed")
+        async for batch in job.batches():  # events that arrived together go out in one write
+            frames = []
+            for index, kind, payload in batch:
+                if kind == "token":
+                    if payload[1]:
+                        frames.append(chunk(index, payload[1]))
+                elif kind == "done":
+                    if payload.finish_reason == "cancelled":
+                        raise cancelled_error()
+                    completion_tokens += len(payload.token_ids)
+                    frames.append(chunk(index, None, payload.finish_reason))
+                else:
+                    raise APIError(500, str(payload), code="generation_failed")
+            if frames:
+                yield "".join(frames)
         if include_usage:
             yield frame({**base, "choices": [], "usage": usage(job.prompt_tokens, completion_tokens)})
     except APIError as e:
