@@ -314,6 +314,11 @@ start, {s['rss_end_mb']:.1f} MB at end ({100 * s['rss_growth']:+.2f}%).
 16 at a time: statuses {m['statuses']}; 5xx: {m['5xx']}; answers without the OpenAI envelope:
 {m['without_envelope']}; healthy and serving afterwards: {m['healthy_after']}.
 
+At one client both servers run the same computation (a batch of one); a gap between them there is the
+shared machine's noise (per-round figures are in the JSON), not batching overhead. TTFT is the time to the
+first chunk carrying text: with this random byte-level model, bytes of an incomplete UTF-8 character are held
+back, so it often spans a few tokens.
+
 ## Peers
 
 {result['peer']}.

@@ -116,23 +116,31 @@ def create_app(engine_or_loader, settings: ServerSettings | None = None,
     return _CountRequests(app, state.metrics)
 
 
+def _ready_or_503(state: ServerState) -> None:
+    if not state.ready:
+        why = f"the model failed to load: {state.load_error}" if state.load_error else "the model is still loading"
+        raise APIError(503, why, code="not_ready")
+
+
+def _auth(state: ServerState, request: Request) -> None:
+    key = state.settings.api_key
+    if not key:
+        return
+    header = request.headers.get("authorization", "")
+    if not header:
+        raise APIError(401, "missing API key: send the header 'Authorization: Bearer KEY'", code="missing_api_key")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), key.encode()):
+        raise APIError(401, "incorrect API key in the Authorization header", code="invalid_api_key")
+
+
 def _routes(app: FastAPI, state: ServerState) -> None:
+    _info_routes(app, state)
+    _generation_routes(app, state)
+
+
+def _info_routes(app: FastAPI, state: ServerState) -> None:
     s = state.settings
-
-    def ready_or_503():
-        if not state.ready:
-            why = f"the model failed to load: {state.load_error}" if state.load_error else "the model is still loading"
-            raise APIError(503, why, code="not_ready")
-
-    def auth(request: Request) -> None:
-        if not s.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        if not header:
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer KEY'", code="missing_api_key")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), s.api_key.encode()):
-            raise APIError(401, "incorrect API key in the Authorization header", code="invalid_api_key")
 
     @app.get("/health")
     async def health():
@@ -153,24 +161,27 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        auth(request)
-        ready_or_503()
+        _auth(state, request)
+        _ready_or_503(state)
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
-        auth(request)
-        ready_or_503()
+        _auth(state, request)
+        _ready_or_503(state)
         if model_id != s.model_name:
             raise _unknown_model(model_id, s.model_name)
         return model_card()
 
     @app.get("/v1/moe/stats")
     async def moe_stats(request: Request):
-        auth(request)
-        ready_or_503()
-        report = state.metrics.stats.moe_report(state.engine.offloader)
-        return {"model": s.model_name, **report}
+        _auth(state, request)
+        _ready_or_503(state)
+        return {"model": s.model_name, **state.metrics.stats.moe_report(state.engine.offloader)}
+
+
+def _generation_routes(app: FastAPI, state: ServerState) -> None:
+    s = state.settings
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -181,11 +192,11 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         return await _generate(request, ChatCompletionRequest, chat=True)
 
     async def _generate(request: Request, schema, chat: bool):
-        auth(request)
+        _auth(state, request)
         body = schema_from(await request.body(), schema)
         if body.model != s.model_name:
             raise _unknown_model(body.model, s.model_name)
-        ready_or_503()
+        _ready_or_503(state)
         job = Job(state.scheduler, plan(state.engine, body, state.token_limit))
         if body.stream:
             return StreamingResponse(stream_job(job, chat, s.model_name, body.include_usage),
