@@ -272,6 +272,22 @@ def test_health_is_503_while_loading(engine):
     assert state.ready
     state.shutdown()
 
+    def broken_loader():
+        raise FileNotFoundError("no weights here")
+
+    seen = []
+    b = create_app(broken_loader, ServerSettings(model_name=NAME), on_load_error=seen.append)
+    b.state.server.load(broken_loader)
+
+    async def failed():
+        _, http = aclient(b)
+        r = await http.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "error" and "no weights here" in r.json()["error"]
+        r = await http.post(C, content=json.dumps(OK).encode())
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+    run(failed())
+    assert len(seen) == 1 and isinstance(seen[0], FileNotFoundError)
+
 
 def test_an_error_after_the_stream_started_is_a_final_chunk(engine):
     a = create_app(engine, ServerSettings(model_name=NAME))

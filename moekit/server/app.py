@@ -79,9 +79,10 @@ class ServerState:
             self.attach(loader())
         except BaseException as e:  # noqa: BLE001 - reported by /health and by the CLI
             self.load_error = e
-            log.error("loading the model failed: %s", e)
             if self.on_load_error is not None:
-                self.on_load_error(e)
+                self.on_load_error(e)  # the CLI stops the server and reports it
+            else:
+                log.error("loading the model failed: %s", e)
 
     def shutdown(self) -> None:
         if self.scheduler is not None:
