@@ -15,7 +15,10 @@ so they run in seconds on a CPU, and nothing else:
   `corpus.txt` and `my_series.csv` are written; the ETT CSVs come from
   ../shared (the forecasting test is skipped with a message where it is absent);
 - before a plain `--resume` the run is cut back to its step-2 checkpoint, as a
-  run killed after that checkpoint would be.
+  run killed after that checkpoint would be;
+- `moekit serve` runs as a background subprocess on a free loopback port
+  (its `--port` replaced): the test waits for /health, asks for a completion
+  from the model id the README uses, then stops it with SIGTERM (exit 0).
 
 The language-model commands run in the default suite; the forecasting and
 torchrun commands are marked slow. test_every_readme_command_is_run checks that
@@ -62,7 +65,7 @@ def kind(command: str) -> str:
     sub = argv[argv.index("moekit") + 1] if argv[0] == "moekit" or "moekit" in argv else None
     if sub in FORECASTING:
         return "forecasting"
-    if sub in ("train", "inspect", "generate", "convert", "pregate"):
+    if sub in ("train", "inspect", "generate", "convert", "pregate", "serve"):
         return "language-model"
     raise AssertionError(f"README command {command!r}: no test runs this kind of command")
 
@@ -129,11 +132,60 @@ def run_in_order(commands: list[str], cwd: Path, capsys) -> None:
         resume_as_is = "--resume" in argv and not any(a.startswith("train.steps=") for a in argv)
         if resume_as_is:
             cut_back_to_step_2(cwd / argv[argv.index("--out") + 1])
+        if argv[0] == "moekit" and argv[1] == "serve":
+            serve_briefly(argv, cwd)
+            continue
         out = run(argv, cwd, capsys)
         if resume_as_is:
             assert "trained 4 steps" in out, out  # it continued from step 2 to the run's end
         if EXTEND_TO in argv:
             assert "trained 6 steps" in out, out
+
+
+def serve_briefly(argv: list[str], cwd: Path) -> None:
+    """`moekit serve ...` in the background on a free port: /health, one completion, then SIGTERM."""
+    import signal
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = argv[1:]
+    if "--port" in args:
+        args[args.index("--port") + 1] = str(port)
+    else:
+        args += ["--port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "moekit", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.time() < deadline, "moekit serve never became healthy"
+            time.sleep(0.2)
+        model = Path(args[1]).name  # the README says the model id is the directory name
+        body = json.dumps({"model": model, "prompt": "def ", "max_tokens": 8, "temperature": 0}).encode()
+        req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.loads(r.read())["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, (out[-2000:], err[-3000:])
 
 
 def test_every_readme_command_is_run():

@@ -45,7 +45,7 @@ def _generate(args) -> int:
     lazy = args.expert_budget is not None and (args.slow_tier or "disk") == "disk"
     # With a disk tier the experts are never read into memory: they go from the checkpoint straight into fast slots.
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                         **(_offload_options(args, "lru" if args.cache == "belady" else args.cache) if lazy else {}))
+                         **(offload_options(args, "lru" if args.cache == "belady" else args.cache) if lazy else {}))
     prompt = engine.encode(args.prompt, chat=args.chat, system=args.system)
     engine.check_prompts([prompt])
     if args.expert_budget is not None:
@@ -63,7 +63,7 @@ def _generate(args) -> int:
     return 0
 
 
-def _offload_options(args, policy) -> dict:
+def offload_options(args, policy) -> dict:
     """Engine.load / Engine.offload options from the --expert-budget/--slow-tier/--prefetch/... flags."""
     tier = args.slow_tier or ("cuda-host" if args.device and str(args.device).startswith("cuda") else "disk")
     return dict(expert_budget=args.expert_budget, tier=tier, policy=policy or "lru", predictor=args.prefetch or "none",
@@ -72,7 +72,7 @@ def _offload_options(args, policy) -> dict:
 
 def _offload(engine, args, prompt, settings) -> None:
     """Offload the engine's experts (unless loading did) as the flags say; Belady records its trace first."""
-    options = _offload_options(args, "lru" if args.cache == "belady" else args.cache)
+    options = offload_options(args, "lru" if args.cache == "belady" else args.cache)
     budget = options.pop("expert_budget")
     offloader = engine.offloader or engine.offload(budget, **options)
     if args.cache == "belady":

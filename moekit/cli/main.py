@@ -18,7 +18,8 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("moekit.cli.train", "moekit.cli.generate", "moekit.cli.pregate", "moekit.cli.forecast", "moekit.cli.quantize")
+COMMAND_MODULES = ("moekit.cli.train", "moekit.cli.generate", "moekit.cli.pregate", "moekit.cli.forecast",
+                   "moekit.cli.quantize", "moekit.cli.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

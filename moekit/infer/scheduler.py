@@ -1,0 +1,351 @@
+"""Continuous batching: requests join and leave one running batch between decode steps.
+
+`Scheduler` keeps up to `max_batch` sequences in one KV cache and advances
+them together, one token per sequence per step, running the model's own
+forward (as `Engine` does). Between steps, finished and cancelled sequences
+leave and waiting requests join: the prompts waiting at that moment are
+prefilled together in one left-padded pass (as `Engine.generate` prefills a
+batch; each with its own rotary positions from 0) straight into their cache
+rows, so what a request computes does not depend on what else is running
+beyond the padding masks.
+
+The cache has one shared time axis: each decode step writes every row's new
+token at the same column `cursor`; a per-row key mask (`valid`) says which
+columns belong to which row. A joining prompt of L tokens takes the L columns
+just before the cursor in its row; when the axis is full (or a prompt does not
+fit before the cursor) the rows are compacted: each row's valid columns are
+moved, in order, to end at a new cursor (keys carry their rotary positions, so
+moving columns changes nothing a query computes). Active rows always occupy
+rows 0..n-1 of the cache: a leaving row is replaced by the last one.
+
+Each request has its own `SamplingConfig` and, when sampling, its own seeded
+generator, so a seeded request gives the same tokens alone or in a batch.
+Stopping (stop ids, stop strings, the token budget) uses the engine's
+`_Sequence` bookkeeping; finish reasons are "stop", "length" or "cancelled".
+
+Not here: HTTP, request validation and text formatting (moekit.server), the
+one-shot batch loop (engine.py), sampling rules (sampling.py), routing
+statistics (moekit.moe.stats; gathered here through `ServeStats`).
+
+Shape legend: B rows in the batch, L prompt length, M cache columns, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import MoekitError
+from .engine import Completion, _Sequence
+from .sampling import SamplingConfig, make_generator, next_tokens
+from .serve_stats import ServeStats
+
+# on_event(kind, payload): ("token", (token_id, new_text)) for each token, then ("done", Completion)
+# or ("error", message). Called from the scheduler's thread.
+EventCallback = Callable[[str, object], None]
+
+
+PREFILL_TOKENS = 4096  # most padded prompt tokens prefilled in one forward pass
+
+
+class QueueFullError(MoekitError):
+    """The scheduler's waiting queue is full; try again later."""
+
+
+class ShuttingDownError(MoekitError):
+    """The scheduler no longer accepts requests."""
+
+
+@dataclass
+class Request:
+    """One generation request: prompt ids, its own settings, and where its events go."""
+
+    prompt_ids: list[int]
+    cfg: SamplingConfig
+    on_event: EventCallback = lambda kind, payload: None
+    cancelled: bool = False
+    finish_reason: str | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    last_token_at: float | None = None  # set by ServeStats: time to first token, inter-token latency
+    tokens: int = 0
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request (its slot is freed before the next step)."""
+        self.cancelled = True
+
+
+class _Row:
+    """A running request: its sequence bookkeeping, generator, next input token and position."""
+
+    def __init__(self, request: Request, seq: _Sequence, generator, budget: int) -> None:
+        self.request, self.seq, self.generator, self.budget = request, seq, generator, budget
+        self.next_token = 0
+        self.emitted = 0  # characters of seq.text sent as "token" events
+        self.position = len(request.prompt_ids)
+
+
+class Scheduler:
+    """A continuous-batching generation loop over an Engine's model (see the module docstring)."""
+
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, stats: ServeStats | None = None) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise MoekitError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} >= 0")
+        self.engine, self.model = engine, engine.model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_len = self.model.cfg.max_seq_len
+        self.cache = self.model.new_cache(max_batch, self.max_len)
+        self.valid = torch.zeros(max_batch, self.max_len, dtype=torch.bool, device=engine.device)
+        self.cursor = 0
+        self.rows: list[_Row] = []
+        self.waiting: deque[Request] = deque()
+        self.stats = stats or ServeStats()
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ public, thread-safe
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request (its prompt is checked here); raises QueueFullError when the queue is full."""
+        self.engine.check_prompts([request.prompt_ids])
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDownError("the server is shutting down: not accepting new requests")
+            if len(self.waiting) >= self.max_queue + max(0, self.max_batch - len(self.rows)):
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting): try again later")
+            self.waiting.append(request)
+            self._cond.notify()
+        return request
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def start(self) -> None:
+        """Run the loop in a background thread."""
+        self._thread = threading.Thread(target=self._loop, name="moekit-scheduler", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop accepting; let running requests finish for up to `timeout` s, then cancel the rest."""
+        with self._cond:
+            self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self.busy and time.monotonic() < deadline and self._thread is not None and self._thread.is_alive():
+            time.sleep(0.02)
+        with self._cond:
+            for r in list(self.waiting) + [row.request for row in self.rows]:
+                r.cancel()
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        if self._thread is None:  # never started: finish what is queued as cancelled
+            self.step()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self.busy and not self._stop:
+                    self._cond.wait()
+                if self._stop and not self.busy:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a failed step must not kill the server: fail its requests
+                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+            if self._stop:
+                self.step()  # deliver the cancellations
+                return
+
+    def run_until_idle(self, max_steps: int = 100_000) -> None:
+        """Step in this thread until nothing is running or waiting (tests, benchmarks)."""
+        for _ in range(max_steps):
+            if not self.busy:
+                return
+            self.step()
+
+    # ------------------------------------------------------------ one iteration
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Drop cancelled rows, admit waiting requests, then decode one token for every running row."""
+        for i in reversed(range(len(self.rows))):
+            if self.rows[i].request.cancelled:
+                self._finish(i, "cancelled")
+        self._admit()
+        if self.rows:
+            self._decode()
+        self.stats.set_load(len(self.rows), len(self.waiting))
+
+    def _admit(self) -> None:
+        """Take waiting requests into free rows, prefilling those that arrived together in one pass."""
+        group: list[Request] = []
+        with self._cond:
+            while self.waiting and len(self.rows) + len(group) < self.max_batch:
+                longest = max([len(self.waiting[0].prompt_ids), *(len(r.prompt_ids) for r in group)])
+                if group and longest * (len(group) + 1) > PREFILL_TOKENS:
+                    break
+                group.append(self.waiting.popleft())
+        for request in [r for r in group if r.cancelled]:
+            self._emit_done(request, _Sequence(0, len(request.prompt_ids), self.engine.tokenizer, []), "cancelled")
+        group = [r for r in group if not r.cancelled]
+        if group:
+            self._prefill(group)
+
+    def _prefill(self, group: list[Request]) -> None:
+        """Left-padded prefill of the group into rows n.., each prompt ending just before the cursor."""
+        lens = [len(r.prompt_ids) for r in group]
+        P, n, k, dev = max(lens), len(self.rows), len(group), self.engine.device
+        if self.cursor < P or self.cursor >= self.max_len:
+            self._compact(min_cursor=P)
+        start = self.cursor - P
+        ids_BP = torch.zeros(k, P, dtype=torch.long)
+        keep_BP = torch.zeros(k, P, dtype=torch.bool)
+        for b, r in enumerate(group):
+            ids_BP[b, P - lens[b]:] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            keep_BP[b, P - lens[b]:] = True
+        ids_BP, keep_BP = ids_BP.to(dev), keep_BP.to(dev)
+        self.valid[n : n + k] = False
+        self.valid[n : n + k, start : self.cursor] = keep_BP
+        positions = (keep_BP.long().cumsum(-1) - 1).clamp_min(0)
+        mask = keep_BP if min(lens) < P else None
+        out = self.model(ids_BP, attention_mask_BK=mask, positions_BT=positions,
+                         kv_cache=_RowWriter(self.cache, n, k, start), cache_start=0, last_only=True)
+        self.stats.add_routings(out.routings, sum(lens), keep_BP.flatten())
+        for r, L in zip(group, lens):
+            cfg = r.cfg
+            generator = None if cfg.greedy else make_generator(cfg.seed, dev)
+            seq = _Sequence(0, L, self.engine.tokenizer, cfg.stop_strings)
+            self.rows.append(_Row(r, seq, generator, min(cfg.max_new_tokens, self.max_len - L)))
+        logits_BV = out.logits[:, -1]
+        for b in reversed(range(k)):  # reversed: a finished row is replaced by the last one
+            row = self.rows[n + b]
+            self._take(n + b, next_tokens(logits_BV[b : b + 1], row.request.cfg, row.generator))
+
+    def _decode(self) -> None:
+        if self.cursor >= self.max_len:
+            self._compact()
+        n, c = len(self.rows), self.cursor
+        dev = self.engine.device
+        ids_B1 = torch.tensor([[r.next_token] for r in self.rows], dtype=torch.long, device=dev)
+        pos_B1 = torch.tensor([[r.position] for r in self.rows], dtype=torch.long, device=dev)
+        self.valid[:n, c] = True
+        out = self.model(ids_B1, attention_mask_BK=self.valid[:n, : c + 1], positions_BT=pos_B1,
+                         kv_cache=self.cache, cache_start=c, last_only=True)
+        self.cursor = c + 1
+        self.stats.add_routings(out.routings, n)
+        self.stats.decode_step(n)
+        logits_BV = out.logits[:, -1]
+        greedy = logits_BV.argmax(-1) if any(r.request.cfg.greedy for r in self.rows) else None
+        for i in reversed(range(n)):  # reversed: _take may remove row i (the last row moves into it)
+            row = self.rows[i]
+            row.position += 1
+            cfg = row.request.cfg
+            tok = greedy[i : i + 1] if cfg.greedy else next_tokens(logits_BV[i : i + 1], cfg, row.generator)
+            self._take(i, tok)
+
+    def _take(self, i: int, tok_1: torch.Tensor) -> None:
+        """Row i sampled `tok_1`: record it, emit its text, and finish the row if it stopped."""
+        row = self.rows[i]
+        stop_ids = set(self.engine.stop_token_ids if row.request.cfg.stop_token_ids is None
+                       else row.request.cfg.stop_token_ids)
+        tok = int(tok_1.item())
+        needs_text = self.engine.tokenizer is not None
+        request = row.request
+        row.seq.add(tok, stop_ids, needs_text, None)
+        if not row.seq.done:
+            request.on_event("token", (tok, self._new_text(row) if needs_text else ""))
+        self.stats.token(request)
+        if row.seq.done:
+            self._finish(i, row.seq.finish_reason)
+        elif len(row.seq.ids) >= row.budget:
+            self._finish(i, "length")
+        else:
+            row.next_token = tok
+
+    @staticmethod
+    def _new_text(row: _Row) -> str:
+        """Text not sent yet, holding back what could still become the start of a stop string."""
+        stops = row.request.cfg.stop_strings
+        end = len(row.seq.text) - (max(map(len, stops)) - 1 if stops else 0)
+        new = row.seq.text[row.emitted:end] if end > row.emitted else ""
+        row.emitted += len(new)
+        return new
+
+    # ------------------------------------------------------------ rows and the cache axis
+
+    def _finish(self, i: int, reason: str) -> None:
+        row = self.rows[i]
+        last = len(self.rows) - 1
+        if i != last:
+            c = self.cursor
+            for keys, values in zip(self.cache.keys, self.cache.values):
+                keys[i, :, :c] = keys[last, :, :c]
+                values[i, :, :c] = values[last, :, :c]
+            self.valid[i] = self.valid[last]
+            self.rows[i] = self.rows[last]
+        self.valid[last] = False
+        self.rows.pop()
+        if not self.rows:
+            self.cursor = 0
+        self._emit_done(row.request, row.seq, reason, row.emitted)
+
+    def _emit_done(self, request: Request, seq: _Sequence, reason: str, emitted: int = 0) -> None:
+        if reason != "cancelled" and seq.tokenizer is not None:
+            seq.flush(None)
+        request.finish_reason = reason
+        done = seq.result()
+        if reason != "cancelled" and len(done.text) > emitted:
+            request.on_event("token", (None, done.text[emitted:]))
+        self.stats.finished(request, reason)
+        request.on_event("done", Completion(done.text, done.token_ids, reason, done.prompt_tokens))
+
+    def _compact(self, min_cursor: int = 0) -> None:
+        """Move each row's valid columns, in order, to end at a new cursor (>= min_cursor)."""
+        n = len(self.rows)
+        counts = self.valid[:n].sum(-1).tolist()
+        new_cursor = max([min_cursor, *counts])
+        for r in range(n):
+            cols = self.valid[r].nonzero().flatten()
+            dst = slice(new_cursor - len(cols), new_cursor)
+            for keys, values in zip(self.cache.keys, self.cache.values):
+                keys[r, :, dst] = keys[r][:, cols].clone()
+                values[r, :, dst] = values[r][:, cols].clone()
+            self.valid[r] = False
+            self.valid[r, dst] = True
+        self.cursor = new_cursor
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            requests = [row.request for row in self.rows] + list(self.waiting)
+            self.waiting.clear()
+        self.rows.clear()
+        self.valid.zero_()
+        self.cursor = 0
+        for r in requests:
+            r.finish_reason = "error"
+            r.on_event("error", message)
+
+
+class _RowWriter:
+    """A KV-cache view for a prefill: writes rows [row, row+count) of `cache` from column `offset`."""
+
+    def __init__(self, cache, row: int, count: int, offset: int) -> None:
+        self.cache, self.rows, self.offset = cache, slice(row, row + count), offset
+
+    def update(self, layer_idx: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, start: int):
+        a, b = self.offset + start, self.offset + start + k_BHTd.shape[2]
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        keys[self.rows, :, a:b] = k_BHTd
+        values[self.rows, :, a:b] = v_BHTd
+        return keys[self.rows, :, self.offset : b], values[self.rows, :, self.offset : b]
+
+
+__all__ = ["Scheduler", "Request", "QueueFullError", "ShuttingDownError"]
