@@ -142,14 +142,20 @@ def _token_major_k(routing: Routing) -> int:
     return K if bool((routing.token_idx_N.view(T, K) == expected).all()) else 0
 
 
+def _gather_rows(x_TD, token_S, pad_rows) -> torch.Tensor:
+    """x_SD[s] = x_TD[token_S[s]], padding rows zero."""
+    x_SD = x_TD.index_select(0, token_S)
+    if pad_rows is not None:
+        x_SD.index_fill_(0, pad_rows, 0)
+    return x_SD
+
+
 class _Gather(torch.autograd.Function):
     """x_SD[s] = x_TD[token_S[s]] (padding rows zero); backward sums each token's rows."""
 
     @staticmethod
     def forward(ctx, x_TD, token_S, pad_rows, slot_N, token_N, top_k):
-        x_SD = x_TD.index_select(0, token_S)
-        if pad_rows is not None:
-            x_SD.index_fill_(0, pad_rows, 0)
+        x_SD = _gather_rows(x_TD, token_S, pad_rows)
         ctx.save_for_backward(slot_N, token_N)
         ctx.num_tokens, ctx.top_k = x_TD.shape[0], top_k
         return x_SD
@@ -227,11 +233,22 @@ class LocalDispatcher:
         """y_TD = sum over token t's assignments of weight * expert(x_t)."""
         counts_E = routing.counts_E
         kernel = experts.kernel_for(x_TD, counts_E)
+        if routing.num_tokens == 1 and not (torch.is_grad_enabled() and x_TD.requires_grad):
+            return self._run_one_token(x_TD, routing, experts, counts_E, kernel)
         capacity = int(counts_E.max()) if kernel == "bmm" and routing.expert_idx_N.numel() else None
         slots = self.slots(routing, capacity)
         x_SD = self.gather(x_TD, routing, slots)
         y_SD = experts(x_SD, slots.rows_E, kernel=kernel)
         return self.combine_slots(y_SD, routing, slots)
+
+    @staticmethod
+    def _run_one_token(x_TD, routing, experts, counts_E, kernel) -> torch.Tensor:
+        """Decoding one token at inference: its assignments go to distinct experts, so the expert-ordered
+        buffer is the token repeated; no layout to build, and the weighted sum is one reduction."""
+        order_N = routing.expert_idx_N.argsort()
+        y_SD = experts(x_TD.expand(order_N.numel(), -1).contiguous(), counts_E, kernel=kernel)
+        weight_S = routing.weight_N.to(y_SD.dtype)[order_N]
+        return (y_SD * weight_S[:, None]).sum(0, keepdim=True)
 
     def limit(
         self,
@@ -264,9 +281,13 @@ class LocalDispatcher:
 
     def gather(self, x_TD: torch.Tensor, routing: Routing, slots: Slots) -> torch.Tensor:
         """The experts' input buffer: each assignment's token row at its slot."""
+        if not (torch.is_grad_enabled() and x_TD.requires_grad):  # inference: the same ops, no autograd Function
+            return _gather_rows(x_TD, slots.token_S, slots.pad_rows)
         return _Gather.apply(x_TD, slots.token_S, slots.pad_rows, slots.slot_N, routing.token_idx_N, slots.top_k)
 
     def combine_slots(self, y_SD: torch.Tensor, routing: Routing, slots: Slots) -> torch.Tensor:
         """Weighted sum of each token's rows of the experts' output buffer, in token order."""
         weight_N = routing.weight_N.to(y_SD.dtype)
+        if not (torch.is_grad_enabled() and (y_SD.requires_grad or weight_N.requires_grad)):
+            return _sum_rows_per_token(y_SD, slots.slot_N, routing.token_idx_N, routing.num_tokens, slots.top_k, weight_N)
         return _Combine.apply(y_SD, weight_N, slots.slot_N, routing.token_idx_N, slots.token_S, routing.num_tokens, slots.top_k)

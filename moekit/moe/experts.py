@@ -173,14 +173,15 @@ def _loop_active(x_ND, counts_E, w_in_EHD, w_out_EDF, activation, b_in_EH=None, 
 
     Decoding sends a token to k of E experts; this reads only those k experts' weights.
     """
-    out_ND = x_ND.new_empty(x_ND.shape[0], w_out_EDF.shape[1])
-    start = 0
+    outputs, start = [], 0
     for e, count in enumerate(counts_E.tolist()):
         if count:
             bi, bo = (b_in_EH[e], b_out_ED[e]) if b_in_EH is not None else (None, None)
-            out_ND[start : start + count] = _linear_pair(x_ND[start : start + count], w_in_EHD[e], w_out_EDF[e], activation, bi, bo)
+            outputs.append(_linear_pair(x_ND[start : start + count], w_in_EHD[e], w_out_EDF[e], activation, bi, bo))
         start += count
-    return out_ND
+    if not outputs:
+        return x_ND.new_empty(0, w_out_EDF.shape[1])
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def _needs_grad(*tensors) -> bool:

@@ -45,8 +45,12 @@ class Routing:
 
     @property
     def counts_E(self) -> torch.Tensor:
-        """Tokens per expert after capacity (what the experts actually compute)."""
-        return torch.bincount(self.expert_idx_N, minlength=self.num_experts)
+        """Tokens per expert after capacity (what the experts actually compute); counted once per record."""
+        counts = self.__dict__.get("_counts_E")
+        if counts is None or counts[0] is not self.expert_idx_N:
+            counts = (self.expert_idx_N, torch.bincount(self.expert_idx_N, minlength=self.num_experts))
+            self.__dict__["_counts_E"] = counts
+        return counts[1]
 
     def stats(self) -> dict[str, float]:
         """Plain-number statistics for logs: load, drops, entropy."""
