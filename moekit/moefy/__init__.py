@@ -26,4 +26,18 @@ def convert(model, method: str = "upcycle", experts: int = 8, top_k: int = 2, sh
     return convert_decoder(model, spec, calib)
 
 
-__all__ = ["METHODS", "MoefyError", "MoefySpec", "convert"]
+__all__ = ["METHODS", "MoefyError", "MoefySpec", "convert", "load", "save"]
+
+
+def load(path):
+    """The model in DIR (converted by moefy, or a dense original); see io.load."""
+    from .io import load as _load
+
+    return _load(path)
+
+
+def save(model, out, source=None):
+    """Write a converted model to OUT; see io.save."""
+    from .io import save as _save
+
+    return _save(model, out, source)
