@@ -18,7 +18,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("moekit.cli.train", "moekit.cli.generate", "moekit.cli.pregate", "moekit.cli.forecast")
+COMMAND_MODULES = ("moekit.cli.train", "moekit.cli.generate", "moekit.cli.pregate", "moekit.cli.forecast", "moekit.cli.moefy")
 
 
 def build_parser() -> argparse.ArgumentParser:
