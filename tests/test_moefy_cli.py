@@ -77,3 +77,15 @@ def test_unsupported_architecture_nothing_written(tmp_path, capsys):
     code, io = run_cli([src, "--method", "upcycle", "--experts", "2", "--top-k", "1", "--out", out], capsys)
     assert code == 2 and "model_type='gpt2' is not supported by moefy" in io.err
     assert not out.exists()
+
+
+def test_decoupled_router_from_the_command_line(llama_dir, calib_files, tmp_path, capsys):
+    out = tmp_path / "rm"
+    code, io = run_cli([llama_dir, "--method", "readme", "--experts", "4", "--top-k", "1", "--calib", *calib_files,
+                        "--router", "decoupled", "--rounds", "1", "--router-steps", "3", "--out", out], capsys)
+    assert code == 0, io.err
+    model = moefy.load(out)
+    ids = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        routes = model.experts_for(ids).reshape(-1)
+        assert all(torch.equal(r.expert_idx_N, routes) for r in model(ids).routings)
