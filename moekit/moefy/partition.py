@@ -80,7 +80,7 @@ def cluster_partition(fw, E: int, shared: int, acts_TF: torch.Tensor | None, see
 
 
 def domains_for_experts(groups: list[torch.Tensor], E: int) -> list[torch.Tensor]:
-    """E calibration domains from G groups of [T, F] activations.
+    """E calibration domains from G groups of tokens ([T, ...] each: FFN inputs or activations).
 
     G >= E: groups are merged round-robin (group g into domain g mod E);
     G < E: each group's tokens are cut into contiguous pieces so that there are E in all.
@@ -98,11 +98,10 @@ def domains_for_experts(groups: list[torch.Tensor], E: int) -> list[torch.Tensor
     return out
 
 
-def readme_partition(domain_acts: list[torch.Tensor], width: int, shared: int) -> Partition:
-    """Read-ME split from E domains' activations ([T_e, F] each)."""
-    E = len(domain_acts)
-    imp_EF = torch.stack([a.abs().mean(0) for a in domain_acts])
-    imp_EF = imp_EF / imp_EF.sum(1, keepdim=True).clamp_min(1e-12)
+def readme_partition(importance_EF: torch.Tensor, shared: int) -> Partition:
+    """Read-ME split from each of E domains' channel importance (mean |activation| per neuron)."""
+    E, width = importance_EF.shape
+    imp_EF = importance_EF / importance_EF.sum(1, keepdim=True).clamp_min(1e-12)
     taken = torch.zeros(width, dtype=torch.bool)
     shared_S = imp_EF.min(0).values.topk(shared).indices.sort().values if shared else torch.zeros(0, dtype=torch.long)
     taken[shared_S] = True

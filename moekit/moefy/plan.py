@@ -56,14 +56,16 @@ def _cap(x_TD: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def plan_layer(fw: FFNWeights, spec: MoefySpec, shared: int, groups: list[torch.Tensor] | None) -> Partition | None:
-    """The layer's split: None for upcycle (every expert the whole FFN)."""
+    """The layer's split: None for upcycle (every expert the whole FFN). groups: [T, D] FFN inputs per calibration group."""
     if spec.method == "upcycle":
         return None
     fw32 = _float(fw)
-    acts = [neuron_acts(fw32, x) for x in groups] if groups else None
     if spec.method == "cluster":
-        return cluster_partition(fw32, spec.experts, shared, torch.cat(acts) if acts else None, spec.seed)
-    return readme_partition(domains_for_experts(acts or [], spec.experts), fw.width, shared)
+        acts = neuron_acts(fw32, _cap(torch.cat(groups))) if groups else None
+        return cluster_partition(fw32, spec.experts, shared, acts, spec.seed)
+    domains = domains_for_experts(groups or [], spec.experts)
+    importance_EF = torch.stack([neuron_acts(fw32, x_TD).abs().mean(0) for x_TD in domains])
+    return readme_partition(importance_EF, shared)
 
 
 def trained_selector(fw: FFNWeights, part: Partition, spec: MoefySpec, x_TD: torch.Tensor, steps: int = 300) -> SelectorRouter:
