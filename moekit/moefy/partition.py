@@ -34,14 +34,18 @@ def balanced_assign(dist_FE: torch.Tensor, size: int) -> torch.Tensor:
     """[F] cluster of each neuron: closest pairs first, no cluster above `size` members."""
     F_, E = dist_FE.shape
     order = dist_FE.reshape(-1).argsort()
-    assign = torch.full((F_,), -1, dtype=torch.long)
+    assign = [-1] * F_
     fill = [0] * E
+    left = F_
     for flat in order.tolist():
         f, e = divmod(flat, E)
         if assign[f] < 0 and fill[e] < size:
             assign[f] = e
             fill[e] += 1
-    return assign
+            left -= 1
+            if not left:
+                break
+    return torch.tensor(assign, dtype=torch.long)
 
 
 def balanced_kmeans(feat_FX: torch.Tensor, E: int, iters: int = 15, seed: int = 0) -> torch.Tensor:

@@ -36,7 +36,7 @@ def distill_encoder(moe, dense, sentences: list[str], steps: int = 40, batch_siz
         m = tok["attention_mask"][..., None].to(h.dtype)
         emb = F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=1)
         cos = (emb * target).sum(-1)
-        return (1 - cos).mean(), {"cosine": float(cos.mean())}
+        return (1 - cos).mean(), {"cosine": float(cos.detach().mean())}
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=8, lr=lr, warmup_steps=min(5, steps), eval_every=0,
                       save_every=0, keep_last=1, weight_decay=0.0, seed=seed)
