@@ -65,7 +65,7 @@ def kind(command: str) -> str:
     sub = argv[argv.index("moekit") + 1] if argv[0] == "moekit" or "moekit" in argv else None
     if sub in FORECASTING:
         return "forecasting"
-    if sub in ("train", "inspect", "generate", "convert", "pregate", "serve"):
+    if sub in ("train", "inspect", "generate", "convert", "pregate", "serve", "quantize"):
         return "language-model"
     raise AssertionError(f"README command {command!r}: no test runs this kind of command")
 
