@@ -394,9 +394,8 @@ def notes(result: dict) -> list[str]:
             )
     out.append(
         "- The machine is shared with other jobs (see the load average above): absolute tokens/s vary by 2-3x between "
-        "runs and the ratios move too. Seven full runs on the development machine (load average 2-5) gave, "
-        "fwd+bwd: moekit / dense 0.55-0.86 on (a) and 0.64-0.96 on (b); moekit / best transformers 1.6-2.5 on (a) "
-        "and 0.82-1.35 on (b). Targets near their goal, (b) in particular, can flip between runs."
+        "runs and the ratios move too (each target above gives the spread of its per-round ratios). Targets near "
+        "their goal can flip between runs."
     )
     return out
 
