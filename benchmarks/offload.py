@@ -217,6 +217,8 @@ class Setup:
         trace = self.trace_for(n) if policy == "belady" or predictor == "oracle" else None
         pred = OraclePredictor(trace) if predictor == "oracle" else predictor  # the same link, the true next experts
         engine.offloader.configure(budget, policy, pred, trace=trace if policy == "belady" else None, pregate=self.pregate)
+        if n not in self._wants:  # the timed targets generate more tokens than the grid
+            self._wants[n] = greedy(self.resident, self.prompt, n)
         return offloaded_run(engine, self.prompt, n, self._wants[n])
 
 
