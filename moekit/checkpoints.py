@@ -29,8 +29,9 @@ import re
 import shutil
 import struct
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,17 +91,36 @@ def save_checkpoint(
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     final = run / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=run))
-    try:
+    with atomic_directory(final, fsync=True, move=_move_into_place) as tmp:
         _write_contents(tmp, config, model_state, optimizer_state, trainer_state, tokenizer)
-        _fsync_tree(tmp)
-        _move_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _write_latest(run, final.name)
     _prune(run, keep_last, keep=final.name)
     return final
+
+
+@contextmanager
+def atomic_directory(final: Path, *, prefix: str | None = None, fsync: bool = False,
+                     move: Callable[[Path, Path], None] | None = None) -> Iterator[Path]:
+    """Yield a new hidden temporary directory beside `final` to write into; when the block ends without an error it
+    is (fsynced when `fsync`, then) moved into place by `move(tmp, final)`, by default renamed over an empty or
+    missing `final`. On any error the temporary directory is removed, so nothing half-written is left.
+    `prefix` names it (default `.tmp-<final's name>-`)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f"{TMP_PREFIX}{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if fsync:
+            _fsync_tree(tmp)
+        (move or _replace_empty)(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_empty(tmp: Path, final: Path) -> None:
+    if final.exists():
+        final.rmdir()
+    os.rename(tmp, final)
 
 
 def _write_contents(

@@ -274,3 +274,18 @@ def test_load_model_state_names_shape_mismatch_and_key_differences():
     fresh = TinyLM(dim=8)
     load_model_state(fresh, small.state_dict())
     assert torch.equal(fresh.mix.weight, small.mix.weight)
+
+
+def test_atomic_directory_renames_on_success_and_leaves_nothing_on_error(tmp_path):
+    from moekit.checkpoints import atomic_directory
+
+    (tmp_path / "out").mkdir()  # an empty directory may be replaced
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("x")
+        assert not (tmp_path / "out" / "a.txt").exists()  # nothing visible before the block ends
+    assert (tmp_path / "out" / "a.txt").read_text() == "x"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(tmp_path / "sub" / "failed") as tmp:
+            (tmp / "b.txt").write_text("y")
+            raise RuntimeError("boom")
+    assert not (tmp_path / "sub" / "failed").exists() and not list((tmp_path / "sub").iterdir())
