@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import atomic_directory
 from ..errors import ConfigError
+from ..fileio import atomic_directory
 from ..models.decoder import DecoderLM, ModelConfig
 from . import writer_more as more
 from .families import CONFIG_FILE, FAMILIES, HOOKS, SUPPORTED_MODEL_TYPES, UnsupportedModelError, expected_names

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoints import CONFIG_FILE, MODEL_FILE, _write_json, atomic_directory, save_tensors
+from ..checkpoints import CONFIG_FILE, MODEL_FILE, _write_json, save_tensors
 from ..config import to_dict
 from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_directory
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, bits: int, group_size: int | None = None,

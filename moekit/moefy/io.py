@@ -17,9 +17,10 @@ import shutil
 from pathlib import Path
 
 
-from ..checkpoints import atomic_directory, load_tensors, save_tensors
+from ..checkpoints import load_tensors, save_tensors
 from ..config import from_dict, to_dict
 from ..errors import CheckpointError
+from ..fileio import atomic_directory
 from .spec import MoefyError
 
 MANIFEST = "moefy.json"
