@@ -38,6 +38,7 @@ import torch
 from safetensors import torch as safetensors_torch
 
 from .errors import CheckpointError, ConfigError
+from .fileio import TMP_PREFIX, atomic_directory, fsync_dir, read_json
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -46,7 +47,6 @@ TRAINER_STATE_FILE = "trainer_state.json"
 TOKENIZER_FILE = "tokenizer.json"
 LATEST_FILE = "latest"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 ALIASES_KEY = "moekit.aliases"  # safetensors metadata: {alias name: stored name}
 SKELETON_KEY = "moekit.state"  # safetensors metadata: JSON skeleton of a nested state
@@ -90,14 +90,8 @@ def save_checkpoint(
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     final = run / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=run))
-    try:
+    with atomic_directory(final, fsync=True, move=_move_into_place) as tmp:
         _write_contents(tmp, config, model_state, optimizer_state, trainer_state, tokenizer)
-        _fsync_tree(tmp)
-        _move_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _write_latest(run, final.name)
     _prune(run, keep_last, keep=final.name)
     return final
@@ -130,7 +124,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         os.replace(final, old / final.name)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _write_latest(run: Path, name: str) -> None:
@@ -144,7 +138,7 @@ def _write_latest(run: Path, name: str) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(run)
+    fsync_dir(run)
 
 
 def _prune(run: Path, keep_last: int | None, keep: str) -> None:
@@ -172,27 +166,6 @@ def _step_of(path: Path) -> int:
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms that cannot open directories (Windows) have no directory fsync
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- tensors files
@@ -434,14 +407,8 @@ def load_checkpoint(path: str | Path, optimizer: bool = True, skip: Callable[[st
 
 
 def _read_json(path: Path, required: bool) -> Any:
-    if not path.is_file():
-        if required:
-            raise CheckpointError(f"{path} is missing: a checkpoint directory needs {path.name}")
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from None
+    missing = f"{path} is missing: a checkpoint directory needs {path.name}" if required else None
+    return read_json(path, CheckpointError, missing, invalid=f"{path} is not valid JSON (truncated or corrupt?)")
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

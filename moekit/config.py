@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+from .fileio import read_json
 
 T = TypeVar("T")
 
@@ -172,12 +173,7 @@ def save_json(cfg: Any, path: str | Path) -> None:
 
 def load_json(cls: type[T], path: str | Path) -> T:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {p} is not valid JSON: {e}") from None
+    data = read_json(p, ConfigError, missing=f"config file {p} does not exist", invalid=f"config file {p} is not valid JSON")
     return from_dict(cls, data, p.name)
 
 

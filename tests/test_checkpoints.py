@@ -274,3 +274,34 @@ def test_load_model_state_names_shape_mismatch_and_key_differences():
     fresh = TinyLM(dim=8)
     load_model_state(fresh, small.state_dict())
     assert torch.equal(fresh.mix.weight, small.mix.weight)
+
+
+def test_atomic_directory_renames_on_success_and_leaves_nothing_on_error(tmp_path):
+    from moekit.fileio import atomic_directory
+
+    (tmp_path / "out").mkdir()  # an empty directory may be replaced
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("x")
+        assert not (tmp_path / "out" / "a.txt").exists()  # nothing visible before the block ends
+    assert (tmp_path / "out" / "a.txt").read_text() == "x"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(tmp_path / "sub" / "failed") as tmp:
+            (tmp / "b.txt").write_text("y")
+            raise RuntimeError("boom")
+    assert not (tmp_path / "sub" / "failed").exists() and not list((tmp_path / "sub").iterdir())
+
+
+def test_read_json_and_config_load_json_name_a_missing_or_broken_file(tmp_path):
+    from moekit.config import MoEConfig, load_json
+    from moekit.fileio import read_json
+
+    assert read_json(tmp_path / "none.json", CheckpointError, missing=None) is None
+    with pytest.raises(ConfigError, match=r"config file .*none.json does not exist"):
+        load_json(MoEConfig, tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("[1, 2")
+    with pytest.raises(ConfigError, match=r"config file .*bad.json is not valid JSON: Expecting"):
+        load_json(MoEConfig, tmp_path / "bad.json")
+    with pytest.raises(CheckpointError, match=r"bad.json is not valid JSON: Expecting"):
+        read_json(tmp_path / "bad.json", CheckpointError, missing="absent")
+    (tmp_path / "ok.json").write_text(json.dumps({"num_experts": 4}))
+    assert load_json(MoEConfig, tmp_path / "ok.json").num_experts == 4

@@ -225,3 +225,11 @@ def test_matches_the_reference_implementation(tmp_path):
     back.load_state_dict(load_file(tmp_path / "ours" / "model.safetensors"), strict=True)
     with torch.no_grad():
         assert (ours.generate(x, 72) - _reference_forecast(back, x, 72)).abs().max() <= 1e-5
+
+
+def test_load_hf_names_a_missing_or_broken_config(tmp_path):
+    with pytest.raises(CheckpointError, match="has no config.json: a Time-MoE Hugging Face directory"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON: Expecting property name"):
+        load_hf(tmp_path)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from moekit import hf  # noqa: E402
 from moekit.config import MoEConfig  # noqa: E402
@@ -21,6 +21,9 @@ from moekit.models.decoder import DecoderLM, ModelConfig  # noqa: E402
 from moekit.errors import CheckpointError, ConfigError, MoekitError  # noqa: E402
 from moekit.infer import Engine  # noqa: E402
 from moekit.infer.chat import load_chat_template, render_chat, special_tokens, stop_token_ids  # noqa: E402
+
+from hf_helpers import (PROMPTS, cached_decode_against_full_forward, export_round_trip, family_fixture,  # noqa: E402
+                        greedy_against_generate, logit_gap, moekit_logits, padded, tiny_hf)
 
 FAMILIES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -31,20 +34,16 @@ FAMILIES = {
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
 }
 VOCAB = 96
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [20, 21, 22, 23, 24, 25]]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_hf(family, seed=0, **overrides):
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1, eos_token_id=None,
-              bos_token_id=None, pad_token_id=0)
-    kw.update(FAMILIES[family])
-    kw.update(overrides)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kw)).eval()
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1, eos_token_id=None,
+                bos_token_id=None, pad_token_id=0)
+    return tiny_hf(family, base, FAMILIES[family], overrides, seed)
 
 
 def saved(model, path, **kw):
@@ -52,27 +51,7 @@ def saved(model, path, **kw):
     return path
 
 
-def padded(prompts):
-    P = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), P, dtype=torch.long)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):] = torch.tensor(p)
-        mask[b, P - len(p):] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def moekit_logits(model, ids, mask):
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    return model(ids, mask, positions).logits
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family_dir(request, tmp_path_factory):
-    family = request.param
-    ref = build_hf(family)
-    return family, ref, saved(ref, tmp_path_factory.mktemp(family))
+family_dir = family_fixture(build_hf, FAMILIES)
 
 
 # ---------------------------------------------------------------- loading == transformers
@@ -82,56 +61,25 @@ def test_logits_match_transformers_on_a_padded_batch(family_dir):
     family, ref, path = family_dir
     model = hf.load(path)
     assert model.cfg.qk_norm == hf.FAMILIES[family].qk_norm
-    ids, mask = padded(PROMPTS)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-    got = moekit_logits(model, ids, mask)
-    real = mask.bool()
-    assert (got[real] - expected[real]).abs().max() <= 1e-4
+    assert logit_gap(ref, model) <= 1e-4
 
 
 def test_greedy_generation_equals_transformers_generate(family_dir):
     family, ref, path = family_dir
-    ids, mask = padded(PROMPTS)
-    with torch.no_grad():
-        expected = ref.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False)[:, ids.shape[1]:]
-    out = Engine.load(path).generate(PROMPTS, max_new_tokens=32, temperature=0)
-    for completion, row in zip(out, expected.tolist()):
-        assert completion.token_ids == row
+    for completion in greedy_against_generate(ref, path):
         assert completion.finish_reason == "length"
 
 
 def test_cached_decode_equals_full_forward(family_dir):
     family, ref, path = family_dir
-    engine = Engine.load(path)
-    model = engine.model
-    prompts = [p + [30 + i, 31, 32, 33] for i, p in enumerate(PROMPTS)]
-    ids, mask = padded(prompts)
-    full = moekit_logits(model, ids, mask)
-    # prefill all but the last 4 tokens, then decode them one at a time through the engine's cached steps
-    B, P = ids.shape
-    keep = mask.bool()
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    cache = model.new_cache(B, P)
-    with torch.no_grad():
-        steps = [engine._step(ids[:, :-4], positions[:, :-4], keep, cache, 0)]
-        for t in range(P - 4, P - 1):
-            steps.append(engine._step(ids[:, t:t + 1], positions[:, t:t + 1], keep, cache, t))
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, P - 5:P - 1], atol=1e-5, rtol=1e-5)
+    cached_decode_against_full_forward(path)
 
 
 def test_export_then_reload_round_trips(family_dir, tmp_path):
     family, ref, path = family_dir
     model = hf.load(path)
     out = hf.save(model, tmp_path / "exported", arch=family)
-    reloaded_hf = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids, mask = padded(PROMPTS)
-    real = mask.bool()
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-        again = reloaded_hf(input_ids=ids, attention_mask=mask).logits
-    assert (again[real] - expected[real]).abs().max() <= 1e-5
-    assert (moekit_logits(hf.load(out), ids, mask)[real] - expected[real]).abs().max() <= 1e-4
+    export_round_trip(ref, out)
 
 
 # ---------------------------------------------------------------- files, dtypes, layouts
@@ -141,10 +89,7 @@ def test_sharded_checkpoint_with_index(tmp_path):
     ref = build_hf("mixtral")
     path = saved(ref, tmp_path / "sharded", max_shard_size="40KB")
     assert (path / hf.INDEX_FILE).is_file() and len(list(path.glob("model-*.safetensors"))) > 1
-    ids, mask = padded(PROMPTS)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-    assert (moekit_logits(hf.load(path), ids, mask) - expected)[mask.bool()].abs().max() <= 1e-4
+    assert logit_gap(ref, hf.load(path)) <= 1e-4
 
 
 def test_bf16_and_fp16_loading(tmp_path):
@@ -182,10 +127,7 @@ def test_fused_expert_tensors_load(tmp_path):
         fused[p + "gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gates, ups)])
         fused[p + "down_proj"] = torch.stack(downs)
     save_file({**state, **fused}, str(path / hf.SINGLE_FILE))
-    ids, mask = padded(PROMPTS)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-    assert (moekit_logits(hf.load(path), ids, mask) - expected)[mask.bool()].abs().max() <= 1e-4
+    assert logit_gap(ref, hf.load(path)) <= 1e-4
 
 
 def test_tied_embeddings_and_sliding_window(tmp_path):
@@ -194,10 +136,7 @@ def test_tied_embeddings_and_sliding_window(tmp_path):
     model = hf.load(path)
     assert model.lm_head.weight is model.embed_tokens.weight
     assert model.cfg.max_seq_len == 64  # beyond its window moekit would differ, so the context stops there
-    ids, mask = padded(PROMPTS)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-    assert (moekit_logits(model, ids, mask) - expected)[mask.bool()].abs().max() <= 1e-4
+    assert logit_gap(ref, model) <= 1e-4
     out = hf.save(model, tmp_path / "out", arch="mixtral")
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     assert "lm_head.weight" not in json.dumps(list(hf.weight_files(out)))
@@ -235,10 +174,7 @@ def test_moekit_model_exports_to_transformers_with_the_same_logits(family, tmp_p
     out = hf.save(model, tmp_path / family, arch="auto")
     assert json.loads((out / "config.json").read_text())["model_type"] == family
     ref = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids, mask = padded(PROMPTS)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-    assert (moekit_logits(model, ids, mask) - expected)[mask.bool()].abs().max() <= 1e-4
+    assert logit_gap(ref, model) <= 1e-4
 
 
 def test_export_refuses_models_that_fit_no_family(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from moekit import hf  # noqa: E402
 from moekit.errors import CheckpointError  # noqa: E402
@@ -23,8 +23,10 @@ from moekit.hf import fp8  # noqa: E402
 from moekit.infer import Engine  # noqa: E402
 from moekit.models.mla import LatentKVCache, MLAConfig, cache_bytes_per_token  # noqa: E402
 
+from hf_helpers import (PROMPTS, cached_decode_against_full_forward, export_round_trip, family_fixture,  # noqa: E402
+                        greedy_against_generate, logit_gap, moekit_logits, padded, tiny_hf)
+
 VOCAB = 97
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [20, 21, 22, 23, 24, 25]]
 MLA = dict(kv_lora_rank=20, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10)
 FAMILIES = {
     # V3: low-rank q, sigmoid + correction bias, 2 of 4 groups by top-2 sum, routed scaling, one dense layer, YaRN
@@ -44,13 +46,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_hf(family, seed=0, **overrides):
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=VOCAB, hidden_size=36, intermediate_size=44, moe_intermediate_size=12, num_hidden_layers=3,
-              num_attention_heads=3, max_position_embeddings=128, initializer_range=0.1, eos_token_id=None,
-              bos_token_id=None, pad_token_id=0, **MLA)
-    kw.update(FAMILIES[family])
-    kw.update(overrides)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kw)).eval()
+    base = dict(vocab_size=VOCAB, hidden_size=36, intermediate_size=44, moe_intermediate_size=12, num_hidden_layers=3,
+                num_attention_heads=3, max_position_embeddings=128, initializer_range=0.1, eos_token_id=None,
+                bos_token_id=None, pad_token_id=0, **MLA)
+    model = tiny_hf(family, base, FAMILIES[family], overrides, seed)
     with torch.no_grad():  # norms and the correction bias away from their defaults, so a mapping mistake shows
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -61,71 +60,28 @@ def build_hf(family, seed=0, **overrides):
     return model
 
 
-def padded(prompts):
-    P = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), P, dtype=torch.long)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):] = torch.tensor(p)
-        mask[b, P - len(p):] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def moekit_logits(model, ids, mask):
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    return model(ids, mask, positions).logits
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family_dir(request, tmp_path_factory):
-    family = request.param
-    ref = build_hf(family)
-    path = tmp_path_factory.mktemp(family)
-    ref.save_pretrained(path, max_shard_size="30KB")
-    assert (path / hf.INDEX_FILE).is_file()
-    return family, ref, path
+family_dir = family_fixture(build_hf, FAMILIES, max_shard_size="30KB")
 
 
 def test_logits_match_transformers_on_a_padded_batch(family_dir):
     family, ref, path = family_dir
     model = hf.load(path)
     assert model.cfg.attention == "mla" and not model.layers[0].is_moe and model.layers[1].is_moe
-    ids, mask = padded(PROMPTS)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-    got = moekit_logits(model, ids, mask)
-    real = mask.bool()
-    assert (got[real] - expected[real]).abs().max() <= 1e-4
+    assert logit_gap(ref, model) <= 1e-4
 
 
 def test_greedy_generation_equals_transformers_generate(family_dir):
     family, ref, path = family_dir
-    ids, mask = padded(PROMPTS)
-    with torch.no_grad():
-        expected = ref.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False)[:, ids.shape[1]:]
-    out = Engine.load(path).generate(PROMPTS, max_new_tokens=32, temperature=0)
-    for completion, row in zip(out, expected.tolist()):
-        assert completion.token_ids == row
+    greedy_against_generate(ref, path)
 
 
 def test_cached_decode_equals_full_forward(family_dir):
     family, ref, path = family_dir
-    engine = Engine.load(path)
-    model = engine.model
-    prompts = [p + [30 + i, 31, 32, 33] for i, p in enumerate(PROMPTS)]
-    ids, mask = padded(prompts)
-    full = moekit_logits(model, ids, mask)
-    B, P = ids.shape
-    keep = mask.bool()
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    cache = model.new_cache(B, P)
-    assert isinstance(cache, LatentKVCache) and cache.latents[0].shape == (B, P, 20 + 6)
-    with torch.no_grad():
-        steps = [engine._step(ids[:, :-4], positions[:, :-4], keep, cache, 0)]
-        for t in range(P - 4, P - 1):  # one-token steps: the absorbed form
-            steps.append(engine._step(ids[:, t:t + 1], positions[:, t:t + 1], keep, cache, t))
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, P - 5:P - 1], atol=1e-5, rtol=1e-5)
+
+    def latent_cache(cache, B, P):
+        assert isinstance(cache, LatentKVCache) and cache.latents[0].shape == (B, P, 20 + 6)
+
+    cached_decode_against_full_forward(path, inspect_cache=latent_cache)
 
 
 def test_export_then_reload_round_trips(family_dir, tmp_path):
@@ -133,14 +89,7 @@ def test_export_then_reload_round_trips(family_dir, tmp_path):
     model = hf.load(path)
     out = hf.save(model, tmp_path / "exported", arch="auto", max_shard_bytes=30_000)
     assert json.loads((out / "config.json").read_text())["model_type"] == family
-    reloaded_hf = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids, mask = padded(PROMPTS)
-    real = mask.bool()
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-        again = reloaded_hf(input_ids=ids, attention_mask=mask).logits
-    assert (again[real] - expected[real]).abs().max() <= 1e-5
-    assert (moekit_logits(hf.load(out), ids, mask)[real] - expected[real]).abs().max() <= 1e-4
+    export_round_trip(ref, out)
 
 
 def test_moekit_checkpoint_state_keeps_the_v3_correction_bias(family_dir):
@@ -297,10 +246,7 @@ def test_moekit_mla_model_exports_to_transformers_with_the_same_logits(tmp_path)
     out = hf.save(model, tmp_path / "v3", arch="auto")
     assert json.loads((out / "config.json").read_text())["model_type"] == "deepseek_v3"
     ref = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids, mask = padded(PROMPTS)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-    assert (moekit_logits(model, ids, mask) - expected)[mask.bool()].abs().max() <= 1e-4
+    assert logit_gap(ref, model) <= 1e-4
 
 
 def test_mla_config_survives_moekit_checkpoint_config_and_gqa_families_refuse_it(tmp_path):

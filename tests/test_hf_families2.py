@@ -16,7 +16,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from moekit import hf  # noqa: E402
 from moekit.cli.generate import HF_ARCHS  # noqa: E402
@@ -27,8 +27,10 @@ from moekit.infer import Engine  # noqa: E402
 from moekit.models.decoder import DecoderLM, ModelConfig  # noqa: E402
 from moekit.moe.experts import Experts  # noqa: E402
 
+from hf_helpers import (PROMPTS, cached_decode_against_full_forward, export_round_trip, family_fixture,  # noqa: E402
+                        greedy_against_generate, logit_gap, tiny_hf)
+
 VOCAB = 97
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [20, 21, 22, 23, 24, 25]]
 FAMILIES = {
     "granitemoe": dict(embedding_multiplier=3.0, residual_multiplier=0.6, attention_multiplier=0.2, logits_scaling=2.5,
                        attention_bias=True, num_experts_per_tok=3),
@@ -46,14 +48,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_hf(family, seed=0, **overrides):
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=28,  # 28: transformers grouped_mm needs 16-byte rows
-              num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1, eos_token_id=None,
-              bos_token_id=None, pad_token_id=0, num_local_experts=5, num_experts_per_tok=2)
-    kw.update(FAMILIES[family])
-    kw.update(overrides)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kw)).eval()
+    base = dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=28,  # 28: transformers grouped_mm needs 16-byte rows
+                num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1, eos_token_id=None,
+                bos_token_id=None, pad_token_id=0, num_local_experts=5, num_experts_per_tok=2)
+    model = tiny_hf(family, base, FAMILIES[family], overrides, seed)
     with torch.no_grad():  # biases, sinks and norms away from their init, so a mapping mistake would show
         for name, p in model.named_parameters():
             if "norm" in name or "layernorm" in name:
@@ -63,69 +62,23 @@ def build_hf(family, seed=0, **overrides):
     return model
 
 
-def padded(prompts):
-    P = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), P, dtype=torch.long)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):] = torch.tensor(p)
-        mask[b, P - len(p):] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def moekit_logits(model, ids, mask):
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    return model(ids, mask, positions).logits
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family_dir(request, tmp_path_factory):
-    family = request.param
-    ref = build_hf(family)
-    path = tmp_path_factory.mktemp(family)
-    ref.save_pretrained(path, max_shard_size="60KB")
-    assert (path / hf.INDEX_FILE).is_file()
-    return family, ref, path
+family_dir = family_fixture(build_hf, FAMILIES, max_shard_size="60KB")
 
 
 def test_logits_match_transformers_on_a_padded_batch(family_dir):
     family, ref, path = family_dir
     model = hf.load(path)
-    ids, mask = padded(PROMPTS)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-    got = moekit_logits(model, ids, mask)
-    real = mask.bool()
-    assert (got[real] - expected[real]).abs().max() <= 1e-4
+    assert logit_gap(ref, model) <= 1e-4
 
 
 def test_greedy_generation_equals_transformers_generate(family_dir):
     family, ref, path = family_dir
-    ids, mask = padded(PROMPTS)
-    with torch.no_grad():
-        expected = ref.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False)[:, ids.shape[1]:]
-    out = Engine.load(path).generate(PROMPTS, max_new_tokens=32, temperature=0)
-    for completion, row in zip(out, expected.tolist()):
-        assert completion.token_ids == row
+    greedy_against_generate(ref, path)
 
 
 def test_cached_decode_equals_full_forward(family_dir):
     family, ref, path = family_dir
-    engine = Engine.load(path)
-    model = engine.model
-    prompts = [p + [30 + i, 31, 32, 33] for i, p in enumerate(PROMPTS)]
-    ids, mask = padded(prompts)
-    full = moekit_logits(model, ids, mask)
-    B, P = ids.shape
-    keep = mask.bool()
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    cache = model.new_cache(B, P)
-    with torch.no_grad():
-        steps = [engine._step(ids[:, :-4], positions[:, :-4], keep, cache, 0)]
-        for t in range(P - 4, P - 1):
-            steps.append(engine._step(ids[:, t:t + 1], positions[:, t:t + 1], keep, cache, t))
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, P - 5:P - 1], atol=1e-5, rtol=1e-5)
+    cached_decode_against_full_forward(path)
 
 
 def test_export_then_reload_round_trips(family_dir, tmp_path):
@@ -133,14 +86,7 @@ def test_export_then_reload_round_trips(family_dir, tmp_path):
     model = hf.load(path)
     out = hf.save(model, tmp_path / "exported", arch=family, max_shard_bytes=50_000)
     assert json.loads((out / "config.json").read_text())["model_type"] == family
-    reloaded_hf = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids, mask = padded(PROMPTS)
-    real = mask.bool()
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-        again = reloaded_hf(input_ids=ids, attention_mask=mask).logits
-    assert (again[real] - expected[real]).abs().max() <= 1e-5
-    assert (moekit_logits(hf.load(out), ids, mask)[real] - expected[real]).abs().max() <= 1e-4
+    export_round_trip(ref, out)
 
 
 def test_longrope_mscale_switches_with_the_longest_position(tmp_path):
@@ -253,11 +199,7 @@ def test_mxfp4_gpt_oss_checkpoint_loads_dequantized(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    ids, mask = padded(PROMPTS)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-    got = moekit_logits(hf.load(tmp_path), ids, mask)
-    assert (got - expected)[mask.bool()].abs().max() <= 1e-4
+    assert logit_gap(ref, hf.load(tmp_path)) <= 1e-4
     cfg["quantization_config"] = {"quant_method": "fp8"}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(hf.UnsupportedModelError, match="quant_method='fp8'"):
@@ -338,7 +280,4 @@ def test_moekit_model_exports_to_transformers_with_the_same_logits(family, tmp_p
     out = hf.save(model, tmp_path / family, arch="auto")
     assert json.loads((out / "config.json").read_text())["model_type"] == family
     ref = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids, mask = padded([p + [40, 41, 42] for p in PROMPTS])
-    with torch.no_grad():
-        expected = ref(input_ids=ids, attention_mask=mask).logits
-    assert (moekit_logits(model, ids, mask) - expected)[mask.bool()].abs().max() <= 1e-4
+    assert logit_gap(ref, model, [p + [40, 41, 42] for p in PROMPTS]) <= 1e-4

@@ -25,7 +25,7 @@ from typing import Any
 from ..config import MoEConfig
 from ..models.decoder import ModelConfig
 from ..models.mla import MLAConfig
-from .families import Family, FamilyHooks, HOOKS, _moe_names, _need, _unsupported
+from .families import Family, FamilyHooks, HOOKS, decoder_names, _need, _unsupported
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -137,30 +137,23 @@ def _moe(hf: dict, where: str, fam: Family, hidden: int) -> MoEConfig:
 
 def expected_names(cfg: ModelConfig, fam: Family, fused: bool) -> dict[str, tuple[str, tuple]]:
     """Hugging Face tensor name -> (moekit parameter or buffer name, index) for a DeepSeek model."""
-    names: dict[str, tuple[str, tuple]] = {"model.embed_tokens.weight": ("embed_tokens.weight", ()),
-                                           "model.norm.weight": ("norm.weight", ())}
-    if not cfg.tie_embeddings:
-        names["lm_head.weight"] = ("lm_head.weight", ())
     m = cfg.mla
     attn = ["q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"] if m.q_lora_rank else ["q_proj.weight"]
     attn += ["kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight"]
     if m.bias:
         attn += ["kv_a_proj_with_mqa.bias", "o_proj.bias"] + (["q_a_proj.bias"] if m.q_lora_rank else [])
-    for i in range(cfg.num_layers):
+
+    def moe_extra(i: int) -> dict[str, tuple[str, tuple]]:  # V3's correction bias, the shared experts
         hp, mp = f"model.layers.{i}.", f"layers.{i}."
-        for n in ("input_layernorm.weight", "post_attention_layernorm.weight", *(f"self_attn.{a}" for a in attn)):
-            names[hp + n] = (mp + n, ())
-        if not cfg.is_moe_layer(i):
-            for p in ("gate_proj", "up_proj", "down_proj"):
-                names[f"{hp}mlp.{p}.weight"] = (f"{mp}mlp.{p}.weight", ())
-            continue
-        names.update(_moe_names(cfg, fam, i, fused))
+        extra: dict[str, tuple[str, tuple]] = {}
         if fam.model_type == "deepseek_v3":
-            names[f"{hp}mlp.gate.e_score_correction_bias"] = (f"{mp}mlp.router.expert_bias", ())
+            extra[f"{hp}mlp.gate.e_score_correction_bias"] = (f"{mp}mlp.router.expert_bias", ())
         if cfg.moe_for_layer(i).num_shared_experts:
             for p in ("gate_proj", "up_proj", "down_proj"):
-                names[f"{hp}mlp.shared_experts.{p}.weight"] = (f"{mp}mlp.shared.{p}.weight", ())
-    return names
+                extra[f"{hp}mlp.shared_experts.{p}.weight"] = (f"{mp}mlp.shared.{p}.weight", ())
+        return extra
+
+    return decoder_names(cfg, fam, attn, fused, moe_extra)
 
 
 def mtp_names(names, cfg: ModelConfig) -> set[str]:

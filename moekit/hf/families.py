@@ -186,14 +186,22 @@ def expected_names(cfg: ModelConfig, fam: Family, fused: bool, stored: set[str] 
         return HOOKS[fam.model_type].expected_names(cfg, fam, fused)
     if fam.model_type in more.MORE_FAMILIES:
         return more.expected_names(cfg, fam, fused, stored)
-    names: dict[str, tuple[str, tuple]] = {"model.embed_tokens.weight": ("embed_tokens.weight", ()), "model.norm.weight": ("norm.weight", ())}
-    if not cfg.tie_embeddings:
-        names["lm_head.weight"] = ("lm_head.weight", ())
     attn = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]
     if cfg.qkv_bias:
         attn += ["q_proj.bias", "k_proj.bias", "v_proj.bias"]
     if cfg.qk_norm != "none":
         attn += ["q_norm.weight", "k_norm.weight"]
+    return decoder_names(cfg, fam, attn, fused)
+
+
+def decoder_names(cfg: ModelConfig, fam: Family, attn: list[str], fused: bool,
+                  moe_extra: Callable[[int], dict[str, tuple[str, tuple]]] | None = None) -> dict[str, tuple[str, tuple]]:
+    """The names of a decoder laid out as Mixtral/Qwen: embeddings, final norm, lm_head (untied), then per layer
+    its two norms, `self_attn.<a>` for each a in `attn`, and a dense MLP or the MoE layer's names
+    (followed by `moe_extra(i)`, a family's own extra tensors of MoE layer i)."""
+    names: dict[str, tuple[str, tuple]] = {"model.embed_tokens.weight": ("embed_tokens.weight", ()), "model.norm.weight": ("norm.weight", ())}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = ("lm_head.weight", ())
     for i in range(cfg.num_layers):
         hp, mp = f"model.layers.{i}.", f"layers.{i}."
         for n in ("input_layernorm.weight", "post_attention_layernorm.weight", *(f"self_attn.{a}" for a in attn)):
@@ -203,6 +211,8 @@ def expected_names(cfg: ModelConfig, fam: Family, fused: bool, stored: set[str] 
                 names[f"{hp}mlp.{p}.weight"] = (f"{mp}mlp.{p}.weight", ())
             continue
         names.update(_moe_names(cfg, fam, i, fused))
+        if moe_extra is not None:
+            names.update(moe_extra(i))
     return names
 
 

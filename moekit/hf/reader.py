@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError, MoekitError
+from ..fileio import read_json
 from ..models.build import is_expert_param
 from ..models.decoder import DecoderLM, ModelConfig
 from ..modules import RotaryEmbedding
@@ -60,12 +61,7 @@ def read_config(path: str | Path) -> dict:
     if not d.is_dir():
         raise CheckpointError(f"model directory {d} does not exist")
     p = d / CONFIG_FILE
-    if not p.is_file():
-        raise CheckpointError(f"{d} has no {CONFIG_FILE}: a Hugging Face model directory needs one")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p} is not valid JSON: {e}") from None
+    data = read_json(p, CheckpointError, missing=f"{d} has no {CONFIG_FILE}: a Hugging Face model directory needs one")
     if not isinstance(data, dict):
         raise CheckpointError(f"{p} must hold a JSON object")
     return data

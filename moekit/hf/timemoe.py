@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..fileio import read_json
 from ..models.timemoe import HF_MODEL_TYPE, MODEL_TYPE, ForecasterConfig, TimeMoE, load_moekit_forecaster
 
 def config_from_hf(data: dict, where: str = "config.json") -> ForecasterConfig:
@@ -174,12 +175,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> TimeMoE:
 
     d = Path(path)
     cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{d} has no config.json: a Time-MoE Hugging Face directory holds config.json + model.safetensors")
-    try:
-        data = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    data = read_json(cfg_path, CheckpointError,
+                     missing=f"{d} has no config.json: a Time-MoE Hugging Face directory holds config.json + model.safetensors")
     cfg = config_from_hf(data, str(cfg_path))
     files = sorted(d.glob("*.safetensors"))
     if not files:

@@ -16,14 +16,13 @@ Not here: the family tables and tensor names (families.py), reading
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
+from ..fileio import atomic_directory
 from ..models.decoder import DecoderLM, ModelConfig
 from . import writer_more as more
 from .families import CONFIG_FILE, FAMILIES, HOOKS, SUPPORTED_MODEL_TYPES, UnsupportedModelError, expected_names
@@ -173,9 +172,7 @@ def save(model: DecoderLM, out_dir: str | Path, arch: str = "auto", tokenizer=No
         raise ConfigError(f"output directory {out} exists and is not empty: choose a new directory")
     dtype = next(model.parameters()).dtype
     state = state_to_hf(model, arch)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(model.cfg, arch, dtype), indent=2) + "\n")
         _write_weights(tmp, state, max_shard_bytes)
         if tokenizer is not None:
@@ -183,12 +180,6 @@ def save(model: DecoderLM, out_dir: str | Path, arch: str = "auto", tokenizer=No
             eos = tokenizer.eos_id
             gen = {"eos_token_id": eos} if eos is not None else {}
             (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(gen, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -17,14 +17,12 @@ leaves nothing behind. Not here: the formats and the transform
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from ..checkpoints import CONFIG_FILE, MODEL_FILE, _fsync_tree, _write_json, save_tensors
+from ..checkpoints import CONFIG_FILE, MODEL_FILE, _write_json, save_tensors
 from ..config import to_dict
 from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_directory
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, bits: int, group_size: int | None = None,
@@ -38,20 +36,11 @@ def quantize_checkpoint(src: str | Path, out: str | Path, bits: int, group_size:
     model, tokenizer, config = _load_source(Path(src))
     quantize_model(model, bits=bits, group_size=group_size, symmetric=symmetric, scope=scope)
     config = {**config, "quantization": quantization_section(model)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out, fsync=True) as tmp:
         _write_json(tmp / CONFIG_FILE, config)
         save_tensors(tmp / MODEL_FILE, model.state_dict())
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _fsync_tree(tmp)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 
 from ..checkpoints import load_tensors, save_tensors
 from ..config import from_dict, to_dict
 from ..errors import CheckpointError
+from ..fileio import atomic_directory
 from .spec import MoefyError
 
 MANIFEST = "moefy.json"
@@ -129,18 +129,10 @@ def save(model, out: str | Path, source: str | Path | None = None) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MoefyError(f"output {out} already exists and is not empty: choose a new directory")
     manifest = manifest_of(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out, prefix=f".{out.name}-") as tmp:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         save_tensors(tmp / WEIGHTS, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
         for name in TOKENIZER_FILES if source is not None else ():
             if (Path(source) / name).is_file():
                 shutil.copy2(Path(source) / name, tmp / name)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
