@@ -95,7 +95,7 @@ def _print_stats(engine) -> None:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a Hugging Face model directory or a moekit checkpoint",
                        formatter_class=_LibraryDefaults)
-    p.add_argument("model", help="a Hugging Face model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, Granite-MoE, PhiMoE, GPT-OSS) or a moekit run/checkpoint")
+    p.add_argument("model", help="a GGUF file, a Hugging Face model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, Granite-MoE, PhiMoE, GPT-OSS) or a moekit run/checkpoint")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, help="0 = greedy")
@@ -126,6 +126,12 @@ def _add_generate(sub) -> None:
 
 
 def _convert(args) -> int:
+    if args.to == "gguf":  # --- GGUF (moekit.gguf)
+        from ..gguf import convert as to_gguf
+
+        out = to_gguf(args.checkpoint, args.out_dir, dtype=args.gguf_type, arch=args.arch)
+        print(f"wrote a GGUF ({args.gguf_type}) model to {out}")
+        return 0
     from ..hf import convert
 
     out = convert(args.checkpoint, args.out_dir, arch=args.arch)
@@ -135,9 +141,11 @@ def _convert(args) -> int:
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="write a moekit checkpoint as a Hugging Face model directory")
-    p.add_argument("checkpoint", help="a moekit run directory or one of its step-* checkpoints")
+    p.add_argument("checkpoint", help="a moekit run directory or one of its step-* checkpoints (--to gguf: or a Hugging Face directory)")
     p.add_argument("out_dir", help="the new Hugging Face model directory (must not exist or be empty)")
-    p.add_argument("--to", required=True, choices=["hf"], help="the target format: hf (Hugging Face transformers)")
+    p.add_argument("--to", required=True, choices=["hf", "gguf"],
+                   help="the target format: hf (Hugging Face transformers) or gguf (llama.cpp; out_dir is then the .gguf file)")
+    p.add_argument("--gguf-type", default="F32", choices=["F32", "F16", "Q8_0", "Q4_0"], help="GGUF weight type (default F32)")
     p.add_argument("--arch", default="auto", choices=["auto", *HF_ARCHS],
                    help="the Hugging Face family to write (default: the first one the model fits)")
     p.set_defaults(handler=_convert)

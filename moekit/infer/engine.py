@@ -109,6 +109,16 @@ class Engine:
         if options is not None and expert_budget is not None:
             raise ConfigError("quantize= and expert_budget= cannot be combined yet: quantized experts are not offloaded")
         lazy = expert_budget is not None
+        if p.suffix == ".gguf" or p.is_file():  # --- GGUF (moekit.gguf): dequantized on load, experts resident
+            from .. import gguf
+
+            if lazy:
+                raise ConfigError("expert_budget is not supported for GGUF files yet: load without it, or convert to a checkpoint")
+            if not gguf.is_gguf(p):
+                raise ConfigError(f"model path {p} is a file but not a GGUF file: give a .gguf file, a Hugging Face model directory or a moekit checkpoint")
+            engine = cls(gguf.load(p, dtype=dtype, device=device), gguf.load_tokenizer(p))
+            engine.path = p
+            return engine
         if hf.is_hf_dir(p):
             model = _quantized(hf.load(p, dtype=dtype, device=device, experts=not lazy), options)
             tokenizer = hf.load_tokenizer(p)

@@ -1,0 +1,154 @@
+"""Reading a GGUF MoE file into an eval-mode DecoderLM: `load(path)`, `load_tokenizer(path)`, `is_gguf`.
+
+The metadata (`{arch}.*` keys) is mapped onto the Hugging Face config dict of the matching family and
+handed to `moekit.hf.model_config_from_hf`, so the same checks and refusals apply as for a Hugging Face
+directory; llama.cpp's fixed choices (top-k renormalisation per arch) are what the config says. Each
+tensor is dequantized with the `gguf` package's own routines (`gguf.quants.dequantize`: F32, F16, BF16,
+Q8_0, Q4_0, Q4_K, Q6_K and the rest it knows) straight into its slot; Q/K rows of the "llama" arch are
+put back in Hugging Face order. The tokenizer: a "gpt2" vocab becomes a byte-level BPE `tokenizers`
+Tokenizer; a "llama" (SentencePiece) vocab a Unigram over its scores with byte fallback (best effort).
+
+Not here: writing GGUF (writer.py), the name maps (arch.py), requantizing to moekit's int8/int4
+storage (a later transform on the loaded model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, MoekitError
+from .arch import ARCH_TO_FAMILY, NORM_TOPK, UnsupportedGGUFError, check_arch, is_qk, permute_qk, tensor_plan
+
+MAGIC = b"GGUF"
+
+
+def is_gguf(path: str | Path) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == MAGIC
+
+
+def open_gguf(path: str | Path):
+    """A gguf.GGUFReader over the file (a CheckpointError for a truncated or corrupt one)."""
+    import gguf
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"GGUF file {p} does not exist")
+    try:
+        return gguf.GGUFReader(str(p))
+    except Exception as e:
+        raise CheckpointError(f"{p} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+
+
+def _fields(reader) -> dict:
+    return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def hf_config(meta: dict, tensors: dict, where: str) -> dict:
+    """The Hugging Face config dict of the family the GGUF metadata describes."""
+    arch = str(meta.get("general.architecture"))
+    family = check_arch(arch, where)
+    k = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    if not k("expert_count"):
+        raise UnsupportedGGUFError(f"{where}: a dense {arch} model (no {arch}.expert_count); moekit reads MoE GGUF files")
+    scaling = k("rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise UnsupportedGGUFError(f"{where}: {arch}.rope.scaling.type={scaling!r} is not supported (only plain RoPE)")
+    hidden, heads = int(k("embedding_length")), int(k("attention.head_count"))
+    head_dim = int(k("attention.key_length") or hidden // heads)
+    if int(k("rope.dimension_count") or head_dim) != head_dim:
+        raise UnsupportedGGUFError(f"{where}: partial rotary ({arch}.rope.dimension_count != head dim {head_dim})")
+    emb = tensors["token_embd.weight"]
+    gate = tensors["blk.0.ffn_gate_exps.weight"]
+    hf = {
+        "model_type": family, "vocab_size": int(emb.shape[1]), "hidden_size": hidden,
+        "num_hidden_layers": int(k("block_count")), "num_attention_heads": heads,
+        "num_key_value_heads": int(k("attention.head_count_kv") or heads), "head_dim": head_dim,
+        "max_position_embeddings": int(k("context_length") or 4096), "rms_norm_eps": float(k("attention.layer_norm_rms_eps", 1e-6)),
+        "rope_theta": float(k("rope.freq_base", 10000.0)), "tie_word_embeddings": "output.weight" not in tensors,
+        "num_experts_per_tok": int(k("expert_used_count")), "norm_topk_prob": NORM_TOPK[arch],
+        "num_local_experts": int(k("expert_count")), "num_experts": int(k("expert_count")),
+        "intermediate_size": int(gate.shape[1]), "moe_intermediate_size": int(gate.shape[1]),
+    }
+    if family == "olmoe":
+        hf.pop("head_dim")
+    if family == "qwen2_moe":
+        hf["qkv_bias"] = "blk.0.attn_q.bias" in tensors
+        hf["shared_expert_intermediate_size"] = int(tensors["blk.0.ffn_gate_shexp.weight"].shape[1])
+    return hf
+
+
+def _dequantized(t) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    try:
+        data = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise UnsupportedGGUFError(f"tensor {t.name} is stored as {t.tensor_type.name}, which gguf cannot dequantize") from None
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+    return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
+
+
+def load(path: str | Path, dtype=None, device=None):
+    """A GGUF MoE file (llama with experts, qwen2moe, qwen3moe, olmoe) as an eval-mode DecoderLM."""
+    from .. import hf
+    from ..hf.reader import _empty_model
+
+    p = Path(path)
+    reader = open_gguf(p)
+    meta = _fields(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    try:
+        cfg_dict = hf_config(meta, tensors, p.name)
+    except KeyError as e:
+        raise CheckpointError(f"{p.name}: GGUF lacks {e.args[0]}, which a MoE model needs") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{p.name}: GGUF metadata is malformed: {e}") from None
+    cfg = hf.model_config_from_hf(cfg_dict, p.name)
+    arch = str(meta["general.architecture"])
+    plan = tensor_plan(cfg, arch)
+    if cfg.tie_embeddings:
+        plan.pop("output.weight")
+    missing, extra = sorted(set(plan) - set(tensors)), sorted(set(tensors) - set(plan) - {"rope_freqs.weight"})
+    if missing or extra:
+        raise CheckpointError(f"{p.name}: the tensors do not fit the metadata: missing {missing[:3]}, unexpected {extra[:3]}")
+    model = _empty_model(cfg, torch.float32, torch.device("cpu"))
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
+    with torch.no_grad():
+        for name, (slot, index) in plan.items():
+            _copy(params[slot], index, tensors[name], cfg, arch, p.name)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model = model.to(device=hf.resolve_device(device), dtype=hf.resolve_dtype(dtype))
+    return model.eval()
+
+
+def _copy(param, index, t, cfg, arch: str, where: str) -> None:
+    target = param.data[index] if index else param.data
+    try:
+        value = _dequantized(t)
+    except MoekitError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{where}: tensor {t.name} cannot be read (truncated or corrupt?): {e}") from None
+    if arch == "llama" and is_qk(t.name):
+        value = permute_qk(value, cfg.num_heads if is_qk(t.name) == "q" else cfg.num_kv_heads, inverse=True)
+    if value.numel() != target.numel():
+        raise CheckpointError(f"{where}: tensor {t.name} has shape {list(value.shape)} but the metadata needs {list(target.shape)}")
+    target.copy_(value.reshape(target.shape))
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer the GGUF metadata holds, as a moekit Tokenizer (None when it has none)."""
+    from .tokenizer import tokenizer_from_metadata
+
+    return tokenizer_from_metadata(_fields(open_gguf(path)))
+
+
+__all__ = ["load", "load_tokenizer", "is_gguf", "open_gguf", "hf_config", "ARCH_TO_FAMILY"]
