@@ -93,6 +93,18 @@ def apply_rotary(
 # ---------------------------------------------------------------- KV cache
 
 
+def check_cache_write(start: int, t: int, batch: int, max_len: int, batch_size: int) -> None:
+    """A ConfigError unless writing t positions of `batch` rows at `start` fits a cache of max_len x batch_size."""
+    end = start + t
+    if start < 0 or end > max_len:
+        raise ConfigError(
+            f"KV cache overflow: writing {t} position(s) at start={start} needs {end}, "
+            f"but the cache holds max_len={max_len}"
+        )
+    if batch > batch_size:
+        raise ConfigError(f"KV cache batch overflow: got batch {batch}, the cache holds batch_size={batch_size}")
+
+
 class KVCache:
     """Preallocated key/value buffers, one pair per layer, each [B, Hkv, max_len, d].
 
@@ -134,13 +146,7 @@ class KVCache:
         """Write k/v at [start:start+T] of layer `layer_idx`; return views of [:start+T]."""
         batch, _, t, _ = k_BHTd.shape
         end = start + t
-        if start < 0 or end > self.max_len:
-            raise ConfigError(
-                f"KV cache overflow: writing {t} position(s) at start={start} needs {end}, "
-                f"but the cache holds max_len={self.max_len}"
-            )
-        if batch > self.batch_size:
-            raise ConfigError(f"KV cache batch overflow: got batch {batch}, the cache holds batch_size={self.batch_size}")
+        check_cache_write(start, t, batch, self.max_len, self.batch_size)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         keys[:batch, :, start:end] = k_BHTd
         values[:batch, :, start:end] = v_BHTd

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..config import _check_int
 from ..errors import ConfigError
-from ..modules import KVCache, RMSNorm, causal_mask, rotate_half
+from ..modules import KVCache, RMSNorm, causal_mask, check_cache_write, rotate_half
 
 LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 ABSORB_MODES = ("decode", "always", "never")
@@ -185,13 +185,7 @@ class LatentKVCache(KVCache):
         """Write latents at [start:start+T] of layer `layer_idx`; return a view of [:start+T]."""
         batch, t, _ = latent_BTl.shape
         end = start + t
-        if start < 0 or end > self.max_len:
-            raise ConfigError(
-                f"KV cache overflow: writing {t} position(s) at start={start} needs {end}, "
-                f"but the cache holds max_len={self.max_len}"
-            )
-        if batch > self.batch_size:
-            raise ConfigError(f"KV cache batch overflow: got batch {batch}, the cache holds batch_size={self.batch_size}")
+        check_cache_write(start, t, batch, self.max_len, self.batch_size)
         buf = self.latents[layer_idx]
         buf[:batch, start:end] = latent_BTl
         self.lengths[layer_idx] = end
