@@ -38,10 +38,11 @@ def _generate(args) -> int:
     from ..infer.engine import Engine, check_settings
 
     settings = check_settings(**sampling_settings(args))
-    if args.expert_budget is None and (args.prefetch or args.cache or args.pregate or args.slow_tier):
+    if args.expert_budget is None and (args.prefetch or args.cache or args.pregate or args.slow_tier or args.low_bit_fallback):
         from ..errors import ConfigError
 
-        raise ConfigError("--prefetch, --cache, --pregate and --slow-tier need --expert-budget (e.g. --expert-budget 25%)")
+        raise ConfigError("--prefetch, --cache, --pregate, --slow-tier and --low-bit-fallback need --expert-budget "
+                          "(e.g. --expert-budget 25%)")
     lazy = args.expert_budget is not None and (args.slow_tier or "disk") == "disk"
     # With a disk tier the experts are never read into memory: they go from the checkpoint straight into fast slots.
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
@@ -67,7 +68,8 @@ def offload_options(args, policy) -> dict:
     """Engine.load / Engine.offload options from the --expert-budget/--slow-tier/--prefetch/... flags."""
     tier = args.slow_tier or ("cuda-host" if args.device and str(args.device).startswith("cuda") else "disk")
     return dict(expert_budget=args.expert_budget, tier=tier, policy=policy or "lru", predictor=args.prefetch or "none",
-                pregate=args.pregate, link_bandwidth=args.link_bandwidth, link_latency=args.link_latency)
+                pregate=args.pregate, link_bandwidth=args.link_bandwidth, link_latency=args.link_latency,
+                low_bit_fallback=getattr(args, "low_bit_fallback", False))  # (serve has no such flag)
 
 
 def _offload(engine, args, prompt, settings) -> None:
@@ -108,7 +110,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto (config.json's)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="quantize the experts at load time: int8 (per channel) or int4 (group 32); see `moekit quantize`")
+                   help="quantize the experts at load time: int8 (per channel) or int4 (group 32); see `moekit quantize`. "
+                        "With --expert-budget the experts are offloaded quantized (fewer bytes per miss)")
     off = p.add_argument_group("expert offloading (run a model whose experts do not fit in fast memory)")
     off.add_argument("--expert-budget", metavar="SIZE",
                      help="fast memory for experts: bytes (300MB, 2GB) or a fraction of all experts (25%%); the rest stay in the slow tier")
@@ -121,6 +124,9 @@ def _add_generate(sub) -> None:
                           "--link-bandwidth/--link-latency), cuda-host (default on CUDA: pinned host memory)")
     off.add_argument("--link-bandwidth", metavar="RATE", help="emulated link bandwidth, e.g. 2GB/s")
     off.add_argument("--link-latency", metavar="TIME", default="0", help="emulated link latency per transfer, e.g. 50us (default 0)")
+    off.add_argument("--low-bit-fallback", action="store_true",
+                     help="keep an int4 copy of every expert in fast memory and compute a missed expert from it instead of "
+                          "waiting for its transfer (HOBBIT); the full copy loads in the background")
     p.add_argument("--stats", action="store_true", help="print decode speed and (when offloading) cache and transfer statistics")
     p.set_defaults(handler=_generate)
 

@@ -8,8 +8,12 @@ Q8_0, Q4_0, Q4_K, Q6_K and the rest it knows) straight into its slot; Q/K rows o
 put back in Hugging Face order. The tokenizer: a "gpt2" vocab becomes a byte-level BPE `tokenizers`
 Tokenizer; a "llama" (SentencePiece) vocab a Unigram over its scores with byte fallback (best effort).
 
+`load(path, experts=False)` leaves the routed experts on the meta device (lazy loading: an expert budget's
+slow tier, moekit.infer.offload.gguf_tier, reads them per expert from the file's memory map with
+`expert_tensors`, which dequantizes one expert's block of a stacked `ffn_*_exps` tensor).
+
 Not here: writing GGUF (writer.py), the name maps (arch.py), requantizing to moekit's int8/int4
-storage (a later transform on the loaded model).
+storage (moekit.quantize on the loaded model; per expert, moekit.infer.offload.requant).
 """
 
 from __future__ import annotations
@@ -95,10 +99,43 @@ def _dequantized(t) -> torch.Tensor:
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
 
 
-def load(path: str | Path, dtype=None, device=None):
-    """A GGUF MoE file (llama with experts, qwen2moe, qwen3moe, olmoe) as an eval-mode DecoderLM."""
+EXPERT_TENSORS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+
+
+def expert_tensors(reader, layer: int) -> dict[str, object]:
+    """{"gate", "up", "down"}: the GGUF tensors (ReaderTensor) of MoE layer `layer`'s stacked experts."""
+    tensors = {t.name: t for t in reader.tensors}
+    out = {}
+    for key, suffix in zip(("gate", "up", "down"), EXPERT_TENSORS):
+        name = f"blk.{layer}.{suffix}"
+        if name not in tensors:
+            raise CheckpointError(f"the GGUF file lacks {name}, the experts of MoE layer {layer}")
+        out[key] = tensors[name]
+    return out
+
+
+def dequantize_expert(t, expert: int) -> torch.Tensor:
+    """Expert `expert`'s fp32 matrix [rows, cols] of a stacked GGUF expert tensor, read from its memory map."""
+    from gguf.quants import dequantize
+
+    try:
+        data = dequantize(t.data[expert], t.tensor_type)
+    except NotImplementedError:
+        raise UnsupportedGGUFError(f"tensor {t.name} is stored as {t.tensor_type.name}, which gguf cannot dequantize") from None
+    except Exception as e:
+        raise CheckpointError(f"tensor {t.name} cannot be read (truncated or corrupt?): {e}") from None
+    rows, cols = int(t.shape[1]), int(t.shape[0])
+    return torch.from_numpy(np.array(data, dtype=np.float32).reshape(rows, cols))
+
+
+def load(path: str | Path, dtype=None, device=None, experts: bool = True):
+    """A GGUF MoE file (llama with experts, qwen2moe, qwen3moe, olmoe) as an eval-mode DecoderLM.
+
+    experts=False: the routed experts' weights are not read (they stay on the meta device, in `dtype`).
+    """
     from .. import hf
     from ..hf.reader import _empty_model
+    from ..models.build import is_expert_param
 
     p = Path(path)
     reader = open_gguf(p)
@@ -118,11 +155,13 @@ def load(path: str | Path, dtype=None, device=None):
     missing, extra = sorted(set(plan) - set(tensors)), sorted(set(tensors) - set(plan) - {"rope_freqs.weight"})
     if missing or extra:
         raise CheckpointError(f"{p.name}: the tensors do not fit the metadata: missing {missing[:3]}, unexpected {extra[:3]}")
-    model = _empty_model(cfg, torch.float32, torch.device("cpu"))
+    skip = None if experts else is_expert_param
+    model = _empty_model(cfg, torch.float32, torch.device("cpu"), skip=skip)
     params = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
     with torch.no_grad():
         for name, (slot, index) in plan.items():
-            _copy(params[slot], index, tensors[name], cfg, arch, p.name)
+            if experts or not name.endswith(EXPERT_TENSORS):
+                _copy(params[slot], index, tensors[name], cfg, arch, p.name)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to(device=hf.resolve_device(device), dtype=hf.resolve_dtype(dtype))

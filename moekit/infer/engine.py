@@ -87,11 +87,15 @@ class Engine:
         """An engine for a Hugging Face model directory or a moekit run/checkpoint directory.
 
         expert_budget ("25%", 0.25, "2GB", bytes; None = all resident) loads lazily: the routed experts
-        are never read into memory; they stay in the checkpoint's own safetensors files and are read
-        straight into the fast slots (see `offload`, which takes `offload_options`).
+        are never read into memory; they stay in the checkpoint's own safetensors files (or the GGUF
+        file's memory map) and are read straight into the fast slots (see `offload`, which takes
+        `offload_options`: tier, policy, predictor, low_bit_fallback, spill_dir, ...).
         quantize="int8" | "int4" (group 32, symmetric) quantizes the weights at load time
         (moekit.quantize.quantize_model, experts only); a checkpoint written by `moekit quantize`
-        comes back quantized without it.
+        comes back quantized without it. With an expert budget too, the experts are offloaded
+        quantized: each is quantized as it is read and written to a spill file (the disk tier) one
+        at a time, so they never all exist in full precision. A GGUF file with quantize= is
+        dequantized with gguf's routines, then requantized to moekit's format.
         """
         from .. import hf
         from .chat import load_chat_template, special_tokens, stop_token_ids
@@ -106,20 +110,10 @@ class Engine:
             raise ConfigError(f"model path {p} does not exist: give a Hugging Face model directory or a moekit checkpoint")
         if offload_options and expert_budget is None:
             raise ConfigError(f"{', '.join(sorted(offload_options))} only apply with an expert budget (expert_budget=...)")
-        if options is not None and expert_budget is not None:
-            raise ConfigError("quantize= and expert_budget= cannot be combined yet: quantized experts are not offloaded")
         lazy = expert_budget is not None
-        if p.suffix == ".gguf" or p.is_file():  # --- GGUF (moekit.gguf): dequantized on load, experts resident
-            from .. import gguf
-
-            if lazy:
-                raise ConfigError("expert_budget is not supported for GGUF files yet: load without it, or convert to a checkpoint")
-            if not gguf.is_gguf(p):
-                raise ConfigError(f"model path {p} is a file but not a GGUF file: give a .gguf file, a Hugging Face model directory or a moekit checkpoint")
-            engine = cls(gguf.load(p, dtype=dtype, device=device), gguf.load_tokenizer(p))
-            engine.path = p
-            return engine
-        if hf.is_hf_dir(p):
+        if p.suffix == ".gguf" or p.is_file():  # --- GGUF (moekit.gguf): dequantized on load
+            engine = cls._load_gguf(p, dtype, device, options, lazy)
+        elif hf.is_hf_dir(p):
             model = _quantized(hf.load(p, dtype=dtype, device=device, experts=not lazy), options)
             tokenizer = hf.load_tokenizer(p)
             engine = cls(model, tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p), special_tokens(p))
@@ -134,17 +128,24 @@ class Engine:
             engine.offload(expert_budget, **offload_options)
         return engine
 
+    @classmethod
+    def _load_gguf(cls, p: Path, dtype, device, options: dict | None, lazy: bool) -> "Engine":
+        """A GGUF file: non-expert tensors dequantized into memory; experts too unless lazy (an expert budget)."""
+        from .. import gguf
+
+        if not gguf.is_gguf(p):
+            raise ConfigError(f"model path {p} is a file but not a GGUF file: give a .gguf file, a Hugging Face model directory or a moekit checkpoint")
+        model = gguf.load(p, dtype=dtype, device=device, experts=not lazy)
+        return cls(_quantized(model, options), gguf.load_tokenizer(p))
+
     def offload(self, budget, **options):
         """Keep only `budget` of the experts in fast memory, the rest in a slow tier; returns the Offloader.
 
-        See moekit.infer.offload.offload_model for the options (tier, policy, predictor, ...);
-        the disk tier reads the checkpoint the engine was loaded from.
+        See moekit.infer.offload.offload_model for the options (tier, policy, predictor, low_bit_fallback, ...);
+        the disk tier reads the checkpoint the engine was loaded from (quantized experts stay quantized).
         """
         from .offload import offload_model
 
-        if getattr(self.model, "quantization", None) is not None:
-            raise ConfigError("offloading quantized experts is not supported yet: drop --quantize (or use a "
-                              "full-precision checkpoint) with --expert-budget")
         options.setdefault("checkpoint", self.path)
         self.offloader = offload_model(self.model, budget, **options)
         return self.offloader
@@ -280,7 +281,7 @@ def _place(model, device: torch.device, dtype: torch.dtype) -> None:
             param.data = param.data.to(device=device, dtype=dtype)
     for module in model.modules():
         for name, buf in module._buffers.items():
-            if buf is not None:
+            if buf is not None and not buf.is_meta:  # (a lazily loaded quantized checkpoint's experts stay on meta)
                 module._buffers[name] = buf.to(device)
 
 

@@ -110,6 +110,7 @@ class ServeStats:
                 "misses": s["misses"], "cache_hit_rate": s["hit_rate"],
                 "prefetch_precision": s["prefetch_precision"], "prefetch_recall": s["prefetch_recall"],
                 "bytes_moved": s["bytes_moved"], "transfers": s["transfers"], "stall_s": s["stall_s"],
+                "fallbacks": s.get("fallbacks", 0), "quantization": s.get("quantization"),
                 "emulated": s.get("emulated"),
             }
         return report

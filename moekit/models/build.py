@@ -49,11 +49,12 @@ def model_config_of(config: dict, where: Path | str) -> ModelConfig:
 
 
 def is_expert_param(name: str) -> bool:
-    """A routed expert's stacked weight (what an expert budget keeps out of memory)."""
-    return name.endswith(EXPERT_PARAMS)
+    """A routed expert's stacked weight, or its quantized codes/scales/zeros (what an expert budget keeps out of memory)."""
+    return name.endswith(EXPERT_PARAMS) or name.rsplit("_", 1)[0].endswith(EXPERT_PARAMS) and name.endswith(QUANT_SUFFIXES)
 
 
 EXPERT_PARAMS = (".experts.w_in_EHD", ".experts.w_out_EDF")
+QUANT_SUFFIXES = ("_q", "_scale", "_zero")  # moekit.moe.quant_format's stored tensors
 
 
 def load_model(path: str | Path, experts: bool = True) -> tuple[DecoderLM, Tokenizer, dict]:
@@ -69,7 +70,7 @@ def load_model(path: str | Path, experts: bool = True) -> tuple[DecoderLM, Token
         cfg.pregated = True
     model = build_model(cfg, empty=True)
     if ckpt.config.get("quantization") is not None:
-        _quantize_like(model, ckpt.config["quantization"], ckpt.dir, ckpt.model_state)
+        _quantize_like(model, ckpt.config["quantization"], ckpt.dir, ckpt.model_state, skip)
     load_state(model, ckpt.model_state, skip)
     if cfg.tie_embeddings:  # assigning tensors unties them; tie again
         model.lm_head.weight = model.embed_tokens.weight
@@ -93,12 +94,13 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], skip=None
             raise CheckpointError(f"tensor {name!r} was not restored from the checkpoint")
 
 
-def _quantize_like(model: DecoderLM, section, ckpt_dir: Path, state: dict[str, torch.Tensor]) -> None:
+def _quantize_like(model: DecoderLM, section, ckpt_dir: Path, state: dict[str, torch.Tensor], skip=None) -> None:
     """Apply the checkpoint's quantization to the meta-built model; a missing code or scale tensor is named."""
     from ..quantize import quantize_from_section
 
     quantize_from_section(model, section, f"{ckpt_dir}/config.json: quantization")
-    missing = [k for k in model.state_dict() if k not in state and k.endswith(("_q", "_scale", "_zero"))]
+    missing = [k for k in model.state_dict()
+               if k not in state and k.endswith(QUANT_SUFFIXES) and (skip is None or not skip(k))]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"quantized checkpoint {ckpt_dir} lacks the quantized tensor(s) {shown} "

@@ -97,9 +97,33 @@ class QuantizedExperts(_QuantizedWeights):
         self._store("w_in_EHD", experts.w_in_EHD)
         self._store("w_out_EDF", experts.w_out_EDF)
 
+    @classmethod
+    def empty(cls, num_experts: int, D: int, F: int, activation: str, spec: QuantSpec, kernel: str = "auto",
+              device: torch.device | str | None = "cpu") -> "QuantizedExperts":
+        """E experts' quantized storage, zero-filled on `device` (device="meta": shapes only, no memory).
+
+        What offloading's fast slots and slow tiers are made of: filled part by part, one expert at a time.
+        """
+        from .experts import Experts
+
+        with torch.device("meta"):
+            stand_in = Experts(num_experts, D, F, activation=activation, kernel="loop")
+            module = cls(stand_in, spec, kernel)
+        if str(device) == "meta":
+            return module
+        module = module.to_empty(device=device)
+        for buf in module.buffers():
+            buf.zero_()
+        return module
+
     @property
     def num_experts(self) -> int:
         return self._shape[0]
+
+    @property
+    def shape_EHDF(self) -> tuple[int, int, int, int]:
+        """(experts, w_in rows H, hidden D, expert width F) of the weights the codes stand for."""
+        return self._shape
 
     @property
     def num_weights(self) -> int:

@@ -5,6 +5,7 @@ Not here: where the weights live (tiers.py, disk.py), the offloader (offloader.p
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import MoekitError
+from ...moe.quant_format import QuantSpec, quantize, stored_names
 
 
 class OffloadError(MoekitError):
@@ -31,7 +33,12 @@ class SlowTierError(OffloadError):
 
 @dataclass(frozen=True)
 class LayerShape:
-    """One MoE layer's expert weights: w_in [E, H, D] and w_out [E, D, F]."""
+    """One MoE layer's expert weights: w_in [E, H, D] and w_out [E, D, F], in `dtype` or quantized by `spec`.
+
+    `parts()` names the tensors one expert is stored as, in the order every slow tier reads them:
+    full precision ("w_in_EHD", "w_out_EDF"); quantized (moekit.moe.quant_format) the codes, scales
+    [and zero points] of w_in, then of w_out ("w_in_EHD_q", "w_in_EHD_scale", ...).
+    """
 
     num_experts: int
     H: int
@@ -39,10 +46,34 @@ class LayerShape:
     F: int
     dtype: torch.dtype
     min_slots: int  # experts one token needs at once (top-k)
+    spec: QuantSpec | None = None  # quantized experts (int8 / int4), None = full precision
+
+    def parts(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(state name suffix, per-expert shape, dtype) of each tensor one expert is stored as."""
+        return list(_parts(self.H, self.D, self.F, self.dtype, self.spec))
 
     @property
     def bytes_per_expert(self) -> int:
-        return (self.H * self.D + self.D * self.F) * _itemsize(self.dtype)
+        return sum(math.prod(shape) * _itemsize(dtype) for _, shape, dtype in _parts(self.H, self.D, self.F, self.dtype, self.spec))
+
+    def full_precision(self, dtype: torch.dtype = torch.float32) -> "LayerShape":
+        """The same layer unquantized (what a full-precision checkpoint stores)."""
+        return LayerShape(self.num_experts, self.H, self.D, self.F, dtype, self.min_slots)
+
+    def quantized(self, spec: QuantSpec) -> "LayerShape":
+        return LayerShape(self.num_experts, self.H, self.D, self.F, torch.float32, self.min_slots, spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _parts(H: int, D: int, F: int, dtype: torch.dtype, spec: QuantSpec | None) -> tuple:
+    weights = (("w_in_EHD", (H, D)), ("w_out_EDF", (D, F)))
+    if spec is None:
+        return tuple((name, shape, dtype) for name, shape in weights)
+    out = []
+    for name, shape in weights:  # quantizing on the meta device gives the stored shapes and dtypes
+        stored = quantize(torch.empty(shape, device="meta"), spec)
+        out += [(f"{name}_{suffix}", tuple(stored[suffix].shape), stored[suffix].dtype) for suffix in stored_names(spec)]
+    return tuple(out)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -22,7 +22,8 @@ from ...checkpoints import safetensors_header
 
 # ---------------------------------------------------------------- the disk tier
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I8": torch.int8, "U8": torch.uint8}  # (the integer ones: quantized experts' codes and zero points)
 
 
 @dataclass
@@ -36,13 +37,13 @@ class _TensorEntry:
 
 @dataclass
 class _Segment:
-    """Bytes of one expert in a file -> bytes of its slot (`dst` = 'in' or 'out', at a byte offset)."""
+    """Bytes of one expert in a file -> bytes of its slot (`dst`: the index of the part, at a byte offset)."""
 
     file: int
     offset: int
     nbytes: int
     dtype: torch.dtype
-    dst: str
+    dst: int
     dst_offset: int
 
 
@@ -83,9 +84,11 @@ class DiskTier(SlowTier):
 
     kind = "disk"
 
-    def __init__(self, checkpoint: str | Path, module_paths: list[str], shapes: list[LayerShape], drop_cache: bool = True):
+    def __init__(self, checkpoint: str | Path, module_paths: list[str], shapes: list[LayerShape], drop_cache: bool = True,
+                 owned: bool = False):
         self.files = checkpoint_files(checkpoint)
         self.drop_cache = drop_cache
+        self.owned = owned  # a spill file this tier deletes when it closes (requant.py)
         self.label = f"disk ({self.files[0].parent if len(self.files) > 1 else self.files[0]})"
         self._fds: list[int] = []
         self._signatures: list[tuple] = []
@@ -103,9 +106,8 @@ class DiskTier(SlowTier):
         for fd in self._fds:
             self._fadvise(fd, 0, 0)
 
-    def read(self, layer, expert, dst_in_HD, dst_out_DF):
+    def read(self, layer, expert, *dst):
         total = 0
-        dst = {"in": dst_in_HD, "out": dst_out_DF}
         for seg in self.layouts[layer][expert]:
             target = dst[seg.dst]
             if seg.dtype == target.dtype and target.device.type == "cpu":
@@ -167,6 +169,9 @@ class DiskTier(SlowTier):
             except OSError:
                 pass
         self._fds = []
+        if self.owned:
+            for path in self.files:
+                path.unlink(missing_ok=True)
 
 
 def _signature(st: os.stat_result) -> tuple:
@@ -180,9 +185,20 @@ def _find(entries: dict[str, _TensorEntry], name: str) -> tuple[str, _TensorEntr
     return None
 
 
+def has_tensor(checkpoint: str | Path, name: str) -> bool:
+    """Whether the checkpoint's safetensors file(s) hold `name` (or model.`name`), from the headers alone."""
+    for path in checkpoint_files(checkpoint):
+        header, _ = read_safetensors_header(path)
+        if name in header or f"model.{name}" in header:
+            return True
+    return False
+
+
 def _expert_layout(entries, path: str, shape: LayerShape, files) -> list[list[_Segment]]:
-    """Per expert, the file segments that make up its w_in (gate rows, then up rows) and w_out."""
+    """Per expert, the file segments that make up its parts: w_in (gate rows, then up rows) and w_out, or the quantized parts."""
     E, H, D, F = shape.num_experts, shape.H, shape.D, shape.F
+    if shape.spec is not None:
+        return _quantized_layout(entries, path, shape, files)
     stacked = [
         (f"{path}.experts.w_in_EHD", f"{path}.experts.w_out_EDF"),  # moekit
         (f"{path}.experts.gate_up_proj", f"{path}.experts.down_proj"),  # transformers v5 fused experts
@@ -195,8 +211,8 @@ def _expert_layout(entries, path: str, shape: LayerShape, files) -> list[list[_S
             _expect_shape(n_out, t_out, (E, D, F), files)
             per_in, per_out = t_in.nbytes // E, t_out.nbytes // E
             return [
-                [_Segment(t_in.file, t_in.offset + e * per_in, per_in, t_in.dtype, "in", 0),
-                 _Segment(t_out.file, t_out.offset + e * per_out, per_out, t_out.dtype, "out", 0)]
+                [_Segment(t_in.file, t_in.offset + e * per_in, per_in, t_in.dtype, 0, 0),
+                 _Segment(t_out.file, t_out.offset + e * per_out, per_out, t_out.dtype, 1, 0)]
                 for e in range(E)
             ]
     names = [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")]
@@ -208,8 +224,8 @@ def _expert_layout(entries, path: str, shape: LayerShape, files) -> list[list[_S
             layout = []
             for e in range(E):
                 segs = []
-                parts = [(gate, "in", (F, D)), (up, "in", (F, D)), (down, "out", (D, F))] if H == 2 * F else [(up, "in", (F, D)), (down, "out", (D, F))]
-                dst_offset = {"in": 0, "out": 0}
+                parts = [(gate, 0, (F, D)), (up, 0, (F, D)), (down, 1, (D, F))] if H == 2 * F else [(up, 0, (F, D)), (down, 1, (D, F))]
+                dst_offset = [0, 0]
                 for part, dst, want in parts:
                     found = _find(entries, f"{base}.experts.{e}.{part}.weight")
                     if found is None:
@@ -224,6 +240,22 @@ def _expert_layout(entries, path: str, shape: LayerShape, files) -> list[list[_S
         f"{files[0]} holds no expert weights for MoE layer {path!r} (looked for {path}.experts.w_in_EHD, "
         f"{path}.experts.gate_up_proj and per-expert gate/up/down or w1/w3/w2 weights): is it this model's checkpoint?"
     )
+
+
+def _quantized_layout(entries, path: str, shape: LayerShape, files) -> list[list[_Segment]]:
+    """Quantized experts are stored stacked ([E, ...] per part: `{path}.experts.w_in_EHD_q`, ..._scale, ...)."""
+    E, found = shape.num_experts, []
+    for i, (part, per_shape, dtype) in enumerate(shape.parts()):
+        hit = _find(entries, f"{path}.experts.{part}")
+        if hit is None:
+            raise OffloadError(f"{files[0]} holds no {shape.spec.name} expert tensor {path}.experts.{part} for MoE layer "
+                               f"{path!r}: is it this model's quantized checkpoint (written by `moekit quantize`)?")
+        name, t = hit
+        _expect_shape(name, t, (E, *per_shape), files)
+        if t.dtype != dtype:
+            raise OffloadError(f"{name} in {files[t.file]} is {t.dtype} but {shape.spec.name} stores it as {dtype}")
+        found.append((i, t))
+    return [[_Segment(t.file, t.offset + e * (t.nbytes // E), t.nbytes // E, t.dtype, i, 0) for i, t in found] for e in range(E)]
 
 
 def _expect_shape(name: str, t: _TensorEntry, want: tuple[int, ...], files) -> None:

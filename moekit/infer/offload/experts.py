@@ -1,8 +1,10 @@
 """OffloadedExperts: the experts storage of an offloaded MoE layer (S fast slots filled from a slow tier).
 
 It answers the same two calls as resident `Experts` (`kernel_for`, `forward`),
-so the MoE layer and its dispatcher run unchanged. Not here: fetching and
-caching (offloader.py).
+so the MoE layer and its dispatcher run unchanged. Its slots are an `Experts`
+(full precision) or a `QuantizedExperts` (int8 / int4: the layer's LayerShape
+has a spec), so quantized experts compute through the same quantized kernels
+as the resident quantized model. Not here: fetching and caching (offloader.py).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ...moe.experts import Experts
+from ...moe.quantized import QuantizedExperts
 from .budget import LayerShape
 
 
@@ -35,8 +38,7 @@ class OffloadedExperts(nn.Module):
         self._offloader = offloader
         self._shape = full_shape
         # A weightless stand-in of the resident experts: kernel choices are made exactly as they would be.
-        with torch.device("meta"):
-            self._resident = Experts(full_shape.num_experts, full_shape.D, full_shape.F, activation=activation, kernel=kernel)
+        self._resident = _make_slots(full_shape.num_experts, full_shape, activation, "meta", kernel)
 
     @property
     def num_experts(self) -> int:
@@ -52,11 +54,21 @@ class OffloadedExperts(nn.Module):
         return self._offloader._compute(self.layer, x_ND, rows_E, name)
 
 
-def _make_slots(n: int, shape: LayerShape, activation: str, device) -> Experts:
+def _make_slots(n: int, shape: LayerShape, activation: str, device, kernel: str = "loop") -> Experts | QuantizedExperts:
+    """n experts' storage of the layer's kind, zero-filled on `device` (device="meta": a weightless stand-in)."""
+    if shape.spec is not None:
+        return QuantizedExperts.empty(n, shape.D, shape.F, activation, shape.spec, kernel, device)
     with torch.device("meta"):
-        slots = Experts(n, shape.D, shape.F, activation=activation, kernel="loop")
+        slots = Experts(n, shape.D, shape.F, activation=activation, kernel=kernel)
+    if str(device) == "meta":
+        return slots
     slots = slots.to_empty(device=device).to(shape.dtype)
     for p in slots.parameters():
         p.requires_grad_(False)
         p.data.zero_()
     return slots
+
+
+def slot_parts(slots: nn.Module, shape: LayerShape) -> list[torch.Tensor]:
+    """The stacked [S, ...] tensors of a slots module, in LayerShape.parts() order (what tiers read into)."""
+    return [getattr(slots, name).data for name, _, _ in shape.parts()]

@@ -18,7 +18,8 @@ from ...moe.layers import MoELayer
 from ..expert_cache import POLICIES, ExpertCache, RoutingTrace, build_policy
 from ..prefetch import PREDICTORS, CudaTransferQueue, Predictor, ThreadTransferQueue, build_predictor
 from .budget import Budget, LayerShape, OffloadError
-from .experts import OffloadedExperts, _make_slots
+from .experts import OffloadedExperts, _make_slots, slot_parts
+from .fallback import fallback_bytes
 from .stats import LayerStats, summarize
 from .tiers import EmulatedLinkTier, SlowTier
 
@@ -34,8 +35,10 @@ class Offloader:
     """
 
     def __init__(self, model: nn.Module, moe_layers: list[tuple[str, MoELayer]], tier: SlowTier, shapes: list[LayerShape],
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, fallback: list | None = None):
         self.model = model
+        self.fallback = fallback  # per layer, every expert's resident int4 copy (fallback.py), or None
+        self._fallen: list[set[int]] = [set() for _ in shapes]  # this step's misses computed from that copy
         self.paths = [name for name, _ in moe_layers]
         self.layers = [m for _, m in moe_layers]
         self.tier = tier
@@ -77,11 +80,12 @@ class Offloader:
             ExpertCache(s.num_experts, n, build_policy(policy, j, trace, **options), j)
             for j, (s, n) in enumerate(zip(self.shapes, num_slots))
         ]
-        self._slots = []
+        self._slots, self._slot_parts = [], []
         for j, (shape, n) in enumerate(zip(self.shapes, num_slots)):
-            slots = _make_slots(n, shape, self.experts[j].activation, self.device)
+            slots = _make_slots(n, shape, self.experts[j].activation, self.device, self.experts[j].kernel)
             self.experts[j].slots = slots
             self._slots.append(slots)
+            self._slot_parts.append(slot_parts(slots, shape))
         self.budget, self.num_slots, self.policy_name, self.predictor = budget, num_slots, policy, pred
         self.transfers: list[dict] = [{} for _ in self.shapes]
         self.prefetched: list[set[int]] = [set() for _ in self.shapes]
@@ -145,6 +149,12 @@ class Offloader:
         missing = [e for e in demand if e not in cache]
         st.hits += len(demand) - len(missing)
         st.misses += len(missing)
+        if self.fallback is not None:  # HOBBIT: misses compute from their int4 copy; full copies come in the background
+            self._fallen[j] = set(missing)
+            st.fallbacks += len(missing)
+            for e in missing:
+                self._fetch(j, e, set(demand), demand=False)
+            return
         if len(demand) <= cache.num_slots:
             keep = set(demand)
             for e in missing:
@@ -182,8 +192,7 @@ class Offloader:
             if old is not None:
                 self.queue.retire(old)  # a queued write into this slot must not land after the new one
             self.prefetched[j].discard(evicted)
-        slots = self._slots[j]
-        dst = (slots.w_in_EHD.data[slot], slots.w_out_EDF.data[slot])
+        dst = tuple(t[slot] for t in self._slot_parts[j])
         if isinstance(self.tier, EmulatedLinkTier) and isinstance(self.queue, ThreadTransferQueue):
             # The queue models the link's time; the copy itself runs as soon as the transfer starts.
             read = partial(self.tier.inner.read, j, expert, *dst)
@@ -225,6 +234,7 @@ class Offloader:
         self._demand[j] = None
         self.queue.layer_done(j)
         self.caches[j].end_step()
+        self._fallen[j] = set()
         self.prefetched[j].clear()
         self.predicted[j] = None
 
@@ -236,13 +246,18 @@ class Offloader:
         demand = self._demand[j]
         # Padded layouts give every expert rows; only the experts the router chose need their weights.
         needed = [e for e in (demand if demand is not None else range(len(rows))) if rows[e]]
+        fallen = sorted(e for e in needed if e in self._fallen[j])
+        if fallen:
+            needed = [e for e in needed if e not in self._fallen[j]]
         starts = [0] * len(rows)
         for e in range(1, len(rows)):
             starts[e] = starts[e - 1] + rows[e - 1]
-        waves = self._waves(cache, needed)
+        waves = self._waves(cache, needed) if needed else []
         pad_to = max((rows[e] for e in needed), default=0) if kernel == "bmm" else 0
         out = None
         try:
+            if fallen:
+                out = self._compute_fallback(j, x_ND, rows, starts, fallen)
             for wave in waves:
                 if len(waves) > 1:
                     cache.pinned = set(wave)
@@ -258,6 +273,20 @@ class Offloader:
         finally:
             self._end_step(j)
         return out if out is not None else x_ND.new_zeros(x_ND.shape[0], self.shapes[j].D)
+
+    def _compute_fallback(self, j: int, x_ND, rows, starts, experts: list[int]) -> torch.Tensor:
+        """The experts' rows computed from their resident int4 copies (the whole output, zero elsewhere)."""
+        copy = self.fallback[j]
+        counts = [0] * len(rows)
+        for e in experts:
+            counts[e] = rows[e]
+        idx = torch.cat([torch.arange(starts[e], starts[e] + rows[e]) for e in experts]).to(x_ND.device)
+        counts_E = torch.tensor(counts, device=x_ND.device)
+        x = x_ND[idx]
+        y = copy(x, counts_E, kernel=copy.kernel_for(x, counts_E))
+        out = y.new_zeros(x_ND.shape[0], y.shape[1])
+        out[idx] = y
+        return out
 
     def _waves(self, cache: ExpertCache, active: list[int]) -> list[list[int]]:
         if len(active) <= cache.num_slots:
@@ -319,6 +348,10 @@ class Offloader:
             experts_per_layer=[s.num_experts for s in self.shapes],
             fast_bytes=sum(n * s.bytes_per_expert for n, s in zip(self.num_slots, self.shapes)),
             total_expert_bytes=sum(s.num_experts * s.bytes_per_expert for s in self.shapes),
+            bytes_per_expert=[s.bytes_per_expert for s in self.shapes],
+            quantization=self.shapes[0].spec.name if self.shapes[0].spec is not None else None,
+            low_bit_fallback=self.fallback is not None,
+            fallback_bytes=fallback_bytes(self.fallback),
             policy=self.policy_name,
             predictor=self.predictor.name,
             layers=[asdict(s) for s in self.layer_stats],

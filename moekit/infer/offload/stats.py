@@ -24,7 +24,8 @@ class LayerStats:
     demanded_predicted: int = 0  # experts demanded in steps that had a prediction
     prefetches_cancelled: int = 0  # wrong prefetches dropped before they started (not counted as transfers)
     transfers: int = 0
-    bytes_moved: int = 0
+    bytes_moved: int = 0  # bytes of the experts' stored form (quantized experts: codes + scales)
+    fallbacks: int = 0  # misses computed from the resident int4 copy instead of waiting (low-bit fallback)
     stall_s: float = 0.0  # time the computation waited for experts
 
     def add(self, other: "LayerStats") -> None:
@@ -62,6 +63,12 @@ def format_stats(stats: dict, timing: dict | None = None) -> str:
         f"  moved {format_bytes(stats['bytes_moved'])} in {stats['transfers']} transfers; "
         f"stalled {1000 * stats['stall_s']:.1f} ms waiting for experts",
     ]
+    if stats.get("quantization"):
+        lines.append(f"  experts stored as {stats['quantization']} ({format_bytes(stats['bytes_per_expert'][0])} per expert "
+                     f"in MoE layer 0) in every tier")
+    if stats.get("low_bit_fallback"):
+        lines.append(f"  low-bit fallback: {stats['fallbacks']} misses computed from the resident int4 copy "
+                     f"({format_bytes(stats['fallback_bytes'])}) instead of waiting")
     if timing:
         lines.append(
             f"  {timing['new_tokens']} new tokens; prefill {1000 * timing['prefill_s']:.1f} ms, "

@@ -1,7 +1,12 @@
 """Slow tiers that hold the full expert weights: host memory, pinned host memory for CUDA, an emulated link.
 
-Each tier reads one expert of one MoE layer into preallocated fast slots. The
-disk tier (the checkpoint's own safetensors files) is in disk.py.
+Each tier reads one expert of one MoE layer into preallocated fast slots:
+`read(layer, expert, *dst)` fills one destination tensor per stored part of
+the expert, in LayerShape.parts() order (full precision: w_in, w_out;
+quantized: codes, scales [and zero points] of w_in, then of w_out), and
+returns the bytes moved. The disk tier (the checkpoint's own safetensors
+files) is in disk.py; tiers made by converting another (quantizing on read,
+a spill file) in requant.py.
 """
 
 from __future__ import annotations
@@ -27,13 +32,13 @@ def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 class SlowTier:
-    """Where the full expert weights live. `read` fills one fast slot and returns the bytes moved."""
+    """Where the expert weights live. `read` fills one fast slot (one tensor per part) and returns the bytes moved."""
 
     kind = "base"
     emulated = False
     label = "slow tier"
 
-    def read(self, layer: int, expert: int, dst_in_HD: torch.Tensor, dst_out_DF: torch.Tensor) -> int:
+    def read(self, layer: int, expert: int, *dst: torch.Tensor) -> int:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -41,19 +46,18 @@ class SlowTier:
 
 
 class MemoryTier(SlowTier):
-    """Experts held in host memory (the tensors given; nothing is copied up front)."""
+    """Experts held in host memory (the stacked [E, ...] tensors given, one per part; nothing is copied up front)."""
 
     kind = "memory"
     label = "host memory"
 
-    def __init__(self, weights: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.weights = [(w_in.detach(), w_out.detach()) for w_in, w_out in weights]
+    def __init__(self, weights: list[tuple[torch.Tensor, ...]]):
+        self.weights = [tuple(w.detach() for w in parts) for parts in weights]
 
-    def read(self, layer, expert, dst_in_HD, dst_out_DF):
-        w_in, w_out = self.weights[layer]
-        _copy_bytes(dst_in_HD, w_in[expert])
-        _copy_bytes(dst_out_DF, w_out[expert])
-        return dst_in_HD.numel() * dst_in_HD.element_size() + dst_out_DF.numel() * dst_out_DF.element_size()
+    def read(self, layer, expert, *dst):
+        for target, stacked in zip(dst, self.weights[layer], strict=True):
+            _copy_bytes(target, stacked[expert])
+        return sum(t.numel() * t.element_size() for t in dst)
 
 
 class CudaHostTier(MemoryTier):
@@ -62,14 +66,13 @@ class CudaHostTier(MemoryTier):
     kind = "cuda-host"
     label = "pinned host memory -> CUDA (copy stream)"
 
-    def __init__(self, weights: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.weights = [(w_in.detach().cpu().pin_memory(), w_out.detach().cpu().pin_memory()) for w_in, w_out in weights]
+    def __init__(self, weights: list[tuple[torch.Tensor, ...]]):
+        self.weights = [tuple(w.detach().cpu().pin_memory() for w in parts) for parts in weights]
 
-    def read(self, layer, expert, dst_in_HD, dst_out_DF):
-        w_in, w_out = self.weights[layer]
-        dst_in_HD.copy_(w_in[expert], non_blocking=True)
-        dst_out_DF.copy_(w_out[expert], non_blocking=True)
-        return dst_in_HD.numel() * dst_in_HD.element_size() + dst_out_DF.numel() * dst_out_DF.element_size()
+    def read(self, layer, expert, *dst):
+        for target, stacked in zip(dst, self.weights[layer], strict=True):
+            target.copy_(stacked[expert], non_blocking=True)
+        return sum(t.numel() * t.element_size() for t in dst)
 
 
 class EmulatedLinkTier(SlowTier):
@@ -95,10 +98,10 @@ class EmulatedLinkTier(SlowTier):
         """Seconds one transfer of `nbytes` occupies the link."""
         return self.latency + nbytes / self.bandwidth
 
-    def read(self, layer, expert, dst_in_HD, dst_out_DF):
+    def read(self, layer, expert, *dst):
         """Copy, then sleep out the link time (used alone; the offloader models the link in its queue)."""
         start = time.perf_counter()
-        nbytes = self.inner.read(layer, expert, dst_in_HD, dst_out_DF)
+        nbytes = self.inner.read(layer, expert, *dst)
         _sleep_until(start + self.cost(nbytes))
         return nbytes
 

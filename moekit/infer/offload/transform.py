@@ -15,8 +15,11 @@ from ...moe.layers import MoELayer
 from ..expert_cache import POLICIES, RoutingTrace
 from ..prefetch import PREDICTORS, Predictor, build_predictor
 from .budget import Budget, LayerShape, OffloadError
-from .disk import DiskTier
+from .disk import DiskTier, has_tensor
+from .fallback import build_fallback, check_fallback_widths
+from .gguf_tier import GGUFTier
 from .offloader import Offloader
+from .requant import ConvertingTier, spill, staging
 from .tiers import CudaHostTier, EmulatedLinkTier, MemoryTier, SlowTier
 
 TIERS = ("disk", "emulated", "memory", "cuda-host")
@@ -32,11 +35,21 @@ def find_moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
 def layer_shapes(moe_layers: list[tuple[str, MoELayer]]) -> list[LayerShape]:
     shapes = []
     for _, m in moe_layers:
-        w_in, w_out = m.experts.w_in_EHD, m.experts.w_out_EDF
-        E, H, D = w_in.shape
+        experts = m.experts
         k = 1 if m.cfg.router == "expert_choice" else m.cfg.top_k
-        shapes.append(LayerShape(E, H, D, w_out.shape[2], w_in.dtype, k))
+        spec = getattr(experts, "spec", None)  # QuantizedExperts carry their QuantSpec; full-precision Experts none
+        if spec is not None:
+            E, H, D, F = experts.shape_EHDF
+            shapes.append(LayerShape(E, H, D, F, torch.float32, k, spec))
+        else:
+            E, H, D = experts.w_in_EHD.shape
+            shapes.append(LayerShape(E, H, D, experts.w_out_EDF.shape[2], experts.w_in_EHD.dtype, k))
     return shapes
+
+
+def expert_stacks(moe_layers, shapes: list[LayerShape]) -> list[tuple[torch.Tensor, ...]]:
+    """Each layer's resident stacked expert tensors, in LayerShape.parts() order."""
+    return [tuple(getattr(m.experts, name).detach() for name, _, _ in shape.parts()) for (_, m), shape in zip(moe_layers, shapes)]
 
 
 def offload_model(
@@ -53,16 +66,45 @@ def offload_model(
     link_latency: str | float = 0.0,
     lfru_half_life: float = 8.0,
     verify: bool = True,
+    low_bit_fallback: bool = False,
+    spill_dir: str | Path | None = None,
 ) -> Offloader:
     """Offload the experts of every MoE layer of `model`; returns the `Offloader` (stats, configure, close).
 
-    tier: "disk" (reads `checkpoint`'s safetensors), "emulated" (host memory
-    behind a link of `link_bandwidth` and `link_latency`), "memory",
-    "cuda-host" (pinned host -> CUDA), or a SlowTier. The model's own expert
-    weights are dropped from it (they live in the slow tier from now on).
-    Everything is checked before the model is changed.
+    tier: "disk" (reads `checkpoint`'s safetensors, or a GGUF file's memory map), "emulated" (host
+    memory behind a link of `link_bandwidth` and `link_latency`), "memory", "cuda-host" (pinned host
+    -> CUDA), or a SlowTier. The model's own expert weights are dropped from it (they live in the slow
+    tier from now on). Quantized experts (moekit.quantize) are offloaded quantized: every tier holds the
+    codes and scales, the slots compute with the quantized kernels. When the checkpoint holds them in
+    full precision (quantized at load), the disk tier is a spill file of the quantized experts in
+    `spill_dir` (default: the temporary directory), written one expert at a time.
+    low_bit_fallback (HOBBIT): keep a resident int4 (group 32) copy of every expert and compute a miss
+    from it instead of waiting; the full copy comes in the background. Everything is checked before the
+    model is changed.
     """
     moe_layers = find_moe_layers(model)
+    _check_options(model, moe_layers, policy, predictor, trace)
+    shapes = layer_shapes(moe_layers)
+    Budget.parse(budget).slots(shapes)  # a budget that is too small fails before anything is changed
+    if low_bit_fallback:
+        check_fallback_widths(shapes)
+    pred = predictor if isinstance(predictor, Predictor) else build_predictor(predictor, pregate, model, trace=trace)
+    first = getattr(moe_layers[0][1].experts, shapes[0].parts()[0][0])
+    lazy = first.is_meta  # loaded without its experts (Engine.load with expert_budget)
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    if lazy and tier != "disk":
+        raise OffloadError(f"the model was loaded without its experts, so they can only come from its checkpoint: "
+                           f"use tier 'disk', not {tier!r}")
+    slow, from_checkpoint = _build_tier(tier, moe_layers, shapes, checkpoint, link_bandwidth, link_latency, device,
+                                        lazy, spill_dir)
+    if verify and from_checkpoint and not lazy:  # lazily loaded: the tier is the file the model came from
+        _verify_tier(slow, moe_layers, shapes)
+    fallback = build_fallback(slow, moe_layers, shapes, device) if low_bit_fallback else None
+    offloader = Offloader(model, moe_layers, slow, shapes, device, fallback=fallback)
+    return offloader.configure(budget, policy, pred, trace=trace, lfru_half_life=lfru_half_life)
+
+
+def _check_options(model, moe_layers, policy, predictor, trace) -> None:
     if not moe_layers:
         raise OffloadError("the model has no MoE layers, so there are no experts to offload")
     if policy not in POLICIES:
@@ -73,53 +115,73 @@ def offload_model(
         raise OffloadError("the model's experts are already offloaded: close its Offloader first, or load the model again")
     if policy == "belady" and trace is None:
         raise OffloadError("the belady cache policy needs a routing trace of the same generation (record one first)")
-    shapes = layer_shapes(moe_layers)
-    Budget.parse(budget).slots(shapes)  # a budget that is too small fails before anything is changed
-    pred = predictor if isinstance(predictor, Predictor) else build_predictor(predictor, pregate, model, trace=trace)
-    lazy = moe_layers[0][1].experts.w_in_EHD.is_meta  # loaded without its experts (Engine.load with expert_budget)
-    device = next(p.device for p in model.parameters() if not p.is_meta)
-    if lazy and tier != "disk":
-        raise OffloadError(f"the model was loaded without its experts, so they can only come from its checkpoint: "
-                           f"use tier 'disk', not {tier!r}")
-    slow = _build_tier(tier, moe_layers, shapes, checkpoint, link_bandwidth, link_latency, device)
-    if verify and isinstance(slow, DiskTier) and not lazy:  # lazily loaded: the tier is the file the model came from
-        _verify_tier(slow, moe_layers, shapes)
-    offloader = Offloader(model, moe_layers, slow, shapes, device)
-    return offloader.configure(budget, policy, pred, trace=trace, lfru_half_life=lfru_half_life)
 
 
-def _build_tier(tier, moe_layers, shapes, checkpoint, link_bandwidth, link_latency, device) -> SlowTier:
+def _build_tier(tier, moe_layers, shapes, checkpoint, link_bandwidth, link_latency, device, lazy, spill_dir):
+    """(the slow tier, whether it reads the user's checkpoint as it is)."""
     if isinstance(tier, SlowTier):
-        return tier
+        return tier, isinstance(tier, DiskTier)
     if tier not in TIERS:
         raise OffloadError(f"unknown slow tier {tier!r}: accepted tiers are {', '.join(TIERS)}")
-    weights = [(m.experts.w_in_EHD.detach(), m.experts.w_out_EDF.detach()) for _, m in moe_layers]
+    paths = [p for p, _ in moe_layers]
+    if lazy:  # tier == "disk" (checked): the experts come from the checkpoint, in the model's form
+        return _checkpoint_tier(checkpoint, paths, shapes, spill_dir)
+    weights = expert_stacks(moe_layers, shapes)
     if device.type == "cuda":
         if tier != "cuda-host":
             raise OffloadError(f"on CUDA the slow tier is pinned host memory (tier 'cuda-host'), not {tier!r}")
-        return CudaHostTier(weights)
+        return CudaHostTier(weights), False
     if tier == "cuda-host":
         raise OffloadError("tier 'cuda-host' needs a model on a CUDA device; on CPU use 'disk' or 'emulated'")
     if tier == "disk":
         if checkpoint is None:
             raise OffloadError("the disk tier needs the checkpoint the model was loaded from")
-        return DiskTier(checkpoint, [p for p, _ in moe_layers], shapes)
+        if _holds_model_form(checkpoint, paths, shapes):
+            return (GGUFTier if is_gguf(checkpoint) else DiskTier)(checkpoint, paths, shapes), True
+        return spill(MemoryTier(weights), paths, shapes, spill_dir), False  # quantized in memory, fp32 on disk
     if tier == "memory":
-        return MemoryTier(weights)
+        return MemoryTier(weights), False
     if link_bandwidth is None:
         raise OffloadError("the emulated tier needs a link bandwidth (e.g. 2GB/s)")
-    return EmulatedLinkTier(MemoryTier(weights), link_bandwidth, link_latency)
+    return EmulatedLinkTier(MemoryTier(weights), link_bandwidth, link_latency), False
 
 
-def _verify_tier(tier: DiskTier, moe_layers, shapes) -> None:
+def is_gguf(path) -> bool:
+    from ...gguf.reader import is_gguf as check  # (moekit.gguf only when a path is given)
+
+    return check(path)
+
+
+def _holds_model_form(checkpoint, paths, shapes) -> bool:
+    """Whether the checkpoint stores the experts as the model holds them (a GGUF: full precision only)."""
+    if checkpoint is None:
+        raise OffloadError("the disk tier needs the checkpoint the model was loaded from")
+    if shapes[0].spec is None:
+        return True
+    return not is_gguf(checkpoint) and has_tensor(checkpoint, f"{paths[0]}.experts.{shapes[0].parts()[0][0]}")
+
+
+def _checkpoint_tier(checkpoint, paths, shapes, spill_dir):
+    """The experts of a lazily loaded model, from its checkpoint: read as stored, or quantized into a spill file."""
+    if _holds_model_form(checkpoint, paths, shapes):
+        return (GGUFTier if is_gguf(checkpoint) else DiskTier)(checkpoint, paths, shapes), True
+    full = [s.full_precision(torch.float32) for s in shapes]
+    source = GGUFTier(checkpoint, paths, full) if is_gguf(checkpoint) else DiskTier(checkpoint, paths, full, drop_cache=False)
+    try:
+        return spill(ConvertingTier(source, full, shapes), paths, shapes, spill_dir), False
+    finally:
+        source.close()
+
+
+def _verify_tier(tier: SlowTier, moe_layers, shapes) -> None:
     """The checkpoint's first expert of each layer must equal the model's: a wrong file must not give wrong tokens."""
     for j, ((path, m), shape) in enumerate(zip(moe_layers, shapes)):
-        w_in = torch.empty(shape.H, shape.D, dtype=shape.dtype)
-        w_out = torch.empty(shape.D, shape.F, dtype=shape.dtype)
-        tier.read(j, 0, w_in, w_out)
-        if not (torch.equal(w_in, m.experts.w_in_EHD[0].detach().cpu()) and torch.equal(w_out, m.experts.w_out_EDF[0].detach().cpu())):
+        parts = staging(shape)
+        tier.read(j, 0, *parts)
+        if not all(torch.equal(t, getattr(m.experts, name)[0].detach().cpu()) for t, (name, _, _) in zip(parts, shape.parts())):
             tier.close()
+            where = getattr(tier, "files", [getattr(tier, "path", "the checkpoint")])[0]
             raise OffloadError(
-                f"the expert weights of {path} in {tier.files[0]} differ from the model's: offload from the checkpoint "
+                f"the expert weights of {path} in {where} differ from the model's: offload from the checkpoint "
                 f"the model was loaded from"
             )
