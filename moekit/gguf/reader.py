@@ -164,7 +164,19 @@ def load(path: str | Path, dtype=None, device=None, experts: bool = True):
                 _copy(params[slot], index, tensors[name], cfg, arch, p.name)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model = model.to(device=hf.resolve_device(device), dtype=hf.resolve_dtype(dtype))
+    device, dtype = hf.resolve_device(device), hf.resolve_dtype(dtype)
+    if experts:
+        return model.to(device=device, dtype=dtype).eval()
+    for module in model.modules():  # the experts stay on the meta device (in the final dtype)
+        for name, t in list(module._parameters.items()):
+            if t is not None:
+                moved = torch.empty_like(t, dtype=dtype) if t.is_meta else t.data.to(device=device, dtype=dtype)
+                module._parameters[name] = torch.nn.Parameter(moved, requires_grad=t.requires_grad)
+        for name, b in list(module._buffers.items()):  # as Module.to does
+            if b is not None:
+                module._buffers[name] = b.to(device=device, dtype=dtype) if b.is_floating_point() else b.to(device)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
 
 
