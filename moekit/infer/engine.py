@@ -130,13 +130,20 @@ class Engine:
 
     @classmethod
     def _load_gguf(cls, p: Path, dtype, device, options: dict | None, lazy: bool) -> "Engine":
-        """A GGUF file: non-expert tensors dequantized into memory; experts too unless lazy (an expert budget)."""
+        """A GGUF file: non-expert tensors dequantized into memory; experts too unless lazy (an expert budget).
+
+        quantize= without a budget: the experts are requantized one at a time (no full-precision copy of them)."""
         from .. import gguf
 
         if not gguf.is_gguf(p):
             raise ConfigError(f"model path {p} is a file but not a GGUF file: give a .gguf file, a Hugging Face model directory or a moekit checkpoint")
-        model = gguf.load(p, dtype=dtype, device=device, experts=not lazy)
-        return cls(_quantized(model, options), gguf.load_tokenizer(p))
+        per_expert = lazy or options is not None  # requantized: each expert dequantized, then quantized, as it is read
+        model = _quantized(gguf.load(p, dtype=dtype, device=device, experts=not per_expert), options)
+        if per_expert and not lazy:
+            from .offload.transform import load_experts
+
+            load_experts(model, p)
+        return cls(model, gguf.load_tokenizer(p))
 
     def offload(self, budget, **options):
         """Keep only `budget` of the experts in fast memory, the rest in a slow tier; returns the Offloader.

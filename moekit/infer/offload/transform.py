@@ -91,12 +91,13 @@ def offload_model(
     pred = predictor if isinstance(predictor, Predictor) else build_predictor(predictor, pregate, model, trace=trace)
     first = getattr(moe_layers[0][1].experts, shapes[0].parts()[0][0])
     lazy = first.is_meta  # loaded without its experts (Engine.load with expert_budget)
-    device = next(p.device for p in model.parameters() if not p.is_meta)
+    real = next(p for p in model.parameters() if not p.is_meta)
+    device = real.device
     if lazy and tier != "disk":
         raise OffloadError(f"the model was loaded without its experts, so they can only come from its checkpoint: "
                            f"use tier 'disk', not {tier!r}")
     slow, from_checkpoint = _build_tier(tier, moe_layers, shapes, checkpoint, link_bandwidth, link_latency, device,
-                                        lazy, spill_dir)
+                                        lazy, spill_dir, real.dtype)
     if verify and from_checkpoint and not lazy:  # lazily loaded: the tier is the file the model came from
         _verify_tier(slow, moe_layers, shapes)
     fallback = build_fallback(slow, moe_layers, shapes, device) if low_bit_fallback else None
@@ -117,15 +118,16 @@ def _check_options(model, moe_layers, policy, predictor, trace) -> None:
         raise OffloadError("the belady cache policy needs a routing trace of the same generation (record one first)")
 
 
-def _build_tier(tier, moe_layers, shapes, checkpoint, link_bandwidth, link_latency, device, lazy, spill_dir):
-    """(the slow tier, whether it reads the user's checkpoint as it is)."""
+def _build_tier(tier, moe_layers, shapes, checkpoint, link_bandwidth, link_latency, device, lazy, spill_dir, dtype):
+    """(the slow tier, whether it reads the user's checkpoint as it is); dtype: the model's (full-precision experts
+    quantized at load are read in it, as the resident model had them before quantizing)."""
     if isinstance(tier, SlowTier):
         return tier, isinstance(tier, DiskTier)
     if tier not in TIERS:
         raise OffloadError(f"unknown slow tier {tier!r}: accepted tiers are {', '.join(TIERS)}")
     paths = [p for p, _ in moe_layers]
     if lazy:  # tier == "disk" (checked): the experts come from the checkpoint, in the model's form
-        return _checkpoint_tier(checkpoint, paths, shapes, spill_dir)
+        return _checkpoint_tier(checkpoint, paths, shapes, spill_dir, dtype)
     weights = expert_stacks(moe_layers, shapes)
     if device.type == "cuda":
         if tier != "cuda-host":
@@ -161,14 +163,47 @@ def _holds_model_form(checkpoint, paths, shapes) -> bool:
     return not is_gguf(checkpoint) and has_tensor(checkpoint, f"{paths[0]}.experts.{shapes[0].parts()[0][0]}")
 
 
-def _checkpoint_tier(checkpoint, paths, shapes, spill_dir):
+def _checkpoint_tier(checkpoint, paths, shapes, spill_dir, dtype=torch.float32):
     """The experts of a lazily loaded model, from its checkpoint: read as stored, or quantized into a spill file."""
+    source, as_stored = _source_tier(checkpoint, paths, shapes, dtype)
+    if as_stored:
+        return source, True
+    try:
+        return spill(source, paths, shapes, spill_dir), False
+    finally:
+        source.close()
+
+
+def _source_tier(checkpoint, paths, shapes, dtype):
+    """(a tier giving the checkpoint's experts in `shapes`' form, whether it reads them as stored).
+
+    Not as stored: full-precision experts (safetensors in their own dtype, read as `dtype`, or a GGUF's
+    dequantized blocks) quantized on every read."""
     if _holds_model_form(checkpoint, paths, shapes):
         return (GGUFTier if is_gguf(checkpoint) else DiskTier)(checkpoint, paths, shapes), True
-    full = [s.full_precision(torch.float32) for s in shapes]
+    full = [s.full_precision(dtype) for s in shapes]
     source = GGUFTier(checkpoint, paths, full) if is_gguf(checkpoint) else DiskTier(checkpoint, paths, full, drop_cache=False)
+    return ConvertingTier(source, full, shapes), False
+
+
+def load_experts(model: nn.Module, checkpoint: str | Path) -> None:
+    """Fill a model's unread (meta) experts from its checkpoint one expert at a time, in the model's form.
+
+    How a GGUF file is requantized at load (Engine.load(x.gguf, quantize="int8")) without a full-precision
+    copy of its experts: each expert is dequantized by gguf and quantized by moekit as it is read.
+    """
+    moe_layers = find_moe_layers(model)
+    shapes = layer_shapes(moe_layers)
+    real = next(p for p in model.parameters() if not p.is_meta)
+    source, _ = _source_tier(checkpoint, [p for p, _ in moe_layers], shapes, real.dtype)
     try:
-        return spill(ConvertingTier(source, full, shapes), paths, shapes, spill_dir), False
+        for j, ((_, m), shape) in enumerate(zip(moe_layers, shapes)):
+            experts = m.experts.to_empty(device=real.device)
+            m.experts = experts
+            parts = [getattr(experts, name).data for name, _, _ in shape.parts()]
+            with torch.no_grad():
+                for e in range(shape.num_experts):
+                    source.read(j, e, *(t[e] for t in parts))
     finally:
         source.close()
 
