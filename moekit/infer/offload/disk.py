@@ -88,7 +88,7 @@ class DiskTier(SlowTier):
                  owned: bool = False):
         self.files = checkpoint_files(checkpoint)
         self.drop_cache = drop_cache
-        self.owned = owned  # a spill file this tier deletes when it closes (requant.py)
+        self.owned = owned  # a spill file (requant.py): unlinked once open, so it goes when the tier (or the process) does
         self.label = f"disk ({self.files[0].parent if len(self.files) > 1 else self.files[0]})"
         self._fds: list[int] = []
         self._signatures: list[tuple] = []
@@ -105,6 +105,9 @@ class DiskTier(SlowTier):
         self.shapes = shapes
         for fd in self._fds:
             self._fadvise(fd, 0, 0)
+        if owned:
+            for path in self.files:
+                path.unlink(missing_ok=True)
 
     def read(self, layer, expert, *dst):
         total = 0
@@ -144,6 +147,8 @@ class DiskTier(SlowTier):
     def _check_unchanged(self, file: int) -> None:
         """After a read: the path still names the file opened, unchanged; otherwise the bytes may be wrong."""
         path = self.files[file]
+        if self.owned:  # an unlinked spill file: only this tier holds it
+            return
         try:
             now_path = _signature(os.stat(path))
         except FileNotFoundError:
@@ -169,9 +174,6 @@ class DiskTier(SlowTier):
             except OSError:
                 pass
         self._fds = []
-        if self.owned:
-            for path in self.files:
-                path.unlink(missing_ok=True)
 
 
 def _signature(st: os.stat_result) -> tuple:

@@ -6,7 +6,7 @@
   expert_budget=...)` quantizes experts as they are read, never holding them all in full precision.
 - `spill(source, module_paths, shapes, directory)`: a safetensors file holding every expert in `shapes`'
   form, written one expert at a time (positional writes into a preallocated file), and a `DiskTier` that
-  reads it and deletes it when it closes: the disk tier of quantized experts whose checkpoint holds them
+  reads it (the file is unlinked once the tier has it open, so it vanishes with the tier or the process): the disk tier of quantized experts whose checkpoint holds them
   in full precision (a miss then reads the packed bytes, not the fp32 ones).
 - `gather(source, shapes)`: stacked [E, ...] host tensors per part (a MemoryTier's weights; the low-bit
   fallback's resident int4 copy), read one expert at a time.
@@ -89,7 +89,7 @@ def gather(source: SlowTier, shapes: list[LayerShape]) -> list[tuple[torch.Tenso
 
 
 def spill(source: SlowTier, module_paths: list[str], shapes: list[LayerShape], directory: str | Path | None = None) -> DiskTier:
-    """A DiskTier over a new safetensors file of `source`'s experts in `shapes`' form (deleted when it closes)."""
+    """A DiskTier over a new safetensors file of `source`'s experts in `shapes`' form (unlinked once open)."""
     header, at = {}, 0
     for path, shape in zip(module_paths, shapes):
         for name, s, dtype in shape.parts():
@@ -118,7 +118,11 @@ def spill(source: SlowTier, module_paths: list[str], shapes: list[LayerShape], d
         Path(name).unlink(missing_ok=True)
         raise
     os.close(fd)
-    tier = DiskTier(name, module_paths, shapes, owned=True)
+    try:
+        tier = DiskTier(name, module_paths, shapes, owned=True)  # (unlinks it once open)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     kinds = sorted({s.spec.name if s.spec else str(s.dtype).removeprefix("torch.") for s in shapes})
     tier.label = f"disk (spill file {name}: {', '.join(kinds)} experts from {source.label})"
     return tier
