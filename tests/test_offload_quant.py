@@ -55,9 +55,9 @@ def run(tmp_path_factory):
     return d
 
 
-def greedy(engine: Engine, n: int = 10) -> list[list[int]]:
+def greedy(engine: Engine, n: int = 10, prompts=PROMPTS) -> list[list[int]]:
     cfg = SamplingConfig(max_new_tokens=n, temperature=0, stop_token_ids=[])
-    return [c.token_ids for c in engine.generate_ids([list(p) for p in PROMPTS], cfg)]
+    return [c.token_ids for c in engine.generate_ids([list(p) for p in prompts], cfg)]
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,20 @@ def test_offloaded_quantized_generation_gives_the_resident_quantized_tokens(run,
     assert _quantized_slots(from_ckpt) and str(out) in from_ckpt.offloader.tier.label
     assert greedy(from_ckpt) == want and from_ckpt.offloader.stats()["misses"] > 0
     from_ckpt.offloader.close()
+
+
+def test_a_hugging_face_directory_quantized_at_load_and_offloaded(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "hf")  # per-expert w1/w3/w2 tensors
+    prompts = [[5, 17, 3, 9, 42, 8, 23], [61, 2]]  # (a vocabulary of 96)
+    want = greedy(Engine.load(tmp_path / "hf", quantize="int4"), prompts=prompts)
+    engine = Engine.load(tmp_path / "hf", quantize="int4", expert_budget="50%", spill_dir=tmp_path)
+    assert _quantized_slots(engine) and greedy(engine, prompts=prompts) == want
+    engine.offloader.close()
 
 
 def test_bytes_moved_per_miss_are_the_packed_bytes(run):
@@ -211,6 +225,15 @@ def test_lazy_gguf_offloaded_generation_gives_the_resident_tokens(gguf_file, bud
     q = Engine.load(gguf_file, expert_budget=budget, quantize="int4")
     assert _quantized_slots(q) and greedy(q) == q_want
     q.offloader.close()
+
+
+def test_cli_generate_a_gguf_file_offloaded_and_requantized(gguf_file, capsys):
+    argv = ["generate", str(gguf_file), "--prompt", "ab", "--max-new-tokens", "5", "--temperature", "0", "--quantize", "int8"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main(argv + ["--expert-budget", "50%", "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(plain.rstrip("\n")) and "experts stored as int8" in out
 
 
 def _logits(model, ids=torch.tensor([[3, 100, 7, 250, 42, 9, 9, 18]])):
