@@ -199,11 +199,10 @@ class Engine:
                      on_token: TokenCallback | None = None, group_ids=None, new_token_groups=None) -> list[Completion]:
         """Continue each prompt of token ids.
 
-        group_ids (for models whose routers take a group per token, e.g. modality or task): None (the
-        model's `group_of_token` ranges, if any), one int for every token, one int per prompt (a fixed
-        group per request), or one list per prompt (a group per prompt token). Generated tokens get
-        `new_token_groups` (an int, or one per prompt) when given, else the request's fixed group, else
-        the model's token ranges, else the group of the prompt's last token.
+        group_ids (routers taking a group per token: modality, task): None (the model's `group_of_token`
+        ranges, if any), an int, one int per prompt (fixed per request) or one list per prompt (per token).
+        Generated tokens get `new_token_groups` (an int, or one per prompt) when given, else the request's
+        fixed group, else the model's token ranges, else the group of the prompt's last token.
         """
         cfg = cfg or SamplingConfig()
         model, B = self.model, len(prompt_ids)
