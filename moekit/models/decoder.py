@@ -166,8 +166,14 @@ def token_groups(cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor | None:
 
 
 def check_group_ids(cfg: ModelConfig, group_ids_BT: torch.Tensor, shape: tuple[int, ...]) -> None:
-    """One clear message for group ids of the wrong shape, type or range."""
+    """One clear message for group ids of the wrong shape, type or range.
+
+    With moe.num_groups == 1 the ids are the routers' own business and pass unchecked (Read-ME's fixed
+    routers take K expert ids per token this way, moefy/readme_lm.py).
+    """
     G = cfg.moe.num_groups
+    if G == 1 and group_ids_BT.shape[:2] == tuple(shape) and not group_ids_BT.dtype.is_floating_point:
+        return
     if tuple(group_ids_BT.shape) != tuple(shape):
         raise ConfigError(f"group_ids has shape {tuple(group_ids_BT.shape)} but the input ids have shape {tuple(shape)}: "
                           f"give one group id per token")
