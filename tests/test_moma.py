@@ -1,12 +1,17 @@
 """MoMa: expert choice within modality groups, causal auxiliary routers, mixture-of-depths, upcycling."""
 
+import importlib.util
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from moekit.cli.main import main
 from moekit.config import MoEConfig
-from moekit.errors import ConfigError
+from moekit.data.mixed_modal import DIGIT_NAMES, load_digit_images, mixed_tokenizer, prepare_mixed_modal
+from moekit.data.vq import VQTokenizer
+from moekit.errors import ConfigError, DataError
 from moekit.infer import Engine, SamplingConfig
 from moekit.models.decoder import DecoderLM, ModelConfig, lm_loss
 from moekit.moe.layers import MoELayer
@@ -173,3 +178,70 @@ def test_a_moe_layer_with_grouped_expert_choice_keeps_tokens_in_their_group():
     g = torch.tensor([0, 1] * 10)
     _, r = layer(torch.randn(1, 20, 16), g)
     assert ((r.expert_idx_N == 7) == (g[r.token_idx_N] == 1)).all()
+
+
+# ---------------------------------------------------------------- mixed-modal data and the VQ tokenizer
+
+needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
+                                   reason="mixed-modal data uses scikit-learn's bundled digits (pip install scikit-learn)")
+
+
+def test_vq_kmeans_recovers_a_known_codebook_exactly():
+    """Images tiled from 5 distinct constant 2x2 tiles: the codebook is those tiles, encode/decode is lossless."""
+    rng = np.random.default_rng(0)
+    tiles = np.array([0.0, 3.0, 7.0, 11.0, 16.0])
+    which = rng.integers(0, 5, size=(200, 4, 4))
+    images = np.kron(tiles[which], np.ones((2, 2)))  # [200, 8, 8]
+    vq = VQTokenizer.train(images, patch=2, codes=5, offset=257)
+    assert sorted(vq.codebook_KP[:, 0].tolist()) == tiles.tolist()
+    ids = vq.encode(images)
+    assert ids.shape == (200, 16) and ids.min() >= 257 and ids.max() < 262
+    np.testing.assert_array_equal(vq.decode(ids), images)
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    if importlib.util.find_spec("sklearn") is None:
+        pytest.skip("mixed-modal data uses scikit-learn's bundled digits")
+    return prepare_mixed_modal(codes=16, text_max_bytes=20_000, repeats=1)
+
+
+@needs_sklearn
+def test_digit_codebook_reconstructs_the_digits(mixed):
+    images, _ = load_digit_images()
+    rec = mixed.vq.decode(mixed.vq.encode(images))
+    assert ((rec - images) ** 2).mean() < 0.15 * images.var()
+
+
+@needs_sklearn
+def test_mixed_stream_interleaves_captioned_images_and_text_with_modality_ranges(mixed):
+    V = mixed.tokenizer.vocab_size
+    assert V == 257 + 16 and mixed.group_of_token == [[0, 257, 0], [257, V, 1]]
+    ids = mixed.val.tolist()
+    assert max(ids) < V
+    image_share = sum(t >= 257 for t in ids) / len(ids)
+    assert 0.1 < image_share < 0.5
+    # every image run is followed or preceded by a caption naming a digit, in words
+    text = mixed.tokenizer.decode(ids)
+    n_captions = sum(text.count(f"a handwritten {n}:") + text.count(f"a {n}.") + text.count(f"an {n}.") for n in DIGIT_NAMES)
+    assert n_captions == len(load_digit_images()[0]) // 5  # one caption per validation image
+    # modality ids from the token ranges, as the model derives them
+    cfg = ModelConfig(vocab_size=V, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, dense_hidden=16,
+                      moe=moma_moe(), group_of_token=mixed.group_of_token)
+    x = torch.tensor([ids[:50]])
+    assert torch.equal(DecoderLM(cfg)._group_ids(x, None), (x[0] >= 257).long())
+
+
+@needs_sklearn
+def test_a_codebook_that_does_not_match_the_vocabulary_gets_one_clear_message(mixed, tmp_path, capsys):
+    with pytest.raises(DataError, match=r"VQ codebook \(16 codes at ids \[257, 273\)\) does not match the tokenizer"):
+        prepare_mixed_modal(codes=16, text_max_bytes=1000, tokenizer=mixed_tokenizer(32), vq=mixed.vq)
+    with pytest.raises(DataError, match="does not match the model's vocabulary"):
+        mixed.vq.check_vocab(300)
+    shifted = VQTokenizer(mixed.vq.codebook_KP, 2, 8, offset=300)  # made for another text vocabulary
+    path = shifted.save(tmp_path / "vq.json")
+    out = tmp_path / "run"
+    rc = main(["train", "--preset", "moma-small", "--out", str(out), f"data.vq_path={path}", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "does not match the tokenizer's vocabulary (image ids [257," in err[0]
+    assert not out.exists()

@@ -157,10 +157,11 @@ def _check_group_ranges(cfg: ModelConfig) -> None:
     for entry in cfg.group_of_token:
         ok = (isinstance(entry, (list, tuple)) and len(entry) == 3
               and all(isinstance(v, int) and not isinstance(v, bool) for v in entry))
-        if not ok or not (0 <= entry[0] < entry[1] <= cfg.vocab_size and 0 <= entry[2] < cfg.moe.num_groups):
+        G = cfg.moe.num_groups  # with one group the ranges only label tokens (per-modality losses)
+        if not ok or not (0 <= entry[0] < entry[1] <= cfg.vocab_size and 0 <= entry[2] and (G == 1 or entry[2] < G)):
             raise ConfigError(
                 f"group_of_token entry {entry!r} is invalid: each entry is [lo, hi, group] with "
-                f"0 <= lo < hi <= vocab_size={cfg.vocab_size} and 0 <= group < moe.num_groups={cfg.moe.num_groups}"
+                f"0 <= lo < hi <= vocab_size={cfg.vocab_size} and 0 <= group < moe.num_groups={G}"
             )
 
 
