@@ -245,3 +245,33 @@ def test_a_codebook_that_does_not_match_the_vocabulary_gets_one_clear_message(mi
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "does not match the tokenizer's vocabulary (image ids [257," in err[0]
     assert not out.exists()
+
+
+@pytest.mark.slow
+@needs_sklearn
+def test_moekit_train_mixed_modal_preset_end_to_end(tmp_path, capsys):
+    """`moekit train --preset moma-small data.kind=mixed_modal`: trains, saves the codebook and the modality ranges."""
+    out = tmp_path / "run"
+    rc = main(["train", "--preset", "moma-small", "--out", str(out), "--quiet", "--no-sample", "train.steps=2",
+               "train.batch_size=2", "train.seq_len=32", "train.eval_batches=1", "model.hidden_size=16", "num_layers=1",
+               "num_heads=2", "num_kv_heads=1", "expert_hidden=16", "dense_hidden=16", "aux_router_hidden=8",
+               "data.max_bytes=5000", "data.vq_codes=16", "data.kind=mixed_modal"])
+    assert rc == 0, capsys.readouterr().err
+    vq = VQTokenizer.load(out / "vq.json")
+    from moekit.train.lm import load_lm
+
+    model, tok, cfg = load_lm(out)
+    assert model.cfg.vocab_size == tok.vocab_size == 257 + vq.codes == 273
+    assert model.cfg.group_of_token == [[0, 257, 0], [257, 273, 1]]
+    vq.check_vocab(model.cfg.vocab_size, 257)  # the saved codebook fits the saved model
+
+
+@pytest.mark.slow  # importing scikit-learn takes ~10 s on a loaded machine
+@needs_sklearn
+def test_digits_read_from_the_bundled_csv_equal_sklearns_loader():
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digit_images()
+    ref = load_digits()
+    np.testing.assert_array_equal(images, ref.images)
+    np.testing.assert_array_equal(labels, ref.target)

@@ -16,6 +16,7 @@ images are other digits. Not here: text corpora (text.py), training (moekit.trai
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,13 +40,24 @@ class MixedModalData:
 
 
 def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
-    """(images [1797, 8, 8] in 0..16, labels) from scikit-learn's bundled data set (no download)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise DataError("mixed-modal data needs scikit-learn (its bundled load_digits images): pip install scikit-learn") from None
-    digits = load_digits()
-    return digits.images.astype(np.float64), digits.target.astype(np.int64)
+    """(images [1797, 8, 8] in 0..16, labels) from scikit-learn's bundled data set (no download).
+
+    The CSV scikit-learn ships (datasets/data/digits.csv.gz: 64 pixels + the label per row) is read
+    directly, which is what `sklearn.datasets.load_digits` does, without importing scikit-learn.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("mixed-modal data needs scikit-learn (its bundled load_digits images): pip install scikit-learn")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        from sklearn.datasets import load_digits  # a layout without the CSV: the library's own loader
+
+        digits = load_digits()
+        return digits.images.astype(np.float64), digits.target.astype(np.int64)
+    rows = np.loadtxt(path, delimiter=",")
+    return rows[:, :64].reshape(-1, 8, 8), rows[:, 64].astype(np.int64)
 
 
 def mixed_tokenizer(codes: int) -> Tokenizer:

@@ -151,9 +151,6 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size, **data.model_overrides))
     if tc.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-    for name, obj in data.files.items():  # e.g. the mixed-modal VQ codebook, beside the checkpoints
-        out.mkdir(parents=True, exist_ok=True)
-        obj.save(out / name)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model)  # the config's transforms too (pre-gated routing), so a resumed run is the same model
     if parallel is not None:
@@ -187,6 +184,8 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
         tokenizer=data.tokenizer, resume=resume, progress=progress, tokens_per_batch=tc.batch_size * tc.seq_len,
         parallel=parallel,
     )
+    for name, obj in data.files.items() if parallel is None or parallel.is_main else ():
+        obj.save(out / name)  # e.g. the mixed-modal VQ codebook, beside the checkpoints
     if parallel is not None:  # hand back an ordinary single-process model holding every expert
         full_state = parallel.full_state_dict(model)
         model = build_model(cfg.model)
