@@ -242,6 +242,8 @@ def report(result: dict) -> str:
         "# MoMa: modality-aware expert choice on mixed-modal data",
         f"`{result['command']}`" + (" (QUICK: a smoke test, not a measurement)" if result["quick"] else ""),
         f"data: {result['data']}",
+        f"machine: {result['machine'].get('cpu')}, {result['machine'].get('torch_threads')} thread(s), 1-minute load "
+        f"average {result['machine'].get('load_average_1m')} at the end; {result['notes']}",
         markdown_table(header, rows),
         "FLOPs to dense = training FLOPs at which the model first reaches the dense model's final validation loss "
         "on that modality, over the dense run's total FLOPs (- : never within the budget).",
@@ -300,7 +302,7 @@ def main() -> int:
     targets, crossings = analyse(models)
     result = {"targets": targets, "machine": machine_info(), "command": command_line(), "quick": args.quick,
               "data": data.source, "scale": s.__dict__, "models": models, "flops_to_dense_final_loss_ratio": crossings,
-              "notes": "quality figures (losses vs analytic FLOPs); wall time under load is not a measurement"}
+              "notes": "quality figures (losses against analytic FLOPs); train_seconds under load are not timings"}
     text = report(result)
     print(text)
     if args.quick:
