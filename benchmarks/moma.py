@@ -25,6 +25,7 @@ loss is within 2% of the non-causal loss.
 Writes benchmarks/results/moma.{json,md,png}. Run from the repository root:
     python benchmarks/moma.py            # the full run, single-threaded, about 20 minutes on a loaded CPU
     python benchmarks/moma.py --quick    # a tiny smoke test (a minute or two); writes nothing
+    python benchmarks/moma.py --models dense,moma4t4i --moe-steps-factor 2   # MoMa trained 2x longer: moma_long.*
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -148,7 +149,9 @@ def evaluate(model: DecoderLM, val: torch.Tensor, s: Scale, text_vocab: int, cau
     return {m: sums[m] / max(counts[m], 1) for m in MODALITIES}
 
 
-def train_one(name: str, s: Scale, data, seed: int, work: Path) -> dict:
+def train_one(name: str, s: Scale, data, seed: int, work: Path, steps_factor: float = 1.0) -> dict:
+    if name != "dense" and steps_factor != 1.0:
+        s = replace(s, steps=round(s.steps * steps_factor), evals=round(s.evals * steps_factor))
     cfg = model_config(name, s, data.tokenizer.vocab_size, data.group_of_token)
     text_vocab = data.group_of_token[1][0]
     tc = TrainConfig(steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len, lr=3e-3, min_lr_ratio=0.1,
@@ -189,8 +192,12 @@ def _predictor_accuracy(model: DecoderLM, val: torch.Tensor, s: Scale) -> dict[s
     """How often the causal auxiliary routers / MoD predictors agree with the non-causal choice (validation)."""
     model.eval()
     x, _ = batch_at(val, 0, s.batch_size, s.seq_len, seed=1_000_003)
-    aux = model(x, causal_routing=False).aux_losses
-    return {k: float(v) for k, v in aux.items() if k.endswith("_accuracy")}
+    out = model(x, causal_routing=False)
+    stats = {k: float(v) for k, v in out.aux_losses.items() if k.endswith("_accuracy")}
+    taken = [r.token_idx_N.unique().numel() / max(r.num_tokens, 1) for r in out.routings if r is not None]
+    if taken:  # expert choice leaves some tokens to no expert of a layer
+        stats["tokens_without_expert"] = 1 - sum(taken) / len(taken)
+    return stats
 
 
 def analyse(models: dict) -> tuple[list[dict], dict]:
@@ -236,7 +243,7 @@ def report(result: dict) -> str:
                      f"{m['final_causal']['all']:.4f}", *(fmt(c[k]) for k in MODALITIES),
                      ", ".join(f"{k.replace('_accuracy', '')} {v:.3f}" for k, v in m["predictor_accuracy"].items()) or "-"])
     header = ["model", "MFLOPs/token", "val text", "val image", "val all", "causal all",
-              "FLOPs to dense (text)", "(image)", "(all)", "predictor accuracy"]
+              "FLOPs to dense (text)", "(image)", "(all)", "predictor accuracy (tokens without expert)"]
     t_rows = [[t["name"], t["value"], f"{t['direction']} {t['goal']}", "yes" if t["met"] else "NO"] for t in result["targets"]]
     return "\n\n".join([
         "# MoMa: modality-aware expert choice on mixed-modal data",
@@ -281,6 +288,9 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--moe-steps-factor", type=float, default=1.0,
+                        help="train the non-dense models this many times longer (to find where they cross the dense "
+                             "final loss); results go to moma_long.*")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
@@ -294,7 +304,7 @@ def main() -> int:
     models = {}
     try:
         for name in names:
-            models[name] = train_one(name, s, data, args.seed, work)
+            models[name] = train_one(name, s, data, args.seed, work, args.moe_steps_factor)
             m = models[name]
             print(f"{name}: {m['train_seconds']} s, final {m['final']}, causal all {m['final_causal']['all']:.4f}", flush=True)
     finally:
@@ -307,8 +317,9 @@ def main() -> int:
     print(text)
     if args.quick:
         return 0
-    write_results(NAME, result, text)
-    plot(result, RESULTS_DIR / f"{NAME}.png")
+    name = NAME if args.moe_steps_factor == 1.0 else f"{NAME}_long"
+    write_results(name, result, text)
+    plot(result, RESULTS_DIR / f"{name}.png")
     return 0
 
 
