@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 ROUTERS = ("topk", "expert_choice", "group", "sparsemixer")
 SCORE_FUNCS = ("softmax", "sigmoid", "topk_softmax")  # topk_softmax: top-k of the logits, softmax over those k
-NOISE_POLICIES = ("none", "jitter", "rsample")
+NOISE_POLICIES = ("none", "jitter", "rsample", "gumbel")  # gumbel: Gumbel-sigmoid selection noise (expert choice, MoMa)
 DROP_POLICIES = ("position", "random")
 ACTIVATIONS = ("swiglu", "gelu", "clamped_swiglu")  # clamped_swiglu: GPT-OSS experts
 BALANCE_LOSSES = ("batch", "sequence", "none")
@@ -57,6 +57,8 @@ class MoEConfig:
     bias_update_rate: float = 0.0  # aux-loss-free balancing; 0 disables it
     selection_bias: bool = False  # a fixed selection bias (DeepSeek-V3's e_score_correction_bias), saved with the model
     num_groups: int = 1  # GroupRouter: experts partitioned by a per-token group id
+    group_sizes: list[int] = field(default_factory=list)  # experts per group (e.g. [7, 1]); empty: equal groups
+    aux_router_hidden: int = 0  # expert choice: causal auxiliary routers (one MLP per expert, this wide); 0: none
     capacity_factor: float = 0.0  # training; <= 0 means dropless
     eval_capacity_factor: float = 0.0
     min_capacity: int = 0
@@ -112,13 +114,27 @@ def validate_moe(c: MoEConfig) -> None:
     if not 1 <= c.topk_group <= c.n_group:
         raise ConfigError(f"topk_group={c.topk_group} must be between 1 and n_group={c.n_group}")
     _check_int(c, "num_groups", 1)
-    if c.num_experts % c.num_groups:
-        raise ConfigError(f"num_groups={c.num_groups} must divide num_experts={c.num_experts}")
-    if c.router == "group" and c.top_k > c.num_experts // c.num_groups:
+    _check_int(c, "aux_router_hidden", 0)
+    _check_group_sizes(c)
+    smallest = min(c.group_sizes) if c.group_sizes else c.num_experts // c.num_groups
+    if c.router == "group" and c.top_k > smallest:
         raise ConfigError(
             f"top_k={c.top_k} is invalid for the group router: it must be at most the experts per group "
-            f"({c.num_experts // c.num_groups})"
+            f"({smallest})"
         )
+
+
+def _check_group_sizes(c: MoEConfig) -> None:
+    if not c.group_sizes:
+        if c.num_experts % c.num_groups:
+            raise ConfigError(f"num_groups={c.num_groups} must divide num_experts={c.num_experts} "
+                              f"(or give group_sizes, the experts of each group)")
+        return
+    sizes = c.group_sizes
+    if (len(sizes) != c.num_groups or sum(sizes) != c.num_experts
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes)):
+        raise ConfigError(f"group_sizes={sizes!r} is invalid: it needs num_groups={c.num_groups} integers >= 1 "
+                          f"summing to num_experts={c.num_experts}")
 
 
 def _check_int(c: Any, name: str, lo: int) -> None:

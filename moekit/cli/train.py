@@ -72,7 +72,7 @@ def add_parsers(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. moe.num_experts=16 train.steps=500 (with --resume: train.steps, "
                         "train.eval_every, train.eval_batches, train.save_every, train.keep_last only)")
-    p.add_argument("--preset", help="tiny (under a minute) or small (the default)")
+    p.add_argument("--preset", help="tiny (under a minute), small (the default) or moma-small (mixed-modal MoMa)")
     p.add_argument("--config", help="a JSON config file (RunConfig: model, train, data)")
     p.add_argument("--data", help="a text file or folder (default: the Python standard library's source)")
     p.add_argument("--out", required=True, help="run directory for checkpoints, metrics and plots")

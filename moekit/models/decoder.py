@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..config import MoEConfig, _check_choice, _check_int
 from ..errors import ConfigError
-from ..moe.layers import MoELayer, ResidualMoE
+from ..moe.layers import DepthRouter, MoELayer, ResidualMoE
 from ..modules import NORMS, Attention, KVCache, build_mlp, build_norm, causal_mask
 from ..rope import build_rotary
 from ..moe.routing import Routing
@@ -79,6 +79,13 @@ class ModelConfig:
     # --- DeepSeek (MLA): attention="mla" uses `mla` (models/mla.py); num_kv_heads / head_dim / qk_norm are then unused
     attention: str = "gqa"  # gqa | mla
     mla: MLAConfig = field(default_factory=MLAConfig)
+    # --- group ids (MoMa modalities, JiuZhang tasks): [[lo, hi, group], ...] gives tokens lo <= id < hi that group
+    # whenever forward gets no group_ids_BT (training, evaluation, generated tokens); ids in no range get group 0
+    group_of_token: list[list[int]] = field(default_factory=list)
+    # --- Mixture-of-Depths (with MoMa): these layers compute only for mod_capacity of each sequence's tokens
+    mod_layers: list[int] = field(default_factory=list)
+    mod_capacity: float = 0.25
+    mod_predictor_hidden: int = 64  # the causal predictor that makes the choice at inference
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_len", "dense_hidden"):
@@ -101,8 +108,14 @@ class ModelConfig:
             )
         if self.moe.hidden_size != self.hidden_size:
             self.moe = replace(self.moe, hidden_size=self.hidden_size)
+        _check_group_ranges(self)
+        if any(not isinstance(i, int) or not 0 <= i < self.num_layers for i in self.mod_layers):
+            raise ConfigError(f"mod_layers={self.mod_layers} is invalid: layer indices in [0, num_layers={self.num_layers})")
+        if not 0 < self.mod_capacity <= 1:
+            raise ConfigError(f"mod_capacity={self.mod_capacity} is invalid: it must be in (0, 1]")
+        _check_int(self, "mod_predictor_hidden", 1)
         if self.ffn != "dense":
-            _check_causal_router(self.moe.router)
+            _check_causal_router(self.moe)
 
 
     def is_moe_layer(self, i: int) -> bool:
@@ -123,22 +136,62 @@ class ModelConfig:
         E = self.experts_per_layer[i]
         return replace(self.moe, num_experts=E, top_k=min(self.moe.top_k, E))
 
+    @property
+    def routes_by_group(self) -> bool:
+        """True when the MoE layers' routers need a group id per token (group router, grouped expert choice)."""
+        return self.ffn != "dense" and self.moe.num_groups > 1 and self.moe.router in ("group", "expert_choice")
 
-def _check_causal_router(router: str) -> None:
-    """Refuse routers a causal language model cannot use (yet), naming why and what works."""
-    if router == "expert_choice":
+
+def _check_causal_router(moe: MoEConfig) -> None:
+    """Refuse routers a causal language model cannot use, naming why and what works."""
+    if moe.router == "expert_choice" and moe.aux_router_hidden < 1:
         raise ConfigError(
-            "moe.router='expert_choice' is refused in a causal language model: each expert picks its tokens "
-            "from the whole batch, so a token's output would depend on later tokens and on other sequences, "
-            "and generation would route differently from training. Use moe.router='topk' (a causal "
-            "expert-choice variant is planned)"
+            "moe.router='expert_choice' is refused in a causal language model without auxiliary routers: each "
+            "expert picks its tokens from the whole batch, so a token's output would depend on later tokens and "
+            "on other sequences, and generation could not route as training does. Set moe.aux_router_hidden "
+            "(e.g. 64: causal auxiliary routers, MoMa) or use moe.router='topk'"
         )
-    if router == "group":
-        raise ConfigError(
-            "moe.router='group' is refused in a language model for now: it needs per-token group ids "
-            "(modality or task), which language-model data and generation do not provide yet, so every token "
-            "would silently route over all experts. Use moe.router='topk'"
-        )
+
+
+def _check_group_ranges(cfg: ModelConfig) -> None:
+    for entry in cfg.group_of_token:
+        ok = (isinstance(entry, (list, tuple)) and len(entry) == 3
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in entry))
+        G = cfg.moe.num_groups  # with one group the ranges only label tokens (per-modality losses)
+        if not ok or not (0 <= entry[0] < entry[1] <= cfg.vocab_size and 0 <= entry[2] and (G == 1 or entry[2] < G)):
+            raise ConfigError(
+                f"group_of_token entry {entry!r} is invalid: each entry is [lo, hi, group] with "
+                f"0 <= lo < hi <= vocab_size={cfg.vocab_size} and 0 <= group < moe.num_groups={G}"
+            )
+
+
+def token_groups(cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor | None:
+    """The group of each token id by `cfg.group_of_token` (None when the config has no ranges)."""
+    if not cfg.group_of_token:
+        return None
+    groups = torch.zeros_like(ids)
+    for lo, hi, g in cfg.group_of_token:
+        groups = groups.masked_fill((ids >= lo) & (ids < hi), g)
+    return groups
+
+
+def check_group_ids(cfg: ModelConfig, group_ids_BT: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """One clear message for group ids of the wrong shape, type or range.
+
+    With moe.num_groups == 1 the ids are the routers' own business and pass unchecked (Read-ME's fixed
+    routers take K expert ids per token this way, moefy/readme_lm.py).
+    """
+    G = cfg.moe.num_groups
+    if G == 1 and group_ids_BT.shape[:2] == tuple(shape) and not group_ids_BT.dtype.is_floating_point:
+        return
+    if tuple(group_ids_BT.shape) != tuple(shape):
+        raise ConfigError(f"group_ids has shape {tuple(group_ids_BT.shape)} but the input ids have shape {tuple(shape)}: "
+                          f"give one group id per token")
+    if group_ids_BT.dtype.is_floating_point or group_ids_BT.dtype == torch.bool:
+        raise ConfigError(f"group_ids must be integers, got {group_ids_BT.dtype}")
+    if group_ids_BT.numel() and (int(group_ids_BT.min()) < 0 or int(group_ids_BT.max()) >= G):
+        raise ConfigError(f"group ids must be in [0, {G}) (moe.num_groups={G}); got values in "
+                          f"[{int(group_ids_BT.min())}, {int(group_ids_BT.max())}]")
 
 
 @dataclass
@@ -162,14 +215,47 @@ class Block(nn.Module):
             self.mlp = ResidualMoE(cfg.moe_for_layer(layer_idx), cfg.dense_hidden)
         else:
             self.mlp = MoELayer(cfg.moe_for_layer(layer_idx))
+        self.depth_router = DepthRouter(cfg.hidden_size, cfg.mod_capacity, cfg.mod_predictor_hidden) \
+            if layer_idx in cfg.mod_layers else None
 
-    def forward(self, x, cos, sin, mask, kv_cache, layer_idx, cache_start, group_ids):
+    def forward(self, x, cos, sin, mask, kv_cache, layer_idx, cache_start, group_ids, causal=None, depth_aux=None):
+        """(new x, routing or None); a mixture-of-depths block appends its losses to `depth_aux`."""
+        if self.depth_router is not None:
+            return self._forward_depth(x, cos, sin, mask, kv_cache, layer_idx, cache_start, group_ids, causal, depth_aux)
         m = self.residual_multiplier
         attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_idx, cache_start)
         x = x + (attn * m if m != 1.0 else attn)
         h = self.post_attention_layernorm(x)
-        out, routing = self.mlp(h, group_ids) if self.is_moe else (self.mlp(h), None)
+        out, routing = self.mlp(h, group_ids, causal) if self.is_moe else (self.mlp(h), None)
         return x + (out * m if m != 1.0 else out), routing
+
+    def _forward_depth(self, x, cos, sin, mask, kv_cache, layer_idx, cache_start, group_ids, causal, depth_aux):
+        """Mixture-of-depths: chosen tokens attend among the chosen (by a key mask) and alone pass the FFN."""
+        B, T, D = x.shape
+        chosen_BT, w_BT, aux = self.depth_router(x, causal)
+        if depth_aux is not None:
+            depth_aux.append(aux)
+        keys_BK = chosen_BT
+        if kv_cache is not None:  # which cached keys this layer computed for: kept beside the cache
+            history = kv_cache.depth_keys.setdefault(layer_idx, torch.zeros(B, kv_cache.max_len, dtype=torch.bool, device=x.device))
+            history[:, cache_start: cache_start + T] = chosen_BT
+            keys_BK = history[:, : cache_start + T]
+        start = cache_start if kv_cache is not None else 0
+        depth_mask = causal_mask(T, start + T, start, ~keys_BK)
+        depth_mask = depth_mask & mask if mask is not None else depth_mask
+        m = self.residual_multiplier
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, depth_mask, kv_cache, layer_idx, cache_start)
+        h_ND = (x + (attn * m if m != 1.0 else attn)).reshape(-1, D)
+        idx_N = chosen_BT.reshape(-1).nonzero().squeeze(-1)
+        h_1ND = h_ND[idx_N][None]
+        groups_N = group_ids[idx_N] if group_ids is not None and group_ids.numel() == B * T else group_ids
+        normed = self.post_attention_layernorm(h_1ND)
+        out, routing = self.mlp(normed, groups_N, causal) if self.is_moe else (self.mlp(normed), None)
+        new_ND = h_1ND[0] + (out[0] * m if m != 1.0 else out[0])
+        x_ND = x.reshape(-1, D)
+        x_sel = x_ND[idx_N]
+        y_ND = x_ND.index_copy(0, idx_N, x_sel + w_BT.reshape(-1)[idx_N, None].to(x.dtype) * (new_ND - x_sel))
+        return y_ND.view(B, T, D), routing
 
 
 def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
@@ -212,8 +298,15 @@ class DecoderLM(nn.Module):
         cache_start: int = 0,
         group_ids_BT: torch.Tensor | None = None,
         last_only: bool = False,
+        causal_routing: bool | None = None,
     ) -> DecoderOutput:
         """attention_mask_BK: 1 for real tokens, 0 for padding, over cache + new tokens.
+
+        group_ids_BT: a group (modality, task) per token, in [0, moe.num_groups); without them the
+        groups come from `cfg.group_of_token` (token-id ranges), if set. Every MoE layer's router
+        gets them flattened as `group_ids_T` (None when there are none).
+        causal_routing: expert choice's auxiliary routers and mixture-of-depths' predictors decide
+        (True) or the non-causal top-k choice does (False); None: causal unless training.
 
         With a KV cache this is also the generation step (prefill: cache_start=0;
         decode: one new token per sequence at cache_start). last_only=True computes
@@ -232,36 +325,58 @@ class DecoderLM(nn.Module):
         if attention_mask_BK is not None:
             padding = attention_mask_BK[:, : cache_start + T] == 0
             mask = causal_mask(T, cache_start + T, cache_start, padding) if bool(padding.any()) else None
-        group_ids = group_ids_BT.reshape(-1) if group_ids_BT is not None else None
-        routings = []
+        group_ids = self._group_ids(input_ids_BT, group_ids_BT)
+        routings, depth_aux = [], []
         for i, layer in enumerate(self.layers):
-            x, routing = layer(x, cos, sin, mask, kv_cache, i, cache_start, group_ids)
+            x, routing = layer(x, cos, sin, mask, kv_cache, i, cache_start, group_ids, causal_routing, depth_aux)
             routings.append(routing)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         if self.cfg.logits_scaling != 1.0:
             logits = logits / self.cfg.logits_scaling
-        return DecoderOutput(logits, _mean_aux(routings), routings)
+        return DecoderOutput(logits, {**_mean_aux(routings), **_mean_dicts(depth_aux)}, routings)
+
+    def _group_ids(self, ids_BT: torch.Tensor, group_ids_BT: torch.Tensor | None) -> torch.Tensor | None:
+        """Flat group ids `group_ids_T` for the routers: given, else from the token ranges, else None."""
+        if group_ids_BT is None:
+            group_ids_BT = token_groups(self.cfg, ids_BT)
+            if group_ids_BT is None:
+                if self.cfg.routes_by_group:
+                    raise ConfigError(
+                        f"this model routes by group (moe.router={self.cfg.moe.router!r}, moe.num_groups="
+                        f"{self.cfg.moe.num_groups}) but got no group ids: pass group_ids_BT (one per token) or set "
+                        f"model.group_of_token (token-id ranges per group)")
+                return None
+        else:
+            group_ids_BT = torch.as_tensor(group_ids_BT, device=ids_BT.device)
+            check_group_ids(self.cfg, group_ids_BT, ids_BT.shape)
+        return group_ids_BT.reshape(-1)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
         cfg = self.cfg
         p = self.embed_tokens.weight
         if cfg.attention == "mla":  # the latent cache: kv_lora_rank + qk_rope_head_dim numbers per token and layer
-            return LatentKVCache(batch_size, cfg.num_layers, max_len or cfg.max_seq_len, cfg.mla.latent_dim,
-                                 dtype or p.dtype, device or p.device)
-        return KVCache(
-            batch_size, cfg.num_layers, cfg.num_kv_heads, max_len or cfg.max_seq_len,
-            cfg.head_dim or cfg.hidden_size // cfg.num_heads, dtype or p.dtype, device or p.device,
-        )
+            cache = LatentKVCache(batch_size, cfg.num_layers, max_len or cfg.max_seq_len, cfg.mla.latent_dim,
+                                  dtype or p.dtype, device or p.device)
+        else:
+            cache = KVCache(
+                batch_size, cfg.num_layers, cfg.num_kv_heads, max_len or cfg.max_seq_len,
+                cfg.head_dim or cfg.hidden_size // cfg.num_heads, dtype or p.dtype, device or p.device,
+            )
+        cache.depth_keys = {}  # mixture-of-depths layers: which cached positions each computed for
+        return cache
 
 
 def _mean_aux(routings: list[Routing | None]) -> dict[str, torch.Tensor]:
+    return _mean_dicts([r.aux_losses for r in routings if r is not None])
+
+
+def _mean_dicts(dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     totals: dict[str, list[torch.Tensor]] = {}
-    for r in routings:
-        if r is not None:
-            for name, value in r.aux_losses.items():
-                totals.setdefault(name, []).append(value)
+    for d in dicts:
+        for name, value in d.items():
+            totals.setdefault(name, []).append(value)
     return {name: torch.stack(vals).mean() for name, vals in totals.items()}
 
 
@@ -306,4 +421,11 @@ def lm_loss(out: DecoderOutput, targets_BT: torch.Tensor, balance_weight: float,
     if "z" in out.aux_losses:
         parts["z"] = out.aux_losses["z"]
         loss = loss + z_weight * parts["z"]
+    for name in ("aux_router", "mod_predictor"):  # causal predictors on detached inputs: they train only themselves
+        if name in out.aux_losses:
+            parts[name] = out.aux_losses[name]
+            loss = loss + parts[name]
+    for name in ("aux_router_accuracy", "mod_predictor_accuracy"):  # reported, not optimised
+        if name in out.aux_losses:
+            parts[name] = out.aux_losses[name]
     return loss, parts

@@ -10,7 +10,8 @@ Time-MoE, models loaded from Hugging Face). Variants wrap or extend it:
 - `pyramid_schedule` (PR-MoE): expert counts per layer, more in later layers;
 - `MixtureOfDepths`: only the top-capacity tokens of a sequence pass through
   a block, the others skip it; a causal predictor replaces the (non-causal)
-  top-k choice at inference.
+  top-k choice at inference. `DepthRouter` is the same choice for the
+  decoder's blocks (`ModelConfig.mod_layers`), which run it with masks.
 
 Every forward returns `(output, routing)`: losses travel with the routing
 record, nothing is stored on the module.
@@ -51,13 +52,15 @@ class MoELayer(nn.Module):
             self.shared = build_mlp(cfg.activation, cfg.hidden_size, width)
             self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
 
-    def forward(self, x: torch.Tensor, group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x: torch.Tensor, group_ids: torch.Tensor | None = None,
+                causal: bool | None = None) -> tuple[torch.Tensor, Routing]:
+        """group_ids: one per token or None; causal: the router's causal mode (None: its default)."""
         cfg = self.cfg
         if x.shape[-1] != cfg.hidden_size:
             raise ValueError(f"input has hidden size {x.shape[-1]} but the MoE layer has hidden_size={cfg.hidden_size}")
         x_TD = x.reshape(-1, cfg.hidden_size)
         batch_size = x.shape[0] if x.dim() == 3 else 1
-        routing = self.router(x_TD, batch_size=batch_size, group_ids_T=group_ids)
+        routing = self.router(x_TD, batch_size=batch_size, group_ids_T=group_ids, causal=causal)
         if cfg.router != "expert_choice":
             factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
             routing = self.dispatcher.limit(routing, cfg.top_k, factor, cfg.min_capacity, cfg.drop_policy, self.generator)
@@ -87,8 +90,9 @@ class ResidualMoE(nn.Module):
         self.mlp = build_mlp(cfg.activation, cfg.hidden_size, mlp_hidden)
         self.coefficient = nn.Linear(cfg.hidden_size, 2)
 
-    def forward(self, x: torch.Tensor, group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
-        moe_out, routing = self.moe(x, group_ids)
+    def forward(self, x: torch.Tensor, group_ids: torch.Tensor | None = None,
+                causal: bool | None = None) -> tuple[torch.Tensor, Routing]:
+        moe_out, routing = self.moe(x, group_ids, causal)
         mix = self.coefficient(x).softmax(-1)
         return moe_out * mix[..., :1] + self.mlp(x) * mix[..., 1:], routing
 
@@ -156,6 +160,42 @@ class MixtureOfDepths(nn.Module):
         C = max(1, math.ceil(self.capacity * T))
         mask = torch.zeros_like(score_BT, dtype=torch.bool)
         return mask.scatter(1, score_BT.topk(C, dim=-1).indices, True)
+
+
+class DepthRouter(nn.Module):
+    """Mixture-of-Depths' choice for a decoder block (models/decoder.py runs the block on the chosen tokens).
+
+    Non-causal (training): each sequence's top ceil(capacity * T) tokens by a linear score. Causal
+    (default: not training): a small predictor on the detached input, trained with BCE to tell
+    whether a token would be in that top-k, decides token by token. Chosen tokens are weighted by
+    sigmoid(score), so the score learns through the block's output.
+    """
+
+    def __init__(self, hidden_size: int, capacity: float = 0.25, predictor_hidden: int = 64):
+        super().__init__()
+        if not 0 < capacity <= 1 or math.isnan(capacity):
+            raise ValueError(f"capacity={capacity} is invalid: it must be in (0, 1]")
+        self.capacity = capacity
+        self.router = nn.Linear(hidden_size, 1, bias=False)
+        self.predictor = nn.Sequential(nn.Linear(hidden_size, predictor_hidden), nn.SiLU(), nn.Linear(predictor_hidden, 1))
+
+    def forward(self, x_BTD: torch.Tensor, causal: bool | None = None):
+        """(chosen_BT bool, weight_BT, aux): aux has "mod_predictor" (BCE, when losses are wanted) and its accuracy."""
+        causal = (not self.training) if causal is None else causal
+        score_BT = self.router(x_BTD).squeeze(-1)
+        predicted_BT = self.predictor(x_BTD.detach()).squeeze(-1)
+        aux = {}
+        if not causal or x_BTD.shape[1] > 1:  # one decoded token has no top-k to learn from
+            topk_BT = self._topk_mask(score_BT)
+            aux["mod_predictor_accuracy"] = ((predicted_BT > 0) == topk_BT).float().mean().detach()
+            if self.training or torch.is_grad_enabled():
+                aux["mod_predictor"] = F.binary_cross_entropy_with_logits(predicted_BT.float(), topk_BT.float())
+        chosen_BT = predicted_BT > 0 if causal else topk_BT
+        return chosen_BT, torch.sigmoid(score_BT), aux
+
+    def _topk_mask(self, score_BT: torch.Tensor) -> torch.Tensor:
+        C = max(1, math.ceil(self.capacity * score_BT.shape[1]))
+        return torch.zeros_like(score_BT, dtype=torch.bool).scatter(1, score_BT.topk(C, dim=-1).indices, True)
 
 
 def moe_config_for_layer(cfg: MoEConfig, num_experts: int) -> MoEConfig:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import MoEConfig
 
@@ -105,7 +106,9 @@ def sequence_balance_loss(
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean squared log-partition, keeps logits small."""
+    """ST-MoE router z-loss: mean squared log-partition, keeps logits small (0 for no tokens)."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.float().sum()
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
 
 
@@ -129,7 +132,9 @@ class TopKRouter(nn.Module):
         persistent = cfg.bias_update_rate > 0 or cfg.selection_bias  # a loaded DeepSeek-V3 bias must survive checkpoints
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=persistent)
 
-    def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None,
+                causal: bool | None = None) -> Routing:
+        """causal is accepted for the common router call and ignored: token choice is causal already."""
         cfg = self.cfg
         logits_TE, scores_TE, expert_idx_TK, weight_TK = self._decide(x_TD, group_ids_T)
         if self.training and cfg.bias_update_rate > 0:
@@ -184,59 +189,119 @@ class TopKRouter(nn.Module):
 
 
 class GroupRouter(TopKRouter):
-    """Experts split into `num_groups` equal groups; a token routes only inside its group.
+    """Experts split into `num_groups` groups (`group_sizes`, equal by default); a token routes only inside its group.
 
     The group id comes with each token (a modality as in MoMa, a task as in
     JiuZhang 2.0). Without group ids every token may use every expert.
     """
 
     def _allowed_experts(self, group_ids_T, T, device) -> torch.Tensor | None:
-        if group_ids_T is None:
-            return None
-        G, E = self.cfg.num_groups, self.cfg.num_experts
-        group_ids_T = group_ids_T.reshape(-1).to(device)
-        if group_ids_T.numel() != T:
-            raise ValueError(f"group_ids has {group_ids_T.numel()} entries for {T} tokens")
-        if group_ids_T.numel() and (group_ids_T.min() < 0 or group_ids_T.max() >= G):
-            raise ValueError(f"group ids must be in [0, {G}); got values in [{group_ids_T.min()}, {group_ids_T.max()}]")
-        expert_group_E = torch.arange(E, device=device) // (E // G)
-        return expert_group_E[None, :] == group_ids_T[:, None]
+        return group_mask(self.cfg, group_ids_T, T, device)
 
 
 class ExpertChoiceRouter(nn.Module):
-    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens.
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens; MoMa's modality-aware form.
 
     C = ceil(tokens * capacity_factor / experts), at most the number of tokens.
     Every expert is exactly full, so no balance loss is needed; a token may be
-    taken by several experts or by none.
+    taken by several experts or by none. With `num_groups` > 1 (MoMa) a token
+    competes only for its group's experts and each expert of group g takes
+    ceil(T_g * capacity_factor / |g|) of the T_g tokens of that group
+    (capacity_factor=1: 1/|g| of them). `noise_policy="gumbel"` adds
+    Gumbel-sigmoid (logistic) noise to the selection logits in training.
+
+    The choice looks at every token of the batch, later ones included. With
+    `aux_router_hidden` > 0, causal auxiliary routers (one small MLP per
+    expert, on detached inputs, trained with BCE to predict the choice) decide
+    instead when `causal` (default: not training): expert e takes token t when
+    its auxiliary logit is > 0. aux_losses carry their BCE ("aux_router") and
+    accuracy ("aux_router_accuracy", a detached number, not a loss).
     """
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=cfg.router_bias)
+        self.aux_routers = CausalAuxRouters(cfg.hidden_size, cfg.num_experts, cfg.aux_router_hidden) \
+            if cfg.aux_router_hidden > 0 else None
 
-    def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None,
+                causal: bool | None = None) -> Routing:
         cfg = self.cfg
         T, E = x_TD.shape[0], cfg.num_experts
-        factor = cfg.capacity_factor if self.training or cfg.eval_capacity_factor <= 0 else cfg.eval_capacity_factor
-        C = expert_choice_capacity(T, E, factor)
         logits_TE = self.gate(x_TD)
-        scores_TE = logits_TE.float().softmax(-1)
-        weight_EC, token_idx_EC = scores_TE.t().topk(C, dim=-1)
-        expert_idx_EC = torch.arange(E, device=x_TD.device)[:, None].expand(E, C)
-        weight_N = (weight_EC * cfg.routed_scaling_factor).to(x_TD.dtype).reshape(-1)
+        allowed_TE = group_mask(cfg, group_ids_T, T, x_TD.device)
+        scores_TE = _scores(logits_TE, cfg.score_func, allowed_TE)
+        aux_TE = self.aux_routers(x_TD.detach()) if self.aux_routers is not None else None
+        use_aux = aux_TE is not None and ((not self.training) if causal is None else causal)
+        losses = wants_losses(self)
+        # the non-causal choice: what the experts take, or (causal) what the auxiliary routers learn and are scored on
+        chosen_TE = self._choose(scores_TE, logits_TE, allowed_TE, group_ids_T) if not use_aux or T > 1 else None
+        selected_TE = chosen_TE if not use_aux else (aux_TE > 0) & (allowed_TE if allowed_TE is not None else True)
+        expert_idx_N, token_idx_N = selected_TE.t().nonzero(as_tuple=True)  # expert-major
+        weight_N = (scores_TE[token_idx_N, expert_idx_N] * cfg.routed_scaling_factor).to(x_TD.dtype)
+        aux = {"z": z_loss(logits_TE)} if losses else {}
+        if aux_TE is not None and chosen_TE is not None:
+            aux.update(aux_router_losses(aux_TE, chosen_TE, allowed_TE, losses))
         return Routing(
-            token_idx_N=token_idx_EC.reshape(-1),
-            expert_idx_N=expert_idx_EC.reshape(-1),
-            weight_N=weight_N,
-            num_tokens=T,
-            num_experts=E,
-            logits_TE=logits_TE,
-            probs_TE=scores_TE,
-            aux_losses={"z": z_loss(logits_TE)} if wants_losses(self) else {},
-            selected_E=torch.full((E,), C, device=x_TD.device),
+            token_idx_N=token_idx_N, expert_idx_N=expert_idx_N, weight_N=weight_N, num_tokens=T, num_experts=E,
+            logits_TE=logits_TE, probs_TE=scores_TE, aux_losses=aux,
+            selected_E=(chosen_TE if chosen_TE is not None else selected_TE).sum(0),
         )
+
+    def _choose(self, scores_TE, logits_TE, allowed_TE, group_ids_T) -> torch.Tensor:
+        """[T, E] bool: expert e takes token t (each expert its top-C tokens of its group)."""
+        cfg = self.cfg
+        T, E = scores_TE.shape
+        factor = cfg.capacity_factor if self.training or cfg.eval_capacity_factor <= 0 else cfg.eval_capacity_factor
+        choice_TE = scores_TE
+        if self.training and cfg.noise_policy == "gumbel":
+            u = torch.rand_like(logits_TE, dtype=torch.float32).clamp(1e-6, 1 - 1e-6)
+            choice_TE = _scores(logits_TE.float() + u.log() - (1 - u).log(), cfg.score_func, allowed_TE)
+        if allowed_TE is None:
+            C_E = torch.full((E,), expert_choice_capacity(T, E, factor), device=scores_TE.device)
+        else:
+            choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
+            group_E = expert_groups(cfg, scores_TE.device)
+            tokens_G = torch.bincount(group_ids_T.reshape(-1).to(scores_TE.device), minlength=cfg.num_groups)
+            sizes_G = torch.bincount(group_E, minlength=cfg.num_groups)
+            C_G = torch.minimum(torch.ceil(tokens_G * factor / sizes_G).long(), tokens_G)
+            C_E = C_G[group_E]
+        selected_TE = torch.zeros(T, E, dtype=torch.bool, device=scores_TE.device)
+        top = int(C_E.max()) if E else 0
+        if top == 0:
+            return selected_TE
+        token_idx_EC = choice_TE.t().topk(top, dim=-1).indices
+        keep_EC = torch.arange(top, device=scores_TE.device)[None, :] < C_E[:, None]
+        expert_idx_EC = torch.arange(E, device=scores_TE.device)[:, None].expand(E, top)
+        selected_TE[token_idx_EC[keep_EC], expert_idx_EC[keep_EC]] = True
+        return selected_TE
+
+
+class CausalAuxRouters(nn.Module):
+    """MoMa's auxiliary routers: one 2-layer MLP per expert predicting "expert e takes token t" from x_t alone."""
+
+    def __init__(self, hidden_size: int, num_experts: int, hidden: int):
+        super().__init__()
+        self.w_in_EDH = nn.Parameter(torch.randn(num_experts, hidden_size, hidden) / math.sqrt(hidden_size))
+        self.b_in_EH = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.w_out_EH = nn.Parameter(torch.randn(num_experts, hidden) / math.sqrt(hidden))
+        self.b_out_E = nn.Parameter(torch.zeros(num_experts))
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Logits [T, E]: > 0 means the expert is predicted to take the token."""
+        h_TEH = F.silu(torch.einsum("td,edh->teh", x_TD, self.w_in_EDH) + self.b_in_EH)
+        return (h_TEH * self.w_out_EH).sum(-1) + self.b_out_E
+
+
+def aux_router_losses(aux_TE, chosen_TE, allowed_TE, losses: bool = True) -> dict[str, torch.Tensor]:
+    """BCE of the auxiliary routers against the non-causal choice, and their accuracy, over allowed pairs."""
+    keep = allowed_TE if allowed_TE is not None else torch.ones_like(chosen_TE)
+    logits, target = aux_TE[keep], chosen_TE[keep].float()
+    out = {"aux_router_accuracy": ((logits > 0).float() == target).float().mean().detach()}
+    if losses:
+        out["aux_router"] = F.binary_cross_entropy_with_logits(logits.float(), target)
+    return out
 
 
 class SparseMixerRouter(TopKRouter):
@@ -266,6 +331,25 @@ def _sparsemixer_pick(candidates_TE: torch.Tensor, scores_TE: torch.Tensor, eps:
     far_TE = ((best_T1 - scores_TE) / factor_TE) > (2 * eps)
     weights_TE = candidates_TE.masked_fill(far_TE, float("-inf")).softmax(-1)
     return idx_T1, weights_TE.gather(-1, idx_T1)
+
+
+def expert_groups(cfg: MoEConfig, device=None) -> torch.Tensor:
+    """[E] the group of each expert: `group_sizes` consecutive experts per group, or equal groups."""
+    sizes = cfg.group_sizes or [cfg.num_experts // cfg.num_groups] * cfg.num_groups
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+
+
+def group_mask(cfg: MoEConfig, group_ids_T: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
+    """[T, E] True where token t may use expert e (its group's experts); None without group ids or groups."""
+    if group_ids_T is None or cfg.num_groups == 1:
+        return None
+    group_ids_T = group_ids_T.reshape(-1).to(device)
+    if group_ids_T.numel() != T:
+        raise ValueError(f"group_ids has {group_ids_T.numel()} entries for {T} tokens")
+    G = cfg.num_groups
+    if group_ids_T.numel() and (group_ids_T.min() < 0 or group_ids_T.max() >= G):
+        raise ValueError(f"group ids must be in [0, {G}); got values in [{group_ids_T.min()}, {group_ids_T.max()}]")
+    return expert_groups(cfg, device)[None, :] == group_ids_T[:, None]
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, factor: float) -> int:

@@ -45,7 +45,8 @@ class SelectorRouter(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.net = nn.Sequential(nn.Linear(hidden_size, selector_hidden), nn.ReLU(), nn.Linear(selector_hidden, num_experts))
 
-    def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None,
+                causal: bool | None = None) -> Routing:
         logits_TE = self.net(x_TD)
         return routing_from(logits_TE.topk(self.top_k, dim=-1).indices, logits_TE, x_TD.dtype)
 
@@ -57,7 +58,8 @@ class FixedRouter(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
 
-    def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None) -> Routing:
+    def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None,
+                causal: bool | None = None) -> Routing:
         T = x_TD.shape[0]
         if group_ids_T is None or group_ids_T.numel() != T * self.top_k:
             raise ValueError(f"a decoupled-router layer needs {self.top_k} expert id(s) per token as group ids for {T} tokens")

@@ -32,9 +32,14 @@ class DataConfig:
     max_bytes: int = 4_000_000
     tokenizer: str = "byte"  # byte | bpe
     bpe_vocab_size: int = 2048
+    kind: str = "text"  # text | mixed_modal (text + VQ-tokenized digit images, moekit.data.mixed_modal)
+    vq_patch: int = 2  # mixed_modal: image patch size (8x8 digits: 2 or 4)
+    vq_codes: int = 64  # mixed_modal: codebook size (image token ids follow the text vocabulary)
+    vq_path: str | None = None  # mixed_modal: a saved codebook (vq.json) instead of training one
 
     def __post_init__(self) -> None:
         _check_int(self, "max_bytes", 1)
+        _check_choice(self, "kind", ("text", "mixed_modal"))
         _check_choice(self, "tokenizer", ("byte", "bpe"))
         _check_int(self, "bpe_vocab_size", 257)
 
@@ -60,7 +65,15 @@ def _preset_small() -> RunConfig:
     return RunConfig(model, train, DataConfig(max_bytes=4_000_000))
 
 
-PRESETS = {"tiny": _preset_tiny, "small": _preset_small}
+def _preset_moma_small() -> RunConfig:
+    """MoMa 4 text + 4 image experts (expert choice, causal auxiliary routers) on mixed-modal data."""
+    moe = MoEConfig(num_experts=8, expert_hidden=256, router="expert_choice", capacity_factor=1.0, num_groups=2,
+                    group_sizes=[4, 4], score_func="sigmoid", aux_router_hidden=64)
+    cfg = _preset_small()
+    return replace(cfg, model=replace(cfg.model, moe=moe), data=DataConfig(kind="mixed_modal", max_bytes=1_000_000))
+
+
+PRESETS = {"tiny": _preset_tiny, "small": _preset_small, "moma-small": _preset_moma_small}
 
 
 def resolve_run_config(preset: str | None = None, config_file: str | None = None, overrides=(), data: str | None = None) -> RunConfig:
@@ -84,9 +97,15 @@ class LMData:
     train: torch.Tensor
     val: torch.Tensor
     source: str
+    model_overrides: dict = field(default_factory=dict)  # what the data fixes in the model (modality id ranges)
+    files: dict = field(default_factory=dict)  # name -> object with .save(path), written into the run directory
 
 
 def prepare_data(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer | None = None) -> LMData:
+    if cfg.kind == "mixed_modal":
+        from ..data.mixed_modal import prepare_lm_data
+
+        return LMData(**prepare_lm_data(cfg, tokenizer))
     corpus = load_corpus(cfg.path, cfg.max_bytes)
     if tokenizer is None:
         tokenizer = Tokenizer.byte_level() if cfg.tokenizer == "byte" else Tokenizer.train_bpe(corpus.train, cfg.bpe_vocab_size)
@@ -129,7 +148,7 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
     tc = cfg.train
     tokenizer = Tokenizer.from_file(resolve_checkpoint(out)) if resume else None
     data = prepare_data(cfg.data, tc.seq_len, tokenizer)
-    cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size))
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size, **data.model_overrides))
     if tc.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     torch.manual_seed(tc.seed)
@@ -165,6 +184,8 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
         tokenizer=data.tokenizer, resume=resume, progress=progress, tokens_per_batch=tc.batch_size * tc.seq_len,
         parallel=parallel,
     )
+    for name, obj in data.files.items() if parallel is None or parallel.is_main else ():
+        obj.save(out / name)  # e.g. the mixed-modal VQ codebook, beside the checkpoints
     if parallel is not None:  # hand back an ordinary single-process model holding every expert
         full_state = parallel.full_state_dict(model)
         model = build_model(cfg.model)
