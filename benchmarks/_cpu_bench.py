@@ -63,15 +63,19 @@ def model_dir(name: str) -> Path:
     return path
 
 
-def gguf_path(name: str, gguf_type: str) -> Path:
-    """Model `name` exported by moekit's own GGUF writer (moekit.gguf.save) at `gguf_type`, built once."""
+def gguf_path(name: str, gguf_type: str, model=None) -> Path:
+    """Model `name` exported by moekit's own GGUF writer (moekit.gguf.save) at `gguf_type`, built once.
+
+    `model`: the loaded moekit model to export (else it is loaded from model_dir).
+    """
     import moekit.gguf as G
     from moekit.data.text import Tokenizer
     from moekit.infer import Engine
 
     path = CACHE / _key(name) / f"model-{gguf_type}.gguf"
     if not path.is_file():
-        G.save(Engine.load(model_dir(name)).model, path, Tokenizer.byte_level(), dtype=gguf_type)
+        model = model if model is not None else Engine.load(model_dir(name)).model
+        G.save(model, path, Tokenizer.byte_level(), dtype=gguf_type)
     return path
 
 

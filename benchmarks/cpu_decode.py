@@ -117,9 +117,11 @@ def prompts(name: str, lengths: tuple[int, ...]) -> dict[int, list[int]]:
 
 def prepare(name: str) -> None:
     """Builds the model directory and its GGUF files (run in a child: the parent stays small)."""
-    model_dir(name)
+    from moekit.infer import Engine
+
+    model = Engine.load(model_dir(name)).model
     for gguf_type, _ in WIDTHS.values():
-        gguf_path(name, gguf_type)
+        gguf_path(name, gguf_type, model)
 
 
 def time_cell(workers: dict, threads: int, rounds: int, ps: dict, new_tokens: int) -> dict:
@@ -193,10 +195,47 @@ def quality(steps: int, batches: int, out: Path, prompt_len: int = 32, new_token
         model, _, _ = load_model(run)
         with torch.no_grad():
             tokens[width] = [c.token_ids for c in Engine(quantize_model(model, **options) if options else model).generate_ids(ps, sampling)]
-    agreement = {w: sum(a == b for x, y in zip(t, tokens["fp32"]) for a, b in zip(x, y)) / (n_prompts * new_tokens)
-                 for w, t in tokens.items()}
+    agreement = {w: _agreement(t, tokens["fp32"]) for w, t in tokens.items()}
+    try:
+        llama = {g: _agreement(t, tokens["fp32"]) for g, t in llama_tokens(run, ps, new_tokens).items()}
+    except Exception as e:  # e.g. llama-cpp-python absent, or a preset no GGUF architecture fits: reported
+        llama = {"not run": f"{type(e).__name__}: {e}"}
     return {"run": str(run), "steps": steps, "eval_batches": batches, "losses": losses, "greedy_agreement_with_fp32": agreement,
-            "prompts": n_prompts, "new_tokens": new_tokens}
+            "llama_cpp_greedy_agreement_with_moekit_fp32": llama, "prompts": n_prompts, "new_tokens": new_tokens}
+
+
+def _agreement(tokens: list[list[int]], ref: list[list[int]]) -> float:
+    """Fraction of generated positions where the tokens equal the reference's (all prompts together)."""
+    pairs = [(a, b) for x, y in zip(tokens, ref) for a, b in zip(x, y)]
+    return sum(a == b for a, b in pairs) / len(pairs)
+
+
+def llama_tokens(run: Path, ps: list[list[int]], new_tokens: int) -> dict[str, list[list[int]]]:
+    """llama.cpp's greedy tokens on the trained model, exported by moekit's GGUF writer at each type."""
+    import tempfile
+
+    import llama_cpp
+
+    import moekit.gguf as G
+    from moekit.models.build import load_model
+
+    model, tokenizer, _ = load_model(run)
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for gguf_type, _ in WIDTHS.values():
+            llm = llama_cpp.Llama(str(G.save(model, Path(d) / f"{gguf_type}.gguf", tokenizer, dtype=gguf_type)),
+                                  n_ctx=256, n_threads=1, verbose=False)
+            out[gguf_type] = []
+            for p in ps:
+                llm.reset()
+                toks = []
+                for tok in llm.generate(p, top_k=1, temp=0.0, reset=True):
+                    toks.append(int(tok))
+                    if len(toks) == new_tokens:
+                        break
+                out[gguf_type].append(toks)
+            del llm
+    return out
 
 
 def _quality_child(conn, *args) -> None:
