@@ -102,7 +102,7 @@ def markdown(result: dict) -> str:
         f"{result['machine']['cores']} cores, load average {result['machine']['load_average_1m']} at the end "
         "(other jobs may have shared it; ratios are paired per round, which cancels most of the drift). "
         f"llama-cpp-python {result['llama_cpp_python']}, built from source with CMAKE_ARGS=`{result['llama_cpp_build_cmake_args']}` "
-        "(the VM traps AMX). Both sides read the same random weights: moekit from the HF directory (quantized at load, "
+        f"(the VM traps AMX; llama.cpp reports `{result.get('llama_cpp_system_info', '?')}`). Both sides read the same random weights: moekit from the HF directory (quantized at load, "
         "scope all), llama.cpp from moekit's GGUF export at the matched type. "
         f"{result['rounds']} rounds, {result['new_tokens']} new tokens per decode measurement.",
         tgt,

@@ -100,7 +100,9 @@ def llama_side(name: str, width: str):
                 break
         return {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "steps": len(out) - 1, "tokens": out}
 
-    return {"load_s": load_s, "llama_cpp_python": llama_cpp.__version__}, handle
+    system = llama_cpp.llama_print_system_info()  # the CPU features this build uses (AVX2 = 1, AMX absent, ...)
+    return {"load_s": load_s, "llama_cpp_python": llama_cpp.__version__,
+            "system_info": system.decode() if isinstance(system, bytes) else str(system)}, handle
 
 
 SIDES = {"moekit": moekit_side, "llama.cpp": llama_side}
@@ -304,6 +306,7 @@ def main() -> None:
 
     result = {"targets": targets_of(widths, qual), "machine": machine_info(), "command": command_line(), "quick": args.quick,
               "llama_cpp_python": llama_cpp.__version__, "llama_cpp_build_cmake_args": LLAMA_BUILD_FLAGS,
+              "llama_cpp_system_info": widths[0]["ready"]["llama.cpp"].get("system_info"),
               "models": {m: MODELS[m] for m in models}, "rounds": rounds, "new_tokens": new_tokens,
               "copy_bandwidth_gbs": bandwidth, "widths": widths, "quality": qual,
               "seconds": round(time.perf_counter() - started, 1)}
