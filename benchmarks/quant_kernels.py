@@ -10,7 +10,7 @@ This is the probe behind `auto`'s rule in moekit.moe.quantized
 
 Peers, timed interleaved in one process per (threads, rows): fp32 F.linear;
 numba int8 (per channel); numba int4 group 32 symmetric and with zero
-points; dequant int8 and int4. Rows 1 and 8 (decoding), 64 (where the rule flips);
+points; dequant int8 and int4. Rows 1 and 8 (decoding), 32 and 64 (where the rule flips);
 1 and 2 threads. Each call takes the next of COPIES different matrices, so the
 weights come from memory, not from the 32 MB L3 cache (one int4 4096x4096
 matrix is 10 MB), as they do in a model's decode step.
@@ -38,7 +38,7 @@ from moekit.moe.quantized import NUMBA_MAX_ROWS  # noqa: E402
 
 SIZE = 4096
 COPIES = 4  # distinct matrices cycled through (4 x 10 MB int4 > the L3 cache)
-ROWS = (1, 8, 64)
+ROWS = (1, 8, 32, 64)  # 32: where the faster int4 kernel may now flip (NUMBA_MAX_ROWS[4] is 8)
 THREADS = (1, 2)
 SPECS = {"int8": QuantSpec(8), "int4-g32": QuantSpec(4, 32), "int4-g32-zp": QuantSpec(4, 32, symmetric=False)}
 
