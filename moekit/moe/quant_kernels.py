@@ -12,13 +12,16 @@ read once per call however many rows share it.
 - int4: y = sum_g scale[o, g] * (sum_j code[o, j] x[j] - zero[o, g] * sum_j x[j]);
   x is split once per call into its even and odd columns (the low and high
   nibbles of a byte), and its group sums are computed once per row. The
-  inner step takes 16 bytes (32 weights, the smallest group) of two output
+  inner step takes 16 bytes (32 weights, the smallest group) of four output
   channels at once: nibbles by mask and shift on int32 lanes (not a table
   lookup, which is a gather), converted to fp32, scaled, and accumulated
   lane-wise; the lanes are summed once per channel, not once per group.
-  Same layout as on disk (no repacking): this runs about 10x faster than a
-  table-lookup kernel with one reduction per group, and faster than int8 at
-  one row (benchmarks/results/quant_kernels.md).
+  Same layout as on disk (no repacking). Probed on a loaded 2-core EPYC (best of 60 calls,
+  4096x4096, weights cycling through 4 matrices so they come from memory, 1 thread): about 10x
+  faster than the previous kernel (a 256-entry nibble table, a gather, and one reduction per group),
+  1.6-1.9 ms against int8's 1.8-1.9 ms; four channels per step beat two by about 10%. Compute, not
+  the weight read, still bounds it on one thread (8 vector ops per 16 weights against int8's 6);
+  benchmarks/quant_kernels.py is the measurement to trust, on an idle machine.
 
 Why numba: on the 2-core CPU this was written on, PyTorch's eager int8/int4
 pack-mm ops were 6-15x slower than fp32 F.linear at batch 1 while a numba
@@ -65,21 +68,27 @@ if AVAILABLE:
                 out[r, o] = acc * s
 
     @njit(inline="always", fastmath=True)
-    def _int4_pair(qa, qb, sa, sb, xe_r, xo_r, per_group, acca, accb):  # pragma: no cover - compiled
-        """acc[j] += scale * (lo * x_even + hi * x_odd) for two channels, over 16-byte chunks (32 weights).
+    def _nibbles(b, x_e, x_o):  # pragma: no cover - compiled
+        """low nibble * x_even + high nibble * x_odd, unpacked by mask and shift on int32 lanes (not a table gather)."""
+        return numba.float32(np.int32(b & 15)) * x_e + numba.float32(np.int32(b >> 4)) * x_o
 
-        No reduction inside a chunk: the lanes are summed once per channel, at the end.
+    @njit(inline="always", fastmath=True)
+    def _int4_quad(q0, q1, q2, q3, s0_, s1_, s2_, s3_, xe_r, xo_r, group_shift, acc_4):  # pragma: no cover - compiled
+        """acc_4[i, j] += scale * nibbles for four channels (codes q0..q3, scales s0_..s3_), 16 bytes (32 weights) a step.
+
+        Four channels per step share each x load; no reduction inside a chunk: the lanes are summed once
+        per channel, at the end.
         """
-        for c in range(qa.shape[0] // CHUNK):
-            g = c // per_group
-            s_a, s_b = sa[g], sb[g]
+        for c in range(q0.shape[0] // CHUNK):
+            g = c >> group_shift  # chunks per group are 1, 2 or 4: a shift, not a division (that costs more than the chunk)
+            s0, s1, s2, s3 = s0_[g], s1_[g], s2_[g], s3_[g]
             base = c * CHUNK
             for j in range(CHUNK):  # a constant trip count: LLVM keeps the accumulators in vector registers
                 x_e, x_o = xe_r[base + j], xo_r[base + j]
-                b = qa[base + j]
-                acca[j] += s_a * (numba.float32(np.int32(b & 15)) * x_e + numba.float32(np.int32(b >> 4)) * x_o)
-                b = qb[base + j]
-                accb[j] += s_b * (numba.float32(np.int32(b & 15)) * x_e + numba.float32(np.int32(b >> 4)) * x_o)
+                acc_4[0, j] += s0 * _nibbles(q0[base + j], x_e, x_o)
+                acc_4[1, j] += s1 * _nibbles(q1[base + j], x_e, x_o)
+                acc_4[2, j] += s2 * _nibbles(q2[base + j], x_e, x_o)
+                acc_4[3, j] += s3 * _nibbles(q3[base + j], x_e, x_o)
 
     @njit(inline="always", fastmath=True)
     def _int4_zero_term(s_o, z_o, sym, xsum_r):  # pragma: no cover - compiled
@@ -91,22 +100,23 @@ if AVAILABLE:
         return zt
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _int4_kernel(xe, xo, xsum, q, scale, zero, sym, group, experts, starts, counts, out):  # pragma: no cover
+    def _int4_kernel(xe, xo, xsum, q, scale, zero, sym, group_shift, experts, starts, counts, out):  # pragma: no cover
         A, O = experts.shape[0], q.shape[1]
-        per_group = group // (2 * CHUNK)  # chunks per scale group
-        P = (O + 1) // 2
-        acc = np.zeros((A * P, 2, CHUNK), np.float32)
-        for t in prange(A * P):  # two output channels per step share every x load (an odd last one pairs with itself)
-            a, o = t // P, 2 * (t % P)
-            e, ob = experts[a], min(o + 1, O - 1)
-            za = zero[0, 0] if sym else zero[e, o]
-            zb = zero[0, 0] if sym else zero[e, ob]
+        Q = (O + 3) // 4
+        acc = np.zeros((A * Q, 4, CHUNK), np.float32)
+        for t in prange(A * Q):  # four output channels per step (the last ones repeat channel O-1 when 4 does not divide O)
+            a, o = t // Q, 4 * (t % Q)
+            e = experts[a]
+            o0, o1, o2, o3 = o, min(o + 1, O - 1), min(o + 2, O - 1), min(o + 3, O - 1)
             for r in range(starts[a], starts[a] + counts[a]):
                 acc_t = acc[t]
                 acc_t[:] = 0
-                _int4_pair(q[e, o], q[e, ob], scale[e, o], scale[e, ob], xe[r], xo[r], per_group, acc_t[0], acc_t[1])
-                out[r, o] = acc_t[0].sum() - _int4_zero_term(scale[e, o], za, sym, xsum[r])
-                out[r, ob] = acc_t[1].sum() - _int4_zero_term(scale[e, ob], zb, sym, xsum[r])
+                _int4_quad(q[e, o0], q[e, o1], q[e, o2], q[e, o3], scale[e, o0], scale[e, o1], scale[e, o2], scale[e, o3],
+                           xe[r], xo[r], group_shift, acc_t)
+                for i in range(4):
+                    oi = min(o + i, O - 1)
+                    za = zero[0, 0] if sym else zero[e, oi]
+                    out[r, oi] = acc_t[i].sum() - _int4_zero_term(scale[e, oi], za, sym, xsum[r])
 
 
 def quantized_matmul(x_ND: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -132,8 +142,15 @@ def quantized_matmul(x_ND: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, z
     xsum = x.view(N, -1, spec.group_size).sum(-1).contiguous()
     z = zero if zero is not None else scale.new_zeros((1, 1, 1), dtype=torch.uint8)
     _int4_kernel(xe.numpy(), xo.numpy(), xsum.numpy(), q.numpy(), scale.numpy(), z.numpy(),
-                 not spec.has_zero, spec.group_size, experts, starts, counts, out.numpy())
+                 not spec.has_zero, _chunk_shift(spec.group_size), experts, starts, counts, out.numpy())
     return out
+
+
+def _chunk_shift(group_size: int) -> int:
+    """log2 of the 16-byte chunks per int4 scale group (group sizes 32, 64, 128 -> 0, 1, 2)."""
+    chunks = group_size // (2 * CHUNK)
+    assert chunks * 2 * CHUNK == group_size and chunks & (chunks - 1) == 0, group_size
+    return chunks.bit_length() - 1
 
 
 _threads = [0]
