@@ -143,7 +143,7 @@ agents' jobs while this ran**, so absolute times are noisy; the speedups are pai
 Reading (from the table above, 2 threads): at 1 row numba int8 runs at
 {_get(rows, 2, 1, "numba int8")}x fp32 F.linear's speed and numba int4-g32 at {_get(rows, 2, 1, "numba int4-g32")}x.
 int8 reads 1 byte per weight instead of 4, int4-g32 0.625 (codes + one fp32 scale per 32); both inner
-loops vectorize (int8: widen, convert, multiply-add; int4: 16 bytes of two output channels per step,
+loops vectorize (int8: widen, convert, multiply-add; int4: 16 bytes of four output channels per step,
 nibbles by mask and shift on int32 lanes, convert, scale, accumulate lane-wise, one reduction per channel
 at the end). int4-g32 takes {_get(rows, 2, 1, "numba int4-g32", "median_ms")} ms against int8's
 {_get(rows, 2, 1, "numba int8", "median_ms")} ms at 1 row, 2 threads. The kernel before this one (a 256-entry
