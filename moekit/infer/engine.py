@@ -84,7 +84,7 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, dtype=None, device=None, expert_budget=None, quantize: str | None = None,
              **offload_options) -> "Engine":
-        """An engine for a Hugging Face model directory or a moekit run/checkpoint directory.
+        """An engine for a Hugging Face model directory, a moekit run/checkpoint directory or a moefy output.
 
         expert_budget ("25%", 0.25, "2GB", bytes; None = all resident) loads lazily: the routed experts
         are never read into memory; they stay in the checkpoint's own safetensors files and are read
@@ -119,7 +119,13 @@ class Engine:
             engine = cls(gguf.load(p, dtype=dtype, device=device), gguf.load_tokenizer(p))
             engine.path = p
             return engine
-        if hf.is_hf_dir(p):
+        from ..moefy.io import is_moefy_dir, load_generator
+
+        if is_moefy_dir(p):  # --- a moefy output: a converted decoder (a Read-ME model routes ahead)
+            model, tokenizer = load_generator(p)
+            _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
+            engine = cls(_quantized(model, options), tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p), special_tokens(p))
+        elif hf.is_hf_dir(p):
             model = _quantized(hf.load(p, dtype=dtype, device=device, experts=not lazy), options)
             tokenizer = hf.load_tokenizer(p)
             engine = cls(model, tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p), special_tokens(p))

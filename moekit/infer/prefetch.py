@@ -19,6 +19,10 @@ predictor returns the experts MoE layer i+1 will probably use, best first
   very same generation (expert_cache.RoutingTrace, as the belady cache
   policy uses); the bound of prefetching one layer ahead on the same link.
   Built as `OraclePredictor(trace)` or `build_predictor("oracle", trace=...)`.
+- `lookahead`: for a layer-shared router (Read-ME), the routes known ahead
+  (the offloader's `RouteWindow`): layer i+1 uses layer i's experts, and
+  from the last layer the next step's planned experts (a server's plan;
+  none without one). Exact wherever the routes are known.
 
 Transfers run asynchronously: a single background thread on CPU (a serial
 link: one transfer at a time; demand fetches before prefetches, wrong
@@ -46,7 +50,7 @@ import torch
 from ..errors import MoekitError
 from ..models.pregated import load_pregate_heads, moe_layers_of
 
-PREDICTORS = ("none", "prefetch-all", "next-gate", "pregate", "oracle")
+PREDICTORS = ("none", "prefetch-all", "next-gate", "pregate", "oracle", "lookahead")
 
 
 class PredictorError(MoekitError, ValueError):
@@ -66,10 +70,11 @@ class Predictor:
     name = "base"
     wraps = False
 
-    def bind(self, moe_layers: list, usage: list[list[int]]) -> None:
-        """Called once by the offloader: the model's MoE layers in order, and per-layer use counts."""
+    def bind(self, moe_layers: list, usage: list[list[int]], routes=None) -> None:
+        """Called once by the offloader: the model's MoE layers in order, per-layer use counts, known routes."""
         self.moe_layers = moe_layers
         self.usage = usage
+        self.routes = routes
 
     def predict(self, layer: int, x_TD: torch.Tensor) -> list[int] | None:
         return None
@@ -155,8 +160,8 @@ class OraclePredictor(Predictor):
                 ends.append(total)
             self.ends.append(ends)
 
-    def bind(self, moe_layers, usage):
-        super().bind(moe_layers, usage)
+    def bind(self, moe_layers, usage, routes=None):
+        super().bind(moe_layers, usage, routes)
         if len(self.trace_steps) != len(moe_layers):
             raise PredictorError(f"the routing trace for the oracle has {len(self.trace_steps)} MoE layers, the model "
                                  f"{len(moe_layers)}: record it on the same model, prompt and settings")
@@ -172,6 +177,19 @@ class OraclePredictor(Predictor):
         nxt, step = (layer + 1, step) if layer + 1 < len(self.trace_steps) else (0, step + 1)
         steps = self.trace_steps[nxt]
         return list(steps[step]) if step < len(steps) else None
+
+
+class LookaheadPredictor(Predictor):
+    """Known routes (expert_cache.RouteWindow): this step's experts for the next layer, the next step's from the last."""
+
+    name = "lookahead"
+    wraps = True
+
+    def predict(self, layer, x_TD):
+        routes = self.routes
+        if routes is None or routes.now is None:
+            return None
+        return routes.experts_at(routes.now + (1 if layer + 1 >= len(self.moe_layers) else 0))
 
 
 def rank_assignments(expert_idx_N: torch.Tensor, weight_N: torch.Tensor, num_experts: int) -> list[int]:
@@ -203,7 +221,7 @@ def build_predictor(name: str, pregate: str | Path | None = None, model=None, tr
             raise PredictorError("the oracle predictor needs a routing trace recorded on the same generation "
                                  "(OraclePredictor(trace), or pass trace=)")
         return OraclePredictor(trace)
-    return {"none": NoPredictor, "prefetch-all": PrefetchAll, "next-gate": NextGate}[name]()
+    return {"none": NoPredictor, "prefetch-all": PrefetchAll, "next-gate": NextGate, "lookahead": LookaheadPredictor}[name]()
 
 
 def load_pregate_predictor(directory: str | Path, model):

@@ -7,6 +7,9 @@ Hugging Face Llama / Mistral / Qwen2 / BERT directories and moekit
 checkpoints. `save` writes into a temporary sibling and renames it into
 place: a failure leaves nothing behind.
 
+`load_generator` is the reading `moekit.infer.Engine.load` uses for
+converted decoders (Read-ME ones included).
+
 Not here: conversion (decoder.py, encoder.py), training (tune.py).
 """
 
@@ -70,8 +73,40 @@ def load(path: str | Path):
     return model
 
 
+def is_moefy_dir(path: str | Path) -> bool:
+    """Whether PATH is a directory written by `save` (a converted model)."""
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def load_generator(path: str | Path):
+    """(model, tokenizer or None) of a converted decoder in DIR, for `moekit.infer.Engine.load`.
+
+    A Read-ME model (kind readme_lm) comes back as a `ReadMeLM`, which routes ahead (`route_ahead`);
+    its experts are stored under `lm.layers.N.mlp.experts.*`, the module paths the disk tier of
+    offloading reads. An encoder output cannot generate: refused with a clear message.
+    """
+    from ..hf.reader import load_tokenizer
+
+    d = Path(path)
+    manifest = _manifest(d)
+    if manifest.get("kind") not in ("decoder", "readme_lm"):
+        raise MoefyError(f"{d} holds a converted {manifest.get('kind')} model, which does not generate text: "
+                         "load it with moekit.moefy.load and call .encode")
+    return _load_converted(d), load_tokenizer(d)
+
+
+def _manifest(d: Path) -> dict:
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoefyError(f"{d}/{MANIFEST} cannot be read: {e}") from None
+    if not isinstance(manifest, dict) or "kind" not in manifest:
+        raise MoefyError(f"{d}/{MANIFEST} is not a moefy manifest (written by moekit.moefy.save)")
+    return manifest
+
+
 def _load_converted(d: Path):
-    manifest = json.loads((d / MANIFEST).read_text())
+    manifest = _manifest(d)
     model = skeleton(manifest, d)
     tensors, _ = load_tensors(d / WEIGHTS)
     model.load_state_dict(tensors, strict=True)
