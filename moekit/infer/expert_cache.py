@@ -208,7 +208,8 @@ class RouteWindow:
     Without a plan the window knows only the current step's demand (every layer's, for a layer-shared router).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int | None = None) -> None:
+        self.slots = slots  # the fewest fast slots of a layer (a prefetch of more experts would evict needed ones)
         self.plan([])
         self.now: int | None = None
         self.current: list[int] | None = None

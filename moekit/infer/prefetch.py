@@ -20,9 +20,9 @@ predictor returns the experts MoE layer i+1 will probably use, best first
   policy uses); the bound of prefetching one layer ahead on the same link.
   Built as `OraclePredictor(trace)` or `build_predictor("oracle", trace=...)`.
 - `lookahead`: for a layer-shared router (Read-ME), the routes known ahead
-  (the offloader's `RouteWindow`): layer i+1 uses layer i's experts, and
-  from the last layer the next step's planned experts (a server's plan;
-  none without one). Exact wherever the routes are known.
+  (the offloader's `RouteWindow`): layer i+1 uses layer i's experts, so
+  they are fetched while layer i computes. Exact; it does not wrap to the
+  next step (whose tokens are not sampled yet).
 
 Transfers run asynchronously: a single background thread on CPU (a serial
 link: one transfer at a time; demand fetches before prefetches, wrong
@@ -180,16 +180,23 @@ class OraclePredictor(Predictor):
 
 
 class LookaheadPredictor(Predictor):
-    """Known routes (expert_cache.RouteWindow): this step's experts for the next layer, the next step's from the last."""
+    """Known routes (expert_cache.RouteWindow): layer i's experts of this step are layer i+1's.
+
+    It does not wrap: the next step's tokens are sampled after the last layer, so which rows decode
+    next (and their experts) is a guess from the plan; measured on the Read-ME tests, such guesses
+    were wrong for a third of the prefetches and raised the loads above on-demand fetching.
+    """
 
     name = "lookahead"
-    wraps = True
 
     def predict(self, layer, x_TD):
         routes = self.routes
-        if routes is None or routes.now is None:
+        if routes is None or routes.now is None or layer + 1 >= len(self.moe_layers):
             return None
-        return routes.experts_at(routes.now + (1 if layer + 1 >= len(self.moe_layers) else 0))
+        experts = routes.experts_at(routes.now)
+        if experts is None or (routes.slots is not None and len(experts) > routes.slots):
+            return None  # more than the slots hold: the layer computes in waves, resident experts first
+        return experts
 
 
 def rank_assignments(expert_idx_N: torch.Tensor, weight_N: torch.Tensor, num_experts: int) -> list[int]:

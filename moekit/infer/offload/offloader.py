@@ -73,7 +73,7 @@ class Offloader:
         self.queue.drain()
         self.queue.check()
         options = {"half_life": lfru_half_life} if policy == "lfru" else {}
-        self.routes = RouteWindow()  # routes known ahead (a layer-shared router): the lookahead policy and predictor
+        self.routes = RouteWindow(min(num_slots))  # routes known ahead (a layer-shared router): the lookahead policy and predictor
         options = {"routes": self.routes} if policy == "lookahead" else options
         self.caches = [
             ExpertCache(s.num_experts, n, build_policy(policy, j, trace, **options), j)

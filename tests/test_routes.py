@@ -1,0 +1,129 @@
+"""Serving with known routes: a Read-ME model through Engine.load, lookahead caching, expert-aware continuous batching.
+
+Oracles: ReadMeLM's own full forward (greedy, the whole sequence recomputed every token), the resident
+engine's tokens for the offloaded one, and each request generated alone for the batched scheduler.
+"""
+
+import math
+
+import pytest
+import torch
+
+from moekit import moefy
+from moekit.infer import Engine, SamplingConfig
+from moekit.infer.scheduler import Request, Scheduler
+from moekit.moefy.readme_lm import make_readme_lm
+
+from test_moefy_convert import dense_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = [[3, 7, 11, 20, 40], [1, 2], [45, 44, 43, 10, 9, 8, 7], [30], [12, 13, 14], [25, 26, 27, 28], [5, 49], [33, 22, 11, 0]]
+
+
+@pytest.fixture(scope="module")
+def readme_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    dense = dense_lm()
+    calib = [torch.randint(0, 25, (4, 32)), torch.randint(25, 50, (4, 32))]
+    moe = moefy.convert(dense, method="readme", experts=4, top_k=1, shared_fraction=0.25, calib=calib, router="decoupled")
+    model = make_readme_lm(moe, {"hidden_size": 32}).eval()
+    return moefy.save(model, tmp_path_factory.mktemp("routes") / "readme")
+
+
+@torch.no_grad()
+def full_forward_greedy(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_engine_loads_a_read_me_model_and_generates_its_own_greedy_tokens(readme_dir):
+    engine = Engine.load(readme_dir)
+    assert callable(engine.model.route_ahead)  # the capability the scheduler uses
+    oracle = moefy.load(readme_dir)
+    for prompt in PROMPTS[:3]:
+        got = engine.generate_ids([prompt], SamplingConfig(max_new_tokens=20))[0].token_ids
+        assert got == full_forward_greedy(oracle, prompt, 20)
+
+
+@pytest.mark.parametrize("policy,predictor", [("lookahead", "lookahead"), ("lookahead", "none"), ("lru", "lookahead")])
+def test_offloaded_read_me_generation_equals_resident(readme_dir, policy, predictor):
+    resident = Engine.load(readme_dir)
+    engine = Engine.load(readme_dir, expert_budget="50%", policy=policy, predictor=predictor)
+    cfg = SamplingConfig(max_new_tokens=16)
+    for prompt in PROMPTS[:3]:
+        assert engine.generate_ids([prompt], cfg)[0].token_ids == resident.generate_ids([prompt], cfg)[0].token_ids
+    stats = engine.offloader.stats()
+    assert stats["policy"] == policy and stats["misses"] > 0
+    if predictor == "lookahead":  # layer i+1 uses layer i's expert: every prefetch is used
+        assert stats["prefetches"] > 0 and stats["prefetch_used"] == stats["prefetches"]
+    engine.offloader.close()
+
+
+def serve(engine, prompts, cfg, **options):
+    """Run every prompt through one Scheduler; (tokens per request, decode steps at which each token came)."""
+    sched = Scheduler(engine, max_batch=len(prompts), **options)
+    tokens, steps = {}, {i: [] for i in range(len(prompts))}
+
+    def listener(i):
+        def on_event(kind, payload):
+            if kind == "token" and payload[0] is not None:
+                steps[i].append(sched.now)
+            elif kind == "done":
+                tokens[i] = payload.token_ids
+        return on_event
+
+    for i, p in enumerate(prompts):
+        sched.submit(Request(p, cfg, listener(i)))
+    sched.run_until_idle()
+    assert sorted(tokens) == list(range(len(prompts)))  # every request finished
+    return [tokens[i] for i in range(len(prompts))], steps
+
+
+@pytest.mark.parametrize("batching", ["expert", "fifo"])
+def test_batching_by_expert_gives_each_request_its_solo_tokens_and_starves_none(readme_dir, batching):
+    engine = Engine.load(readme_dir)
+    cfg = SamplingConfig(max_new_tokens=14)
+    solo = [engine.generate_ids([p], cfg)[0].token_ids for p in PROMPTS]
+    step_tokens, max_wait = 3, 2
+    got, steps = serve(engine, PROMPTS, cfg, step_tokens=step_tokens, max_wait=max_wait, batching=batching)
+    assert got == solo
+    bound = max_wait + math.ceil(len(PROMPTS) / step_tokens) + 1  # steps between two tokens of one request
+    gaps = [b - a for s in steps.values() for a, b in zip(s, s[1:])]
+    assert max(gaps) <= bound and max(gaps) > 1  # subsets decoded, within the aging bound
+
+
+def test_expert_aware_steps_touch_fewer_experts_than_fifo_and_lookahead_loads_fewer_than_lru(readme_dir):
+    cfg = SamplingConfig(max_new_tokens=14)
+    loads, touched = {}, {}
+    resident = Engine.load(readme_dir)
+    solo = [resident.generate_ids([p], cfg)[0].token_ids for p in PROMPTS]
+    for batching in ("fifo", "expert"):
+        for policy, predictor in (("lru", "none"), ("lookahead", "lookahead")):
+            engine = Engine.load(readme_dir, expert_budget="25%", policy=policy, predictor=predictor, tier="memory")
+            got, _ = serve(engine, PROMPTS, cfg, step_tokens=3, max_wait=4, batching=batching)
+            assert got == solo  # offloaded and batched by expert: still each request's own tokens
+            stats = engine.offloader.stats()
+            loads[batching, policy] = stats["transfers"]
+            trace = engine.offloader.trace.steps[0]  # layer 0's experts per step (prefills included)
+            touched[batching, policy] = sum(map(len, trace)) / len(trace)
+            engine.offloader.close()
+    assert touched["expert", "lru"] < touched["fifo", "lru"]
+    assert loads["expert", "lru"] < loads["fifo", "lru"]
+    for batching in ("fifo", "expert"):
+        assert loads[batching, "lookahead"] <= loads[batching, "lru"]
+
+
+def test_a_plain_model_batches_fifo_subsets_with_its_solo_tokens():
+    from test_scheduler import tiny_engine
+
+    engine = tiny_engine()
+    assert getattr(engine.model, "route_ahead", None) is None
+    cfg = SamplingConfig(max_new_tokens=10)
+    prompts = [[5 + i, 9, 30 + 2 * i] for i in range(6)]
+    solo = [engine.generate_ids([p], cfg)[0].token_ids for p in prompts]
+    got, steps = serve(engine, prompts, cfg, step_tokens=2)
+    assert got == solo
+    assert max(b - a for s in steps.values() for a, b in zip(s, s[1:])) == 3  # round robin: 6 rows, 2 per step
