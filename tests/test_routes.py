@@ -127,3 +127,34 @@ def test_a_plain_model_batches_fifo_subsets_with_its_solo_tokens():
     got, steps = serve(engine, prompts, cfg, step_tokens=2)
     assert got == solo
     assert max(b - a for s in steps.values() for a, b in zip(s, s[1:])) == 3  # round robin: 6 rows, 2 per step
+
+
+def byte_level_readme(path, seed=0):
+    """A Read-ME model over bytes (vocab 257) saved with the byte-level tokenizer."""
+    from moekit.config import MoEConfig
+    from moekit.data.text import Tokenizer
+    from moekit.models.build import build_model
+    from moekit.models.decoder import ModelConfig
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=257, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64,
+                      ffn="dense", dense_hidden=64, moe=MoEConfig(num_experts=2, top_k=1, expert_hidden=8))
+    dense = build_model(cfg).eval()
+    for p in dense.parameters():
+        p.data.normal_(0, 0.3) if p.dim() > 1 else None
+    calib = [torch.randint(97, 123, (4, 32)), torch.randint(32, 64, (4, 32))]
+    moe = moefy.convert(dense, method="readme", experts=4, top_k=1, shared_fraction=0.25, calib=calib, router="decoupled")
+    tok_dir = path.parent / "tok"
+    tok_dir.mkdir(exist_ok=True)
+    Tokenizer.byte_level().save(tok_dir)
+    return moefy.save(make_readme_lm(moe, {"hidden_size": 32}).eval(), path, source=tok_dir)
+
+
+def test_generate_cli_with_lookahead_caching_prints_the_resident_text(tmp_path, capsys):
+    from moekit.cli.main import main
+
+    d = byte_level_readme(tmp_path / "readme")
+    want = Engine.load(d).generate("hello", max_new_tokens=8)[0].text
+    assert main(["generate", str(d), "--prompt", "hello", "--max-new-tokens", "8", "--expert-budget", "50%",
+                 "--cache", "lookahead", "--prefetch", "lookahead"]) == 0
+    assert want in capsys.readouterr().out and want
