@@ -10,7 +10,11 @@ round, and the throughput ratio is the median of per-round paired ratios.
 Then a soak (32 concurrent streams for 60 s; 10 s with --quick) counts errors
 and reads the server's RSS at start and end, and 1000 malformed requests
 check that the server answers 4xx, never 5xx, and stays healthy.
-llama-cpp-python's OpenAI server is a peer only where it is installed.
+llama-cpp-python's OpenAI server (`python -m llama_cpp.server`, the
+`llama-cpp-python[server]` extra) is a third peer where llama_cpp is
+importable: it serves the same weights, exported by moekit.gguf's writer
+(F32) from the model the moekit servers load, with the same one thread, and
+runs interleaved with the moekit servers at every concurrency level.
 
 Targets: throughput at 16 clients >= 4x one-at-a-time; soak 0 errors and RSS
 growth <= 5%; malformed 0 5xx.
@@ -43,7 +47,8 @@ LEVELS = (1, 4, 16, 32)
 NAME = "bench"
 
 
-def build_checkpoint(d: Path) -> Path:
+def build_checkpoint(d: Path) -> tuple[Path, Path | None]:
+    """(the moekit checkpoint, its GGUF export (F32, moekit.gguf) when llama_cpp is importable, else None)."""
     import torch
 
     from moekit.checkpoints import save_checkpoint
@@ -60,7 +65,17 @@ def build_checkpoint(d: Path) -> Path:
         model.lm_head.weight.mul_(20)
     save_checkpoint(d / "run", 1, config=to_dict(RunConfig(model=cfg)), model_state=model.state_dict(),
                     optimizer_state=None, trainer_state={}, tokenizer=Tokenizer.byte_level())
-    return d / "run"
+    gguf_path = None
+    if llama_cpp_available():
+        from moekit import gguf
+
+        gguf_path = gguf.save(model, d / "bench.gguf", Tokenizer.byte_level(), dtype="F32")
+    return d / "run", gguf_path
+
+
+def llama_cpp_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "sse_starlette", "starlette_context",
+                                                                  "pydantic_settings"))
 
 
 def free_port() -> int:
@@ -70,14 +85,17 @@ def free_port() -> int:
 
 
 class Server:
+    health = "/health"
+
     def __init__(self, checkpoint: Path, max_batch: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.start([sys.executable, "-m", "moekit", "serve", str(checkpoint), "--host", "127.0.0.1", "--port",
+                    str(self.port), "--model-name", NAME, "--max-batch", str(max_batch), "--max-queue", "128"])
+
+    def start(self, cmd: list[str]) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moekit", "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(self.port),
-             "--model-name", NAME, "--max-batch", str(max_batch), "--max-queue", "128"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_healthy(self, timeout: float = 180) -> None:
         import httpx
@@ -85,14 +103,14 @@ class Server:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moekit serve exited: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"{type(self).__name__} exited: {self.proc.stderr.read()[-2000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.health, timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("moekit serve did not become healthy")
+        raise RuntimeError(f"{type(self).__name__} did not become healthy")
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -107,6 +125,19 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return -9
+
+
+class LlamaServer(Server):
+    """llama-cpp-python's OpenAI server on the GGUF export, one thread (it serves one request at a time)."""
+
+    health = "/v1/models"
+
+    def __init__(self, gguf_path: Path, n_ctx: int = 256) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--model_alias", NAME, "--n_ctx", str(n_ctx), "--n_threads", "1",
+                    "--n_threads_batch", "1", "--verbose", "False"])
 
 
 PROMPTS = ["def f(x):", "The quick brown fox", "import numpy as np\n", "hello", "class A:\n    def __init__(self):",
@@ -139,6 +170,7 @@ async def stream_one(client, prompt: str, max_tokens: int, seed: int | None = No
                 stamps.append(time.perf_counter())
     if not done and error is None:
         error = "no [DONE]"
+    tokens = tokens or len(stamps)  # a server that sends no usage chunk: one text chunk per token
     ttft = stamps[0] - start if stamps else None
     return {"error": error, "tokens": tokens, "ttft": ttft, "gaps": [b - a for a, b in zip(stamps, stamps[1:])]}
 
@@ -176,22 +208,24 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def compare(batched: Server, serial: Server, rounds: int, max_tokens: int) -> dict:
-    """Per level: each server's figures per round (interleaved, order alternating) and the paired ratio."""
+def compare(servers: dict[str, Server], rounds: int, max_tokens: int) -> dict:
+    """Per level: each server's figures per round (interleaved, order rotating) and the paired ratios to "batched"."""
     out = {}
     for c in LEVELS:
         requests = 4 if c == 1 else 2 * c
-        runs = {"batched": [], "serial": []}
+        runs = {name: [] for name in servers}
         for r in range(rounds):
-            order = [("batched", batched), ("serial", serial)]
-            for name, server in (order if r % 2 == 0 else order[::-1]):
+            order = list(servers.items())
+            for name, server in order[r % len(order):] + order[: r % len(order)]:
                 runs[name].append(asyncio.run(load_level(server.url, c, requests, max_tokens)))
-        ratio = paired_ratio([1 / x["tokens_per_s"] for x in runs["serial"]],
-                             [1 / x["tokens_per_s"] for x in runs["batched"]])
-        ratios = [b["tokens_per_s"] / s["tokens_per_s"] for b, s in zip(runs["batched"], runs["serial"])]
-        out[c] = {"runs": runs, "throughput_ratio": ratio, "ratio_spread": [min(ratios), max(ratios)]}
-        print(f"  {c:>2} clients: batched {med(runs['batched'], 'tokens_per_s'):.1f} tok/s, "
-              f"serial {med(runs['serial'], 'tokens_per_s'):.1f} tok/s, ratio {ratio:.2f}x", flush=True)
+        out[c] = {"runs": runs}
+        for peer in [n for n in servers if n != "batched"]:
+            ratio = paired_ratio([1 / x["tokens_per_s"] for x in runs[peer]], [1 / x["tokens_per_s"] for x in runs["batched"]])
+            ratios = [b["tokens_per_s"] / s["tokens_per_s"] for b, s in zip(runs["batched"], runs[peer])]
+            key = "" if peer == "serial" else f"_{peer}"
+            out[c][f"throughput_ratio{key}"], out[c][f"ratio_spread{key}"] = ratio, [min(ratios), max(ratios)]
+        print(f"  {c:>2} clients: " + ", ".join(f"{n} {med(rs, 'tokens_per_s'):.1f} tok/s" for n, rs in runs.items())
+              + f"; batched / serial {out[c]['throughput_ratio']:.2f}x", flush=True)
     return out
 
 
@@ -261,25 +295,34 @@ async def malformed_flood(server: Server, total: int = 1000, concurrency: int = 
             "healthy_after": healthy and ok.status_code == 200}
 
 
-def llama_cpp_peer() -> str:
-    if importlib.util.find_spec("llama_cpp") is None:
-        return "llama-cpp-python is not installed on this machine: no llama.cpp server peer was run"
-    return "llama-cpp-python is installed, but this script has no GGUF of the benchmark model: peer not run"
+def llama_cpp_peer(ran: bool) -> str:
+    if not ran:
+        return ("llama-cpp-python with its server extra (llama_cpp, sse_starlette, starlette_context, pydantic_settings) "
+                "is not installed on this machine: no llama.cpp server peer was run")
+    import llama_cpp
+
+    return (f"llama-cpp-python {llama_cpp.__version__} `python -m llama_cpp.server` (one thread, n_ctx 256) on the same "
+            "weights exported by moekit.gguf (F32), interleaved with the moekit servers: rows \"llama\"; it serves one "
+            "request at a time")
 
 
 def markdown(result: dict) -> str:
     rows = []
     for c, level in result["levels"].items():
-        for name in ("batched", "serial"):
+        for name in level["runs"]:
             runs = level["runs"][name]
             rows.append([c, name, f"{med(runs, 'tokens_per_s'):.1f}", f"{med(runs, 'ttft_p50_ms'):.0f}",
                          f"{med(runs, 'ttft_p95_ms'):.0f}", f"{med(runs, 'itl_p50_ms'):.1f}",
                          f"{med(runs, 'itl_p95_ms'):.1f}", sum(r["errors"] for r in runs)])
     levels = markdown_table(["clients", "server", "tokens/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms",
                              "errors"], rows)
-    ratios = markdown_table(["clients", "batched / one-at-a-time (paired median)", "per-round spread"],
-                            [[c, f"{lv['throughput_ratio']:.2f}x", f"{lv['ratio_spread'][0]:.2f}-{lv['ratio_spread'][1]:.2f}x"]
-                             for c, lv in result["levels"].items()])
+    peer = [["batched / llama.cpp server", f"{lv['throughput_ratio_llama']:.2f}x",
+             f"{lv['ratio_spread_llama'][0]:.2f}-{lv['ratio_spread_llama'][1]:.2f}x"] for lv in result["levels"].values()
+            if "throughput_ratio_llama" in lv]
+    ratios = markdown_table(["clients", "batched / one-at-a-time (paired median)", "per-round spread", *(
+        ["vs", "paired median", "spread"] if peer else [])],
+                            [[c, f"{lv['throughput_ratio']:.2f}x", f"{lv['ratio_spread'][0]:.2f}-{lv['ratio_spread'][1]:.2f}x",
+                              *(peer[i] if peer else [])] for i, (c, lv) in enumerate(result["levels"].items())])
     t = markdown_table(["target", "value", "goal", "met"],
                        [[x["name"], x["value"], f"{x['direction']} {x['goal']}", "yes" if x["met"] else "no"]
                         for x in result["targets"]])
@@ -288,9 +331,9 @@ def markdown(result: dict) -> str:
 
 Command: `{result['command']}`. Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores,
 load average {result['machine']['load_average_1m']} at the end. **The machine was shared with other jobs while
-this ran**, so absolute figures are depressed and noisy; the ratio pairs the two servers round by round.
+this ran**, so absolute figures are depressed and noisy; the ratios pair the servers round by round.
 
-Model: random moekit checkpoint ({result['model']}), fp32, CPU, one torch thread per server. Both servers are
+Model: random moekit checkpoint ({result['model']}), fp32, CPU, one torch thread per server. The moekit servers are
 `moekit serve` subprocesses on 127.0.0.1: "batched" = --max-batch 32 (continuous batching), "serial" =
 --max-batch 1 (one request at a time). Each client streams completions of {result['max_tokens']} tokens (greedy)
 one after another; {result['rounds']} round(s) per level.
@@ -331,16 +374,18 @@ def main() -> int:
     args = p.parse_args()
     rounds, max_tokens, soak_s = (1, 16, 10.0) if args.quick else (2, 32, 60.0)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = build_checkpoint(Path(tmp))
+        ckpt, gguf_path = build_checkpoint(Path(tmp))
         batched, serial = Server(ckpt, 32), Server(ckpt, 1)
+        servers = {"batched": batched, "serial": serial, **({"llama": LlamaServer(gguf_path)} if gguf_path else {})}
         try:
-            batched.wait_healthy()
-            serial.wait_healthy()
-            for server in (batched, serial):  # warm up both
+            for server in servers.values():  # wait for each, then warm it up
+                server.wait_healthy()
                 asyncio.run(load_level(server.url, 2, 2, 4))
             print("throughput and latency:", flush=True)
-            levels = compare(batched, serial, rounds, max_tokens)
+            levels = compare(servers, rounds, max_tokens)
             serial_code = serial.stop()
+            if "llama" in servers:
+                servers["llama"].stop()
             print(f"soak {soak_s:.0f} s ...", flush=True)
             soak_result = asyncio.run(soak(batched, soak_s))
             print(f"  {soak_result['errors']} errors, RSS {soak_result['rss_growth']:+.2%}", flush=True)
@@ -348,7 +393,7 @@ def main() -> int:
             print(f"malformed: {flood['statuses']}, healthy after: {flood['healthy_after']}", flush=True)
             batched_code = batched.stop()
         finally:
-            for server in (batched, serial):
+            for server in servers.values():
                 if server.proc.poll() is None:
                     server.proc.kill()
     targets = [
@@ -362,7 +407,7 @@ def main() -> int:
     result = {"targets": targets, "machine": machine_info(), "command": command_line(), "quick": args.quick,
               "model": "4 layers, hidden 256, 8 experts top-2, expert_hidden 512, context 256, byte vocabulary",
               "rounds": rounds, "max_tokens": max_tokens, "levels": levels, "soak": soak_result,
-              "malformed": flood, "peer": llama_cpp_peer()}
+              "malformed": flood, "peer": llama_cpp_peer(gguf_path is not None)}
     name = "serve_quick" if args.quick else "serve"
     paths = write_results(name, result, markdown(result))
     print(f"wrote {paths[0]} and {paths[1]}")
