@@ -13,8 +13,10 @@ expert budget on an EMULATED link (host memory behind a link whose per-expert tr
 `--expert-ms`). Requests: `--requests` prompts cut from the three domains, all arriving at once, each
 sampled with its own seed (temperature 0.8), `--new-tokens` each. The scheduler keeps every request in
 its batch and decodes `--step-tokens` of them per step. Four combinations on the same requests, run
-interleaved for `--rounds` rounds: {FIFO, expert-aware} x {LRU, lookahead}; plus all rows every step
-(all-at-once) as a reference. Every combination must give every request the same tokens (checked).
+interleaved for `--rounds` rounds at each of `--budgets` (25% and 50% of the experts in fast memory):
+{FIFO, expert-aware} x {LRU, lookahead}; plus all rows every step (all-at-once) as a reference. The offline
+optimum (Belady with the whole future known, replaying the expert-aware/LRU run's routing) is reported as
+the bound of any cache policy on that trace. Every combination must give every request the same tokens (checked).
 Counted over decode after the joint prefill: expert transfers (loads) per generated token, bytes moved,
 demand misses, distinct experts per step, and inter-token latency p50/p95 (wall clock).
 
@@ -127,12 +129,12 @@ class Combo:
                                   policy=policy, predictor=predictor)
         self.predictor = predictor
 
-    def run(self, reqs, batching: str, step_tokens: int) -> dict:
+    def run(self, reqs, batching: str, step_tokens: int, budget: str) -> dict:
         from moekit.infer import SamplingConfig
         from moekit.infer.scheduler import Request, Scheduler
 
         a, off = self.args, self.engine.offloader
-        off.configure(a.budget, self.policy, self.predictor)  # empty fast slots, statistics reset
+        off.configure(budget, self.policy, self.predictor)  # empty fast slots, statistics reset
         sched = Scheduler(self.engine, max_batch=len(reqs), max_queue=0, step_tokens=step_tokens, max_wait=a.max_wait,
                           batching=batching)
         stamps = {i: [] for i in range(len(reqs))}
@@ -152,7 +154,7 @@ class Combo:
         sched.step()  # the joint prefill (and a first decode step): not counted
         off.drain()
         off.reset_stats()
-        trace_from = len(off.trace.steps[0])
+        trace_from, start_resident = len(off.trace.steps[0]), off.caches[0].resident
         started, steps0 = time.perf_counter(), sched.now
         sched.run_until_idle()
         off.drain()
@@ -161,13 +163,16 @@ class Combo:
         decoded = sum(len(s) for s in stamps.values()) - sum(1 for s in stamps.values() if s)  # minus the prefill tokens
         gaps_s = [b[0] - a_[0] for s in stamps.values() for a_, b in zip(s[1:], s[2:])]
         gaps_steps = [b[1] - a_[1] for s in stamps.values() for a_, b in zip(s[1:], s[2:])]
-        touched = [len(e) for e in off.trace.steps[0][trace_from:]]
+        trace = off.trace.steps[0][trace_from:]
+        touched = [len(e) for e in trace]
         return {"tokens": [tokens[i] for i in range(len(reqs))], "decode_tokens": decoded, "steps": sched.now - steps0,
                 "wall_s": wall, "transfers": st["transfers"], "misses": st["misses"], "bytes_moved": st["bytes_moved"],
                 "stall_s": st["stall_s"], "loads_per_token": st["transfers"] / max(1, decoded),
                 "bytes_per_token": st["bytes_moved"] / max(1, decoded), "experts_per_step": statistics.mean(touched),
                 "itl_p50_s": quantile(gaps_s, 0.5), "itl_p95_s": quantile(gaps_s, 0.95),
-                "itl_p95_steps": quantile(gaps_steps, 0.95), "itl_max_steps": max(gaps_steps)}
+                "itl_p95_steps": quantile(gaps_steps, 0.95), "itl_max_steps": max(gaps_steps),
+                "trace": trace, "slots": off.num_slots[0], "num_experts": off.shapes[0].num_experts,
+                "start_resident": start_resident, "layer0_transfers": st["layers"][0]["transfers"]}
 
 
 def expert_bytes(path: Path) -> int:
@@ -191,60 +196,98 @@ def main() -> None:
     reqs = requests(args.requests, args)
     bytes_per_expert = expert_bytes(path)
     args.bandwidth = bytes_per_expert / (args.expert_ms / 1e3)
+    args.budget = args.budgets[0]
     combos = {p: Combo(path, p, args) for p in ("lru", "lookahead")}
-    runs: dict[str, list[dict]] = {}
+    runs: dict[str, dict[str, list[dict]]] = {b: {} for b in args.budgets}
     for r in range(args.rounds):
         order = COMBOS[r % len(COMBOS):] + COMBOS[: r % len(COMBOS)]  # rotate who goes first
-        for batching, policy in order + [("all", "lru")]:
-            step_tokens = len(reqs) if batching == "all" else args.step_tokens
-            res = combos[policy].run(reqs, "fifo" if batching == "all" else batching, step_tokens)
-            runs.setdefault(f"{batching}/{policy}", []).append(res)
-    reference = runs["fifo/lru"][0]["tokens"]
-    for key, rs in runs.items():
-        for res in rs:
-            assert res["tokens"] == reference, f"{key} gave other tokens than fifo/lru: every request must get its own tokens"
+        for budget in args.budgets:
+            for batching, policy in order + [("all", "lru")]:
+                step_tokens = len(reqs) if batching == "all" else args.step_tokens
+                res = combos[policy].run(reqs, "fifo" if batching == "all" else batching, step_tokens, budget)
+                runs[budget].setdefault(f"{batching}/{policy}", []).append(res)
+                print(f"round {r} budget {budget} {batching}/{policy}: {res['loads_per_token']:.3f} loads/token, "
+                      f"ITL p95 {1e3 * res['itl_p95_s']:.0f} ms", flush=True)
+    reference = runs[args.budgets[0]]["fifo/lru"][0]["tokens"]
+    for budget, by_key in runs.items():
+        for key, rs in by_key.items():
+            for res in rs:
+                assert res["tokens"] == reference, f"{budget} {key} gave other tokens than fifo/lru: each request must get its own"
     report(runs, args, bytes_per_expert, len(reqs))
 
 
+def offline_bound(lru: dict, lookahead: dict) -> dict | None:
+    """Layer 0 of the expert-aware runs: LRU's and lookahead's loads, and Belady's with the whole future known
+    from the LRU run's slot contents at the start (the optimum for that start; no policy loads fewer).
+
+    Only for a trace whose every step fits the slots (no waves); None otherwise.
+    """
+    from moekit.infer.expert_cache import Belady, ExpertCache
+
+    trace, slots, E = lru["trace"], lru["slots"], lru["num_experts"]
+    if any(len(s) > slots for s in trace):
+        return None
+    cache, best = ExpertCache(E, slots, Belady(trace)), 0
+    for e in lru["start_resident"]:
+        cache.place(e)
+    for experts in trace:
+        cache.begin_step(experts)
+        for e in experts:
+            if e not in cache:
+                best += 1
+                cache.place(e)
+        cache.end_step()
+    return {"lru": lru["layer0_transfers"], "lookahead": lookahead["layer0_transfers"], "belady": best,
+            "ratio": best / lru["layer0_transfers"] if lru["layer0_transfers"] else float("nan")}
+
+
 def report(runs, args, bytes_per_expert: int, n: int) -> None:
-    def med(key, field):
-        return statistics.median(r[field] for r in runs[key])
-
-    def ratios(num, den, field):
-        return per_round_ratios([r[field] for r in runs[num]], [r[field] for r in runs[den]])
-
-    loads = ratios("expert/lru", "fifo/lru", "loads_per_token")
-    p95 = ratios("expert/lru", "fifo/lru", "itl_p95_s")
-    belady = ratios("expert/lookahead", "expert/lru", "transfers")
-    targets = [
-        target("expert-aware expert loads per token / FIFO's (LRU cache)", statistics.median(loads), 0.5, "<="),
-        target("expert-aware p95 inter-token latency / FIFO's (LRU cache)", statistics.median(p95), 1.1, "<="),
-        target("lookahead-Belady expert loads / LRU's (expert-aware batching)", statistics.median(belady), 0.7, "<="),
-    ]
+    targets, tables, summary, ratio_spreads = [], [], {}, {}
     fields = ("loads_per_token", "bytes_per_token", "misses", "experts_per_step", "itl_p50_s", "itl_p95_s",
               "itl_p95_steps", "itl_max_steps", "stall_s", "wall_s")
-    summary = {k: {f: med(k, f) for f in fields} for k in runs}
-    rows = [[k, f"{s['loads_per_token']:.3f}", f"{s['bytes_per_token'] / 1e3:.1f}", f"{s['misses']:.0f}",
-             f"{s['experts_per_step']:.2f}", f"{1e3 * s['itl_p50_s']:.1f}", f"{1e3 * s['itl_p95_s']:.1f}",
-             f"{s['itl_p95_steps']:.0f} / {s['itl_max_steps']:.0f}", f"{s['stall_s']:.2f}"] for k, s in summary.items()]
+    for budget, by_key in runs.items():
+        def ratios(num, den, field):
+            return per_round_ratios([r[field] for r in by_key[num]], [r[field] for r in by_key[den]])
+
+        loads = ratios("expert/lru", "fifo/lru", "loads_per_token")
+        p95 = ratios("expert/lru", "fifo/lru", "itl_p95_s")
+        belady = ratios("expert/lookahead", "expert/lru", "transfers")
+        bound = offline_bound(by_key["expert/lru"][0], by_key["expert/lookahead"][0])
+        targets += [
+            target(f"budget {budget}: expert-aware expert loads per token / FIFO's (LRU cache)", statistics.median(loads), 0.5, "<="),
+            target(f"budget {budget}: expert-aware p95 inter-token latency / FIFO's (LRU cache)", statistics.median(p95), 1.1, "<="),
+            target(f"budget {budget}: lookahead-Belady expert loads / LRU's (expert-aware batching)", statistics.median(belady), 0.7, "<="),
+        ]
+        ratio_spreads[budget] = {"loads": spread(loads), "p95": spread(p95), "belady": spread(belady), "offline_bound": bound}
+        summary[budget] = {k: {f: statistics.median(r[f] for r in rs) for f in fields} for k, rs in by_key.items()}
+        rows = [[k, f"{s['loads_per_token']:.3f}", f"{s['bytes_per_token'] / 1e3:.1f}", f"{s['misses']:.0f}",
+                 f"{s['experts_per_step']:.2f}", f"{1e3 * s['itl_p50_s']:.1f}", f"{1e3 * s['itl_p95_s']:.1f}",
+                 f"{s['itl_p95_steps']:.0f} / {s['itl_max_steps']:.0f}", f"{s['stall_s']:.2f}"]
+                for k, s in summary[budget].items()]
+        note = ("" if bound is None else f"Layer 0, expert-aware batching, first round: LRU loaded {bound['lru']} experts, "
+                f"lookahead {bound['lookahead']}; Belady with the whole future known, from LRU's slot contents at the start, "
+                f"{bound['belady']} (ratio to LRU {bound['ratio']:.2f}): no cache policy loads fewer on that routing.")
+        tables += [f"## Budget {budget}", "", markdown_table(
+            ["batching/cache", "loads/token", "kB/token", "demand misses", "experts/step", "ITL p50 ms", "ITL p95 ms",
+             "ITL p95 / max steps", "stall s"], rows), "", note, ""]
     quick = " (QUICK smoke test on a tiny model, machine loaded: not a measurement)" if args.quick else ""
     md = "\n".join([
         f"# Expert-aware batching and lookahead caching on an offloaded Read-ME model{quick}", "",
         f"{n} concurrent requests, {args.new_tokens} new tokens each, {args.step_tokens} decoded per step (max_wait "
-        f"{args.max_wait}); {args.experts} experts x {args.layers} layers, budget {args.budget}, EMULATED link "
-        f"{args.expert_ms} ms per expert ({bytes_per_expert / 1e3:.0f} kB); {args.rounds} interleaved round(s). "
-        "Every combination gave every request the same tokens.", "",
-        markdown_table(["batching/cache", "loads/token", "kB/token", "demand misses", "experts/step", "ITL p50 ms",
-                        "ITL p95 ms", "ITL p95 / max steps", "stall s"], rows), "",
-        "Targets (median of per-round ratios):", "",
+        f"{args.max_wait}); {args.experts} experts x {args.layers} layers, EMULATED link {args.expert_ms} ms per expert "
+        f"({bytes_per_expert / 1e3:.0f} kB); {args.rounds} interleaved round(s); load average "
+        f"{machine_info()['load_average_1m']} at the end. Every combination gave every request the same tokens. "
+        "loads = expert transfers (demand and prefetch) per generated token, all layers; demand misses exclude "
+        "prefetched experts; all/lru: every request decodes every step (no choice to make), for reference.", "",
+        *tables, "Targets (median of per-round ratios):", "",
         markdown_table(["target", "value", "goal", "met"], [[t["name"], t["value"], f"{t['direction']} {t['goal']}", t["met"]]
                                                             for t in targets]),
-        "", "all/lru: every request decodes every step (no choice to make), for reference.",
     ])
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     result = {"targets": targets, "machine": machine_info(), "command": command_line(), "quick": args.quick,
-              "settings": vars(args), "bytes_per_expert": bytes_per_expert, "summary": summary,
-              "ratios": {"loads": spread(loads), "p95": spread(p95), "belady": spread(belady)},
-              "runs": {k: [{f: r[f] for f in r if f != "tokens"} for r in rs] for k, rs in runs.items()}}
+              "settings": settings, "bytes_per_expert": bytes_per_expert, "summary": summary, "ratios": ratio_spreads,
+              "runs": {b: {k: [{f: r[f] for f in r if f not in ("tokens", "trace", "start_resident")} for r in rs] for k, rs in by_key.items()}
+                       for b, by_key in runs.items()}}
     print(md)
     if args.quick and args.out is None:
         return
@@ -262,7 +305,7 @@ def parse():
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--budget", default="25%")
+    p.add_argument("--budgets", default="25%,50%", type=lambda t: t.split(","), help="expert budgets, comma-separated")
     p.add_argument("--expert-ms", type=float, default=2.0, help="emulated transfer time of one expert")
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--router-rounds", type=int, default=2)

@@ -158,3 +158,34 @@ def test_generate_cli_with_lookahead_caching_prints_the_resident_text(tmp_path, 
     assert main(["generate", str(d), "--prompt", "hello", "--max-new-tokens", "8", "--expert-budget", "50%",
                  "--cache", "lookahead", "--prefetch", "lookahead"]) == 0
     assert want in capsys.readouterr().out and want
+
+
+def test_the_server_batching_by_expert_streams_each_request_its_solo_text(tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    import asyncio
+
+    from moekit.server import ServerSettings, create_app
+    from test_server import aclient, alone
+
+    d = byte_level_readme(tmp_path / "readme")
+    engine = Engine.load(d, expert_budget="50%", policy="lookahead", predictor="lookahead", tier="memory")
+    app = create_app(engine, ServerSettings(model_name="tiny", max_batch=8, step_tokens=3, max_wait=2))
+    prompts = ["def f(x):", "a", "hello world", "the quick brown", "zz", "12345", "if x >", "q"]
+    lengths = [6, 17, 9, 12, 3, 20, 8, 14]
+
+    async def one(client, prompt, n):
+        s = await client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in s if c.choices])
+
+    async def go():
+        client, _ = aclient(app)
+        return await asyncio.gather(*(one(client, p, n) for p, n in zip(prompts, lengths)))
+
+    try:
+        got = asyncio.run(go())
+        resident = Engine.load(d)
+        assert got == [alone(resident, p, n) for p, n in zip(prompts, lengths)]
+        assert app.state.server.scheduler.now > 0
+    finally:
+        app.state.server.shutdown()

@@ -68,10 +68,12 @@ def expert_aware_pick(pending: list[Pending], max_batch: int, max_wait: int) -> 
     return chosen
 
 
-def plan_steps(pending: list[Pending], pick, max_steps: int = 64) -> list[list[int]]:
+def plan_steps(pending: list[Pending], pick, max_steps: int = 64, served_again: bool = False) -> list[list[int]]:
     """The expert sets of the coming steps if `pick(pending) -> indices` served the known tokens in turn.
 
-    Requests served in a step have unknown next tokens, so they leave the plan; the rest wait one step more.
+    Requests served in a step have unknown next tokens: they leave the plan, or with `served_again` come
+    back with the same experts (a guess: a request's tokens tend to stay on its experts); the rest wait
+    one step more.
     """
     left = list(pending)
     steps = []
@@ -80,7 +82,8 @@ def plan_steps(pending: list[Pending], pick, max_steps: int = 64) -> list[list[i
         if not chosen:
             break
         steps.append(sorted(set().union(*(left[i].experts for i in chosen))))
-        left = [Pending(p.waited + 1, p.arrival, p.experts) for i, p in enumerate(left) if i not in chosen]
+        again = [Pending(0, p.arrival, p.experts) for i, p in enumerate(left) if i in chosen] if served_again else []
+        left = [Pending(p.waited + 1, p.arrival, p.experts) for i, p in enumerate(left) if i not in chosen] + again
     return steps
 
 

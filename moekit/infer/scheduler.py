@@ -32,7 +32,9 @@ token needs no new expert first, then the biggest groups; a row that has
 waited `max_wait` steps goes first, so none starves). The experts go to the
 forward as group ids (the router is not run twice), and the plan of the
 coming steps is handed to an offloader's route window (the lookahead cache
-policy and predictor). A subset decodes into its own rows of the cache at
+policy and predictor): the rule replayed over the known next tokens, rows
+decoded meanwhile coming back with their last experts (a guess: a
+request's tokens tend to stay on its experts). A subset decodes into its own rows of the cache at
 the step's column; the others' key masks leave that column out, so every
 request still computes what it computes alone. `batching="fifo"` takes the
 longest-waiting rows instead (the baseline).
@@ -66,6 +68,7 @@ EventCallback = Callable[[str, object], None]
 
 
 PREFILL_TOKENS = 4096  # most padded prompt tokens prefilled in one forward pass
+PLAN_STEPS = 32  # known routes: coming steps planned for the lookahead cache
 
 
 class QueueFullError(MoekitError):
@@ -296,10 +299,11 @@ class Scheduler:
             chosen = list(range(n))
         else:
             chosen = sorted(self._pick(self._pending(range(n))))
-        if self.route_ahead is not None and self.engine.offloader is not None:
+        if self.route_ahead is not None and self.engine.offloader is not None:  # the lookahead cache's window
             rest = [i for i in range(n) if i not in set(chosen)]
             now = sorted({e for i in chosen for e in self.rows[i].experts})
-            self._publish([now] + plan_steps(self._pending(rest, wait=1), self._pick))
+            again = [Pending(0, self.rows[i].arrival, self.rows[i].experts) for i in chosen]
+            self._publish([now] + plan_steps(self._pending(rest, wait=1) + again, self._pick, PLAN_STEPS, served_again=True))
         return chosen
 
     def _publish(self, steps: list[list[int]]) -> None:
