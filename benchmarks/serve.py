@@ -86,6 +86,7 @@ def free_port() -> int:
 
 class Server:
     health = "/health"
+    extra: dict = {}  # request fields this server needs to decode as moekit does
 
     def __init__(self, checkpoint: Path, max_batch: int) -> None:
         self.port = free_port()
@@ -131,6 +132,7 @@ class LlamaServer(Server):
     """llama-cpp-python's OpenAI server on the GGUF export, one thread (it serves one request at a time)."""
 
     health = "/v1/models"
+    extra = {"repeat_penalty": 1.0}  # llama-cpp-python's default is 1.1: plain greedy / sampling as moekit's
 
     def __init__(self, gguf_path: Path, n_ctx: int = 256) -> None:
         self.port = free_port()
@@ -144,14 +146,15 @@ PROMPTS = ["def f(x):", "The quick brown fox", "import numpy as np\n", "hello", 
            "Once upon a time, ", "SELECT * FROM", "x = [i * i for i in range("]
 
 
-async def stream_one(client, prompt: str, max_tokens: int, seed: int | None = None) -> dict:
+async def stream_one(client, prompt: str, max_tokens: int, seed: int | None = None, extra: dict | None = None) -> dict:
     """One streamed completion: tokens, time to first text, gaps between text chunks, errors."""
     body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}, "temperature": 0 if seed is None else 0.8}
     if seed is not None:
         body["seed"] = seed
+    body.update(extra or {})
     start = time.perf_counter()
-    stamps, tokens, error, done = [], 0, None, False
+    stamps, tokens, chunks, error, done = [], 0, 0, None, False
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"error": f"HTTP {r.status_code}", "tokens": 0, "ttft": None, "gaps": []}
@@ -166,16 +169,18 @@ async def stream_one(client, prompt: str, max_tokens: int, seed: int | None = No
                 error = chunk["error"]["message"]
             elif chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["text"]:
-                stamps.append(time.perf_counter())
+            elif chunk["choices"]:
+                chunks += chunk["choices"][0].get("finish_reason") is None
+                if chunk["choices"][0]["text"]:
+                    stamps.append(time.perf_counter())
     if not done and error is None:
         error = "no [DONE]"
-    tokens = tokens or len(stamps)  # a server that sends no usage chunk: one text chunk per token
+    tokens = tokens or chunks  # a server that sends no usage chunk (llama-cpp-python): one chunk per token
     ttft = stamps[0] - start if stamps else None
     return {"error": error, "tokens": tokens, "ttft": ttft, "gaps": [b - a for a, b in zip(stamps, stamps[1:])]}
 
 
-async def load_level(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+async def load_level(url: str, concurrency: int, requests: int, max_tokens: int, extra: dict | None = None) -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -186,7 +191,7 @@ async def load_level(url: str, concurrency: int, requests: int, max_tokens: int)
             out = []
             while todo:
                 i = todo.pop()
-                out.append(await stream_one(client, PROMPTS[i % len(PROMPTS)], max_tokens))
+                out.append(await stream_one(client, PROMPTS[i % len(PROMPTS)], max_tokens, None, extra))
             return out
 
         start = time.perf_counter()
@@ -217,7 +222,7 @@ def compare(servers: dict[str, Server], rounds: int, max_tokens: int) -> dict:
         for r in range(rounds):
             order = list(servers.items())
             for name, server in order[r % len(order):] + order[: r % len(order)]:
-                runs[name].append(asyncio.run(load_level(server.url, c, requests, max_tokens)))
+                runs[name].append(asyncio.run(load_level(server.url, c, requests, max_tokens, server.extra)))
         out[c] = {"runs": runs}
         for peer in [n for n in servers if n != "batched"]:
             ratio = paired_ratio([1 / x["tokens_per_s"] for x in runs[peer]], [1 / x["tokens_per_s"] for x in runs["batched"]])
@@ -295,13 +300,29 @@ async def malformed_flood(server: Server, total: int = 1000, concurrency: int = 
             "healthy_after": healthy and ok.status_code == 200}
 
 
+def same_text(moekit: Server, llama: Server, max_tokens: int = 8) -> list[bool]:
+    """Per prompt: does llama.cpp's greedy text continue as moekit's (not streamed)?
+
+    The random byte-level model emits bytes that are not UTF-8: moekit writes U+FFFD for them, llama.cpp
+    drops them (and may decode a few tokens past max_tokens to finish a character), so the check is that
+    moekit's text without U+FFFD is a prefix of llama.cpp's.
+    """
+    import httpx
+
+    def text(server, prompt):
+        body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **server.extra}
+        return httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+
+    return [text(llama, p).startswith(text(moekit, p).replace("\ufffd", "")) for p in PROMPTS]
+
+
 def llama_cpp_peer(ran: bool) -> str:
     if not ran:
         return ("llama-cpp-python with its server extra (llama_cpp, sse_starlette, starlette_context, pydantic_settings) "
                 "is not installed on this machine: no llama.cpp server peer was run")
     import llama_cpp
 
-    return (f"llama-cpp-python {llama_cpp.__version__} `python -m llama_cpp.server` (one thread, n_ctx 256) on the same "
+    return (f"llama-cpp-python {llama_cpp.__version__} `python -m llama_cpp.server` (one thread, n_ctx 256, requests with repeat_penalty 1.0) on the same "
             "weights exported by moekit.gguf (F32), interleaved with the moekit servers: rows \"llama\"; it serves one "
             "request at a time")
 
@@ -364,8 +385,17 @@ back, so it often spans a few tokens.
 
 ## Peers
 
-{result['peer']}.
+{result['peer']}.{peer_parity(result)}
 """
+
+
+def peer_parity(result: dict) -> str:
+    parity = result.get("llama_same_greedy_text")
+    if parity is None:
+        return ""
+    return (f" Same weights, same decoding: on {sum(parity)} of {len(parity)} prompts the llama.cpp server's greedy text "
+            "(8 tokens, repeat_penalty 1.0, not streamed) continues as moekit's (moekit's U+FFFD for non-UTF-8 bytes "
+            "removed: llama.cpp drops those bytes).")
 
 
 def main() -> int:
@@ -381,6 +411,9 @@ def main() -> int:
             for server in servers.values():  # wait for each, then warm it up
                 server.wait_healthy()
                 asyncio.run(load_level(server.url, 2, 2, 4))
+            parity = same_text(batched, servers["llama"]) if "llama" in servers else None
+            if parity is not None:
+                print(f"llama.cpp server gives moekit's greedy text on {sum(parity)}/{len(parity)} prompts", flush=True)
             print("throughput and latency:", flush=True)
             levels = compare(servers, rounds, max_tokens)
             serial_code = serial.stop()
@@ -407,7 +440,8 @@ def main() -> int:
     result = {"targets": targets, "machine": machine_info(), "command": command_line(), "quick": args.quick,
               "model": "4 layers, hidden 256, 8 experts top-2, expert_hidden 512, context 256, byte vocabulary",
               "rounds": rounds, "max_tokens": max_tokens, "levels": levels, "soak": soak_result,
-              "malformed": flood, "peer": llama_cpp_peer(gguf_path is not None)}
+              "malformed": flood, "peer": llama_cpp_peer(gguf_path is not None),
+              "llama_same_greedy_text": parity}
     name = "serve_quick" if args.quick else "serve"
     paths = write_results(name, result, markdown(result))
     print(f"wrote {paths[0]} and {paths[1]}")
