@@ -129,7 +129,7 @@ class Server:
 
 
 class LlamaServer(Server):
-    """llama-cpp-python's OpenAI server on the GGUF export, one thread (it serves one request at a time)."""
+    """llama-cpp-python's OpenAI server on the GGUF export, one thread (it serves one request at a time, the others wait)."""
 
     health = "/v1/models"
     extra = {"repeat_penalty": 1.0}  # llama-cpp-python's default is 1.1: plain greedy / sampling as moekit's
@@ -139,7 +139,8 @@ class LlamaServer(Server):
         self.url = f"http://127.0.0.1:{self.port}"
         self.start([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", "127.0.0.1",
                     "--port", str(self.port), "--model_alias", NAME, "--n_ctx", str(n_ctx), "--n_threads", "1",
-                    "--n_threads_batch", "1", "--verbose", "False"])
+                    "--n_threads_batch", "1", "--verbose", "False",
+                    "--interrupt_requests", "False"])  # its default cuts a running stream short when another request waits
 
 
 PROMPTS = ["def f(x):", "The quick brown fox", "import numpy as np\n", "hello", "class A:\n    def __init__(self):",
