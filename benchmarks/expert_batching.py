@@ -125,8 +125,8 @@ class Combo:
 
         self.policy, self.args = policy, args
         predictor = "lookahead" if policy == "lookahead" else "none"
-        self.engine = Engine.load(path, expert_budget=args.budget, tier="emulated", link_bandwidth=args.bandwidth,
-                                  policy=policy, predictor=predictor)
+        self.engine = Engine.load(path)
+        self.engine.offload(args.budget, tier="emulated", link_bandwidth=args.bandwidth, policy=policy, predictor=predictor)
         self.predictor = predictor
 
     def run(self, reqs, batching: str, step_tokens: int, budget: str) -> dict:

@@ -52,6 +52,7 @@ def test_engine_loads_a_read_me_model_and_generates_its_own_greedy_tokens(readme
 def test_offloaded_read_me_generation_equals_resident(readme_dir, policy, predictor):
     resident = Engine.load(readme_dir)
     engine = Engine.load(readme_dir, expert_budget="50%", policy=policy, predictor=predictor)
+    assert engine.offloader.tier.kind == "disk"  # loaded without its experts: they come from the saved file
     cfg = SamplingConfig(max_new_tokens=16)
     for prompt in PROMPTS[:3]:
         assert engine.generate_ids([prompt], cfg)[0].token_ids == resident.generate_ids([prompt], cfg)[0].token_ids
@@ -102,7 +103,8 @@ def test_expert_aware_steps_touch_fewer_experts_than_fifo_and_lookahead_loads_fe
     solo = [resident.generate_ids([p], cfg)[0].token_ids for p in PROMPTS]
     for batching in ("fifo", "expert"):
         for policy, predictor in (("lru", "none"), ("lookahead", "lookahead")):
-            engine = Engine.load(readme_dir, expert_budget="25%", policy=policy, predictor=predictor, tier="memory")
+            engine = Engine.load(readme_dir)
+            engine.offload("25%", policy=policy, predictor=predictor, tier="memory")
             got, _ = serve(engine, PROMPTS, cfg, step_tokens=3, max_wait=4, batching=batching)
             assert got == solo  # offloaded and batched by expert: still each request's own tokens
             stats = engine.offloader.stats()
@@ -169,7 +171,7 @@ def test_the_server_batching_by_expert_streams_each_request_its_solo_text(tmp_pa
     from test_server import aclient, alone
 
     d = byte_level_readme(tmp_path / "readme")
-    engine = Engine.load(d, expert_budget="50%", policy="lookahead", predictor="lookahead", tier="memory")
+    engine = Engine.load(d, expert_budget="50%", policy="lookahead", predictor="lookahead")  # lazily: experts on disk
     app = create_app(engine, ServerSettings(model_name="tiny", max_batch=8, step_tokens=3, max_wait=2))
     prompts = ["def f(x):", "a", "hello world", "the quick brown", "zz", "12345", "if x >", "q"]
     lengths = [6, 17, 9, 12, 3, 20, 8, 14]
@@ -189,3 +191,18 @@ def test_the_server_batching_by_expert_streams_each_request_its_solo_text(tmp_pa
         assert app.state.server.scheduler.now > 0
     finally:
         app.state.server.shutdown()
+
+
+def test_engine_loads_other_converted_decoders_and_refuses_encoders(tmp_path):
+    torch.manual_seed(1)
+    calib = [torch.randint(0, 50, (4, 32))]
+    moe = moefy.convert(dense_lm(), method="cluster", experts=4, top_k=2, calib=calib).eval()
+    d = moefy.save(moe, tmp_path / "cluster")
+    engine = Engine.load(d)
+    assert getattr(engine.model, "route_ahead", None) is None  # per-layer routers: no routes known ahead
+    got = engine.generate_ids([[3, 9, 27]], SamplingConfig(max_new_tokens=10))[0].token_ids
+    assert got == full_forward_greedy(moe, [3, 9, 27], 10)
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "moefy.json").write_text('{"kind": "encoder"}')
+    with pytest.raises(moefy.MoefyError, match="does not generate text"):
+        Engine.load(tmp_path / "enc")

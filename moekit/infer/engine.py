@@ -122,7 +122,7 @@ class Engine:
         from ..moefy.io import is_moefy_dir, load_generator
 
         if is_moefy_dir(p):  # --- a moefy output: a converted decoder (a Read-ME model routes ahead)
-            model, tokenizer = load_generator(p)
+            model, tokenizer = load_generator(p, experts=not lazy)
             _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
             engine = cls(_quantized(model, options), tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p), special_tokens(p))
         elif hf.is_hf_dir(p):
