@@ -9,7 +9,7 @@ from pathlib import Path
 
 from _common import markdown_table
 
-from moekit.infer.expert_cache import POLICIES
+POLICIES = ("lru", "lfu", "lfru", "belady")  # not lookahead: it needs known routes (benchmarks/expert_batching.py)
 from moekit.infer.offload import format_bytes
 
 BUDGETS = ("12.5%", "25%", "50%", "100%")

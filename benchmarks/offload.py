@@ -50,7 +50,7 @@ from _offload_report import BUDGETS, PREDICTORS, TIMED, markdown, notes, plot  #
 
 from moekit.data.text import Tokenizer  # noqa: E402
 from moekit.infer.engine import Engine  # noqa: E402
-from moekit.infer.expert_cache import POLICIES  # noqa: E402
+POLICIES = ("lru", "lfu", "lfru", "belady")  # not lookahead: it needs known routes (benchmarks/expert_batching.py)
 from moekit.infer.offload import EmulatedLinkTier, MemoryTier, find_moe_layers  # noqa: E402
 from moekit.infer.prefetch import OraclePredictor  # noqa: E402
 from moekit.infer.sampling import SamplingConfig  # noqa: E402

@@ -10,7 +10,11 @@ round, and the throughput ratio is the median of per-round paired ratios.
 Then a soak (32 concurrent streams for 60 s; 10 s with --quick) counts errors
 and reads the server's RSS at start and end, and 1000 malformed requests
 check that the server answers 4xx, never 5xx, and stays healthy.
-llama-cpp-python's OpenAI server is a peer only where it is installed.
+llama-cpp-python's OpenAI server (`python -m llama_cpp.server`, the
+`llama-cpp-python[server]` extra) is a third peer where llama_cpp is
+importable: it serves the same weights, exported by moekit.gguf's writer
+(F32) from the model the moekit servers load, with the same one thread, and
+runs interleaved with the moekit servers at every concurrency level.
 
 Targets: throughput at 16 clients >= 4x one-at-a-time; soak 0 errors and RSS
 growth <= 5%; malformed 0 5xx.
@@ -43,7 +47,8 @@ LEVELS = (1, 4, 16, 32)
 NAME = "bench"
 
 
-def build_checkpoint(d: Path) -> Path:
+def build_checkpoint(d: Path) -> tuple[Path, Path | None]:
+    """(the moekit checkpoint, its GGUF export (F32, moekit.gguf) when llama_cpp is importable, else None)."""
     import torch
 
     from moekit.checkpoints import save_checkpoint
@@ -60,7 +65,17 @@ def build_checkpoint(d: Path) -> Path:
         model.lm_head.weight.mul_(20)
     save_checkpoint(d / "run", 1, config=to_dict(RunConfig(model=cfg)), model_state=model.state_dict(),
                     optimizer_state=None, trainer_state={}, tokenizer=Tokenizer.byte_level())
-    return d / "run"
+    gguf_path = None
+    if llama_cpp_available():
+        from moekit import gguf
+
+        gguf_path = gguf.save(model, d / "bench.gguf", Tokenizer.byte_level(), dtype="F32")
+    return d / "run", gguf_path
+
+
+def llama_cpp_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "sse_starlette", "starlette_context",
+                                                                  "pydantic_settings"))
 
 
 def free_port() -> int:
@@ -70,14 +85,18 @@ def free_port() -> int:
 
 
 class Server:
+    health = "/health"
+    extra: dict = {}  # request fields this server needs to decode as moekit does
+
     def __init__(self, checkpoint: Path, max_batch: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.start([sys.executable, "-m", "moekit", "serve", str(checkpoint), "--host", "127.0.0.1", "--port",
+                    str(self.port), "--model-name", NAME, "--max-batch", str(max_batch), "--max-queue", "128"])
+
+    def start(self, cmd: list[str]) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moekit", "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(self.port),
-             "--model-name", NAME, "--max-batch", str(max_batch), "--max-queue", "128"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_healthy(self, timeout: float = 180) -> None:
         import httpx
@@ -85,14 +104,14 @@ class Server:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moekit serve exited: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"{type(self).__name__} exited: {self.proc.stderr.read()[-2000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.health, timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("moekit serve did not become healthy")
+        raise RuntimeError(f"{type(self).__name__} did not become healthy")
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -109,18 +128,34 @@ class Server:
             return -9
 
 
+class LlamaServer(Server):
+    """llama-cpp-python's OpenAI server on the GGUF export, one thread (it serves one request at a time, the others wait)."""
+
+    health = "/v1/models"
+    extra = {"repeat_penalty": 1.0}  # llama-cpp-python's default is 1.1: plain greedy / sampling as moekit's
+
+    def __init__(self, gguf_path: Path, n_ctx: int = 256) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--model_alias", NAME, "--n_ctx", str(n_ctx), "--n_threads", "1",
+                    "--n_threads_batch", "1", "--verbose", "False",
+                    "--interrupt_requests", "False"])  # its default cuts a running stream short when another request waits
+
+
 PROMPTS = ["def f(x):", "The quick brown fox", "import numpy as np\n", "hello", "class A:\n    def __init__(self):",
            "Once upon a time, ", "SELECT * FROM", "x = [i * i for i in range("]
 
 
-async def stream_one(client, prompt: str, max_tokens: int, seed: int | None = None) -> dict:
+async def stream_one(client, prompt: str, max_tokens: int, seed: int | None = None, extra: dict | None = None) -> dict:
     """One streamed completion: tokens, time to first text, gaps between text chunks, errors."""
     body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}, "temperature": 0 if seed is None else 0.8}
     if seed is not None:
         body["seed"] = seed
+    body.update(extra or {})
     start = time.perf_counter()
-    stamps, tokens, error, done = [], 0, None, False
+    stamps, tokens, chunks, error, done = [], 0, 0, None, False
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"error": f"HTTP {r.status_code}", "tokens": 0, "ttft": None, "gaps": []}
@@ -135,15 +170,18 @@ async def stream_one(client, prompt: str, max_tokens: int, seed: int | None = No
                 error = chunk["error"]["message"]
             elif chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["text"]:
-                stamps.append(time.perf_counter())
+            elif chunk["choices"]:
+                chunks += chunk["choices"][0].get("finish_reason") is None
+                if chunk["choices"][0]["text"]:
+                    stamps.append(time.perf_counter())
     if not done and error is None:
         error = "no [DONE]"
+    tokens = tokens or chunks  # a server that sends no usage chunk (llama-cpp-python): one chunk per token
     ttft = stamps[0] - start if stamps else None
     return {"error": error, "tokens": tokens, "ttft": ttft, "gaps": [b - a for a, b in zip(stamps, stamps[1:])]}
 
 
-async def load_level(url: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+async def load_level(url: str, concurrency: int, requests: int, max_tokens: int, extra: dict | None = None) -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -154,7 +192,7 @@ async def load_level(url: str, concurrency: int, requests: int, max_tokens: int)
             out = []
             while todo:
                 i = todo.pop()
-                out.append(await stream_one(client, PROMPTS[i % len(PROMPTS)], max_tokens))
+                out.append(await stream_one(client, PROMPTS[i % len(PROMPTS)], max_tokens, None, extra))
             return out
 
         start = time.perf_counter()
@@ -176,22 +214,24 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def compare(batched: Server, serial: Server, rounds: int, max_tokens: int) -> dict:
-    """Per level: each server's figures per round (interleaved, order alternating) and the paired ratio."""
+def compare(servers: dict[str, Server], rounds: int, max_tokens: int) -> dict:
+    """Per level: each server's figures per round (interleaved, order rotating) and the paired ratios to "batched"."""
     out = {}
     for c in LEVELS:
         requests = 4 if c == 1 else 2 * c
-        runs = {"batched": [], "serial": []}
+        runs = {name: [] for name in servers}
         for r in range(rounds):
-            order = [("batched", batched), ("serial", serial)]
-            for name, server in (order if r % 2 == 0 else order[::-1]):
-                runs[name].append(asyncio.run(load_level(server.url, c, requests, max_tokens)))
-        ratio = paired_ratio([1 / x["tokens_per_s"] for x in runs["serial"]],
-                             [1 / x["tokens_per_s"] for x in runs["batched"]])
-        ratios = [b["tokens_per_s"] / s["tokens_per_s"] for b, s in zip(runs["batched"], runs["serial"])]
-        out[c] = {"runs": runs, "throughput_ratio": ratio, "ratio_spread": [min(ratios), max(ratios)]}
-        print(f"  {c:>2} clients: batched {med(runs['batched'], 'tokens_per_s'):.1f} tok/s, "
-              f"serial {med(runs['serial'], 'tokens_per_s'):.1f} tok/s, ratio {ratio:.2f}x", flush=True)
+            order = list(servers.items())
+            for name, server in order[r % len(order):] + order[: r % len(order)]:
+                runs[name].append(asyncio.run(load_level(server.url, c, requests, max_tokens, server.extra)))
+        out[c] = {"runs": runs}
+        for peer in [n for n in servers if n != "batched"]:
+            ratio = paired_ratio([1 / x["tokens_per_s"] for x in runs[peer]], [1 / x["tokens_per_s"] for x in runs["batched"]])
+            ratios = [b["tokens_per_s"] / s["tokens_per_s"] for b, s in zip(runs["batched"], runs[peer])]
+            key = "" if peer == "serial" else f"_{peer}"
+            out[c][f"throughput_ratio{key}"], out[c][f"ratio_spread{key}"] = ratio, [min(ratios), max(ratios)]
+        print(f"  {c:>2} clients: " + ", ".join(f"{n} {med(rs, 'tokens_per_s'):.1f} tok/s" for n, rs in runs.items())
+              + f"; batched / serial {out[c]['throughput_ratio']:.2f}x", flush=True)
     return out
 
 
@@ -261,25 +301,50 @@ async def malformed_flood(server: Server, total: int = 1000, concurrency: int = 
             "healthy_after": healthy and ok.status_code == 200}
 
 
-def llama_cpp_peer() -> str:
-    if importlib.util.find_spec("llama_cpp") is None:
-        return "llama-cpp-python is not installed on this machine: no llama.cpp server peer was run"
-    return "llama-cpp-python is installed, but this script has no GGUF of the benchmark model: peer not run"
+def same_text(moekit: Server, llama: Server, max_tokens: int = 8) -> list[bool]:
+    """Per prompt: does llama.cpp's greedy text continue as moekit's (not streamed)?
+
+    The random byte-level model emits bytes that are not UTF-8: moekit writes U+FFFD for them, llama.cpp
+    drops them (and may decode a few tokens past max_tokens to finish a character), so the check is that
+    moekit's text without U+FFFD is a prefix of llama.cpp's.
+    """
+    import httpx
+
+    def text(server, prompt):
+        body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **server.extra}
+        return httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+
+    return [text(llama, p).startswith(text(moekit, p).replace("\ufffd", "")) for p in PROMPTS]
+
+
+def llama_cpp_peer(ran: bool) -> str:
+    if not ran:
+        return ("llama-cpp-python with its server extra (llama_cpp, sse_starlette, starlette_context, pydantic_settings) "
+                "is not installed on this machine: no llama.cpp server peer was run")
+    import llama_cpp
+
+    return (f"llama-cpp-python {llama_cpp.__version__} `python -m llama_cpp.server` (one thread, n_ctx 256, requests with repeat_penalty 1.0) on the same "
+            "weights exported by moekit.gguf (F32), interleaved with the moekit servers: rows \"llama\"; it serves one "
+            "request at a time")
 
 
 def markdown(result: dict) -> str:
     rows = []
     for c, level in result["levels"].items():
-        for name in ("batched", "serial"):
+        for name in level["runs"]:
             runs = level["runs"][name]
             rows.append([c, name, f"{med(runs, 'tokens_per_s'):.1f}", f"{med(runs, 'ttft_p50_ms'):.0f}",
                          f"{med(runs, 'ttft_p95_ms'):.0f}", f"{med(runs, 'itl_p50_ms'):.1f}",
                          f"{med(runs, 'itl_p95_ms'):.1f}", sum(r["errors"] for r in runs)])
     levels = markdown_table(["clients", "server", "tokens/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms",
                              "errors"], rows)
-    ratios = markdown_table(["clients", "batched / one-at-a-time (paired median)", "per-round spread"],
-                            [[c, f"{lv['throughput_ratio']:.2f}x", f"{lv['ratio_spread'][0]:.2f}-{lv['ratio_spread'][1]:.2f}x"]
-                             for c, lv in result["levels"].items()])
+    peer = [["batched / llama.cpp server", f"{lv['throughput_ratio_llama']:.2f}x",
+             f"{lv['ratio_spread_llama'][0]:.2f}-{lv['ratio_spread_llama'][1]:.2f}x"] for lv in result["levels"].values()
+            if "throughput_ratio_llama" in lv]
+    ratios = markdown_table(["clients", "batched / one-at-a-time (paired median)", "per-round spread", *(
+        ["vs", "paired median", "spread"] if peer else [])],
+                            [[c, f"{lv['throughput_ratio']:.2f}x", f"{lv['ratio_spread'][0]:.2f}-{lv['ratio_spread'][1]:.2f}x",
+                              *(peer[i] if peer else [])] for i, (c, lv) in enumerate(result["levels"].items())])
     t = markdown_table(["target", "value", "goal", "met"],
                        [[x["name"], x["value"], f"{x['direction']} {x['goal']}", "yes" if x["met"] else "no"]
                         for x in result["targets"]])
@@ -288,9 +353,9 @@ def markdown(result: dict) -> str:
 
 Command: `{result['command']}`. Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores,
 load average {result['machine']['load_average_1m']} at the end. **The machine was shared with other jobs while
-this ran**, so absolute figures are depressed and noisy; the ratio pairs the two servers round by round.
+this ran**, so absolute figures are depressed and noisy; the ratios pair the servers round by round.
 
-Model: random moekit checkpoint ({result['model']}), fp32, CPU, one torch thread per server. Both servers are
+Model: random moekit checkpoint ({result['model']}), fp32, CPU, one torch thread per server. The moekit servers are
 `moekit serve` subprocesses on 127.0.0.1: "batched" = --max-batch 32 (continuous batching), "serial" =
 --max-batch 1 (one request at a time). Each client streams completions of {result['max_tokens']} tokens (greedy)
 one after another; {result['rounds']} round(s) per level.
@@ -321,8 +386,17 @@ back, so it often spans a few tokens.
 
 ## Peers
 
-{result['peer']}.
+{result['peer']}.{peer_parity(result)}
 """
+
+
+def peer_parity(result: dict) -> str:
+    parity = result.get("llama_same_greedy_text")
+    if parity is None:
+        return ""
+    return (f" Same weights, same decoding: on {sum(parity)} of {len(parity)} prompts the llama.cpp server's greedy text "
+            "(8 tokens, repeat_penalty 1.0, not streamed) continues as moekit's (moekit's U+FFFD for non-UTF-8 bytes "
+            "removed: llama.cpp drops those bytes).")
 
 
 def main() -> int:
@@ -331,16 +405,21 @@ def main() -> int:
     args = p.parse_args()
     rounds, max_tokens, soak_s = (1, 16, 10.0) if args.quick else (2, 32, 60.0)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = build_checkpoint(Path(tmp))
+        ckpt, gguf_path = build_checkpoint(Path(tmp))
         batched, serial = Server(ckpt, 32), Server(ckpt, 1)
+        servers = {"batched": batched, "serial": serial, **({"llama": LlamaServer(gguf_path)} if gguf_path else {})}
         try:
-            batched.wait_healthy()
-            serial.wait_healthy()
-            for server in (batched, serial):  # warm up both
+            for server in servers.values():  # wait for each, then warm it up
+                server.wait_healthy()
                 asyncio.run(load_level(server.url, 2, 2, 4))
+            parity = same_text(batched, servers["llama"]) if "llama" in servers else None
+            if parity is not None:
+                print(f"llama.cpp server gives moekit's greedy text on {sum(parity)}/{len(parity)} prompts", flush=True)
             print("throughput and latency:", flush=True)
-            levels = compare(batched, serial, rounds, max_tokens)
+            levels = compare(servers, rounds, max_tokens)
             serial_code = serial.stop()
+            if "llama" in servers:
+                servers["llama"].stop()
             print(f"soak {soak_s:.0f} s ...", flush=True)
             soak_result = asyncio.run(soak(batched, soak_s))
             print(f"  {soak_result['errors']} errors, RSS {soak_result['rss_growth']:+.2%}", flush=True)
@@ -348,7 +427,7 @@ def main() -> int:
             print(f"malformed: {flood['statuses']}, healthy after: {flood['healthy_after']}", flush=True)
             batched_code = batched.stop()
         finally:
-            for server in (batched, serial):
+            for server in servers.values():
                 if server.proc.poll() is None:
                     server.proc.kill()
     targets = [
@@ -362,7 +441,8 @@ def main() -> int:
     result = {"targets": targets, "machine": machine_info(), "command": command_line(), "quick": args.quick,
               "model": "4 layers, hidden 256, 8 experts top-2, expert_hidden 512, context 256, byte vocabulary",
               "rounds": rounds, "max_tokens": max_tokens, "levels": levels, "soak": soak_result,
-              "malformed": flood, "peer": llama_cpp_peer()}
+              "malformed": flood, "peer": llama_cpp_peer(gguf_path is not None),
+              "llama_same_greedy_text": parity}
     name = "serve_quick" if args.quick else "serve"
     paths = write_results(name, result, markdown(result))
     print(f"wrote {paths[0]} and {paths[1]}")

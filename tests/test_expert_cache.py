@@ -7,7 +7,8 @@ import pytest
 
 from moekit.errors import MoekitError
 from moekit.infer.expert_cache import (
-    LFRU, LFU, LRU, POLICIES, Belady, CacheError, ExpertCache, RoutingTrace, build_policy, simulate_misses,
+    LFRU, LFU, LRU, POLICIES, Belady, CacheError, ExpertCache, LookaheadBelady, RouteWindow, RoutingTrace, build_policy,
+    simulate_misses,
 )
 
 
@@ -121,10 +122,74 @@ def test_trace_round_trip_and_belady_checks_the_trace(tmp_path):
 
 
 def test_unknown_policy_lists_the_accepted_ones():
-    with pytest.raises(MoekitError, match="unknown cache policy 'fifo': accepted policies are lru, lfu, lfru, belady"):
+    with pytest.raises(MoekitError, match="unknown cache policy 'fifo': accepted policies are lru, lfu, lfru, belady, lookahead"):
         build_policy("fifo")
     with pytest.raises(CacheError, match="needs a routing trace"):
         build_policy("belady")
-    assert POLICIES == ("lru", "lfu", "lfru", "belady")
+    assert POLICIES == ("lru", "lfu", "lfru", "belady", "lookahead")
     with pytest.raises(CacheError, match="at least 1"):
         ExpertCache(4, 0, LRU())
+
+
+def _farthest_next_use_misses(steps, slots):
+    """Belady written out plainly: on a miss with no free slot, evict the resident expert (not needed now)
+    whose next use is farthest (never: first; ties by smallest id)."""
+    resident, misses = set(), 0
+    for t, experts in enumerate(steps):
+        for e in experts:
+            if e in resident:
+                continue
+            misses += 1
+            if len(resident) == slots:
+                def next_use(x):
+                    return next((u for u in range(t + 1, len(steps)) if x in steps[u]), len(steps) + 1)
+                resident.remove(max((x for x in resident if x not in experts), key=lambda x: (next_use(x), -x)))
+            resident.add(e)
+    return misses
+
+
+def test_lookahead_with_the_whole_future_known_is_the_brute_force_optimum():
+    rng = random.Random(3)
+    for trial in range(25):
+        E, slots, k = 6, rng.choice([2, 3, 4]), rng.choice([1, 2])
+        skew = [rng.random() ** 3 for _ in range(E)]
+        steps = [sorted(set(rng.choices(range(E), weights=skew, k=k))) for _ in range(14)]
+        routes = RouteWindow()
+        routes.plan(steps)
+        misses = simulate_misses(steps, E, slots, LookaheadBelady(routes))
+        assert misses == _optimal(tuple(map(tuple, steps)), slots) == _farthest_next_use_misses(steps, slots), (steps, slots)
+        assert misses <= simulate_misses(steps, E, slots, LRU())
+
+
+def test_lookahead_over_a_sliding_window_beats_lru_and_without_a_window_is_lru():
+    rng = random.Random(5)
+    E, slots, window = 16, 4, 6
+    steps = [sorted(set(rng.choices(range(E), weights=[1 + (e % 4 == 0) * 6 for e in range(E)], k=2))) for _ in range(400)]
+    routes = RouteWindow()
+    cache = ExpertCache(E, slots, LookaheadBelady(routes))
+    sliding = 0
+    for t, experts in enumerate(steps):
+        routes.plan(steps[t : t + window])  # what a server knows before each step
+        cache.begin_step(experts)
+        for e in experts:
+            if e not in cache:
+                sliding += 1
+                cache.place(e)
+        cache.end_step()
+    lru = simulate_misses(steps, E, slots, LRU())
+    assert sliding < 0.9 * lru
+    assert sliding >= simulate_misses(steps, E, slots, Belady(steps))  # never below the optimum
+    assert simulate_misses(steps, E, slots, LookaheadBelady()) == lru  # nothing known ahead: least recently used
+
+
+def test_route_window_anchors_at_the_first_step_after_a_plan():
+    routes = RouteWindow()
+    routes.plan([[1], [2, 3], [1]])
+    routes.begin(10, [1])
+    routes.begin(10, [1])  # the next layer of the same forward
+    assert routes.next_use(1, 10) == 10 and routes.next_use(1, 11) == 12 and routes.next_use(3, 10) == 11
+    assert routes.next_use(4, 10) == float("inf") and routes.experts_at(11) == [2, 3] and routes.experts_at(13) is None
+    routes.plan([])
+    routes.begin(11, [5])
+    assert routes.experts_at(11) == [5] and routes.experts_at(12) is None  # no plan: only the current demand
+    assert isinstance(build_policy("lookahead", routes=routes), LookaheadBelady)

@@ -181,10 +181,10 @@ def test_cuda_copy_stream_orders_copies_and_compute():
 
 
 def test_unknown_or_incomplete_predictors_are_named():
-    with pytest.raises(MoekitError, match="unknown predictor 'psychic': accepted predictors are none, prefetch-all, next-gate, pregate, oracle"):
+    with pytest.raises(MoekitError, match="unknown predictor 'psychic': accepted predictors are none, prefetch-all, next-gate, pregate, oracle, lookahead"):
         build_predictor("psychic")
     with pytest.raises(MoekitError, match="moekit pregate"):
         build_predictor("pregate")
     with pytest.raises(MoekitError, match="the oracle predictor needs a routing trace"):
         build_predictor("oracle")
-    assert PREDICTORS == ("none", "prefetch-all", "next-gate", "pregate", "oracle")
+    assert PREDICTORS == ("none", "prefetch-all", "next-gate", "pregate", "oracle", "lookahead")

@@ -116,8 +116,10 @@ def _add_generate(sub) -> None:
     off.add_argument("--expert-budget", metavar="SIZE",
                      help="fast memory for experts: bytes (300MB, 2GB) or a fraction of all experts (25%%); the rest stay in the slow tier")
     off.add_argument("--prefetch", metavar="PREDICTOR",
-                     help="how the next layer's experts are predicted and fetched early: none (default), prefetch-all, next-gate, pregate")
-    off.add_argument("--cache", metavar="POLICY", help="expert cache policy: lru (default), lfu, lfru, belady (offline optimum; runs the prompt twice)")
+                     help="how the next layer's experts are predicted and fetched early: none (default), prefetch-all, next-gate, pregate, "
+                     "lookahead (known routes of a Read-ME model)")
+    off.add_argument("--cache", metavar="POLICY", help="expert cache policy: lru (default), lfu, lfru, belady (offline optimum; runs the prompt twice), "
+                     "lookahead (Belady over the routes known ahead)")
     off.add_argument("--pregate", metavar="DIR", help="pre-gate heads trained by `moekit pregate` (for --prefetch pregate)")
     off.add_argument("--slow-tier", metavar="TIER",
                      help="where the experts live: disk (default on CPU: the checkpoint's safetensors), emulated (a link of "

@@ -21,7 +21,7 @@ import sys
 def _check(args):
     from ..errors import ConfigError
 
-    for name, low in (("max_batch", 1), ("max_queue", 0), ("max_tokens_limit", 1)):
+    for name, low in (("max_batch", 1), ("max_queue", 0), ("max_tokens_limit", 1), ("step_tokens", 1), ("max_wait", 0)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} {value} is invalid: it must be an integer >= {low}")
@@ -75,7 +75,7 @@ def _serve(args) -> int:
     settings = ServerSettings(model_name=args.model_name or _default_name(args.model), max_batch=args.max_batch,
                               max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
                               api_key=args.api_key or os.environ.get("MOEKIT_API_KEY") or None,
-                              shutdown_timeout=args.shutdown_timeout)
+                              shutdown_timeout=args.shutdown_timeout, step_tokens=args.step_tokens, max_wait=args.max_wait)
     holder = {}
 
     def on_load_error(e):
@@ -108,6 +108,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--model-name", help="the model id clients send (default: the model directory's name)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--step-tokens", type=int, help="most sequences decoded per step (default: --max-batch); fewer: a "
+                   "model with known routes (Read-ME) picks them by expert")
+    p.add_argument("--max-wait", type=int, default=8, help="with --step-tokens: steps a sequence may wait before it goes first (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for (default: the context)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOEKIT_API_KEY, else none)")
@@ -121,8 +124,9 @@ def add_parsers(sub) -> None:
                    help="quantize the experts at load time: int8 (per channel) or int4 (group 32); see `moekit quantize`")
     off = p.add_argument_group("expert offloading (as `moekit generate`)")
     off.add_argument("--expert-budget", metavar="SIZE", help="fast memory for experts: bytes (300MB, 2GB) or a fraction (25%%)")
-    off.add_argument("--prefetch", metavar="PREDICTOR", help="none (default), prefetch-all, next-gate, pregate")
-    off.add_argument("--cache", metavar="POLICY", help="expert cache policy: lru (default), lfu, lfru")
+    off.add_argument("--prefetch", metavar="PREDICTOR", help="none (default), prefetch-all, next-gate, pregate, lookahead (known routes)")
+    off.add_argument("--cache", metavar="POLICY", help="expert cache policy: lru (default), lfu, lfru, lookahead (Belady over "
+                     "the known routes of a Read-ME model)")
     off.add_argument("--pregate", metavar="DIR", help="pre-gate heads trained by `moekit pregate` (for --prefetch pregate)")
     off.add_argument("--slow-tier", metavar="TIER", help="disk (default on CPU), emulated, cuda-host (default on CUDA)")
     off.add_argument("--link-bandwidth", metavar="RATE", help="emulated link bandwidth, e.g. 2GB/s")

@@ -41,6 +41,12 @@ from .sampling import SamplingConfig, make_generator, next_tokens
 TokenCallback = Callable[[int, int | None, str], None]
 
 
+def _is_moefy_dir(p: Path) -> bool:
+    from ..moefy.io import is_moefy_dir
+
+    return is_moefy_dir(p)
+
+
 def _quantized(model: DecoderLM, options: dict | None) -> DecoderLM:
     """The model quantized at load time (options for moekit.quantize.quantize_model), or as it is."""
     if options is None:
@@ -84,7 +90,7 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, dtype=None, device=None, expert_budget=None, quantize: str | None = None,
              **offload_options) -> "Engine":
-        """An engine for a Hugging Face model directory or a moekit run/checkpoint directory.
+        """An engine for a Hugging Face model directory, a moekit run/checkpoint directory or a moefy output.
 
         expert_budget ("25%", 0.25, "2GB", bytes; None = all resident) loads lazily: the routed experts
         are never read into memory; they stay in the checkpoint's own safetensors files (or the GGUF
@@ -113,6 +119,12 @@ class Engine:
         lazy = expert_budget is not None
         if p.suffix == ".gguf" or p.is_file():  # --- GGUF (moekit.gguf): dequantized on load
             engine = cls._load_gguf(p, dtype, device, options, lazy)
+        elif _is_moefy_dir(p):  # --- a moefy output: a converted decoder (a Read-ME model routes ahead)
+            from ..moefy.io import load_generator
+
+            model, tokenizer = load_generator(p, experts=not lazy)
+            _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
+            engine = cls(_quantized(model, options), tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p), special_tokens(p))
         elif hf.is_hf_dir(p):
             model = _quantized(hf.load(p, dtype=dtype, device=device, experts=not lazy), options)
             tokenizer = hf.load_tokenizer(p)

@@ -12,8 +12,14 @@ baseline: the longest-waiting requests first.
 Guarantees (tested): every request finishes; a request's tokens are served
 in order; a request with a pending token waits at most
 `max_wait + ceil(A / max_batch)` steps, A the most requests active meanwhile
-(once due, only requests that waited longer, at most A - 1, go before it). Nothing here runs a
-model or moves weights (offload/, expert_cache.py).
+(once due, only requests that waited longer, at most A - 1, go before it).
+
+The rules themselves are plain functions over `Pending` records
+(`fifo_pick`, `expert_aware_pick`), which the server's continuous-batching
+`moekit.infer.scheduler.Scheduler` applies to its running rows when the
+model routes ahead; `plan_steps` replays a rule over the pending tokens to
+give the expert sets of the coming steps (the lookahead cache's window).
+Nothing here runs a model or moves weights (offload/, expert_cache.py).
 """
 
 from __future__ import annotations
@@ -22,6 +28,63 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+
+
+@dataclass
+class Pending:
+    """A request with a token ready: how long it has waited (steps), when it arrived, its next token's experts."""
+
+    waited: int
+    arrival: int
+    experts: tuple[int, ...]
+
+
+def fifo_pick(pending: list[Pending], max_batch: int) -> list[int]:
+    """Indices into `pending` of the longest-waiting requests (ties by arrival)."""
+    order = sorted(range(len(pending)), key=lambda i: (-pending[i].waited, pending[i].arrival))
+    return order[:max_batch]
+
+
+def expert_aware_pick(pending: list[Pending], max_batch: int, max_wait: int) -> list[int]:
+    """Indices into `pending`: the due ones (waited >= max_wait, oldest first), then by expert group.
+
+    Groups that add no new expert come first, then the biggest groups per new expert.
+    """
+    by_age = fifo_pick(pending, len(pending))
+    chosen = [i for i in by_age if pending[i].waited >= max_wait][:max_batch]
+    picked = set(chosen)
+    experts_on: set[int] = set().union(*(pending[i].experts for i in chosen)) if chosen else set()
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in by_age:
+        if i not in picked:
+            groups.setdefault(pending[i].experts, []).append(i)
+    order = sorted(groups.items(), key=lambda kv: (len(set(kv[0]) - experts_on) > 0,
+                                                   -len(kv[1]) / max(1, len(set(kv[0]) - experts_on))))
+    for experts, members in order:
+        if len(chosen) >= max_batch:
+            break
+        chosen.extend(members[: max_batch - len(chosen)])
+        experts_on |= set(experts)
+    return chosen
+
+
+def plan_steps(pending: list[Pending], pick, max_steps: int = 64, served_again: bool = False) -> list[list[int]]:
+    """The expert sets of the coming steps if `pick(pending) -> indices` served the known tokens in turn.
+
+    Requests served in a step have unknown next tokens: they leave the plan, or with `served_again` come
+    back with the same experts (a guess: a request's tokens tend to stay on its experts); the rest wait
+    one step more.
+    """
+    left = list(pending)
+    steps = []
+    while left and len(steps) < max_steps:
+        chosen = set(pick(left))
+        if not chosen:
+            break
+        steps.append(sorted(set().union(*(left[i].experts for i in chosen))))
+        again = [Pending(0, p.arrival, p.experts) for i, p in enumerate(left) if i in chosen] if served_again else []
+        left = [Pending(p.waited + 1, p.arrival, p.experts) for i, p in enumerate(left) if i not in chosen] + again
+    return steps
 
 
 @dataclass
@@ -77,8 +140,11 @@ class FifoScheduler:
     def _ready(self) -> list[_Request]:
         return [r for r in self.requests.values() if r.tokens]
 
+    def _pending(self, ready: list[_Request]) -> list[Pending]:
+        return [Pending(r.waited(self.now), r.arrival, r.tokens[0][1]) for r in ready]
+
     def _choose(self, ready: list[_Request]) -> list[_Request]:
-        return sorted(ready, key=lambda r: (-r.waited(self.now), r.arrival))[: self.max_batch]
+        return [ready[i] for i in fifo_pick(self._pending(ready), self.max_batch)]
 
     def step(self) -> list[tuple[object, int, tuple[int, ...]]]:
         """One step's batch: (request id, token index, experts) per served token."""
@@ -105,20 +171,4 @@ class ExpertAwareScheduler(FifoScheduler):
         super().__init__(max_batch, max_wait)
 
     def _choose(self, ready: list[_Request]) -> list[_Request]:
-        by_age = sorted(ready, key=lambda r: (-r.waited(self.now), r.arrival))
-        chosen = [r for r in by_age if r.waited(self.now) >= self.max_wait][: self.max_batch]
-        picked = {id(r) for r in chosen}
-        experts_on: set[int] = set().union(*(r.tokens[0][1] for r in chosen)) if chosen else set()
-        groups: dict[tuple[int, ...], list[_Request]] = {}
-        for r in by_age:
-            if id(r) not in picked:
-                groups.setdefault(r.tokens[0][1], []).append(r)
-        # cheapest first: groups adding no new expert, then the biggest groups per new expert
-        order = sorted(groups.items(), key=lambda kv: (len(set(kv[0]) - experts_on) > 0, -len(kv[1]) / max(1, len(set(kv[0]) - experts_on))))
-        for experts, members in order:
-            if len(chosen) >= self.max_batch:
-                break
-            take = members[: self.max_batch - len(chosen)]
-            chosen.extend(take)
-            experts_on |= set(experts)
-        return chosen
+        return [ready[i] for i in expert_aware_pick(self._pending(ready), self.max_batch, self.max_wait)]

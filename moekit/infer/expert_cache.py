@@ -16,6 +16,14 @@ needed. Policies, chosen by name:
   use is farthest in the future, read from a `RoutingTrace` recorded on an
   earlier run of the same generation. For on-demand fetching no policy has
   fewer misses, so it is the bound every other policy is reported against.
+- `lookahead`: Belady over the routes known ahead (`RouteWindow`): with a
+  layer-shared router (Read-ME's decoupled router) every pending token's
+  expert is known before the step, and the server plans its next steps
+  (moekit.infer.scheduler); evict the expert whose next planned use is
+  farthest, experts outside the window first, least recently used among
+  them. One window serves every layer, so each layer's cache makes the same
+  choice: the caching unit is the expert across all layers. With the whole
+  future in the window it is Belady.
 
 Time is counted in steps of the layer (one forward pass of that layer).
 This file knows nothing about where weights live or how they move
@@ -31,7 +39,7 @@ from pathlib import Path
 
 from ..errors import MoekitError
 
-POLICIES = ("lru", "lfu", "lfru", "belady")
+POLICIES = ("lru", "lfu", "lfru", "belady", "lookahead")
 
 
 class CacheError(MoekitError, ValueError):
@@ -191,8 +199,77 @@ class Belady(Policy):
         return max(candidates, key=lambda e: (self.next_use(e, time), e))
 
 
-def build_policy(name: str, layer: int = 0, trace: RoutingTrace | None = None, **options) -> Policy:
-    """A policy by name; `belady` needs the routing trace of the run it will replay."""
+class RouteWindow:
+    """The experts of the coming model steps, known ahead (a layer-shared router), for every layer at once.
+
+    `plan(steps)`: steps[0] holds the experts of the next forward pass, steps[1] of the one after, ...
+    (a server writes it before each step). The offloader calls `begin(time, demand)` when a layer starts
+    a step (all layers of one forward share `time`); the first call after a plan anchors it there.
+    Without a plan the window knows only the current step's demand (every layer's, for a layer-shared router).
+    """
+
+    def __init__(self, slots: int | None = None) -> None:
+        self.slots = slots  # the fewest fast slots of a layer (a prefetch of more experts would evict needed ones)
+        self.plan([])
+        self.now: int | None = None
+        self.current: list[int] | None = None
+
+    def plan(self, steps) -> None:
+        self.steps = [sorted({int(e) for e in s}) for s in steps]
+        self.origin: int | None = None
+        self.uses: dict[int, list[int]] = {}
+        for i, experts in enumerate(self.steps):
+            for e in experts:
+                self.uses.setdefault(e, []).append(i)
+
+    def begin(self, time: int, demand=None) -> None:
+        if self.origin is None and self.steps:
+            self.origin = time
+        if time != self.now:
+            self.now, self.current = time, None
+        if demand is not None and self.current is None:
+            self.current = sorted(int(e) for e in demand)
+
+    def experts_at(self, time: int) -> list[int] | None:
+        """The experts step `time` will use, when known."""
+        if self.origin is not None and 0 <= time - self.origin < len(self.steps):
+            return list(self.steps[time - self.origin])
+        return list(self.current) if time == self.now and self.current is not None else None
+
+    def next_use(self, expert: int, time: int) -> float:
+        """The first step >= `time` the window says uses `expert`; inf when not in the window."""
+        if self.origin is None:
+            return float("inf")
+        steps = self.uses.get(expert, [])
+        i = bisect.bisect_left(steps, time - self.origin)
+        return self.origin + steps[i] if i < len(steps) else float("inf")
+
+
+class LookaheadBelady(Policy):
+    """Belady over a `RouteWindow`: farthest next known use first; unknown ones first of all, by LRU."""
+
+    name = "lookahead"
+
+    def __init__(self, routes: RouteWindow | None = None) -> None:
+        self.routes = routes if routes is not None else RouteWindow()
+        self.last: dict[int, int] = {}
+
+    def check_step(self, experts, time):
+        self.routes.begin(time, experts)
+
+    def on_use(self, expert, time):
+        self.last[expert] = time
+
+    def on_insert(self, expert, time):
+        self.last[expert] = time
+
+    def victim(self, candidates, time):
+        return max(candidates, key=lambda e: (self.routes.next_use(e, time), -self.last.get(e, -1), -e))
+
+
+def build_policy(name: str, layer: int = 0, trace: RoutingTrace | None = None, routes: RouteWindow | None = None,
+                 **options) -> Policy:
+    """A policy by name; `belady` needs the routing trace of the run it will replay, `lookahead` reads `routes`."""
     if name not in POLICIES:
         raise CacheError(f"unknown cache policy {name!r}: accepted policies are {', '.join(POLICIES)}")
     if name == "belady":
@@ -201,6 +278,8 @@ def build_policy(name: str, layer: int = 0, trace: RoutingTrace | None = None, *
         return Belady(trace.layer(layer), layer)
     if name == "lfru":
         return LFRU(**options)
+    if name == "lookahead":
+        return LookaheadBelady(routes)
     return {"lru": LRU, "lfu": LFU}[name]()
 
 

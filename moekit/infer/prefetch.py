@@ -19,6 +19,10 @@ predictor returns the experts MoE layer i+1 will probably use, best first
   very same generation (expert_cache.RoutingTrace, as the belady cache
   policy uses); the bound of prefetching one layer ahead on the same link.
   Built as `OraclePredictor(trace)` or `build_predictor("oracle", trace=...)`.
+- `lookahead`: for a layer-shared router (Read-ME), the routes known ahead
+  (the offloader's `RouteWindow`): layer i+1 uses layer i's experts, so
+  they are fetched while layer i computes. Exact; it does not wrap to the
+  next step (whose tokens are not sampled yet).
 
 Transfers run asynchronously: a single background thread on CPU (a serial
 link: one transfer at a time; demand fetches before prefetches, wrong
@@ -46,7 +50,7 @@ import torch
 from ..errors import MoekitError
 from ..models.pregated import load_pregate_heads, moe_layers_of
 
-PREDICTORS = ("none", "prefetch-all", "next-gate", "pregate", "oracle")
+PREDICTORS = ("none", "prefetch-all", "next-gate", "pregate", "oracle", "lookahead")
 
 
 class PredictorError(MoekitError, ValueError):
@@ -66,10 +70,11 @@ class Predictor:
     name = "base"
     wraps = False
 
-    def bind(self, moe_layers: list, usage: list[list[int]]) -> None:
-        """Called once by the offloader: the model's MoE layers in order, and per-layer use counts."""
+    def bind(self, moe_layers: list, usage: list[list[int]], routes=None) -> None:
+        """Called once by the offloader: the model's MoE layers in order, per-layer use counts, known routes."""
         self.moe_layers = moe_layers
         self.usage = usage
+        self.routes = routes
 
     def predict(self, layer: int, x_TD: torch.Tensor) -> list[int] | None:
         return None
@@ -155,8 +160,8 @@ class OraclePredictor(Predictor):
                 ends.append(total)
             self.ends.append(ends)
 
-    def bind(self, moe_layers, usage):
-        super().bind(moe_layers, usage)
+    def bind(self, moe_layers, usage, routes=None):
+        super().bind(moe_layers, usage, routes)
         if len(self.trace_steps) != len(moe_layers):
             raise PredictorError(f"the routing trace for the oracle has {len(self.trace_steps)} MoE layers, the model "
                                  f"{len(moe_layers)}: record it on the same model, prompt and settings")
@@ -172,6 +177,26 @@ class OraclePredictor(Predictor):
         nxt, step = (layer + 1, step) if layer + 1 < len(self.trace_steps) else (0, step + 1)
         steps = self.trace_steps[nxt]
         return list(steps[step]) if step < len(steps) else None
+
+
+class LookaheadPredictor(Predictor):
+    """Known routes (expert_cache.RouteWindow): layer i's experts of this step are layer i+1's.
+
+    It does not wrap: the next step's tokens are sampled after the last layer, so which rows decode
+    next (and their experts) is a guess from the plan; measured on the Read-ME tests, such guesses
+    were wrong for a third of the prefetches and raised the loads above on-demand fetching.
+    """
+
+    name = "lookahead"
+
+    def predict(self, layer, x_TD):
+        routes = self.routes
+        if routes is None or routes.now is None or layer + 1 >= len(self.moe_layers):
+            return None
+        experts = routes.experts_at(routes.now)
+        if experts is None or (routes.slots is not None and len(experts) > routes.slots):
+            return None  # more than the slots hold: the layer computes in waves, resident experts first
+        return experts
 
 
 def rank_assignments(expert_idx_N: torch.Tensor, weight_N: torch.Tensor, num_experts: int) -> list[int]:
@@ -203,7 +228,7 @@ def build_predictor(name: str, pregate: str | Path | None = None, model=None, tr
             raise PredictorError("the oracle predictor needs a routing trace recorded on the same generation "
                                  "(OraclePredictor(trace), or pass trace=)")
         return OraclePredictor(trace)
-    return {"none": NoPredictor, "prefetch-all": PrefetchAll, "next-gate": NextGate}[name]()
+    return {"none": NoPredictor, "prefetch-all": PrefetchAll, "next-gate": NextGate, "lookahead": LookaheadPredictor}[name]()
 
 
 def load_pregate_predictor(directory: str | Path, model):

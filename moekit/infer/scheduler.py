@@ -23,6 +23,22 @@ generator, so a seeded request gives the same tokens alone or in a batch.
 Stopping (stop ids, stop strings, the token budget) uses the engine's
 `_Sequence` bookkeeping; finish reasons are "stop", "length" or "cancelled".
 
+Known routes: when the model routes ahead (it offers `route_ahead`, as a
+Read-ME model's decoupled router does: every token's experts follow from
+the token ids, the same in every layer), each row is routed one token ahead
+with its own router cache, and at most `step_tokens` rows decode per step,
+chosen by expert (moekit.infer.expert_batching's rule: rows whose next
+token needs no new expert first, then the biggest groups; a row that has
+waited `max_wait` steps goes first, so none starves). The experts go to the
+forward as group ids (the router is not run twice), and the plan of the
+coming steps is handed to an offloader's route window (the lookahead cache
+policy and predictor): the rule replayed over the known next tokens, rows
+decoded meanwhile coming back with their last experts (a guess: a
+request's tokens tend to stay on its experts). A subset decodes into its own rows of the cache at
+the step's column; the others' key masks leave that column out, so every
+request still computes what it computes alone. `batching="fifo"` takes the
+longest-waiting rows instead (the baseline).
+
 Not here: HTTP, request validation and text formatting (moekit.server), the
 one-shot batch loop (engine.py), sampling rules (sampling.py), routing
 statistics (moekit.moe.stats; gathered here through `ServeStats`).
@@ -42,6 +58,7 @@ import torch
 
 from ..errors import MoekitError
 from .engine import Completion, _Sequence
+from .expert_batching import Pending, expert_aware_pick, fifo_pick, plan_steps
 from .sampling import SamplingConfig, make_generator, next_tokens
 from .serve_stats import ServeStats
 
@@ -51,6 +68,7 @@ EventCallback = Callable[[str, object], None]
 
 
 PREFILL_TOKENS = 4096  # most padded prompt tokens prefilled in one forward pass
+PLAN_STEPS = 32  # known routes: coming steps planned for the lookahead cache
 
 
 class QueueFullError(MoekitError):
@@ -87,16 +105,26 @@ class _Row:
         self.next_token = 0
         self.emitted = 0  # characters of seq.text sent as "token" events
         self.position = len(request.prompt_ids)
+        self.router_cache = None  # known routes: this row's own cache of the model's router
+        self.experts: tuple[int, ...] = ()  # known routes: the experts of next_token
+        self.arrival = self.ready_at = 0  # decode steps: when it joined, since when it has waited
 
 
 class Scheduler:
     """A continuous-batching generation loop over an Engine's model (see the module docstring)."""
 
-    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, stats: ServeStats | None = None) -> None:
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, stats: ServeStats | None = None,
+                 step_tokens: int | None = None, max_wait: int = 8, batching: str = "expert") -> None:
         if max_batch < 1 or max_queue < 0:
             raise MoekitError(f"max_batch={max_batch} must be >= 1 and max_queue={max_queue} >= 0")
+        if step_tokens is not None and step_tokens < 1 or max_wait < 0 or batching not in ("expert", "fifo"):
+            raise MoekitError(f"step_tokens={step_tokens} must be >= 1, max_wait={max_wait} >= 0 and batching="
+                              f"{batching!r} one of expert, fifo")
         self.engine, self.model = engine, engine.model
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.step_tokens, self.max_wait, self.batching = min(step_tokens or max_batch, max_batch), max_wait, batching
+        self.route_ahead = getattr(self.model, "route_ahead", None)  # the capability of known routes (module docstring)
+        self.now = 0  # decode steps so far
         self.max_len = self.model.cfg.max_seq_len
         self.cache = self.model.new_cache(max_batch, self.max_len)
         self.valid = torch.zeros(max_batch, self.max_len, dtype=torch.bool, device=engine.device)
@@ -216,14 +244,19 @@ class Scheduler:
         self.valid[n : n + k, start : self.cursor] = keep_BP
         positions = (keep_BP.long().cumsum(-1) - 1).clamp_min(0)
         mask = keep_BP if min(lens) < P else None
-        out = self.model(ids_BP, attention_mask_BK=mask, positions_BT=positions,
-                         kv_cache=_RowWriter(self.cache, n, k, start), cache_start=0, last_only=True)
+        caches, group_ids = self._route_prompts(group, P) if self.route_ahead is not None else ([None] * k, None)
+        if group_ids is not None:
+            self._publish([group_ids.unique().tolist()])
+        out = self.model(ids_BP, attention_mask_BK=mask, positions_BT=positions, kv_cache=_RowWriter(self.cache, n, k, start),
+                         cache_start=0, group_ids_BT=group_ids, last_only=True)
         self.stats.add_routings(out.routings, sum(lens), keep_BP.flatten())
-        for r, L in zip(group, lens):
+        for b, (r, L) in enumerate(zip(group, lens)):
             cfg = r.cfg
             generator = None if cfg.greedy else make_generator(cfg.seed, dev)
             seq = _Sequence(0, L, self.engine.tokenizer, cfg.stop_strings)
-            self.rows.append(_Row(r, seq, generator, min(cfg.max_new_tokens, self.max_len - L)))
+            row = _Row(r, seq, generator, min(cfg.max_new_tokens, self.max_len - L))
+            row.router_cache, row.arrival, row.ready_at = caches[b], self.now, self.now
+            self.rows.append(row)
         logits_BV = out.logits[:, -1]
         for b in reversed(range(k)):  # reversed: a finished row is replaced by the last one
             row = self.rows[n + b]
@@ -232,24 +265,76 @@ class Scheduler:
     def _decode(self) -> None:
         if self.cursor >= self.max_len:
             self._compact()
-        n, c = len(self.rows), self.cursor
-        dev = self.engine.device
-        ids_B1 = torch.tensor([[r.next_token] for r in self.rows], dtype=torch.long, device=dev)
-        pos_B1 = torch.tensor([[r.position] for r in self.rows], dtype=torch.long, device=dev)
-        self.valid[:n, c] = True
-        out = self.model(ids_B1, attention_mask_BK=self.valid[:n, : c + 1], positions_BT=pos_B1,
-                         kv_cache=self.cache, cache_start=c, last_only=True)
-        self.cursor = c + 1
-        self.stats.add_routings(out.routings, n)
-        self.stats.decode_step(n)
+        c, dev = self.cursor, self.engine.device
+        chosen = self._choose()
+        rows = [self.rows[i] for i in chosen]
+        everyone = len(chosen) == len(self.rows)
+        idx = torch.tensor(chosen, dtype=torch.long, device=dev)
+        ids_B1 = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=dev)
+        pos_B1 = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=dev)
+        group_ids = torch.tensor([[r.experts] for r in rows], device=dev) if self.route_ahead is not None else None
+        self.valid[idx, c] = True
+        mask = self.valid[: len(rows), : c + 1] if everyone else self.valid[idx, : c + 1]
+        out = self.model(ids_B1, attention_mask_BK=mask, positions_BT=pos_B1, cache_start=c, group_ids_BT=group_ids,
+                         kv_cache=self.cache if everyone else _SubsetWriter(self.cache, idx), last_only=True)
+        self.cursor, self.now = c + 1, self.now + 1
+        self.stats.add_routings(out.routings, len(rows))
+        self.stats.decode_step(len(rows))
         logits_BV = out.logits[:, -1]
-        greedy = logits_BV.argmax(-1) if any(r.request.cfg.greedy for r in self.rows) else None
-        for i in reversed(range(n)):  # reversed: _take may remove row i (the last row moves into it)
-            row = self.rows[i]
+        greedy = logits_BV.argmax(-1) if any(r.request.cfg.greedy for r in rows) else None
+        for b in reversed(range(len(rows))):  # reversed (chosen is ascending): _take may move the last row into row i
+            i, row = chosen[b], rows[b]
             row.position += 1
+            row.ready_at = self.now
             cfg = row.request.cfg
-            tok = greedy[i : i + 1] if cfg.greedy else next_tokens(logits_BV[i : i + 1], cfg, row.generator)
+            tok = greedy[b : b + 1] if cfg.greedy else next_tokens(logits_BV[b : b + 1], cfg, row.generator)
             self._take(i, tok)
+
+    # ------------------------------------------------------------ known routes
+
+    def _choose(self) -> list[int]:
+        """Rows decoding this step, ascending: all of them, or `step_tokens` by expert (or longest waiting)."""
+        n = len(self.rows)
+        if n <= self.step_tokens:
+            chosen = list(range(n))
+        else:
+            chosen = sorted(self._pick(self._pending(range(n))))
+        if self.route_ahead is not None and self.engine.offloader is not None:  # the lookahead cache's window
+            rest = [i for i in range(n) if i not in set(chosen)]
+            now = sorted({e for i in chosen for e in self.rows[i].experts})
+            again = [Pending(0, self.rows[i].arrival, self.rows[i].experts) for i in chosen]
+            self._publish([now] + plan_steps(self._pending(rest, wait=1) + again, self._pick, PLAN_STEPS, served_again=True))
+        return chosen
+
+    def _publish(self, steps: list[list[int]]) -> None:
+        """The expert sets of the coming forward passes, for an offloader's lookahead policy and predictor."""
+        offloader = self.engine.offloader
+        if offloader is not None and offloader.configured:
+            offloader.routes.plan(steps)
+
+    def _pending(self, rows, wait: int = 0) -> list[Pending]:
+        return [Pending(self.now - self.rows[i].ready_at + wait, self.rows[i].arrival, self.rows[i].experts) for i in rows]
+
+    def _pick(self, pending: list[Pending]) -> list[int]:
+        if self.batching == "expert" and self.route_ahead is not None:
+            return expert_aware_pick(pending, self.step_tokens, self.max_wait)
+        return fifo_pick(pending, self.step_tokens)
+
+    def _route_prompts(self, group: list[Request], P: int):
+        """(each request's own router cache, [k, P, K] experts of the left-padded prompts) (pads: the first token's)."""
+        caches, rows = [], []
+        for r in group:
+            cache = self.model.new_router_cache(1, self.max_len)
+            ids_1L = torch.tensor([r.prompt_ids], dtype=torch.long, device=self.engine.device)
+            experts_LK = self.route_ahead(ids_1L, cache, 0)[0]
+            caches.append(cache)
+            rows.append(torch.cat([experts_LK[:1].expand(P - len(r.prompt_ids), -1), experts_LK]))
+        return caches, torch.stack(rows)
+
+    def _route_next(self, row: _Row) -> None:
+        """Route the row's next token ahead (its experts, from its own router cache)."""
+        ids_11 = torch.tensor([[row.next_token]], dtype=torch.long, device=self.engine.device)
+        row.experts = tuple(self.route_ahead(ids_11, row.router_cache, row.position)[0, 0].tolist())
 
     def _take(self, i: int, tok_1: torch.Tensor) -> None:
         """Row i sampled `tok_1`: record it, emit its text, and finish the row if it stopped."""
@@ -269,6 +354,8 @@ class Scheduler:
             self._finish(i, "length")
         else:
             row.next_token = tok
+            if self.route_ahead is not None:
+                self._route_next(row)
 
     @staticmethod
     def _new_text(row: _Row) -> str:
@@ -332,6 +419,20 @@ class Scheduler:
         for r in requests:
             r.finish_reason = "error"
             r.on_event("error", message)
+
+
+class _SubsetWriter:
+    """A KV-cache view for a decode step of some rows (`idx`): writes their column, returns their keys so far."""
+
+    def __init__(self, cache, idx: torch.Tensor) -> None:
+        self.cache, self.idx = cache, idx
+
+    def update(self, layer_idx: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, start: int):
+        end = start + k_BHTd.shape[2]
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        keys[self.idx, :, start:end] = k_BHTd
+        values[self.idx, :, start:end] = v_BHTd
+        return keys[self.idx, :, :end], values[self.idx, :, :end]
 
 
 class _RowWriter:

@@ -7,6 +7,9 @@ Hugging Face Llama / Mistral / Qwen2 / BERT directories and moekit
 checkpoints. `save` writes into a temporary sibling and renames it into
 place: a failure leaves nothing behind.
 
+`load_generator` is the reading `moekit.infer.Engine.load` uses for
+converted decoders (Read-ME ones included).
+
 Not here: conversion (decoder.py, encoder.py), training (tune.py).
 """
 
@@ -70,15 +73,67 @@ def load(path: str | Path):
     return model
 
 
-def _load_converted(d: Path):
-    manifest = json.loads((d / MANIFEST).read_text())
+def is_moefy_dir(path: str | Path) -> bool:
+    """Whether PATH is a directory written by `save` (a converted model)."""
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def load_generator(path: str | Path, experts: bool = True):
+    """(model, tokenizer or None) of a converted decoder in DIR, for `moekit.infer.Engine.load`.
+
+    experts=False (lazy, for offloading): the routed experts are not read; they stay on the meta device
+    until the offloading transform fills fast slots from DIR's model.safetensors.
+    A Read-ME model (kind readme_lm) comes back as a `ReadMeLM`, which routes ahead (`route_ahead`);
+    its experts are stored under `lm.layers.N.mlp.experts.*`, the module paths the disk tier of
+    offloading reads. An encoder output cannot generate: refused with a clear message.
+    """
+    from ..hf.reader import load_tokenizer
+
+    d = Path(path)
+    manifest = _manifest(d)
+    if manifest.get("kind") not in ("decoder", "readme_lm"):
+        raise MoefyError(f"{d} holds a converted {manifest.get('kind')} model, which does not generate text: "
+                         "load it with moekit.moefy.load and call .encode")
+    return _load_converted(d, experts), load_tokenizer(d)
+
+
+def _manifest(d: Path) -> dict:
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoefyError(f"{d}/{MANIFEST} cannot be read: {e}") from None
+    if not isinstance(manifest, dict) or "kind" not in manifest:
+        raise MoefyError(f"{d}/{MANIFEST} is not a moefy manifest (written by moekit.moefy.save)")
+    return manifest
+
+
+def _load_converted(d: Path, experts: bool = True):
+    manifest = _manifest(d)
     model = skeleton(manifest, d)
-    tensors, _ = load_tensors(d / WEIGHTS)
-    model.load_state_dict(tensors, strict=True)
+    if experts:
+        tensors, _ = load_tensors(d / WEIGHTS)
+        model.load_state_dict(tensors, strict=True)
+    else:
+        _load_without_experts(model, d / WEIGHTS)
     if manifest["kind"] == "decoder" and model.cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.moefy_manifest = {k: manifest[k] for k in ("spec", "router")}
     return model.eval()
+
+
+def _load_without_experts(model, path: Path) -> None:
+    """Every tensor but the routed experts' (those become meta tensors of the same shape and dtype)."""
+    import torch
+    import torch.nn as nn
+
+    from ..models.build import is_expert_param, load_state
+
+    for name, p in list(model.named_parameters()):
+        if is_expert_param(name):
+            owner, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+            setattr(owner, attr, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False))
+    tensors, _ = load_tensors(path, skip=is_expert_param)
+    load_state(model, tensors, skip=is_expert_param)
 
 
 def skeleton(manifest: dict, d: Path):

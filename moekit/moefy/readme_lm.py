@@ -4,6 +4,8 @@ The router (router.py) picks each token's experts from the token ids; the
 choice reaches every layer's `FixedRouter` as the layers' group ids, so the
 DecoderLM's forward is unchanged. `new_cache` returns the LM's KV cache with
 the router's own cache attached, so prefill and decode route incrementally.
+`route_ahead` + `new_router_cache` let a server know each token's experts
+before the step (moekit.infer.scheduler batches and caches by them).
 `readme_skeleton` rebuilds one from a saved manifest (io.py).
 
 Not here: training (tune.py), conversion (decoder.py).
@@ -36,6 +38,18 @@ class ReadMeLM(nn.Module):
         """[B, T, K] every token's experts, known before the LM runs."""
         router_cache = getattr(kv_cache, "router_cache", None) if kv_cache is not None else None
         return self.router.route(ids_BT, router_cache, cache_start)
+
+    def route_ahead(self, ids_BT: torch.Tensor, router_cache=None, cache_start: int = 0) -> torch.Tensor:
+        """[B, T, K] the experts (the same in every layer) of tokens the LM has not run yet.
+
+        The serving side's capability for known routes: it routes each sequence ahead with its own
+        `new_router_cache`, batches and caches by expert, then passes the experts back to `forward`
+        as `group_ids_BT` (the router is not run twice).
+        """
+        return self.router.route(ids_BT, router_cache, cache_start)
+
+    def new_router_cache(self, batch_size: int = 1, max_len: int | None = None):
+        return self.router.new_cache(batch_size, max_len or self.lm.cfg.max_seq_len)
 
     def forward(self, input_ids_BT, attention_mask_BK=None, positions_BT=None, kv_cache=None, cache_start: int = 0,
                 group_ids_BT=None, last_only: bool = False) -> DecoderOutput:

@@ -49,6 +49,8 @@ class ServerSettings:
     max_tokens_limit: int | None = None  # None: the model's context
     api_key: str | None = None
     shutdown_timeout: float = 10.0
+    step_tokens: int | None = None  # most sequences decoded in one step (None: max_batch); < max_batch batches by expert
+    max_wait: int = 8  # with known routes: steps a sequence may wait before it goes first
 
 
 class ServerState:
@@ -69,7 +71,8 @@ class ServerState:
 
     def attach(self, engine) -> None:
         s = self.settings
-        scheduler = Scheduler(engine, s.max_batch, s.max_queue, stats=self.metrics.stats)
+        scheduler = Scheduler(engine, s.max_batch, s.max_queue, stats=self.metrics.stats, step_tokens=s.step_tokens,
+                              max_wait=s.max_wait)
         scheduler.start()
         self.engine = engine
         self.scheduler = scheduler

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ...moe.experts import Experts
 from ...moe.layers import MoELayer
-from ..expert_cache import POLICIES, ExpertCache, RoutingTrace, build_policy
+from ..expert_cache import POLICIES, ExpertCache, RouteWindow, RoutingTrace, build_policy
 from ..prefetch import PREDICTORS, CudaTransferQueue, Predictor, ThreadTransferQueue, build_predictor
 from .budget import Budget, LayerShape, OffloadError
 from .experts import OffloadedExperts, _make_slots, slot_parts
@@ -76,6 +76,8 @@ class Offloader:
         self.queue.drain()
         self.queue.check()
         options = {"half_life": lfru_half_life} if policy == "lfru" else {}
+        self.routes = RouteWindow(min(num_slots))  # routes known ahead (a layer-shared router): the lookahead policy and predictor
+        options = {"routes": self.routes} if policy == "lookahead" else options
         self.caches = [
             ExpertCache(s.num_experts, n, build_policy(policy, j, trace, **options), j)
             for j, (s, n) in enumerate(zip(self.shapes, num_slots))
@@ -95,7 +97,7 @@ class Offloader:
         self.layer_stats = [LayerStats() for _ in self.shapes]
         self._open = [False for _ in self.shapes]
         self._demand = [None for _ in self.shapes]
-        self.predictor.bind(self.layers, self.usage)
+        self.predictor.bind(self.layers, self.usage, self.routes)
         self.configured = True
         return self
 
@@ -131,6 +133,7 @@ class Offloader:
             self._end_step(j)
         self.queue.check()
         cache, st = self.caches[j], self.layer_stats[j]
+        self.routes.begin(cache.time, demand)
         cache.begin_step(demand)
         self._open[j] = True
         self.trace.record(j, demand)
