@@ -24,6 +24,9 @@ from ..models.decoder import DecoderLM, ModelConfig, count_parameters, lm_loss
 from ..errors import CheckpointError, ConfigError
 from ..moe.stats import LoadTracker
 from .loop import TrainConfig, fit
+from .multitask import MathTasksConfig
+
+DATA_KINDS = ("text", "math_tasks")  # math_tasks: moekit.data.mathtasks via train/multitask.py (byte-level tokens)
 
 
 @dataclass
@@ -32,8 +35,11 @@ class DataConfig:
     max_bytes: int = 4_000_000
     tokenizer: str = "byte"  # byte | bpe
     bpe_vocab_size: int = 2048
+    kind: str = "text"  # text | math_tasks
+    math: MathTasksConfig = field(default_factory=MathTasksConfig)  # kind=math_tasks: tasks, sizes, mixing
 
     def __post_init__(self) -> None:
+        _check_choice(self, "kind", DATA_KINDS)
         _check_int(self, "max_bytes", 1)
         _check_choice(self, "tokenizer", ("byte", "bpe"))
         _check_int(self, "bpe_vocab_size", 257)
@@ -60,7 +66,16 @@ def _preset_small() -> RunConfig:
     return RunConfig(model, train, DataConfig(max_bytes=4_000_000))
 
 
-PRESETS = {"tiny": _preset_tiny, "small": _preset_small}
+def _preset_math_tasks() -> RunConfig:
+    """JiuZhang 2.0 at small scale: the five-task math suite, task-conditioned routing (moe/task_routing.py)."""
+    moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=128, router="task", num_groups=5)
+    model = ModelConfig(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, max_seq_len=128, dense_hidden=256, moe=moe)
+    train = TrainConfig(steps=1500, batch_size=32, seq_len=96, lr=3e-3, warmup_steps=50, eval_every=500, eval_batches=4,
+                        save_every=500)
+    return RunConfig(model, train, DataConfig(kind="math_tasks", math=MathTasksConfig(task_temperature=2.0)))
+
+
+PRESETS = {"tiny": _preset_tiny, "small": _preset_small, "math_tasks": _preset_math_tasks}
 
 
 def resolve_run_config(preset: str | None = None, config_file: str | None = None, overrides=(), data: str | None = None) -> RunConfig:
@@ -128,7 +143,14 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
         raise ConfigError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
     tc = cfg.train
     tokenizer = Tokenizer.from_file(resolve_checkpoint(out)) if resume else None
-    data = prepare_data(cfg.data, tc.seq_len, tokenizer)
+    if cfg.data.kind == "math_tasks":
+        from .multitask import build_suite, with_task_groups
+
+        suite = build_suite(cfg.data.math)
+        data = LMData(tokenizer or Tokenizer.byte_level(), None, None, f"math_tasks:{','.join(cfg.data.math.tasks)}")
+        cfg = replace(cfg, model=with_task_groups(cfg.model, cfg.data.math.tasks))
+    else:
+        data = prepare_data(cfg.data, tc.seq_len, tokenizer)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size))
     if tc.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
@@ -158,6 +180,11 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
         if parallel is None or parallel.is_main:
             result["tracker"].plot(out / "expert_load.png", f"expert load, step {step}")
         return {"val_loss": result["val_loss"], "val_max_over_mean_load": result["tracker"].max_over_mean()}
+
+    if cfg.data.kind == "math_tasks":
+        from .multitask import math_task_fns
+
+        batch_fn, loss_fn, eval_fn = math_task_fns(cfg, suite, parallel)
 
     started = time.perf_counter()
     result = fit(
@@ -264,6 +291,10 @@ def inspect_checkpoint(path: str | Path, heatmap: str | Path | None = None, batc
     """Parameter counts and expert load on the run's validation text; writes the heatmap."""
     model, tokenizer, cfg = load_lm(path)
     counts = count_parameters(model)
+    if cfg.data.kind == "math_tasks":
+        from .multitask import inspect_tasks
+
+        return {"params": counts, **inspect_tasks(model, cfg, resolve_checkpoint(path), heatmap, batches)}
     data = prepare_data(replace(cfg.data, max_bytes=min(cfg.data.max_bytes, 1_000_000)), cfg.train.seq_len, tokenizer)
     result = evaluate(model, data.val, cfg.train, cfg.model, batches)
     tracker: LoadTracker = result["tracker"]
