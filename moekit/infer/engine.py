@@ -167,8 +167,12 @@ class Engine:
         return tok.backend.encode(prompt, add_special_tokens=True).ids
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, chat: bool = False,
-                 system: str | None = None, on_token: TokenCallback | None = None, **settings) -> list[Completion]:
-        """Continue each prompt (text, or lists of token ids); settings are SamplingConfig fields."""
+                 system: str | None = None, on_token: TokenCallback | None = None, group_ids=None,
+                 new_token_groups=None, **settings) -> list[Completion]:
+        """Continue each prompt (text, or lists of token ids); settings are SamplingConfig fields.
+
+        group_ids / new_token_groups: the routers' group ids, as in `generate_ids`.
+        """
         cfg = SamplingConfig(**settings)
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -181,7 +185,7 @@ class Engine:
             ids = [list(p) for p in prompts]
         else:
             raise ConfigError("prompts must be all strings or all lists of token ids")
-        return self.generate_ids(ids, cfg, on_token)
+        return self.generate_ids(ids, cfg, on_token, group_ids=group_ids, new_token_groups=new_token_groups)
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -192,7 +196,14 @@ class Engine:
 
     @torch.no_grad()
     def generate_ids(self, prompt_ids: list[list[int]], cfg: SamplingConfig | None = None,
-                     on_token: TokenCallback | None = None) -> list[Completion]:
+                     on_token: TokenCallback | None = None, group_ids=None, new_token_groups=None) -> list[Completion]:
+        """Continue each prompt of token ids.
+
+        group_ids (routers taking a group per token: modality, task): None (the model's `group_of_token`
+        ranges, if any), an int, one int per prompt (fixed per request) or one list per prompt (per token).
+        Generated tokens get `new_token_groups` (an int, or one per prompt) when given, else the request's
+        fixed group, else the model's token ranges, else the group of the prompt's last token.
+        """
         cfg = cfg or SamplingConfig()
         model, B = self.model, len(prompt_ids)
         lens = self.check_prompts(prompt_ids)
@@ -215,11 +226,12 @@ class Engine:
         mask_BK = keep_BK if min(lens) < P else None  # left padding: real keys only
         positions_BP = (keep_BK[:, :P].long().cumsum(-1) - 1).clamp_min(0)
         cache = model.new_cache(B, total)
+        groups_BP, groups_B1 = request_groups(model.cfg, prompt_ids, P, group_ids, new_token_groups, self.device)
 
         if self.offloader is not None:
             self.offloader.reset_stats()
         started = time.perf_counter()
-        logits_BV = self._step(ids_BP, positions_BP, mask_BK, cache, 0)
+        logits_BV = self._step(ids_BP, positions_BP, mask_BK, cache, 0, groups_BP)
         prefilled, decode_steps = time.perf_counter(), 0
         pos_B1 = positions_BP[:, -1:]
         for step in range(budget):
@@ -230,7 +242,7 @@ class Engine:
             if step == budget - 1 or all(s.done for s in seqs):
                 break
             pos_B1 = pos_B1 + 1
-            logits_BV = self._step(tok_B[:, None], pos_B1, mask_BK, cache, P + step)
+            logits_BV = self._step(tok_B[:, None], pos_B1, mask_BK, cache, P + step, groups_B1)
             decode_steps += 1
         decode_s = time.perf_counter() - prefilled
         self.last_stats = {
@@ -263,12 +275,47 @@ class Engine:
             lens.append(len(p))
         return lens
 
-    def _step(self, ids_BT, positions_BT, mask_BK, cache, start) -> torch.Tensor:
+    def _step(self, ids_BT, positions_BT, mask_BK, cache, start, groups_BT=None) -> torch.Tensor:
         """The model's own forward over new tokens at cache position `start`: next-token logits [B, V]."""
         mask = mask_BK[:, : start + ids_BT.shape[1]] if mask_BK is not None else None
         out = self.model(ids_BT, attention_mask_BK=mask, positions_BT=positions_BT, kv_cache=cache,
-                         cache_start=start, last_only=True)
+                         cache_start=start, group_ids_BT=groups_BT, last_only=True)
         return out.logits[:, -1]
+
+
+def request_groups(mcfg, prompt_ids: list[list[int]], P: int, group_ids, new_token_groups, device):
+    """(prompt groups [B, P] left-padded with 0, or None; new-token groups [B, 1], or None) by generate_ids' rules."""
+    B = len(prompt_ids)
+    fixed = _per_request(group_ids, B, "group_ids") if not _is_per_token(group_ids) else None
+    groups_BP = None
+    if fixed is not None:
+        groups_BP = torch.tensor(fixed, dtype=torch.long)[:, None].expand(B, P).clone()
+    elif group_ids is not None:
+        if len(group_ids) != B or any(len(g) != len(p) for g, p in zip(group_ids, prompt_ids)):
+            raise ConfigError("group_ids given per token must hold one list per prompt, as long as the prompt")
+        groups_BP = torch.zeros(B, P, dtype=torch.long)
+        for b, g in enumerate(group_ids):
+            groups_BP[b, P - len(g):] = torch.tensor([int(v) for v in g], dtype=torch.long)
+    new = _per_request(new_token_groups, B, "new_token_groups") if new_token_groups is not None else fixed
+    if new is None and groups_BP is not None and not mcfg.group_of_token:
+        new = groups_BP[:, -1].tolist()  # the group of each prompt's last token
+    groups_B1 = torch.tensor(new, dtype=torch.long)[:, None].to(device) if new is not None else None
+    return (groups_BP.to(device) if groups_BP is not None else None), groups_B1
+
+
+def _is_per_token(group_ids) -> bool:
+    return isinstance(group_ids, (list, tuple)) and any(isinstance(g, (list, tuple)) for g in group_ids)
+
+
+def _per_request(groups, B: int, name: str) -> list[int] | None:
+    """One int per request from None, an int, or a list of B ints."""
+    if groups is None:
+        return None
+    if isinstance(groups, int) and not isinstance(groups, bool):
+        return [groups] * B
+    if isinstance(groups, (list, tuple)) and len(groups) == B and all(isinstance(g, int) and not isinstance(g, bool) for g in groups):
+        return list(groups)
+    raise ConfigError(f"{name}={groups!r} is invalid: give an int, one int per prompt ({B}), or (group_ids) one list per prompt")
 
 
 def _place(model, device: torch.device, dtype: torch.dtype) -> None:

@@ -79,6 +79,9 @@ class ModelConfig:
     # --- DeepSeek (MLA): attention="mla" uses `mla` (models/mla.py); num_kv_heads / head_dim / qk_norm are then unused
     attention: str = "gqa"  # gqa | mla
     mla: MLAConfig = field(default_factory=MLAConfig)
+    # --- group ids (MoMa modalities, JiuZhang tasks): [[lo, hi, group], ...] gives tokens lo <= id < hi that group
+    # whenever forward gets no group_ids_BT (training, evaluation, generated tokens); ids in no range get group 0
+    group_of_token: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_len", "dense_hidden"):
@@ -101,6 +104,7 @@ class ModelConfig:
             )
         if self.moe.hidden_size != self.hidden_size:
             self.moe = replace(self.moe, hidden_size=self.hidden_size)
+        _check_group_ranges(self)
         if self.ffn != "dense":
             _check_causal_router(self.moe.router)
 
@@ -123,6 +127,11 @@ class ModelConfig:
         E = self.experts_per_layer[i]
         return replace(self.moe, num_experts=E, top_k=min(self.moe.top_k, E))
 
+    @property
+    def routes_by_group(self) -> bool:
+        """True when the MoE layers' routers need a group id per token (group router, grouped expert choice)."""
+        return self.ffn != "dense" and self.moe.num_groups > 1 and self.moe.router in ("group", "expert_choice")
+
 
 def _check_causal_router(router: str) -> None:
     """Refuse routers a causal language model cannot use (yet), naming why and what works."""
@@ -133,12 +142,46 @@ def _check_causal_router(router: str) -> None:
             "and generation would route differently from training. Use moe.router='topk' (a causal "
             "expert-choice variant is planned)"
         )
-    if router == "group":
-        raise ConfigError(
-            "moe.router='group' is refused in a language model for now: it needs per-token group ids "
-            "(modality or task), which language-model data and generation do not provide yet, so every token "
-            "would silently route over all experts. Use moe.router='topk'"
-        )
+
+
+def _check_group_ranges(cfg: ModelConfig) -> None:
+    for entry in cfg.group_of_token:
+        ok = (isinstance(entry, (list, tuple)) and len(entry) == 3
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in entry))
+        if not ok or not (0 <= entry[0] < entry[1] <= cfg.vocab_size and 0 <= entry[2] < cfg.moe.num_groups):
+            raise ConfigError(
+                f"group_of_token entry {entry!r} is invalid: each entry is [lo, hi, group] with "
+                f"0 <= lo < hi <= vocab_size={cfg.vocab_size} and 0 <= group < moe.num_groups={cfg.moe.num_groups}"
+            )
+
+
+def token_groups(cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor | None:
+    """The group of each token id by `cfg.group_of_token` (None when the config has no ranges)."""
+    if not cfg.group_of_token:
+        return None
+    groups = torch.zeros_like(ids)
+    for lo, hi, g in cfg.group_of_token:
+        groups = groups.masked_fill((ids >= lo) & (ids < hi), g)
+    return groups
+
+
+def check_group_ids(cfg: ModelConfig, group_ids_BT: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """One clear message for group ids of the wrong shape, type or range.
+
+    With moe.num_groups == 1 the ids are the routers' own business and pass unchecked (Read-ME's fixed
+    routers take K expert ids per token this way, moefy/readme_lm.py).
+    """
+    G = cfg.moe.num_groups
+    if G == 1 and group_ids_BT.shape[:2] == tuple(shape) and not group_ids_BT.dtype.is_floating_point:
+        return
+    if tuple(group_ids_BT.shape) != tuple(shape):
+        raise ConfigError(f"group_ids has shape {tuple(group_ids_BT.shape)} but the input ids have shape {tuple(shape)}: "
+                          f"give one group id per token")
+    if group_ids_BT.dtype.is_floating_point or group_ids_BT.dtype == torch.bool:
+        raise ConfigError(f"group_ids must be integers, got {group_ids_BT.dtype}")
+    if group_ids_BT.numel() and (int(group_ids_BT.min()) < 0 or int(group_ids_BT.max()) >= G):
+        raise ConfigError(f"group ids must be in [0, {G}) (moe.num_groups={G}); got values in "
+                          f"[{int(group_ids_BT.min())}, {int(group_ids_BT.max())}]")
 
 
 @dataclass
@@ -215,6 +258,10 @@ class DecoderLM(nn.Module):
     ) -> DecoderOutput:
         """attention_mask_BK: 1 for real tokens, 0 for padding, over cache + new tokens.
 
+        group_ids_BT: a group (modality, task) per token, in [0, moe.num_groups); without them the
+        groups come from `cfg.group_of_token` (token-id ranges), if set. Every MoE layer's router
+        gets them flattened as `group_ids_T` (None when there are none).
+
         With a KV cache this is also the generation step (prefill: cache_start=0;
         decode: one new token per sequence at cache_start). last_only=True computes
         the logits of the last position alone ([B, 1, V]), all that sampling needs.
@@ -232,7 +279,7 @@ class DecoderLM(nn.Module):
         if attention_mask_BK is not None:
             padding = attention_mask_BK[:, : cache_start + T] == 0
             mask = causal_mask(T, cache_start + T, cache_start, padding) if bool(padding.any()) else None
-        group_ids = group_ids_BT.reshape(-1) if group_ids_BT is not None else None
+        group_ids = self._group_ids(input_ids_BT, group_ids_BT)
         routings = []
         for i, layer in enumerate(self.layers):
             x, routing = layer(x, cos, sin, mask, kv_cache, i, cache_start, group_ids)
@@ -243,6 +290,22 @@ class DecoderLM(nn.Module):
         if self.cfg.logits_scaling != 1.0:
             logits = logits / self.cfg.logits_scaling
         return DecoderOutput(logits, _mean_aux(routings), routings)
+
+    def _group_ids(self, ids_BT: torch.Tensor, group_ids_BT: torch.Tensor | None) -> torch.Tensor | None:
+        """Flat group ids `group_ids_T` for the routers: given, else from the token ranges, else None."""
+        if group_ids_BT is None:
+            group_ids_BT = token_groups(self.cfg, ids_BT)
+            if group_ids_BT is None:
+                if self.cfg.routes_by_group:
+                    raise ConfigError(
+                        f"this model routes by group (moe.router={self.cfg.moe.router!r}, moe.num_groups="
+                        f"{self.cfg.moe.num_groups}) but got no group ids: pass group_ids_BT (one per token) or set "
+                        f"model.group_of_token (token-id ranges per group)")
+                return None
+        else:
+            group_ids_BT = torch.as_tensor(group_ids_BT, device=ids_BT.device)
+            check_group_ids(self.cfg, group_ids_BT, ids_BT.shape)
+        return group_ids_BT.reshape(-1)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
         cfg = self.cfg
