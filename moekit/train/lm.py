@@ -99,6 +99,7 @@ class LMData:
     train: torch.Tensor
     val: torch.Tensor
     source: str
+    suite: object = None  # data.kind=math_tasks: the MathSuite (train and val are then None)
 
 
 def prepare_data(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer | None = None) -> LMData:
@@ -134,6 +135,19 @@ def train_lm(cfg: RunConfig | None, out_dir: str | Path, resume: bool = False, p
         return _train_lm(cfg, Path(out_dir), resume, progress, parallel, resume_overrides)
 
 
+def _run_data(cfg: RunConfig, tokenizer: Tokenizer | None) -> tuple[RunConfig, LMData]:
+    """The run's data, and its config with the model's vocabulary (and task groups) filled in."""
+    if cfg.data.kind == "math_tasks":
+        from .multitask import build_suite, with_task_groups
+
+        source = f"math_tasks:{','.join(cfg.data.math.tasks)}"
+        data = LMData(tokenizer or Tokenizer.byte_level(), None, None, source, suite=build_suite(cfg.data.math))
+        cfg = replace(cfg, model=with_task_groups(cfg.model, cfg.data.math.tasks))
+    else:
+        data = prepare_data(cfg.data, cfg.train.seq_len, tokenizer)
+    return replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size)), data
+
+
 def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, parallel, resume_overrides=()) -> dict:
     if resume:
         cfg = resume_run_config(out, resume_overrides)
@@ -143,15 +157,7 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
         raise ConfigError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
     tc = cfg.train
     tokenizer = Tokenizer.from_file(resolve_checkpoint(out)) if resume else None
-    if cfg.data.kind == "math_tasks":
-        from .multitask import build_suite, with_task_groups
-
-        suite = build_suite(cfg.data.math)
-        data = LMData(tokenizer or Tokenizer.byte_level(), None, None, f"math_tasks:{','.join(cfg.data.math.tasks)}")
-        cfg = replace(cfg, model=with_task_groups(cfg.model, cfg.data.math.tasks))
-    else:
-        data = prepare_data(cfg.data, tc.seq_len, tokenizer)
-    cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size))
+    cfg, data = _run_data(cfg, tokenizer)
     if tc.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     torch.manual_seed(tc.seed)
@@ -184,7 +190,7 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
     if cfg.data.kind == "math_tasks":
         from .multitask import math_task_fns
 
-        batch_fn, loss_fn, eval_fn = math_task_fns(cfg, suite, parallel)
+        batch_fn, loss_fn, eval_fn = math_task_fns(cfg, data.suite, parallel)
 
     started = time.perf_counter()
     result = fit(
