@@ -164,7 +164,7 @@ def test_task_load_tracker_entropy_and_heatmap(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-TINY_MATH_RUN = ["--preset", "math_tasks", "--quiet", "train.steps=4", "train.batch_size=4", "train.seq_len=48",
+TINY_MATH_RUN = ["--preset", "math_tasks", "--quiet", "train.steps=4", "train.batch_size=4", "train.seq_len=96",
                  "train.eval_every=0", "train.save_every=0", "train.eval_batches=1", "model.hidden_size=32",
                  "model.num_layers=2", "moe.expert_hidden=32", "moe.num_experts=4", "data.math.train_sizes=[50,50,50,50,50]",
                  "data.math.test_size=8", "data.math.eval_problems=4"]
@@ -195,4 +195,6 @@ def test_math_tasks_config_refuses_bad_task_settings(tmp_path, capsys):
     assert "algebra" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["train", "--out", str(tmp_path / "r"), *TINY_MATH_RUN, "data.math.task_loss_weights=[1,2]"]) == 2
     assert "task_loss_weights" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), *TINY_MATH_RUN, "train.seq_len=48"]) == 2
+    assert "train.seq_len=48 is shorter than the longest word_problems problem" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

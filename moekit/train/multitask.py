@@ -198,6 +198,10 @@ def math_task_fns(cfg, suite: MathSuite, parallel=None):
     if parallel is not None:
         raise ConfigError("data.kind=math_tasks does not support --expert-parallel yet: train it on one process")
     tc, mc = cfg.train, cfg.data.math
+    longest = max((len(p.text), t) for t in suite.tasks for p in suite.train[t] + suite.test[t])
+    if tc.seq_len < longest[0]:
+        raise ConfigError(f"train.seq_len={tc.seq_len} is shorter than the longest {longest[1]} problem ({longest[0]} "
+                          f"bytes): raise it to at least {longest[0]} so every row holds a whole problem")
     probs = task_probabilities(mc.train_sizes, mc.task_temperature)
     weights_G = torch.tensor(mc.weights())
 
@@ -221,13 +225,14 @@ def task_val_loss(model, suite: MathSuite, tc, batches: int | None = None) -> fl
     """Answer-token cross-entropy on test rows, every task equally often."""
     was_training = model.training
     model.eval()
-    losses = []
+    total, count = 0.0, 0
     for i in range(batches or tc.eval_batches):
         x, y, g = task_batch(suite, "test", i, tc.batch_size, tc.seq_len, tc.seed + 1_000_003)
         out = forward_tasks(model, x, g)
-        losses.append(float(F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), ignore_index=-100)))
+        total += float(F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"))
+        count += int((y != -100).sum())
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return total / max(count, 1)
 
 
 # ---------------------------------------------------------------- moekit inspect for a model with tasks
@@ -243,11 +248,10 @@ def inspect_tasks(model, cfg, ckpt_dir, heatmap=None, batches: int = 4) -> dict:
 
     suite, tc = build_suite(cfg.data.math), cfg.train
     model.eval()
-    tracker, by_task, losses = LoadTracker(), TaskLoadTracker(suite.tasks), []
+    tracker, by_task = LoadTracker(), TaskLoadTracker(suite.tasks)
     for i in range(batches):
         x, y, g = task_batch(suite, "test", i, tc.batch_size, min(tc.seq_len, model.cfg.max_seq_len), tc.seed + 1_000_003)
         out = forward_tasks(model, x, g)
-        losses.append(float(F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), ignore_index=-100)))
         tracker.add(out.routings)
         by_task.add(out.routings, g)
     load_png = Path(heatmap) if heatmap else Path(ckpt_dir) / "expert_load.png"
@@ -256,7 +260,7 @@ def inspect_tasks(model, cfg, ckpt_dir, heatmap=None, batches: int = 4) -> dict:
         plots["heatmap"] = tracker.plot(load_png, f"expert load, {Path(ckpt_dir).name}")
         plots["task_heatmap"] = by_task.plot(load_png.with_name(load_png.stem + "_by_task.png"),
                                              f"routing by task, {Path(ckpt_dir).name}")
-    return {"val_loss": sum(losses) / len(losses), "layers": tracker.summary_rows(), "summary": tracker.summary(),
+    return {"val_loss": task_val_loss(model, suite, tc, batches), "layers": tracker.summary_rows(), "summary": tracker.summary(),
             "heatmap": plots.get("heatmap"), "task_heatmap": plots.get("task_heatmap"),
             "task_summary": by_task.summary() if by_task.counts else None, "task_entropy": by_task.entropy_bits(),
             "exact_match": exact_match(model, suite, cfg.data.math.eval_problems), "checkpoint": Path(ckpt_dir)}
