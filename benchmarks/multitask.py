@@ -23,7 +23,7 @@ and on >= 4 of the 5 tasks, and is within 1 point of the per-task dense
 models' average.
 
 Run from the repository root:
-    python benchmarks/multitask.py            # the full run (~20 min single-threaded on a quiet core)
+    python benchmarks/multitask.py            # the full run (~20 min single-threaded on a busy 2-core machine)
     python benchmarks/multitask.py --quick    # a tiny end-to-end check (~1 min); writes nothing
 """
 
@@ -65,12 +65,13 @@ class Scale:
     train_sizes: tuple[int, ...]
     test_size: int
     temperature: float
+    lr: float
 
 
-FULL = Scale(hidden=96, layers=3, heads=4, dense_hidden=256, steps=1500, batch_size=32, seq_len=96,
-             train_sizes=(6000, 4000, 3000, 1500, 2000), test_size=200, temperature=2.0)
+FULL = Scale(hidden=64, layers=2, heads=4, dense_hidden=192, steps=1500, batch_size=16, seq_len=96,
+             train_sizes=(6000, 4000, 3000, 1500, 2000), test_size=200, temperature=2.0, lr=6e-3)
 QUICK = Scale(hidden=32, layers=1, heads=2, dense_hidden=64, steps=20, batch_size=8, seq_len=96,
-              train_sizes=(300, 200, 200, 100, 100), test_size=10, temperature=2.0)
+              train_sizes=(300, 200, 200, 100, 100), test_size=10, temperature=2.0, lr=3e-3)
 
 
 def run_config(kind: str, s: Scale, tasks: tuple[str, ...], steps: int, seed: int) -> RunConfig:
@@ -80,7 +81,7 @@ def run_config(kind: str, s: Scale, tasks: tuple[str, ...], steps: int, seed: in
                     num_groups=len(tasks) if router == "task" else 1)
     model = ModelConfig(hidden_size=s.hidden, num_layers=s.layers, num_heads=s.heads, num_kv_heads=s.heads // 2 or 1,
                         max_seq_len=max(128, s.seq_len), dense_hidden=s.dense_hidden, ffn=ffn, moe=moe)
-    train = TrainConfig(steps=steps, batch_size=s.batch_size, seq_len=s.seq_len, lr=3e-3, warmup_steps=min(50, steps // 10),
+    train = TrainConfig(steps=steps, batch_size=s.batch_size, seq_len=s.seq_len, lr=s.lr, warmup_steps=min(50, steps // 10),
                         eval_every=0, eval_batches=1, save_every=0, seed=seed)
     math = MathTasksConfig(tasks=list(tasks), train_sizes=sizes, test_size=s.test_size, task_temperature=s.temperature,
                            eval_problems=1)
@@ -96,7 +97,8 @@ def train_and_score(cfg: RunConfig, work: Path, name: str) -> dict:
     params = count_parameters(model)
     print(f"  {name}: {cfg.train.steps} steps in {seconds / 60:.1f} min, exact match "
           + ", ".join(f"{k} {100 * v:.1f}" for k, v in em.items()), flush=True)
-    return {"exact_match": em, "steps": cfg.train.steps, "seconds": round(seconds, 1), "params": params,
+    val_loss = summary["result"].last_eval.get("val_loss")  # answer-token cross-entropy on test rows (nats)
+    return {"exact_match": em, "val_loss": val_loss, "steps": cfg.train.steps, "seconds": round(seconds, 1), "params": params,
             "tokens": cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len}
 
 
@@ -115,7 +117,7 @@ def run(s: Scale, seed: int, work: Path, extras: bool) -> dict:
     out["dense_each"] = {
         "exact_match": {**{t: each[t]["exact_match"][t] for t in tasks},
                         "mean": sum(each[t]["exact_match"][t] for t in tasks) / len(tasks)},
-        "steps": sum(e["steps"] for e in each.values()), "tokens": sum(e["tokens"] for e in each.values()),
+        "val_loss": None, "steps": sum(e["steps"] for e in each.values()), "tokens": sum(e["tokens"] for e in each.values()),
         "seconds": round(sum(e["seconds"] for e in each.values()), 1), "params": each[tasks[0]]["params"],
         "per_task_runs": {t: {k: v for k, v in e.items() if k != "exact_match"} for t, e in each.items()},
     }
@@ -138,9 +140,10 @@ def markdown(result: dict) -> str:
     rows = []
     for name, m in result["models"].items():
         em = m["exact_match"]
-        rows.append([name, *(f"{100 * em[t]:.1f}" for t in TASKS), f"{100 * em['mean']:.1f}", f"{m['params']['active']:,}",
+        loss = "per task" if m["val_loss"] is None else f"{m['val_loss']:.3f}"
+        rows.append([name, *(f"{100 * em[t]:.1f}" for t in TASKS), f"{100 * em['mean']:.1f}", loss, f"{m['params']['active']:,}",
                      f"{m['params']['total']:,}", f"{m['tokens']:,}"])
-    table = markdown_table(["model", *TASKS, "mean", "active params", "total params", "training tokens"], rows)
+    table = markdown_table(["model", *TASKS, "mean", "answer val loss", "active params", "total params", "training tokens"], rows)
     checks = markdown_table(["target", "value", "goal", "met"],
                             [[t["name"], t["value"], f"{t['direction']} {t['goal']}", t["met"]] for t in result["targets"]])
     return (f"# Multi-task math: task-guided MoE vs dense (JiuZhang 2.0 at small scale)\n\n"
