@@ -25,6 +25,7 @@ models' average.
 Run from the repository root:
     python benchmarks/multitask.py            # the full run (~20 min single-threaded on a busy 2-core machine)
     python benchmarks/multitask.py --quick    # a tiny end-to-end check (~1 min); writes nothing
+    python benchmarks/multitask.py --variant moe_task_2x_steps   # one ablation model (see VARIANTS); writes nothing
 """
 
 from __future__ import annotations
@@ -152,15 +153,32 @@ def markdown(result: dict) -> str:
             f"({result['note']}).\n\n{table}\n\n{checks}\n")
 
 
+# Single-model ablations (`--variant NAME`): what bounds the MoE at this scale; print only, write nothing.
+VARIANTS = {"moe_plain": ("moe_plain", 1.0, 1.0), "moe_task_half_lr": ("moe_task", 1.0, 0.5),
+            "moe_task_2x_steps": ("moe_task", 2.0, 1.0), "dense_multi_2x_steps": ("dense", 2.0, 1.0)}
+
+
+def run_variant(name: str, s: Scale, seed: int) -> dict:
+    kind, steps_factor, lr_factor = VARIANTS[name]
+    cfg = run_config(kind, s, TASKS, round(s.steps * steps_factor), seed)
+    cfg = replace(cfg, train=replace(cfg.train, lr=s.lr * lr_factor))
+    with tempfile.TemporaryDirectory(prefix="moekit_multitask_") as work:
+        return train_and_score(cfg, Path(work), name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny end-to-end check; writes nothing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-extras", action="store_true", help="skip the moe_plain row (no target)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--variant", choices=VARIANTS, help="train and score one ablation model only (writes nothing)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
+    if args.variant:
+        run_variant(args.variant, s, args.seed)
+        return
     with tempfile.TemporaryDirectory(prefix="moekit_multitask_") as work:
         models = run(s, args.seed, Path(work), extras=not args.no_extras)
     result = {"models": models, "scale": s.__dict__, "seed": args.seed, "machine": machine_info(),
