@@ -155,7 +155,8 @@ def markdown(result: dict) -> str:
 
 # Single-model ablations (`--variant NAME`): what bounds the MoE at this scale; print only, write nothing.
 VARIANTS = {"moe_plain": ("moe_plain", 1.0, 1.0), "moe_task_half_lr": ("moe_task", 1.0, 0.5),
-            "moe_task_2x_steps": ("moe_task", 2.0, 1.0), "dense_multi_2x_steps": ("dense", 2.0, 1.0)}
+            "moe_task_2x_steps": ("moe_task", 2.0, 1.0), "dense_multi_2x_steps": ("dense", 2.0, 1.0),
+            "dense_multi_half_lr": ("dense", 1.0, 0.5)}
 
 
 def run_variant(name: str, s: Scale, seed: int) -> dict:
