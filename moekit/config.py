@@ -26,7 +26,7 @@ from .fileio import read_json
 
 T = TypeVar("T")
 
-ROUTERS = ("topk", "expert_choice", "group", "sparsemixer")
+ROUTERS = ("topk", "expert_choice", "group", "sparsemixer", "task")  # task: moe/task_routing.py
 SCORE_FUNCS = ("softmax", "sigmoid", "topk_softmax")  # topk_softmax: top-k of the logits, softmax over those k
 NOISE_POLICIES = ("none", "jitter", "rsample", "gumbel")  # gumbel: Gumbel-sigmoid selection noise (expert choice, MoMa)
 DROP_POLICIES = ("position", "random")
@@ -56,9 +56,10 @@ class MoEConfig:
     group_score_experts: int = 2  # a group scores the sum of its best this-many experts (DeepSeek-V3: 2, V2: 1)
     bias_update_rate: float = 0.0  # aux-loss-free balancing; 0 disables it
     selection_bias: bool = False  # a fixed selection bias (DeepSeek-V3's e_score_correction_bias), saved with the model
-    num_groups: int = 1  # GroupRouter: experts partitioned by a per-token group id
+    num_groups: int = 1  # GroupRouter: experts partitioned by a per-token group id; TaskRouter: the number of task ids
     group_sizes: list[int] = field(default_factory=list)  # experts per group (e.g. [7, 1]); empty: equal groups
     aux_router_hidden: int = 0  # expert choice: causal auxiliary routers (one MLP per expert, this wide); 0: none
+    task_router_input: str = "add"  # TaskRouter (JiuZhang 2.0): the task embedding is added to | concatenated with the input
     capacity_factor: float = 0.0  # training; <= 0 means dropless
     eval_capacity_factor: float = 0.0
     min_capacity: int = 0
@@ -115,6 +116,7 @@ def validate_moe(c: MoEConfig) -> None:
         raise ConfigError(f"topk_group={c.topk_group} must be between 1 and n_group={c.n_group}")
     _check_int(c, "num_groups", 1)
     _check_int(c, "aux_router_hidden", 0)
+    _check_choice(c, "task_router_input", ("add", "concat"))
     _check_group_sizes(c)
     smallest = min(c.group_sizes) if c.group_sizes else c.num_experts // c.num_groups
     if c.router == "group" and c.top_k > smallest:
@@ -126,7 +128,7 @@ def validate_moe(c: MoEConfig) -> None:
 
 def _check_group_sizes(c: MoEConfig) -> None:
     if not c.group_sizes:
-        if c.num_experts % c.num_groups:
+        if c.router != "task" and c.num_experts % c.num_groups:  # a task router's tasks share all the experts
             raise ConfigError(f"num_groups={c.num_groups} must divide num_experts={c.num_experts} "
                               f"(or give group_sizes, the experts of each group)")
         return

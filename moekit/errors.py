@@ -22,3 +22,7 @@ class CheckpointError(MoekitError):
 
 class DataError(MoekitError, ValueError):
     """Input data (text, CSV) that cannot be used."""
+
+
+class EndpointError(MoekitError):
+    """A remote endpoint (an OpenAI-compatible server) that cannot be reached or answers badly."""

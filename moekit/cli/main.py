@@ -19,7 +19,7 @@ import importlib
 import sys
 
 COMMAND_MODULES = ("moekit.cli.train", "moekit.cli.generate", "moekit.cli.pregate", "moekit.cli.forecast",
-                   "moekit.cli.quantize", "moekit.cli.serve", "moekit.cli.moefy")
+                   "moekit.cli.quantize", "moekit.cli.serve", "moekit.cli.moefy", "moekit.cli.refine")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ def _train(args) -> int:
     if result.last_eval:
         print(f"validation loss {result.last_eval['val_loss']:.4f}")
     print(f"checkpoint: {result.checkpoint}")
-    if not args.no_sample:
+    if not args.no_sample and summary["config"].data.kind == "text":  # a math_tasks run reports exact match instead
         from ..infer import Engine
 
         text = Engine(summary["model"], summary["tokenizer"]).generate([args.sample_prompt])[0].text
@@ -39,7 +39,19 @@ def _train(args) -> int:
     report = inspect_checkpoint(result.checkpoint, heatmap=f"{args.out}/expert_load.png")
     print(f"\nrouting on validation text:\n{report['summary']}")
     print(f"expert-load heatmap: {report['heatmap']}")
+    _print_tasks(report)
     return 0
+
+
+def _print_tasks(report: dict) -> None:
+    """The task parts of an inspect report (a data.kind=math_tasks model): exact match, entropy, heatmap."""
+    if "exact_match" in report:
+        em = report["exact_match"]
+        print("exact match (greedy, test problems): " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in em.items()))
+    if report.get("task_summary"):
+        print(report["task_summary"])
+    if report.get("task_heatmap"):
+        print(f"task x expert heatmap: {report['task_heatmap']}")
 
 
 def _check_resume_flags(args) -> None:
@@ -63,6 +75,7 @@ def _inspect(args) -> int:
     print(report["summary"])
     if report["heatmap"]:
         print(f"expert-load heatmap: {report['heatmap']}")
+    _print_tasks(report)
     return 0
 
 
@@ -72,7 +85,8 @@ def add_parsers(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. moe.num_experts=16 train.steps=500 (with --resume: train.steps, "
                         "train.eval_every, train.eval_batches, train.save_every, train.keep_last only)")
-    p.add_argument("--preset", help="tiny (under a minute), small (the default) or moma-small (mixed-modal MoMa)")
+    p.add_argument("--preset", help="tiny (under a minute), small (the default), moma-small (mixed-modal MoMa) "
+                                     "or math_tasks (multi-task MoE on moekit's math suite)")
     p.add_argument("--config", help="a JSON config file (RunConfig: model, train, data)")
     p.add_argument("--data", help="a text file or folder (default: the Python standard library's source)")
     p.add_argument("--out", required=True, help="run directory for checkpoints, metrics and plots")

@@ -139,7 +139,7 @@ class ModelConfig:
     @property
     def routes_by_group(self) -> bool:
         """True when the MoE layers' routers need a group id per token (group router, grouped expert choice)."""
-        return self.ffn != "dense" and self.moe.num_groups > 1 and self.moe.router in ("group", "expert_choice")
+        return self.ffn != "dense" and self.moe.num_groups > 1 and self.moe.router in ("group", "expert_choice", "task")
 
 
 def _check_causal_router(moe: MoEConfig) -> None:

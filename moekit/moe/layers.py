@@ -34,6 +34,7 @@ from .dispatch import LocalDispatcher
 from .experts import Experts
 from ..modules import build_mlp
 from .routing import Routing, build_router
+from .task_routing import TaskRouter
 
 
 class MoELayer(nn.Module):
@@ -42,7 +43,7 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        self.router = build_router(cfg)
+        self.router = TaskRouter(cfg) if cfg.router == "task" else build_router(cfg)  # task_routing.py builds on routing.py
         self.dispatcher = LocalDispatcher()
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.expert_hidden, cfg.activation, cfg.kernel,
                                bias=cfg.expert_biases, swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit)

@@ -149,7 +149,7 @@ class TopKRouter(nn.Module):
         cfg = self.cfg
         if self.training and cfg.noise_policy == "jitter":
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - cfg.noise_eps, 1 + cfg.noise_eps)
-        logits_TE = self.gate(x_TD)
+        logits_TE = self._logits(x_TD, group_ids_T)
         allowed_TE = self._allowed_experts(group_ids_T, x_TD.shape[0], x_TD.device)
         scores_TE = _scores(logits_TE, cfg.score_func, allowed_TE)
         choice_TE = self._selection_scores(scores_TE, logits_TE, allowed_TE)
@@ -164,6 +164,9 @@ class TopKRouter(nn.Module):
         if cfg.routed_scaling_factor != 1.0:
             weight_TK = weight_TK * cfg.routed_scaling_factor
         return logits_TE, scores_TE, expert_idx_TK, weight_TK.to(x_TD.dtype)
+
+    def _logits(self, x_TD: torch.Tensor, group_ids_T: torch.Tensor | None) -> torch.Tensor:
+        return self.gate(x_TD)
 
     def _allowed_experts(self, group_ids_T, T, device) -> torch.Tensor | None:
         return None

@@ -24,6 +24,9 @@ from ..models.decoder import DecoderLM, ModelConfig, count_parameters, lm_loss
 from ..errors import CheckpointError, ConfigError
 from ..moe.stats import LoadTracker
 from .loop import TrainConfig, fit
+from .multitask import MathTasksConfig
+
+DATA_KINDS = ("text", "mixed_modal", "math_tasks")  # mixed_modal: moekit.data.mixed_modal; math_tasks: train/multitask.py
 
 
 @dataclass
@@ -32,14 +35,15 @@ class DataConfig:
     max_bytes: int = 4_000_000
     tokenizer: str = "byte"  # byte | bpe
     bpe_vocab_size: int = 2048
-    kind: str = "text"  # text | mixed_modal (text + VQ-tokenized digit images, moekit.data.mixed_modal)
+    kind: str = "text"  # text | mixed_modal (text + VQ-tokenized digit images, moekit.data.mixed_modal) | math_tasks
     vq_patch: int = 2  # mixed_modal: image patch size (8x8 digits: 2 or 4)
     vq_codes: int = 64  # mixed_modal: codebook size (image token ids follow the text vocabulary)
     vq_path: str | None = None  # mixed_modal: a saved codebook (vq.json) instead of training one
+    math: MathTasksConfig = field(default_factory=MathTasksConfig)  # kind=math_tasks: tasks, sizes, mixing
 
     def __post_init__(self) -> None:
+        _check_choice(self, "kind", DATA_KINDS)
         _check_int(self, "max_bytes", 1)
-        _check_choice(self, "kind", ("text", "mixed_modal"))
         _check_choice(self, "tokenizer", ("byte", "bpe"))
         _check_int(self, "bpe_vocab_size", 257)
 
@@ -73,7 +77,17 @@ def _preset_moma_small() -> RunConfig:
     return replace(cfg, model=replace(cfg.model, moe=moe), data=DataConfig(kind="mixed_modal", max_bytes=1_000_000))
 
 
-PRESETS = {"tiny": _preset_tiny, "small": _preset_small, "moma-small": _preset_moma_small}
+def _preset_math_tasks() -> RunConfig:
+    """JiuZhang 2.0 at small scale: the five-task math suite, task-conditioned routing (moe/task_routing.py)."""
+    moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=128, router="task", num_groups=5)
+    model = ModelConfig(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, max_seq_len=128, dense_hidden=256, moe=moe)
+    train = TrainConfig(steps=1500, batch_size=32, seq_len=96, lr=3e-3, warmup_steps=50, eval_every=500, eval_batches=4,
+                        save_every=500)
+    return RunConfig(model, train, DataConfig(kind="math_tasks", math=MathTasksConfig(task_temperature=2.0)))
+
+
+PRESETS = {"tiny": _preset_tiny, "small": _preset_small, "moma-small": _preset_moma_small,
+           "math_tasks": _preset_math_tasks}
 
 
 def resolve_run_config(preset: str | None = None, config_file: str | None = None, overrides=(), data: str | None = None) -> RunConfig:
@@ -99,6 +113,7 @@ class LMData:
     source: str
     model_overrides: dict = field(default_factory=dict)  # what the data fixes in the model (modality id ranges)
     files: dict = field(default_factory=dict)  # name -> object with .save(path), written into the run directory
+    suite: object = None  # data.kind=math_tasks: the MathSuite (train and val are then None)
 
 
 def prepare_data(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer | None = None) -> LMData:
@@ -138,6 +153,19 @@ def train_lm(cfg: RunConfig | None, out_dir: str | Path, resume: bool = False, p
         return _train_lm(cfg, Path(out_dir), resume, progress, parallel, resume_overrides)
 
 
+def _run_data(cfg: RunConfig, tokenizer: Tokenizer | None) -> tuple[RunConfig, LMData]:
+    """The run's data, and its config with the model's vocabulary (and task groups) filled in."""
+    if cfg.data.kind == "math_tasks":
+        from .multitask import build_suite, with_task_groups
+
+        source = f"math_tasks:{','.join(cfg.data.math.tasks)}"
+        data = LMData(tokenizer or Tokenizer.byte_level(), None, None, source, suite=build_suite(cfg.data.math))
+        cfg = replace(cfg, model=with_task_groups(cfg.model, cfg.data.math.tasks))
+    else:
+        data = prepare_data(cfg.data, cfg.train.seq_len, tokenizer)
+    return replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size, **data.model_overrides)), data
+
+
 def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, parallel, resume_overrides=()) -> dict:
     if resume:
         cfg = resume_run_config(out, resume_overrides)
@@ -147,8 +175,7 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
         raise ConfigError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
     tc = cfg.train
     tokenizer = Tokenizer.from_file(resolve_checkpoint(out)) if resume else None
-    data = prepare_data(cfg.data, tc.seq_len, tokenizer)
-    cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size, **data.model_overrides))
+    cfg, data = _run_data(cfg, tokenizer)
     if tc.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     torch.manual_seed(tc.seed)
@@ -178,14 +205,18 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
             result["tracker"].plot(out / "expert_load.png", f"expert load, step {step}")
         return {"val_loss": result["val_loss"], "val_max_over_mean_load": result["tracker"].max_over_mean()}
 
+    if cfg.data.kind == "math_tasks":
+        from .multitask import math_task_fns
+
+        batch_fn, loss_fn, eval_fn = math_task_fns(cfg, data.suite, parallel)
+
     started = time.perf_counter()
     result = fit(
         model, tc, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn, run_dir=out, config_dict=to_dict(cfg),
         tokenizer=data.tokenizer, resume=resume, progress=progress, tokens_per_batch=tc.batch_size * tc.seq_len,
         parallel=parallel,
     )
-    for name, obj in data.files.items() if parallel is None or parallel.is_main else ():
-        obj.save(out / name)  # e.g. the mixed-modal VQ codebook, beside the checkpoints
+    _save_data_files(data, out, parallel)
     if parallel is not None:  # hand back an ordinary single-process model holding every expert
         full_state = parallel.full_state_dict(model)
         model = build_model(cfg.model)
@@ -195,6 +226,12 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
         "seconds": time.perf_counter() - started, "source": data.source,
         "is_main": parallel is None or parallel.is_main,
     }
+
+
+def _save_data_files(data: LMData, out: Path, parallel) -> None:
+    """What the data needs again at inference (e.g. the mixed-modal VQ codebook), beside the checkpoints."""
+    for name, obj in data.files.items() if parallel is None or parallel.is_main else ():
+        obj.save(out / name)
 
 
 @torch.no_grad()
@@ -285,6 +322,10 @@ def inspect_checkpoint(path: str | Path, heatmap: str | Path | None = None, batc
     """Parameter counts and expert load on the run's validation text; writes the heatmap."""
     model, tokenizer, cfg = load_lm(path)
     counts = count_parameters(model)
+    if cfg.data.kind == "math_tasks":
+        from .multitask import inspect_tasks
+
+        return {"params": counts, **inspect_tasks(model, cfg, resolve_checkpoint(path), heatmap, batches)}
     data = prepare_data(replace(cfg.data, max_bytes=min(cfg.data.max_bytes, 1_000_000)), cfg.train.seq_len, tokenizer)
     result = evaluate(model, data.val, cfg.train, cfg.model, batches)
     tracker: LoadTracker = result["tracker"]
