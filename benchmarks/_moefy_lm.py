@@ -7,13 +7,15 @@ Python standard library's source as text, byte tokens); it is converted with
 the training stream; then tuned with at most 10% of the dense run's training
 tokens: layer-wise FFN matching on calibration activations, then next-token
 loss plus KL to the dense model. Validation loss (the recipe's held-out files)
-before and after tuning, as a ratio to the dense model's.
+before and after tuning, as a ratio to the dense model's; as a peer, the dense
+model given the same tuning (its FFNs, the same tokens, loss and steps).
 
 Not here: the MiniLM part (moefy.py), timing.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 
@@ -72,6 +74,9 @@ def run_lm(quick: bool) -> dict:
     batch_fn = lambda i: batch_at(data.train, i, kd_batch, tc.seq_len, tc.seed + 17)  # noqa: E731
     distill_decoder(moe, dense, batch_fn, steps=kd_steps, batch_size=kd_batch, seq_len=tc.seq_len, lr=1e-3)
     row["readme_val_loss_after"] = val(moe)
+    peer = copy.deepcopy(dense)  # the same tuning recipe on the dense model's own FFNs: what the extra tokens alone buy
+    distill_decoder(peer, dense, batch_fn, steps=kd_steps, batch_size=kd_batch, seq_len=tc.seq_len, lr=1e-3)
+    row["dense_tuned_val_loss"] = val(peer)
     row["tune_tokens"] = layer_tokens + kd_steps * kd_batch * tc.seq_len
     row["tune_fraction_of_training"] = row["tune_tokens"] / train_tokens
     row["ratio_before"] = row["readme_val_loss_before"] / dense_loss

@@ -16,7 +16,7 @@ Also the dense-LM claim (`--part lm`, _moefy_lm.py): a stdlib LM converted with
 Read-ME at 50% active, validation loss vs dense after tuning with <= 10% of its
 training tokens (target <= 1.03x).
 
-Run: PYTHONPATH=. python benchmarks/moefy.py [--part all|minilm|lm] [--quick]
+Run: PYTHONPATH=. python benchmarks/moefy.py [--part all|minilm|lm|report] [--quick]
 Parts are staged: each writes benchmarks/results/moefy_<part>_rows.json, and
 every run reports from the parts present. Not here: expert batching, timing.
 """
@@ -175,7 +175,8 @@ def rows_path(part: str, quick: bool) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("all", "minilm", "lm"), default="all")
+    ap.add_argument("--part", choices=("all", "minilm", "lm", "report"), default="all",
+                    help="report: only rewrite moefy.json/.md from the parts already measured")
     ap.add_argument("--quick", action="store_true", help="two MiniLM configs, few steps, a tiny LM run")
     ap.add_argument("--layer-steps", type=int, default=150, help="Adam steps per layer of the layer-wise FFN fit")
     ap.add_argument("--layer-sentences", type=int, default=600, help="tuning sentences of the layer-wise fit")
@@ -186,7 +187,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.quick:
         args.layer_steps, args.layer_sentences, args.heldout = min(args.layer_steps, 30), min(args.layer_sentences, 96), min(args.heldout, 64)
-    for part in (("minilm", "lm") if args.part == "all" else (args.part,)):
+    for part in {"all": ("minilm", "lm"), "report": ()}.get(args.part, (args.part,)):
         t0 = time.perf_counter()
         if part == "minilm":
             rows = run_minilm(args)
@@ -240,8 +241,13 @@ def lm_section(row: dict) -> str:
                 ["dense", f"{row['dense_val_loss']:.4f}", "1.000"],
                 ["Read-ME 50%, converted", f"{row['readme_val_loss_before']:.4f}", f"{row['ratio_before']:.3f}"],
                 ["+ layer-wise FFN fit", f"{row['readme_val_loss_layerwise']:.4f}", f"{row['readme_val_loss_layerwise'] / row['dense_val_loss']:.3f}"],
-                ["+ LM/KL tuning (after)", f"{row['readme_val_loss_after']:.4f}", f"{row['ratio_after']:.3f}"]])
-            + f"\n\nTuning used {row['tune_tokens']} tokens = {row['tune_fraction_of_training']:.1%} of the dense run's training tokens.\n")
+                ["+ LM/KL tuning (after)", f"{row['readme_val_loss_after']:.4f}", f"{row['ratio_after']:.3f}"]]
+                + ([["peer: dense + the same tuning", f"{row['dense_tuned_val_loss']:.4f}",
+                     f"{row['dense_tuned_val_loss'] / row['dense_val_loss']:.3f}"]] if "dense_tuned_val_loss" in row else []))
+            + f"\n\nTuning used {row['tune_tokens']} tokens = {row['tune_fraction_of_training']:.1%} of the dense run's training "
+            "tokens (layer-wise fit on calibration windows, then next-token loss + KL to the dense model on fresh training "
+            "windows). The dense model is small and not trained to convergence, so the tuning tokens also teach: the peer "
+            "row gives the dense model the same tuning, and the MoE should be read against both.\n")
 
 
 def report(quick: bool) -> None:
