@@ -227,7 +227,8 @@ def minilm_bounds(rows: list[dict]) -> str:
         return ""
     lines = ["What bounds it (measured above):"]
     for r in tuned:
-        lines.append(f"- {r['method']} top-{r['top_k']} ({r['ffn_active']:.1%} active): cosine {r['cosine_after']:.4f} "
+        shared = f" + shared {r['shared_fraction']:.1%}" if r["shared_fraction"] else ""
+        lines.append(f"- {r['method']} top-{r['top_k']}{shared} ({r['ffn_active']:.1%} active): cosine {r['cosine_after']:.4f} "
                      f"with its selector, {r.get('cosine_oracle_routing', float('nan')):.4f} with oracle routes; "
                      f"layer-wise relative MSE of the FFNs {', '.join(f'{v:.3f}' for v in r['layer_mse'])}")
     lines.append("Oracle routing adds little, so the router is not what limits: the sliced experts, after this light "
