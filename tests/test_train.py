@@ -290,3 +290,12 @@ def test_after_training_sample_is_the_engines_generation(tmp_path, text_file, ca
     out = capsys.readouterr().out
     expected = Engine.load(run).generate(["def "])[0].text
     assert f"--- sample (prompt 'def ') ---\ndef {expected}\n---" in out
+
+
+def test_dense_model_trains_and_evaluates_without_an_expert_load_map(tmp_path, text_file):
+    cfg = resolve_run_config("tiny", None, MICRO + ["model.ffn=dense", "train.steps=4", "train.eval_every=2", "train.save_every=4"],
+                             str(text_file))
+    summary = train_lm(cfg, tmp_path / "run", progress=False)
+    assert not any(layer.is_moe for layer in summary["model"].layers)
+    assert summary["result"].last_eval["val_loss"] > 0
+    assert not (tmp_path / "run" / "expert_load.png").exists()  # nothing to plot for a dense model

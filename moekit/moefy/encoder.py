@@ -61,12 +61,19 @@ class BertLayer(nn.Module):
         self.output.LayerNorm = nn.LayerNorm(D, eps=eps)
 
     def forward(self, x_BTD: torch.Tensor, mask_B11T: torch.Tensor) -> torch.Tensor:
+        h = self.attend(x_BTD, mask_B11T)
+        return self.finish(h, self.ffn(h))
+
+    def attend(self, x_BTD: torch.Tensor, mask_B11T: torch.Tensor) -> torch.Tensor:
+        """The attention half of the block: what enters the FFN."""
         B, T, D = x_BTD.shape
         att = self.attention.self
         q, k, v = (getattr(att, n)(x_BTD).view(B, T, self.heads, -1).transpose(1, 2) for n in ("query", "key", "value"))
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B11T).transpose(1, 2).reshape(B, T, D)
-        h = self.attention.output.LayerNorm(self.attention.output.dense(ctx) + x_BTD)
-        return self.output.LayerNorm(self.ffn(h) + h)
+        return self.attention.output.LayerNorm(self.attention.output.dense(ctx) + x_BTD)
+
+    def finish(self, h_BTD: torch.Tensor, ffn_BTD: torch.Tensor) -> torch.Tensor:
+        return self.output.LayerNorm(ffn_BTD + h_BTD)
 
 
 class SentenceEncoder(nn.Module):
@@ -85,17 +92,20 @@ class SentenceEncoder(nn.Module):
     def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None,
                 token_type_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states [B, T, D]."""
-        B, T = input_ids_BT.shape
         if attention_mask_BT is None:
             attention_mask_BT = torch.ones_like(input_ids_BT)
-        types = token_type_ids_BT if token_type_ids_BT is not None else torch.zeros_like(input_ids_BT)
-        e = self.embeddings
-        x = e.word_embeddings(input_ids_BT) + e.token_type_embeddings(types) + e.position_embeddings(torch.arange(T))[None]
-        x = e.LayerNorm(x)
+        x = self.embed(input_ids_BT, token_type_ids_BT)
         mask = attention_mask_BT.bool()[:, None, None, :]
         for layer in self.encoder.layer:
             x = layer(x, mask)
         return x
+
+    def embed(self, input_ids_BT: torch.Tensor, token_type_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, D] what enters the first layer (token + type + position embeddings, normalised)."""
+        types = token_type_ids_BT if token_type_ids_BT is not None else torch.zeros_like(input_ids_BT)
+        e = self.embeddings
+        pos = e.position_embeddings(torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device))[None]
+        return e.LayerNorm(e.word_embeddings(input_ids_BT) + e.token_type_embeddings(types) + pos)
 
     def tokenize(self, sentences: list[str]) -> dict:
         return self.tokenizer(list(sentences), padding=True, truncation="longest_first", max_length=self.max_seq_length,

@@ -121,3 +121,44 @@ def decoupled_from_calib(dense, moe, calib, rounds: int = 2, steps: int = 50) ->
     model = make_readme_lm(moe)
     train_decoupled(dense, model, token_stream(calib), rounds=rounds, steps=steps)
     return model.eval()
+
+
+def tune_decoder_layerwise(moe, dense, ids_BT: torch.Tensor, steps: int = 200, lr: float = 1e-3,
+                           batch_tokens: int = 1024, seed: int = 0) -> list[float]:
+    """Layer by layer, fit each MoE FFN (router frozen) to the dense FFN on the inputs the MoE model produces there."""
+    from .tune_encoder import fit_ffn
+
+    moe.eval()
+    log = []
+    for i, layer in enumerate(moe.layers):
+        (inputs,) = collect_ffn_inputs([layer.mlp], [[(lambda: moe(ids_BT), None)]])
+        x_TD = inputs[0]
+        with torch.no_grad():
+            y_TD = dense.layers[i].mlp(x_TD[None])[0].float()
+        log.append(fit_ffn(layer.mlp, x_TD, y_TD, steps, lr, batch_tokens, seed + i, run=lambda m, x: m(x[None])[0][0]))
+    return log
+
+
+def distill_decoder(moe, dense, batch_fn, steps: int, batch_size: int, seq_len: int, lr: float = 3e-4, seed: int = 0) -> dict:
+    """Tune the MoE FFNs (routers frozen) on next-token loss plus KL to the dense model's predictions."""
+    trainable = {n: p.requires_grad for n, p in moe.named_parameters()}
+    for n, p in moe.named_parameters():
+        p.requires_grad_(".mlp." in n and ".router." not in n)
+
+    def loss_fn(m, b):
+        x, y = b
+        with torch.no_grad():
+            teacher = dense(x).logits.float().log_softmax(-1)
+        logp = m(x).logits.float().log_softmax(-1)
+        ce = F.nll_loss(logp.flatten(0, 1), y.flatten())
+        kl = F.kl_div(logp, teacher, log_target=True, reduction="none").sum(-1).mean()
+        return ce + kl, {"ce": float(ce.detach()), "kl": float(kl.detach())}
+
+    cfg = _phase_config(steps, lr, batch_size, seq_len, seed)
+    try:
+        with tempfile.TemporaryDirectory() as run:
+            return fit(moe, cfg, batch_fn=batch_fn, loss_fn=loss_fn, run_dir=run, config_dict={}, progress=False).last_metrics
+    finally:
+        for n, p in moe.named_parameters():
+            p.requires_grad_(trainable[n])
+        moe.eval()

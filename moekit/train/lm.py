@@ -201,7 +201,7 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
 
     def eval_fn(m, step):
         result = evaluate(m, data.val, tc, cfg.model, parallel=parallel)
-        if parallel is None or parallel.is_main:
+        if (parallel is None or parallel.is_main) and result["tracker"].counts:  # a dense model has no expert load
             result["tracker"].plot(out / "expert_load.png", f"expert load, step {step}")
         return {"val_loss": result["val_loss"], "val_max_over_mean_load": result["tracker"].max_over_mean()}
 
