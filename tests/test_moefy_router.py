@@ -22,6 +22,27 @@ def test_router_cached_decode_equals_full_forward():
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_router_with_left_padding_routes_each_row_as_alone_and_caches_alike():
+    torch.manual_seed(0)
+    router = DecoupledRouter(RouterConfig(vocab_size=50, host_hidden=32, num_experts=4, num_layers=2, hidden_size=32), torch.randn(50, 32)).eval()
+    rows = [torch.randint(0, 50, (n,)) for n in (10, 4, 7)]
+    T, P = 10, 6  # P: the prefill's length; the rest decodes one token at a time
+    ids = torch.zeros(3, T, dtype=torch.long)
+    keep = torch.zeros(3, T, dtype=torch.bool)
+    for b, r in enumerate(rows):  # left padding, as moekit.infer.Engine lays out a batch
+        ids[b, T - len(r):], keep[b, T - len(r):] = r, True
+    positions = (keep.long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        full = router(ids, attention_mask_BK=keep, positions_BT=positions)
+        for b, r in enumerate(rows):  # oracle: each row alone, unpadded
+            torch.testing.assert_close(full[b, T - len(r):], router(r[None])[0], rtol=1e-5, atol=1e-5)
+        cache = router.new_cache(3, 16)
+        parts = [router(ids[:, :P], cache, 0, keep[:, :P], positions[:, :P])]
+        parts += [router(ids[:, t : t + 1], cache, t, keep[:, : t + 1], positions[:, t : t + 1]) for t in range(P, T)]
+    cached = torch.cat(parts, 1)
+    torch.testing.assert_close(cached[keep], full[keep], rtol=1e-5, atol=1e-5)
+
+
 def readme_model():
     dense = dense_lm()
     calib = [torch.randint(0, 25, (4, 32)), torch.randint(25, 50, (4, 32))]

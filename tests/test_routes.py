@@ -48,6 +48,17 @@ def test_engine_loads_a_read_me_model_and_generates_its_own_greedy_tokens(readme
         assert got == full_forward_greedy(oracle, prompt, 20)
 
 
+def test_a_left_padded_batch_generates_each_prompt_its_solo_tokens(readme_dir):
+    """The decoupled router gets the engine's padding mask and per-row positions, as the LM does."""
+    engine = Engine.load(readme_dir)
+    oracle = moefy.load(readme_dir)
+    prompts = [PROMPTS[2], PROMPTS[1], PROMPTS[0]]  # 7, 2 and 5 tokens: two rows left-padded
+    cfg = SamplingConfig(max_new_tokens=12)
+    got = [r.token_ids for r in engine.generate_ids(prompts, cfg)]
+    assert got == [engine.generate_ids([p], cfg)[0].token_ids for p in prompts]
+    assert got == [full_forward_greedy(oracle, p, 12) for p in prompts]
+
+
 @pytest.mark.parametrize("policy,predictor", [("lookahead", "lookahead"), ("lookahead", "none"), ("lru", "lookahead")])
 def test_offloaded_read_me_generation_equals_resident(readme_dir, policy, predictor):
     resident = Engine.load(readme_dir)

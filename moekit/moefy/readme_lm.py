@@ -3,7 +3,9 @@
 The router (router.py) picks each token's experts from the token ids; the
 choice reaches every layer's `FixedRouter` as the layers' group ids, so the
 DecoderLM's forward is unchanged. `new_cache` returns the LM's KV cache with
-the router's own cache attached, so prefill and decode route incrementally.
+the router's own cache attached, so prefill and decode route incrementally;
+forward hands the router the LM's padding mask and positions too, so a
+left-padded batch routes each row as if alone.
 `route_ahead` + `new_router_cache` let a server know each token's experts
 before the step (moekit.infer.scheduler batches and caches by them).
 `readme_skeleton` rebuilds one from a saved manifest (io.py).
@@ -34,10 +36,11 @@ class ReadMeLM(nn.Module):
     def cfg(self) -> ModelConfig:
         return self.lm.cfg
 
-    def experts_for(self, ids_BT: torch.Tensor, kv_cache=None, cache_start: int = 0) -> torch.Tensor:
-        """[B, T, K] every token's experts, known before the LM runs."""
+    def experts_for(self, ids_BT: torch.Tensor, kv_cache=None, cache_start: int = 0,
+                    attention_mask_BK=None, positions_BT=None) -> torch.Tensor:
+        """[B, T, K] every token's experts, known before the LM runs (padding masked, positions per row)."""
         router_cache = getattr(kv_cache, "router_cache", None) if kv_cache is not None else None
-        return self.router.route(ids_BT, router_cache, cache_start)
+        return self.router.route(ids_BT, router_cache, cache_start, attention_mask_BK, positions_BT)
 
     def route_ahead(self, ids_BT: torch.Tensor, router_cache=None, cache_start: int = 0) -> torch.Tensor:
         """[B, T, K] the experts (the same in every layer) of tokens the LM has not run yet.
@@ -53,7 +56,9 @@ class ReadMeLM(nn.Module):
 
     def forward(self, input_ids_BT, attention_mask_BK=None, positions_BT=None, kv_cache=None, cache_start: int = 0,
                 group_ids_BT=None, last_only: bool = False) -> DecoderOutput:
-        experts = self.experts_for(input_ids_BT, kv_cache, cache_start) if group_ids_BT is None else group_ids_BT
+        experts = group_ids_BT
+        if experts is None:  # the router sees the LM's padding mask and positions: a padded row routes as if alone
+            experts = self.experts_for(input_ids_BT, kv_cache, cache_start, attention_mask_BK, positions_BT)
         return self.lm(input_ids_BT, attention_mask_BK, positions_BT, kv_cache, cache_start, experts, last_only)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None):

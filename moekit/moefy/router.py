@@ -5,7 +5,10 @@ experts are known before the host model runs (the serving side can batch and
 cache by expert). Its embedding table starts as a copy of the host model's
 embeddings, projected to the router's width; pre-norm blocks (moekit's
 Attention with RoPE, SwiGLU) and a head to E expert logits follow. It has its
-own KV cache (`new_cache`) so decoding routes one new token at a time.
+own KV cache (`new_cache`) so decoding routes one new token at a time. In a
+left-padded batch it takes the host's padding mask and per-row positions (the
+same `attention_mask_BK` / `positions_BT` DecoderLM.forward gets), so each row
+routes as it would alone.
 
 Not here: its training (tune.py), the model that uses it (readme_lm.py).
 """
@@ -17,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from ..modules import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from ..modules import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, causal_mask
 
 
 @dataclass
@@ -44,8 +47,8 @@ class _Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(d)
         self.mlp = SwiGLU(d, 2 * d)
 
-    def forward(self, x, cos, sin, kv_cache, i, cache_start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, None, kv_cache, i, cache_start)
+    def forward(self, x, cos, sin, mask, kv_cache, i, cache_start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, i, cache_start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -63,19 +66,31 @@ class DecoupledRouter(nn.Module):
         self.head = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.rotary = RotaryEmbedding(cfg.hidden_size // cfg.num_heads)
 
-    def forward(self, ids_BT: torch.Tensor, kv_cache: KVCache | None = None, cache_start: int = 0) -> torch.Tensor:
-        """[B, T, E] expert logits for tokens at positions cache_start .. cache_start + T."""
+    def forward(self, ids_BT: torch.Tensor, kv_cache: KVCache | None = None, cache_start: int = 0,
+                attention_mask_BK: torch.Tensor | None = None, positions_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, E] expert logits for tokens at cache positions cache_start .. cache_start + T.
+
+        attention_mask_BK: 1 for real tokens, 0 for padding, over cache + new tokens; positions_BT: each
+        row's rotary positions (default cache_start + t). Both as DecoderLM.forward takes them.
+        """
         B, T = ids_BT.shape
-        positions = torch.arange(cache_start, cache_start + T, device=ids_BT.device).expand(B, T)
+        if positions_BT is None:
+            positions_BT = torch.arange(cache_start, cache_start + T, device=ids_BT.device).expand(B, T)
         x = self.proj(self.embed_tokens(ids_BT))
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = self.rotary(positions_BT, x.dtype)
+        mask = None
+        if attention_mask_BK is not None:
+            padding = attention_mask_BK[:, : cache_start + T] == 0
+            mask = causal_mask(T, cache_start + T, cache_start, padding) if bool(padding.any()) else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache, i, cache_start)
+            x = layer(x, cos, sin, mask, kv_cache, i, cache_start)
         return self.head(self.norm(x))
 
-    def route(self, ids_BT: torch.Tensor, kv_cache: KVCache | None = None, cache_start: int = 0) -> torch.Tensor:
+    def route(self, ids_BT: torch.Tensor, kv_cache: KVCache | None = None, cache_start: int = 0,
+              attention_mask_BK: torch.Tensor | None = None, positions_BT: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T, K] the experts of each token (for every layer of the host)."""
-        return self(ids_BT, kv_cache, cache_start).topk(self.cfg.top_k, dim=-1).indices
+        logits = self(ids_BT, kv_cache, cache_start, attention_mask_BK, positions_BT)
+        return logits.topk(self.cfg.top_k, dim=-1).indices
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         c = self.cfg
