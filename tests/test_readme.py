@@ -9,10 +9,10 @@ so they run in seconds on a CPU, and nothing else:
 
 - `--preset small` becomes `--preset tiny`; new training runs get FAST_TRAIN
   overrides (4 steps, small corpus); resumes to N steps resume to EXTEND_TO;
-- `moekit pregate` gets FAST_PREGATE, `train-forecaster` FAST_FORECASTER,
+- `moekit pregate` gets FAST_PREGATE, `moekit moefy` FAST_MOEFY, `train-forecaster` FAST_FORECASTER,
   `eval-forecast` FAST_EVAL; torchrun gets `--standalone` (a free port);
 - `runs/demo` (what `make demo` writes) is a tiny run trained first; `my.json`,
-  `corpus.txt` and `my_series.csv` are written; the ETT CSVs come from
+  `corpus.txt`, `code.txt`, `prose.txt` (calibration text) and `my_series.csv` are written; the ETT CSVs come from
   ../shared (the forecasting test is skipped with a message where it is absent);
 - before a plain `--resume` the run is cut back to its step-2 checkpoint, as a
   run killed after that checkpoint would be;
@@ -48,6 +48,7 @@ FAST_PREGATE = ["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--eval-
 FAST_FORECASTER = ["train.steps=4", "train.seq_len=48", "train.batch_size=4", "train.eval_every=2", "train.save_every=2",
                    "train.eval_batches=1", "train.warmup_steps=1"]
 FAST_EVAL = ["--stride", "400", "--context", "96", "--quiet"]
+FAST_MOEFY = ["--rounds", "1", "--router-steps", "4"]
 FORECASTING = ("train-forecaster", "forecast", "eval-forecast")
 
 
@@ -65,7 +66,7 @@ def kind(command: str) -> str:
     sub = argv[argv.index("moekit") + 1] if argv[0] == "moekit" or "moekit" in argv else None
     if sub in FORECASTING:
         return "forecasting"
-    if sub in ("train", "inspect", "generate", "convert", "pregate", "serve", "quantize"):
+    if sub in ("train", "inspect", "generate", "convert", "pregate", "serve", "quantize", "moefy"):
         return "language-model"
     raise AssertionError(f"README command {command!r}: no test runs this kind of command")
 
@@ -85,6 +86,8 @@ def adapt(command: str) -> list[str]:
         argv = _add_overrides([a for a in argv if not a.startswith("train.steps=")], FAST_TRAIN)
     elif sub == "pregate":
         argv += FAST_PREGATE
+    elif sub == "moefy":
+        argv += FAST_MOEFY
     elif sub == "train-forecaster":
         argv = _add_overrides(argv, FAST_FORECASTER) + ["--quiet"]
     elif sub == "eval-forecast":
@@ -204,6 +207,8 @@ def _write_inputs(d: Path) -> None:
 
     (d / "my.json").write_text(json.dumps(to_dict(resolve_run_config("tiny")), indent=2))
     (d / "corpus.txt").write_text("".join(f"def f_{i}(x):\n    return x * {i}\n\n" for i in range(2000)))
+    (d / "code.txt").write_text("".join(f"for i in range({i}):\n    total += i\n" for i in range(300)))  # --calib groups
+    (d / "prose.txt").write_text("The quick brown fox jumps over the lazy dog. " * 300)
 
 
 def test_readme_language_model_commands(tmp_path, capsys, monkeypatch, one_thread):
