@@ -3,9 +3,10 @@
 `load` reads config.json (mapped onto `ModelConfig` by families.py), finds
 the weights (one model.safetensors, or the shards an index names; pickles
 are refused), builds the model on the meta device, allocates it once in the
-target dtype and device, and copies each tensor in straight from the
-memory-mapped file (expert tensors into their stacked `[E, ...]` slots), so
-the weights are never held twice. Also here: `is_hf_dir`, `resolve_dtype`,
+target dtype and device, and reads each tensor from the file with positional
+reads straight into its slot (expert tensors into their stacked `[E, ...]`
+slots), so the weights are never held twice (a memory map left open while
+reading would keep every touched page resident: a second copy). Also here: `is_hf_dir`, `resolve_dtype`,
 `resolve_device`, and the low-level reading of the files stored beside the
 weights (`load_tokenizer`, `tokenizer_config`, `stored_eos_token_id`).
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..checkpoints import SAFETENSORS_DTYPES, read_into, read_tensor, safetensors_header
 from ..errors import CheckpointError, ConfigError, MoekitError
 from ..fileio import read_json
 from ..models.build import is_expert_param
@@ -175,58 +177,97 @@ def _ignored_extras(files: dict[str, Path], cfg: ModelConfig, d: Path) -> set[st
     return mtp
 
 
-def _read_fp8(f, name: str, files: dict[str, Path], block: tuple[int, int] | None) -> torch.Tensor:
+class _File:
+    """One safetensors file opened for positional reads (no memory map: the bytes land in memory once)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries, self.start, _ = safetensors_header(path)
+        self.size = path.stat().st_size
+        self.f = open(path, "rb", buffering=0)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name][1])
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name` in memory of its own."""
+        dtype, shape, begin, end = self.entries[name]
+        return read_tensor(self.f, dtype, shape, self.start + begin, end - begin, self.size)
+
+    def read_into(self, name: str, target: torch.Tensor) -> None:
+        """Copy `name` into `target`: straight from the file when dtype and layout agree, else via one temporary."""
+        dtype, _, begin, end = self.entries[name]
+        if target.device.type == "cpu" and target.is_contiguous() and SAFETENSORS_DTYPES.get(dtype) == target.dtype:
+            read_into(self.f, target, self.start + begin, end - begin, self.size)
+        else:
+            target.copy_(self.read(name))
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _read_fp8(f: _File, name: str, files: dict[str, Path], block: tuple[int, int] | None) -> torch.Tensor:
     """The tensor `name`, dequantized when it is FP8 with a block scale beside it (possibly in another shard)."""
-    t = f.get_tensor(name)
+    t = f.read(name)
     if block is None or t.dtype not in fp8.FP8_DTYPES:
         return t
     scale = fp8.scale_name(name)
     if scale not in files:
         raise CheckpointError(f"{files[name]}: FP8 tensor {name} has no {scale} beside it")
-    from safetensors import safe_open
+    return fp8.dequantize(t, _read_companion(files, scale), block, name)
 
-    with safe_open(str(files[scale]), framework="pt", device="cpu") as g:
-        return fp8.dequantize(t, g.get_tensor(scale), block, name)
+
+def _is_fp8(f: _File, name: str, block: tuple[int, int] | None) -> bool:
+    return block is not None and SAFETENSORS_DTYPES.get(f.entries[name][0]) in fp8.FP8_DTYPES
 
 
 def _copy_tensors(model: DecoderLM, plan: dict[str, tuple[str, tuple]], files: dict[str, Path],
                   block: tuple[int, int] | None = None) -> None:
-    """Each planned tensor copied once from its memory-mapped file into its parameter (or buffer) slot."""
-    from safetensors import safe_open
-
+    """Each planned tensor read once from its file (positional reads) into its parameter (or buffer) slot."""
     params = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
     by_file: dict[Path, list[str]] = {}
     for name, entry in plan.items():
         if entry[0] is not None:
             by_file.setdefault(files[name], []).append(name)
     for file, names in by_file.items():
+        f = None
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in names:
-                    target_name, index, *convert = plan[name]
-                    target = params[target_name].data[index] if index else params[target_name].data
-                    if convert:
-                        stored = convert[0].load(f.get_tensor(name), *(_read_companion(files, c) for c in convert[0].companions))
-                        shape = tuple(stored.shape)
-                    else:
-                        shape = tuple(f.get_slice(name).get_shape())
-                    if shape != tuple(target.shape):
-                        raise CheckpointError(
-                            f"{file.name}: tensor {name} has shape {list(shape)} but the config needs {list(target.shape)}"
-                            f" (config.json disagrees with the weights)"
-                        )
-                    target.copy_(stored if convert else _read_fp8(f, name, files, block))
+            f = _File(file)
+            for name in names:
+                target_name, index, *convert = plan[name]
+                target = params[target_name].data[index] if index else params[target_name].data
+                if convert:
+                    stored = convert[0].load(f.read(name), *(_read_companion(files, c) for c in convert[0].companions))
+                    shape = tuple(stored.shape)
+                else:
+                    shape = f.shape(name)
+                if shape != tuple(target.shape):
+                    raise CheckpointError(
+                        f"{file.name}: tensor {name} has shape {list(shape)} but the config needs {list(target.shape)}"
+                        f" (config.json disagrees with the weights)"
+                    )
+                if convert:
+                    target.copy_(stored)
+                    del stored  # (a converted layer's tensor goes before the next is read)
+                elif _is_fp8(f, name, block):
+                    target.copy_(_read_fp8(f, name, files, block))
+                else:
+                    f.read_into(name, target)
         except MoekitError:
             raise
         except Exception as e:
             raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        finally:
+            if f is not None:
+                f.close()
 
 
 def _read_companion(files: dict[str, Path], name: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(files[name]), framework="pt", device="cpu") as f:
-        return f.get_tensor(name)
+    f = _File(files[name])
+    try:
+        return f.read(name)
+    finally:
+        f.close()
 
 
 def _check_names(plan: dict, present: set[str], d: Path) -> None:
