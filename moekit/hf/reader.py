@@ -28,9 +28,8 @@ import torch.nn as nn
 from ..checkpoints import SAFETENSORS_DTYPES, read_into, read_tensor, safetensors_header
 from ..errors import CheckpointError, ConfigError, MoekitError
 from ..fileio import read_json
-from ..models.build import is_expert_param
+from ..models.build import is_expert_param, meta_decoder, real_buffers
 from ..models.decoder import DecoderLM, ModelConfig
-from ..modules import RotaryEmbedding
 from . import fp8
 from .deepseek import mtp_names
 from .families import CONFIG_FILE, expected_names, family_of, model_config_from_hf
@@ -289,25 +288,19 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, ski
 
     Parameters for which skip(name) is True stay on the meta device (in the final dtype), unallocated.
     """
-    with torch.device("meta"):
-        model = DecoderLM(cfg).to(dtype)
-    if skip is None:
-        model = model.to_empty(device=device)
-    else:
-        for module_name, module in model.named_modules():
-            for name, p in list(module._parameters.items()):
-                if p is not None and not skip(f"{module_name}.{name}" if module_name else name):
-                    module._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-            for name, b in list(module._buffers.items()):
-                if b is not None:
-                    module._buffers[name] = torch.empty_like(b, device=device)
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.inv_freq = module.compute_inv_freq().to(device)
-        elif hasattr(module, "reset_buffers"):  # other rotary tables (MLA's YaRN) recompute their own
-            module.reset_buffers(device)
-        elif hasattr(module, "expert_bias"):
-            module.expert_bias = torch.zeros(module.expert_bias.shape, device=device)
+    model = meta_decoder(cfg).to(dtype)
+    made: dict[int, nn.Parameter] = {}  # (a tied weight is allocated once)
+    for module_name, module in model.named_modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or (skip is not None and skip(f"{module_name}.{name}" if module_name else name)):
+                continue
+            if id(p) not in made:  # torch.empty, not empty_like/to_empty: from meta those import sympy (~35 MB)
+                made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
+            module._parameters[name] = made[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = b.to(device)
+    real_buffers(model, device)
     return model
 
 
