@@ -148,6 +148,23 @@ def test_resident_quantize_at_load_equals_quantizing_the_loaded_model(tmp_path, 
             assert all(torch.equal(want[k], got[k]) for k in want), (path.name, dtype)
 
 
+def test_quantize_at_load_of_experts_stored_transposed_reads_the_whole_model(tmp_path):
+    """gpt-oss stores its experts transposed and interleaved: not read one at a time, yet quantized the same."""
+    transformers = pytest.importorskip("transformers")
+    from moekit import hf
+    from moekit.hf.reader import experts_as_stored
+
+    cfg = transformers.GptOssConfig(vocab_size=96, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=64, layer_types=["full_attention"] * 2)
+    torch.manual_seed(0)
+    transformers.GptOssForCausalLM(cfg).save_pretrained(tmp_path / "gpt")
+    assert not experts_as_stored(tmp_path / "gpt")
+    want = _quantized_oracle(hf.load(tmp_path / "gpt"), 8).state_dict()
+    got = Engine.load(tmp_path / "gpt", quantize="int8").model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 RESIDENT = textwrap.dedent("""
     import json, sys
     import torch

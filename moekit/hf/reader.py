@@ -8,7 +8,8 @@ reads straight into its slot (expert tensors into their stacked `[E, ...]`
 slots), so the weights are never held twice (a memory map left open while
 reading would keep every touched page resident: a second copy). Also here: `is_hf_dir`, `resolve_dtype`,
 `resolve_device`, and the low-level reading of the files stored beside the
-weights (`load_tokenizer`, `tokenizer_config`, `stored_eos_token_id`).
+weights (`load_tokenizer`, `tokenizer_config`, `stored_eos_token_id`), and
+`experts_as_stored` (whether the experts can be read one at a time as stored).
 
 Not here: the family tables and config mapping (families.py), writing
 (save.py), chat templates, special tokens and stop ids as generation uses
@@ -163,6 +164,19 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
+
+
+def experts_as_stored(path: str | Path) -> bool:
+    """Whether the directory stores every routed expert's weights as moekit holds them (no conversion, no FP8
+    blocks), so offloading's disk tier can read them one expert at a time (Engine.load(quantize=...) does)."""
+    d = Path(path)
+    hf = read_config(d)
+    cfg = model_config_from_hf(hf, f"{d.name}/{CONFIG_FILE}")
+    files = weight_files(d)
+    plan = expected_names(cfg, family_of(hf), any(n.endswith("experts.gate_up_proj") for n in files), set(files))
+    if fp8.block_size(hf, f"{d.name}/{CONFIG_FILE}") is not None:
+        return False
+    return all(len(entry) == 2 for entry in plan.values() if entry[0] is not None and is_expert_param(entry[0]))
 
 
 def _ignored_extras(files: dict[str, Path], cfg: ModelConfig, d: Path) -> set[str]:

@@ -50,15 +50,17 @@ def _quantized(model: DecoderLM, options: dict | None) -> DecoderLM:
     return quantize_model(model, **options)
 
 
-def _load_quantized(load: Callable[[bool], DecoderLM], path: Path, options: dict | None, lazy: bool) -> DecoderLM:
+def _load_quantized(load: Callable[[bool], DecoderLM], path: Path, options: dict | None, lazy: bool,
+                    per_expert: bool = True) -> DecoderLM:
     """`load(experts)`'s model, quantized at load time by `options` (None: as loaded).
 
     Resident (not lazy) with options: the model is loaded without its routed experts, quantized (on the
     meta device), then its experts are read one at a time and each quantized as it is read (offloading's
     `load_experts`), so no full-precision copy of all experts ever exists. Experts the disk tier cannot
-    read as stored (FP8 blocks, MXFP4 or transposed tensors): the whole model is loaded, then quantized.
+    read as stored (FP8 blocks, MXFP4 or transposed tensors: per_expert=False from the caller, or an
+    OffloadError as the backstop): the whole model is loaded, then quantized.
     """
-    if options is None or lazy:
+    if options is None or lazy or not per_expert:
         return _quantized(load(not lazy), options)
     from .offload import OffloadError
     from .offload.transform import load_experts
@@ -136,7 +138,11 @@ class Engine:
         if p.suffix == ".gguf" or p.is_file():  # --- GGUF (moekit.gguf): dequantized on load
             engine = cls._load_gguf(p, dtype, device, options, lazy)
         elif hf.is_hf_dir(p):
-            model = _load_quantized(lambda experts: hf.load(p, dtype=dtype, device=device, experts=experts), p, options, lazy)
+            from ..hf.reader import experts_as_stored
+
+            per_expert = options is not None and not lazy and experts_as_stored(p)
+            model = _load_quantized(lambda experts: hf.load(p, dtype=dtype, device=device, experts=experts), p, options,
+                                    lazy, per_expert)
             tokenizer = hf.load_tokenizer(p)
             engine = cls(model, tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p), special_tokens(p))
         else:
