@@ -246,7 +246,7 @@ def load_tensors(path: str | Path, skip: Callable[[str], bool] | None = None) ->
             for name, (dtype, shape, begin, end) in entries.items():
                 if skip is not None and skip(name):
                     continue
-                tensors[name] = _read_tensor(f, dtype, shape, start + begin, end - begin, size)
+                tensors[name] = read_tensor(f, dtype, shape, start + begin, end - begin, size)
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     for alias, target in json.loads(metadata.get(ALIASES_KEY, "{}")).items():
@@ -255,10 +255,16 @@ def load_tensors(path: str | Path, skip: Callable[[str], bool] | None = None) ->
     return tensors, metadata
 
 
-def _read_tensor(f, dtype: str, shape: list[int], offset: int, nbytes: int, file_size: int) -> torch.Tensor:
+def read_tensor(f, dtype: str, shape: list[int], offset: int, nbytes: int, file_size: int) -> torch.Tensor:
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported")
     out = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
+    read_into(f, out, offset, nbytes, file_size)
+    return out
+
+
+def read_into(f, out: torch.Tensor, offset: int, nbytes: int, file_size: int) -> None:
+    """Fill the contiguous CPU tensor `out` with the file's bytes offset..offset+nbytes (positional reads, no memory map)."""
     if out.numel() * out.element_size() != nbytes or offset + nbytes > file_size:
         raise ValueError(f"a tensor's byte range {offset}..{offset + nbytes} does not fit its shape or the file")
     view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
@@ -268,7 +274,6 @@ def _read_tensor(f, dtype: str, shape: list[int], offset: int, nbytes: int, file
         if n <= 0:
             raise ValueError(f"the file ended at byte {offset + done}")
         done += n
-    return out
 
 
 # ---------------------------------------------------------------- nested state <-> flat tensors

@@ -3,11 +3,13 @@
 `load` reads config.json (mapped onto `ModelConfig` by families.py), finds
 the weights (one model.safetensors, or the shards an index names; pickles
 are refused), builds the model on the meta device, allocates it once in the
-target dtype and device, and copies each tensor in straight from the
-memory-mapped file (expert tensors into their stacked `[E, ...]` slots), so
-the weights are never held twice. Also here: `is_hf_dir`, `resolve_dtype`,
+target dtype and device, and reads each tensor from the file with positional
+reads straight into its slot (expert tensors into their stacked `[E, ...]`
+slots), so the weights are never held twice (a memory map left open while
+reading would keep every touched page resident: a second copy). Also here: `is_hf_dir`, `resolve_dtype`,
 `resolve_device`, and the low-level reading of the files stored beside the
-weights (`load_tokenizer`, `tokenizer_config`, `stored_eos_token_id`).
+weights (`load_tokenizer`, `tokenizer_config`, `stored_eos_token_id`), and
+`experts_as_stored` (whether the experts can be read one at a time as stored).
 
 Not here: the family tables and config mapping (families.py), writing
 (save.py), chat templates, special tokens and stop ids as generation uses
@@ -24,11 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..checkpoints import SAFETENSORS_DTYPES, read_into, read_tensor, safetensors_header
 from ..errors import CheckpointError, ConfigError, MoekitError
 from ..fileio import read_json
-from ..models.build import is_expert_param
+from ..models.build import is_expert_param, meta_decoder, real_buffers
 from ..models.decoder import DecoderLM, ModelConfig
-from ..modules import RotaryEmbedding
 from . import fp8
 from .deepseek import mtp_names
 from .families import CONFIG_FILE, expected_names, family_of, model_config_from_hf
@@ -164,6 +166,19 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     return model.eval()
 
 
+def experts_as_stored(path: str | Path) -> bool:
+    """Whether the directory stores every routed expert's weights as moekit holds them (no conversion, no FP8
+    blocks), so offloading's disk tier can read them one expert at a time (Engine.load(quantize=...) does)."""
+    d = Path(path)
+    hf = read_config(d)
+    cfg = model_config_from_hf(hf, f"{d.name}/{CONFIG_FILE}")
+    files = weight_files(d)
+    plan = expected_names(cfg, family_of(hf), any(n.endswith("experts.gate_up_proj") for n in files), set(files))
+    if fp8.block_size(hf, f"{d.name}/{CONFIG_FILE}") is not None:
+        return False
+    return all(len(entry) == 2 for entry in plan.values() if entry[0] is not None and is_expert_param(entry[0]))
+
+
 def _ignored_extras(files: dict[str, Path], cfg: ModelConfig, d: Path) -> set[str]:
     """DeepSeek-V3's multi-token-prediction layers (index >= num_hidden_layers): not part of the model, skipped with a note."""
     if cfg.attention != "mla":
@@ -175,58 +190,97 @@ def _ignored_extras(files: dict[str, Path], cfg: ModelConfig, d: Path) -> set[st
     return mtp
 
 
-def _read_fp8(f, name: str, files: dict[str, Path], block: tuple[int, int] | None) -> torch.Tensor:
+class _File:
+    """One safetensors file opened for positional reads (no memory map: the bytes land in memory once)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries, self.start, _ = safetensors_header(path)
+        self.size = path.stat().st_size
+        self.f = open(path, "rb", buffering=0)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name][1])
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name` in memory of its own."""
+        dtype, shape, begin, end = self.entries[name]
+        return read_tensor(self.f, dtype, shape, self.start + begin, end - begin, self.size)
+
+    def read_into(self, name: str, target: torch.Tensor) -> None:
+        """Copy `name` into `target`: straight from the file when dtype and layout agree, else via one temporary."""
+        dtype, _, begin, end = self.entries[name]
+        if target.device.type == "cpu" and target.is_contiguous() and SAFETENSORS_DTYPES.get(dtype) == target.dtype:
+            read_into(self.f, target, self.start + begin, end - begin, self.size)
+        else:
+            target.copy_(self.read(name))
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _read_fp8(f: _File, name: str, files: dict[str, Path], block: tuple[int, int] | None) -> torch.Tensor:
     """The tensor `name`, dequantized when it is FP8 with a block scale beside it (possibly in another shard)."""
-    t = f.get_tensor(name)
+    t = f.read(name)
     if block is None or t.dtype not in fp8.FP8_DTYPES:
         return t
     scale = fp8.scale_name(name)
     if scale not in files:
         raise CheckpointError(f"{files[name]}: FP8 tensor {name} has no {scale} beside it")
-    from safetensors import safe_open
+    return fp8.dequantize(t, _read_companion(files, scale), block, name)
 
-    with safe_open(str(files[scale]), framework="pt", device="cpu") as g:
-        return fp8.dequantize(t, g.get_tensor(scale), block, name)
+
+def _is_fp8(f: _File, name: str, block: tuple[int, int] | None) -> bool:
+    return block is not None and SAFETENSORS_DTYPES.get(f.entries[name][0]) in fp8.FP8_DTYPES
 
 
 def _copy_tensors(model: DecoderLM, plan: dict[str, tuple[str, tuple]], files: dict[str, Path],
                   block: tuple[int, int] | None = None) -> None:
-    """Each planned tensor copied once from its memory-mapped file into its parameter (or buffer) slot."""
-    from safetensors import safe_open
-
+    """Each planned tensor read once from its file (positional reads) into its parameter (or buffer) slot."""
     params = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
     by_file: dict[Path, list[str]] = {}
     for name, entry in plan.items():
         if entry[0] is not None:
             by_file.setdefault(files[name], []).append(name)
     for file, names in by_file.items():
+        f = None
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in names:
-                    target_name, index, *convert = plan[name]
-                    target = params[target_name].data[index] if index else params[target_name].data
-                    if convert:
-                        stored = convert[0].load(f.get_tensor(name), *(_read_companion(files, c) for c in convert[0].companions))
-                        shape = tuple(stored.shape)
-                    else:
-                        shape = tuple(f.get_slice(name).get_shape())
-                    if shape != tuple(target.shape):
-                        raise CheckpointError(
-                            f"{file.name}: tensor {name} has shape {list(shape)} but the config needs {list(target.shape)}"
-                            f" (config.json disagrees with the weights)"
-                        )
-                    target.copy_(stored if convert else _read_fp8(f, name, files, block))
+            f = _File(file)
+            for name in names:
+                target_name, index, *convert = plan[name]
+                target = params[target_name].data[index] if index else params[target_name].data
+                if convert:
+                    stored = convert[0].load(f.read(name), *(_read_companion(files, c) for c in convert[0].companions))
+                    shape = tuple(stored.shape)
+                else:
+                    shape = f.shape(name)
+                if shape != tuple(target.shape):
+                    raise CheckpointError(
+                        f"{file.name}: tensor {name} has shape {list(shape)} but the config needs {list(target.shape)}"
+                        f" (config.json disagrees with the weights)"
+                    )
+                if convert:
+                    target.copy_(stored)
+                    del stored  # (a converted layer's tensor goes before the next is read)
+                elif _is_fp8(f, name, block):
+                    target.copy_(_read_fp8(f, name, files, block))
+                else:
+                    f.read_into(name, target)
         except MoekitError:
             raise
         except Exception as e:
             raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        finally:
+            if f is not None:
+                f.close()
 
 
 def _read_companion(files: dict[str, Path], name: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(files[name]), framework="pt", device="cpu") as f:
-        return f.get_tensor(name)
+    f = _File(files[name])
+    try:
+        return f.read(name)
+    finally:
+        f.close()
 
 
 def _check_names(plan: dict, present: set[str], d: Path) -> None:
@@ -248,25 +302,19 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, ski
 
     Parameters for which skip(name) is True stay on the meta device (in the final dtype), unallocated.
     """
-    with torch.device("meta"):
-        model = DecoderLM(cfg).to(dtype)
-    if skip is None:
-        model = model.to_empty(device=device)
-    else:
-        for module_name, module in model.named_modules():
-            for name, p in list(module._parameters.items()):
-                if p is not None and not skip(f"{module_name}.{name}" if module_name else name):
-                    module._parameters[name] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
-            for name, b in list(module._buffers.items()):
-                if b is not None:
-                    module._buffers[name] = torch.empty_like(b, device=device)
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.inv_freq = module.compute_inv_freq().to(device)
-        elif hasattr(module, "reset_buffers"):  # other rotary tables (MLA's YaRN) recompute their own
-            module.reset_buffers(device)
-        elif hasattr(module, "expert_bias"):
-            module.expert_bias = torch.zeros(module.expert_bias.shape, device=device)
+    model = meta_decoder(cfg).to(dtype)
+    made: dict[int, nn.Parameter] = {}  # (a tied weight is allocated once)
+    for module_name, module in model.named_modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or (skip is not None and skip(f"{module_name}.{name}" if module_name else name)):
+                continue
+            if id(p) not in made:  # torch.empty, not empty_like/to_empty: from meta those import sympy (~35 MB)
+                made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
+            module._parameters[name] = made[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = b.to(device)
+    real_buffers(model, device)
     return model
 
 

@@ -56,6 +56,30 @@ def _quantized(model: DecoderLM, options: dict | None) -> DecoderLM:
     return quantize_model(model, **options)
 
 
+def _load_quantized(load: Callable[[bool], DecoderLM], path: Path, options: dict | None, lazy: bool,
+                    per_expert: bool = True) -> DecoderLM:
+    """`load(experts)`'s model, quantized at load time by `options` (None: as loaded).
+
+    Resident (not lazy) with options: the model is loaded without its routed experts, quantized (on the
+    meta device), then its experts are read one at a time and each quantized as it is read (offloading's
+    `load_experts`), so no full-precision copy of all experts ever exists. Experts the disk tier cannot
+    read as stored (FP8 blocks, MXFP4 or transposed tensors: per_expert=False from the caller, or an
+    OffloadError as the backstop): the whole model is loaded, then quantized.
+    """
+    if options is None or lazy or not per_expert:
+        return _quantized(load(not lazy), options)
+    from .offload import OffloadError
+    from .offload.transform import load_experts
+
+    model = _quantized(load(False), options)
+    try:
+        load_experts(model, path)
+    except OffloadError:
+        del model
+        return _quantized(load(True), options)
+    return model
+
+
 @dataclass
 class Completion:
     """One generated continuation."""
@@ -126,15 +150,26 @@ class Engine:
             _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
             engine = cls(_quantized(model, options), tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p), special_tokens(p))
         elif hf.is_hf_dir(p):
-            model = _quantized(hf.load(p, dtype=dtype, device=device, experts=not lazy), options)
+            from ..hf.reader import experts_as_stored
+
+            per_expert = options is not None and not lazy and experts_as_stored(p)
+            model = _load_quantized(lambda experts: hf.load(p, dtype=dtype, device=device, experts=experts), p, options,
+                                    lazy, per_expert)
             tokenizer = hf.load_tokenizer(p)
             engine = cls(model, tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p), special_tokens(p))
         else:
             from ..models.build import load_model
 
-            model, tokenizer, _ = load_model(p, experts=not lazy)  # a pre-gated model comes back with its routing applied
-            _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
-            engine = cls(_quantized(model, options), tokenizer)
+            tokenizers = []
+
+            def load(experts: bool) -> DecoderLM:
+                model, tokenizer, _ = load_model(p, experts=experts)  # a pre-gated model comes back with its routing applied
+                _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
+                tokenizers.append(tokenizer)
+                return model
+
+            model = _load_quantized(load, p, options, lazy)
+            engine = cls(model, tokenizers[-1])
         engine.path = p
         if lazy:
             engine.offload(expert_budget, **offload_options)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from ..checkpoints import load_checkpoint, resolve_checkpoint
 from ..config import from_dict
@@ -31,10 +32,13 @@ LEGACY_PREGATED_MARKER = "pregated.json"  # before `ModelConfig.pregated`, a mar
 def build_model(cfg: ModelConfig, empty: bool = False) -> DecoderLM:
     """A DecoderLM for `cfg`, with its config's transforms applied.
 
-    empty=True: parameters on the meta device, not initialised (buffers are
-    real), for `load_state` to fill from a checkpoint without a second copy.
+    empty=True: parameters on the meta device, never allocated nor initialised
+    (buffers are real), for `load_state` to fill from a checkpoint without a
+    second copy.
     """
-    with parameters_on_meta(empty):
+    if empty:
+        model = meta_decoder(cfg)
+    else:
         model = DecoderLM(cfg)
     if cfg.pregated:
         apply_pregated_routing(model)
@@ -108,12 +112,20 @@ def _quantize_like(model: DecoderLM, section, ckpt_dir: Path, state: dict[str, t
                               f"quantization; write it again with `moekit quantize`")
 
 
+def meta_decoder(cfg: ModelConfig) -> DecoderLM:
+    """A DecoderLM with its parameters on the meta device (buffers real, on the CPU), their initialisation skipped.
+
+    A parameter is moved to meta as it is registered (its fresh `torch.empty` memory never touched), and the
+    init ops on it are skipped: run on meta they would go through torch's reference kernels, which import
+    torch._dynamo (~75 MB of RSS). The same goes for any computation on meta, hence no `torch.device("meta")`.
+    """
+    with parameters_on_meta(), _SkipInitOnMeta():
+        return DecoderLM(cfg)
+
+
 @contextmanager
-def parameters_on_meta(enabled: bool = True):
+def parameters_on_meta():
     """While active, every parameter a module registers is moved to the meta device (buffers stay real)."""
-    if not enabled:
-        yield
-        return
     original = nn.Module.register_parameter
 
     def register(module, name, param):
@@ -126,6 +138,37 @@ def parameters_on_meta(enabled: bool = True):
         yield
     finally:
         nn.Module.register_parameter = original
+
+
+class _SkipInitOnMeta(TorchFunctionMode):
+    """nn.init's functions and in-place init ops (normal_, uniform_, zero_, ...) on a meta tensor return it untouched."""
+
+    OPS = {getattr(torch.Tensor, n) for n in ("normal_", "uniform_", "zero_", "fill_", "erfinv_", "mul_", "add_", "clamp_",
+                                              "div_", "sub_", "exponential_", "random_", "bernoulli_")}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.OPS or getattr(func, "__module__", None) == "torch.nn.init":
+            t = args[0] if args else kwargs.get("tensor")
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
+def real_buffers(model: nn.Module, device: torch.device) -> None:
+    """Recompute the buffers of a model built on the meta device (rotary tables; expert biases as zeros) on `device`.
+
+    Parameters and quantized buffers stay on meta for a checkpoint to fill; a buffer left there is caught by `load_state`.
+    """
+    from ..modules import RotaryEmbedding
+
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.inv_freq = module.compute_inv_freq().to(device)
+        elif hasattr(module, "reset_buffers"):  # other rotary tables (MLA's YaRN) recompute their own
+            module.reset_buffers(device)
+        elif hasattr(module, "expert_bias"):
+            module.expert_bias = torch.zeros(module.expert_bias.shape, device=device)
 
 
 def _legacy_pregated(path: Path, ckpt_dir: Path) -> bool:
