@@ -144,11 +144,7 @@ class Engine:
         if p.suffix == ".gguf" or p.is_file():  # --- GGUF (moekit.gguf): dequantized on load
             engine = cls._load_gguf(p, dtype, device, options, lazy)
         elif _is_moefy_dir(p):  # --- a moefy output: a converted decoder (a Read-ME model routes ahead)
-            from ..moefy.io import load_generator
-
-            model, tokenizer = load_generator(p, experts=not lazy)
-            _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
-            engine = cls(_quantized(model, options), tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p), special_tokens(p))
+            engine = cls._load_moefy(p, dtype, device, options, lazy)
         elif hf.is_hf_dir(p):
             from ..hf.reader import experts_as_stored
 
@@ -174,6 +170,18 @@ class Engine:
         if lazy:
             engine.offload(expert_budget, **offload_options)
         return engine
+
+    @classmethod
+    def _load_moefy(cls, p: Path, dtype, device, options: dict | None, lazy: bool) -> "Engine":
+        """A directory written by `moekit moefy` (a converted decoder; experts left on meta when lazy)."""
+        from .. import hf
+        from ..moefy.io import load_generator
+        from .chat import load_chat_template, special_tokens, stop_token_ids
+
+        model, tokenizer = load_generator(p, experts=not lazy)
+        _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
+        return cls(_quantized(model, options), tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p),
+                   special_tokens(p))
 
     @classmethod
     def _load_gguf(cls, p: Path, dtype, device, options: dict | None, lazy: bool) -> "Engine":
