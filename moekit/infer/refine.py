@@ -73,7 +73,10 @@ def chat_completion(client, endpoint: str, model: str, messages: list[dict], api
 def refine(problems: list[Problem], drafts: list[str], examples: dict[str, list[Problem]], endpoint: str, model: str,
            api_key: str | None = None, timeout: float = 60.0, transport=None) -> list[Refined]:
     """Send each problem's draft with its task's solved examples; keep the endpoint's corrected answer."""
-    import httpx
+    try:
+        import httpx
+    except ImportError:
+        raise EndpointError("moekit refine needs httpx: pip install 'moekit[refine]' (or httpx)") from None
 
     if not endpoint.startswith(("http://", "https://")):
         raise EndpointError(f"--endpoint {endpoint!r} is invalid: give an http(s) URL such as http://localhost:8000/v1")
