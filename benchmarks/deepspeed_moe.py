@@ -50,8 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import RESULTS_DIR, command_line, load_average, machine_info, markdown_table, target, write_results  # noqa: E402
-from moe_vs_dense import corpora, crossing_flops, lm_loss_fn, load_trained, throughput, training_flops_per_token  # noqa: E402
+from _common import RESULTS_DIR  # noqa: E402
+from moe_vs_dense import corpora, lm_loss_fn, training_flops_per_token  # noqa: E402
 
 from moekit.config import MoEConfig, to_dict  # noqa: E402
 from moekit.data.text import batch_at  # noqa: E402

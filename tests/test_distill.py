@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moekit.cli.main import main
 from moekit.train.distill import DistillConfig, distill_lm, kd_loss, kd_steps
 from moekit.train.lm import load_lm, resolve_run_config, train_lm
 from test_train import MICRO, cli_error, losses, run_cli, wait_for
 
-STUDENT = MICRO + ["model.num_layers=1", "train.eval_every=0"]
+STUDENT = MICRO + ["model.num_layers=1", "train.eval_every=0", "train.device=cpu"]  # bitwise: CPU even where CUDA is
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, text_file):
     run = tmp_path_factory.mktemp("teacher") / "run"
-    train_lm(resolve_run_config("tiny", None, MICRO + ["train.steps=6", "train.eval_every=0"], str(text_file)), run,
+    train_lm(resolve_run_config("tiny", None, MICRO + ["train.steps=6", "train.eval_every=0", "train.device=cpu"], str(text_file)), run,
              progress=False)
     return run
 

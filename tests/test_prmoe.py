@@ -12,7 +12,7 @@ from moekit.train.lm import resolve_run_config, train_lm
 D, HEADS, KV, DENSE, FE = 32, 2, 1, 48, 16
 PR_MOE = [f"model.hidden_size={D}", "model.num_layers=3", f"model.num_heads={HEADS}", f"model.num_kv_heads={KV}",
           f"model.dense_hidden={DENSE}", f"moe.expert_hidden={FE}", "model.pyramid=[2,4]", "model.pyramid_layers=[1,2]",
-          "model.max_seq_len=64", "train.batch_size=2", "train.seq_len=16", "train.steps=1", "train.warmup_steps=0",
+          "model.max_seq_len=64", "train.device=cpu", "train.batch_size=2", "train.seq_len=16", "train.steps=1", "train.warmup_steps=0",
           "train.eval_every=0", "train.eval_batches=1"]
 
 
