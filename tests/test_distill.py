@@ -113,3 +113,12 @@ def test_bad_distillation_input_gets_one_clear_message_and_writes_nothing(tmp_pa
     assert message in err and len(err.splitlines()) == 1
     assert "teacher" in err or "kd-stop" in err or "vocabulary" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_of_a_training_run_or_with_new_kd_settings_is_refused(tmp_path, capsys, teacher):
+    before = sorted(p.name for p in teacher.iterdir())
+    err = cli_error(capsys, ["distill", "--out", str(teacher), "--resume", "train.steps=99"])
+    assert "is a training run, not a distillation: resume it with moekit train --resume" in err
+    err = cli_error(capsys, ["distill", "--out", str(teacher), "--resume", "--kd-stop", "0.2"])
+    assert "--kd-stop cannot be combined with --resume" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in teacher.iterdir()) == before

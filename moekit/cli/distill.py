@@ -14,12 +14,14 @@ def _distill(args) -> int:
     from ..train.distill import DistillConfig, distill_lm
 
     args.teacher, args.overrides = _split_positionals(args.positionals)
-    kd = DistillConfig(kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, kd_stop=args.kd_stop)
+    flags = {"kd_weight": args.kd_weight, "kd_temperature": args.kd_temperature, "kd_stop": args.kd_stop}
+    kd = DistillConfig(**{k: v for k, v in flags.items() if v is not None})
     if args.resume:
-        given = [f for f, v in (("TEACHER", args.teacher), ("--student", args.student), ("--data", args.data)) if v]
+        given = [f for f, v in (("TEACHER", args.teacher), ("--student", args.student), ("--data", args.data),
+                                *((f"--{k.replace('_', '-')}", v) for k, v in flags.items())) if v is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} cannot be combined with --resume: a resumed distillation keeps its "
-                              f"teacher, student and data (only some key=value overrides are accepted, e.g. train.steps=N)")
+                              f"teacher, student, data and KD settings (only some key=value overrides are accepted, e.g. train.steps=N)")
         summary = distill_lm(None, None, args.out, resume=True, progress=not args.quiet, resume_overrides=args.overrides)
     else:
         if not args.teacher or not args.student:
@@ -72,9 +74,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--student", help="the student: a preset (tiny, small, pr-moe, ...) or a JSON config file")
     p.add_argument("--out", required=True, help="run directory for the student's checkpoints and metrics")
     p.add_argument("--data", help="a text file or folder (default: the student config's corpus)")
-    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KD term (default 1.0)")
-    p.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T of the KD term (default 1.0)")
-    p.add_argument("--kd-stop", type=float, default=0.5,
+    p.add_argument("--kd-weight", type=float, help="weight of the KD term (default 1.0)")
+    p.add_argument("--kd-temperature", type=float, help="softmax temperature T of the KD term (default 1.0)")
+    p.add_argument("--kd-stop", type=float,
                    help="fraction of the steps with KD, in [0, 1]; the rest train on the LM loss alone (default 0.5)")
     p.add_argument("--resume", action="store_true", help="continue the distillation in --out exactly where it stopped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
