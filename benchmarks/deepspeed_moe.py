@@ -186,13 +186,16 @@ def distill_run(s: Scale, dcfg, lr: float, teacher: dict, work: Path, kd_stop: f
                    teacher_forward_flops_per_token=teacher_fwd)
 
 
-def run_stage(stage: str, s: Scale, lrs: list[float], root: Path, work: Path, only: list[str] | None, kd_stop: float) -> None:
+def run_stage(stage: str, s: Scale, lrs: list[float], root: Path, work: Path, only: list[str] | None, kd_stop: float,
+              models: list[str] | None = None) -> None:
     found, skipped = corpora(s)
     for corpus, dcfg in found.items():
         if only and corpus not in only:
             continue
         data = prepare_data(dcfg, s.seq_len)
         for name in STAGES[stage]:
+            if models and name not in models:
+                continue
             for lr in lrs:
                 print(f"[{corpus}] {name} lr={lr:g} ...", flush=True)
                 if name == "mos":
@@ -236,6 +239,8 @@ def parse_args(argv=None):
     p.add_argument("--stage", default="all", choices=[*STAGES, "report", "all"])
     p.add_argument("--quick", action="store_true", help="tiny smoke run; writes only under --work")
     p.add_argument("--corpus", action="append", help="only this corpus (tinyshakespeare, python-stdlib); repeatable")
+    p.add_argument("--model", action="append", choices=[n for names in STAGES.values() for n in names],
+                   help="only this model of the stage(s); repeatable")
     p.add_argument("--lrs", default="3e-3", help="comma-separated learning rates; each model keeps its best (default 3e-3)")
     p.add_argument("--kd-stop", type=float, default=0.5, help="MoS: fraction of the steps with KD (default 0.5)")
     p.add_argument("--work", type=Path, default=None, help="checkpoints (default: a folder in the temp dir)")
@@ -254,7 +259,7 @@ def main(argv=None) -> int:
     lrs = [float(x) for x in args.lrs.split(",") if x]
     stages = list(STAGES) if args.stage == "all" else [args.stage] if args.stage != "report" else []
     for stage in stages:
-        run_stage(stage, s, lrs, root, work, args.corpus, args.kd_stop)
+        run_stage(stage, s, lrs, root, work, args.corpus, args.kd_stop, args.model)
     if args.stage == "all" and args.corpus:
         print("trained the runs of --corpus only: once every corpus is done, write the report with --stage report")
     elif args.stage in ("report", "all"):
