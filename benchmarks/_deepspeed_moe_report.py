@@ -31,15 +31,22 @@ from moekit.train.lm import prepare_data
 COMPUTE_MODELS = (*STANDARD, "prmoe")  # the MoS student learns from a teacher: not a from-scratch compute claim
 
 
-def analyse(best: dict[str, dict]) -> dict:
-    """Compute and size figures of one corpus from each model's best-LR run."""
+def analyse(best: dict[str, dict], runs: list[dict] | None = None) -> dict:
+    """Compute and size figures of one corpus: size from each model's best-LR full run, compute from any of its runs.
+
+    A model's FLOPs to the dense final loss is the least over its runs (every
+    learning rate and budget): a shorter run with its own schedule that ends
+    at the dense loss counts at its total FLOPs.
+    """
     dense = best["dense"]
     level, dense_flops = dense["final_val_loss"], dense["total_flops"]
-    compute = {}
+    compute, compute_run = {}, {}
     for name in COMPUTE_MODELS:
-        if name in best:
-            hit = crossing_flops([(p["flops"], p["val_loss"]) for p in best[name]["curve"]], level)
-            compute[name] = None if hit is None else hit / dense_flops
+        for r in [r for r in (runs or best.values()) if r["name"] == name]:
+            hit = crossing_flops([(p["flops"], p["val_loss"]) for p in r["curve"]], level)
+            ratio = None if hit is None else hit / dense_flops
+            if name not in compute or (ratio is not None and (compute[name] is None or ratio < compute[name])):
+                compute[name], compute_run[name] = ratio, f"lr={r['lr']:g} budget={r.get('budget', 1.0):g}"
     size = {}
     ref = best.get(REFERENCE)
     for name in ("prmoe", "mos"):
@@ -48,6 +55,7 @@ def analyse(best: dict[str, dict]) -> dict:
                           "loss_gap": best[name]["final_val_loss"] / ref["final_val_loss"] - 1}
     reached = {k: v for k, v in compute.items() if v is not None}
     return {"dense_final_val_loss": level, "dense_flops": dense_flops, "flops_ratio_to_dense_final": compute,
+            "flops_ratio_run": compute_run,
             "best_moe": min(reached, key=reached.get) if reached else None, "size_vs_" + REFERENCE: size}
 
 
@@ -77,10 +85,11 @@ def plot(corpus: str, runs: list[dict], best: dict[str, dict], path: Path) -> Pa
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in sorted(runs, key=lambda r: r["name"]):
-        is_best = best.get(r["name"]) is r
+        is_best = best.get(r["name"]) is r or r.get("budget", 1.0) != 1.0
         xs, ys = [p["flops"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]]
         ax.plot(xs, ys, "-" if is_best else ":", lw=1.8 if is_best else 0.8, marker="." if is_best else None,
-                label=f"{r['name']} lr={r['lr']:g}" + ("" if is_best else " (not best lr)"))
+                label=f"{r['name']} lr={r['lr']:g}" + (f" budget {r['budget']:g}" if r.get("budget", 1.0) != 1.0 else "")
+                + ("" if is_best or r.get("budget", 1.0) != 1.0 else " (not best lr)"))
     if "dense" in best:
         ax.axhline(best["dense"]["final_val_loss"], color="k", lw=0.6, ls="--", label="dense final val loss")
     finals = [r["final_val_loss"] for r in runs]
@@ -123,7 +132,7 @@ def report(s, root: Path, work: Path, out_dir: Path, quick: bool, scale: dict, l
         if "dense" not in best:
             print(f"[{corpus}] no dense run yet: skipped in the report")
             continue
-        per_corpus[corpus], runs_of[corpus] = analyse(best), runs
+        per_corpus[corpus], runs_of[corpus] = analyse(best, runs), runs
         plot(corpus, runs, best, out_dir / f"{NAME}_{corpus}.png")
         if speed is None:
             speed = measure_throughput(s, corpus, found[corpus], best, work)
@@ -141,6 +150,10 @@ def report(s, root: Path, work: Path, out_dir: Path, quick: bool, scale: dict, l
         print(f"  {'MET ' if t['met'] else 'MISS'} {t['name']}: {t['value']} (goal {t['direction']} {t['goal']})")
 
 
+def best_run(runs: list[dict], name: str) -> dict | None:
+    return best_by_model([r for r in runs if r["name"] == name]).get(name)
+
+
 def markdown(result: dict) -> str:
     lines = [f"# DeepSpeed-MoE claims on moekit{' (QUICK smoke run: not a result)' if result['quick'] else ''}", "",
              f"Command: `{result['command']}`; scale {result['scale']}; learning rates tried: {result['lrs']}.", ""]
@@ -153,16 +166,19 @@ def markdown(result: dict) -> str:
         ratios = c["flops_ratio_to_dense_final"]
         size = c["size_vs_" + REFERENCE]
         rows = []
-        for r in sorted(result["runs"][corpus], key=lambda r: (r["name"], r["lr"])):
-            ratio = ratios.get(r["name"], "")
-            rows.append([r["name"], f"{r['lr']:g}", f"{r['params']['total']:,}", f"{r['params']['active']:,}",
-                         f"{r['final_val_loss']:.4f}", "never" if r["name"] in ratios and ratio is None
+        for r in sorted(result["runs"][corpus], key=lambda r: (r["name"], r["lr"], -r.get("budget", 1.0))):
+            is_best = r is best_run(result["runs"][corpus], r["name"])
+            ratio = ratios.get(r["name"], "") if is_best else ""
+            rows.append([r["name"], f"{r['lr']:g}", f"{r.get('budget', 1.0):g}", f"{r['params']['total']:,}",
+                         f"{r['params']['active']:,}", f"{r['final_val_loss']:.4f}",
+                         "never" if is_best and r["name"] in ratios and ratio is None
                          else f"{ratio:.3f}" if isinstance(ratio, float) else "",
                          f"{size[r['name']]['params_ratio']:.2f}x / {100 * size[r['name']]['loss_gap']:+.2f}%"
-                         if r["name"] in size else ""])
+                         if is_best and r["name"] in size else ""])
         lines += [f"## {corpus}", "", f"Dense final validation loss {c['dense_final_val_loss']:.4f} at "
                   f"{c['dense_flops']:.3g} FLOPs; best MoE: {c['best_moe']}. Plot: `{NAME}_{corpus}.png`.", "",
-                  markdown_table(["run", "lr", "params", "active", "final val loss", "FLOPs to dense final / dense",
+                  f"FLOPs to dense final: the least over a model's runs ({c.get('flops_ratio_run', {})}).", "",
+                  markdown_table(["run", "lr", "budget", "params", "active", "final val loss", "FLOPs to dense final / dense",
                                   f"{REFERENCE} params / this, loss gap"], rows), ""]
     speed = result["throughput"]
     if speed:

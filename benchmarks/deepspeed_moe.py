@@ -122,22 +122,23 @@ def model_config(name: str, s: Scale, vocab_size: int) -> ModelConfig:
     raise ValueError(f"unknown model {name!r}")
 
 
-def train_config(s: Scale, lr: float, seed: int = 0) -> TrainConfig:
-    return TrainConfig(steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len, lr=lr, min_lr_ratio=0.1,
+def train_config(s: Scale, lr: float, seed: int = 0, budget: float = 1.0) -> TrainConfig:
+    """budget < 1: a shorter run with its own warmup + cosine schedule (evaluated at the same step spacing)."""
+    return TrainConfig(steps=max(1, round(s.steps * budget)), batch_size=s.batch_size, seq_len=s.seq_len, lr=lr, min_lr_ratio=0.1,
                        warmup_steps=s.warmup, eval_every=max(1, s.steps // s.evals), eval_batches=s.eval_batches,
                        save_every=0, keep_last=1, seed=seed, device="cpu")
 
 
-def run_name(name: str, lr: float) -> str:
-    return f"{name}_lr{lr:g}"
+def run_name(name: str, lr: float, budget: float = 1.0) -> str:
+    return f"{name}_lr{lr:g}" + (f"_b{budget:g}" if budget != 1.0 else "")
 
 
 # ---------------------------------------------------------------- training stages
 
 
-def train_run(name: str, s: Scale, data, lr: float, work: Path) -> dict:
+def train_run(name: str, s: Scale, data, lr: float, work: Path, budget: float = 1.0) -> dict:
     """One model with moekit's `fit`, evaluated every tc.eval_every steps; its curve against training FLOPs."""
-    tc = train_config(s, lr)
+    tc = train_config(s, lr, budget=budget)
     cfg = model_config(name, s, data.tokenizer.vocab_size)
     torch.manual_seed(tc.seed)
     model = DecoderLM(cfg)
@@ -151,9 +152,9 @@ def train_run(name: str, s: Scale, data, lr: float, work: Path) -> dict:
 
     started = time.perf_counter()
     fit(model, tc, batch_fn=lambda i: batch_at(data.train, i, tc.batch_size, tc.seq_len, tc.seed),
-        loss_fn=lm_loss_fn(tc), run_dir=work / run_name(name, lr), config_dict={"model": to_dict(cfg), "train": to_dict(tc)},
+        loss_fn=lm_loss_fn(tc), run_dir=work / run_name(name, lr, budget), config_dict={"model": to_dict(cfg), "train": to_dict(tc)},
         eval_fn=eval_fn, tokenizer=data.tokenizer, progress=False, tokens_per_batch=tokens)
-    return summary(name, lr, cfg, model, curve, time.perf_counter() - started, fpt)
+    return summary(name, lr, cfg, model, curve, time.perf_counter() - started, fpt, budget=budget)
 
 
 def summary(name, lr, cfg, model, curve, seconds, fpt, **extra) -> dict:
@@ -187,7 +188,7 @@ def distill_run(s: Scale, dcfg, lr: float, teacher: dict, work: Path, kd_stop: f
 
 
 def run_stage(stage: str, s: Scale, lrs: list[float], root: Path, work: Path, only: list[str] | None, kd_stop: float,
-              models: list[str] | None = None) -> None:
+              models: list[str] | None = None, budgets: tuple[float, ...] = (1.0,)) -> None:
     found, skipped = corpora(s)
     for corpus, dcfg in found.items():
         if only and corpus not in only:
@@ -196,16 +197,16 @@ def run_stage(stage: str, s: Scale, lrs: list[float], root: Path, work: Path, on
         for name in STAGES[stage]:
             if models and name not in models:
                 continue
-            for lr in lrs:
-                print(f"[{corpus}] {name} lr={lr:g} ...", flush=True)
+            for lr, budget in [(lr, b) for lr in lrs for b in (budgets if name not in ("dense", "mos") else (1.0,))]:
+                print(f"[{corpus}] {name} lr={lr:g} budget={budget:g} ...", flush=True)
                 if name == "mos":
                     teacher = best_by_model(load_runs(root / corpus)).get("prmoe")
                     if teacher is None:
                         raise SystemExit(f"no PR-MoE curve in {root / corpus}: run --stage prmoe first")
                     result = distill_run(s, dcfg, lr, teacher, work / corpus, kd_stop)
                 else:
-                    result = train_run(name, s, data, lr, work / corpus)
-                save_json(root / corpus / f"{run_name(name, lr)}.json", result)
+                    result = train_run(name, s, data, lr, work / corpus, budget)
+                save_json(root / corpus / f"{run_name(name, lr, budget)}.json", result)
                 print(f"  final val loss {result['final_val_loss']:.4f} in {result['train_seconds']:.0f} s", flush=True)
     for corpus, why in skipped.items():
         print(f"skipped {corpus}: {why}")
@@ -223,9 +224,9 @@ def load_runs(folder: Path) -> list[dict]:
 
 
 def best_by_model(runs: list[dict]) -> dict[str, dict]:
-    """Per model, the run of its best learning rate (lowest final validation loss): the LR tuned per model."""
+    """Per model, the full-budget run of its best learning rate (lowest final validation loss): the LR tuned per model."""
     best: dict[str, dict] = {}
-    for r in runs:
+    for r in (r for r in runs if r.get("budget", 1.0) == 1.0):
         if r["name"] not in best or r["final_val_loss"] < best[r["name"]]["final_val_loss"]:
             best[r["name"]] = r
     return best
@@ -242,6 +243,10 @@ def parse_args(argv=None):
     p.add_argument("--model", action="append", choices=[n for names in STAGES.values() for n in names],
                    help="only this model of the stage(s); repeatable")
     p.add_argument("--lrs", default="3e-3", help="comma-separated learning rates; each model keeps its best (default 3e-3)")
+    p.add_argument("--budgets", default="1",
+                   help="comma-separated fractions of the dense steps for the MoE runs, each with its own schedule, e.g. "
+                        "1,0.5,0.35: a short run whose final loss matches dense shows the compute claim without the "
+                        "bias of reading an unfinished cosine schedule (default 1)")
     p.add_argument("--kd-stop", type=float, default=0.5, help="MoS: fraction of the steps with KD (default 0.5)")
     p.add_argument("--work", type=Path, default=None, help="checkpoints (default: a folder in the temp dir)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
@@ -259,7 +264,8 @@ def main(argv=None) -> int:
     lrs = [float(x) for x in args.lrs.split(",") if x]
     stages = list(STAGES) if args.stage == "all" else [args.stage] if args.stage != "report" else []
     for stage in stages:
-        run_stage(stage, s, lrs, root, work, args.corpus, args.kd_stop, args.model)
+        run_stage(stage, s, lrs, root, work, args.corpus, args.kd_stop, args.model,
+                  tuple(float(b) for b in args.budgets.split(",") if b))
     if args.stage == "all" and args.corpus:
         print("trained the runs of --corpus only: once every corpus is done, write the report with --stage report")
     elif args.stage in ("report", "all"):
