@@ -54,9 +54,10 @@ def analyse(best: dict[str, dict], runs: list[dict] | None = None) -> dict:
             size[name] = {"params_ratio": ref["params"]["total"] / best[name]["params"]["total"],
                           "loss_gap": best[name]["final_val_loss"] / ref["final_val_loss"] - 1}
     reached = {k: v for k, v in compute.items() if v is not None}
+    missing = [n for n in ("dense", *STANDARD, "prmoe", "mos") if n not in best]
     return {"dense_final_val_loss": level, "dense_flops": dense_flops, "flops_ratio_to_dense_final": compute,
             "flops_ratio_run": compute_run,
-            "best_moe": min(reached, key=reached.get) if reached else None, "size_vs_" + REFERENCE: size}
+            "best_moe": min(reached, key=reached.get) if reached else None, "missing_runs": missing, "size_vs_" + REFERENCE: size}
 
 
 def measure_throughput(s, corpus: str, dcfg, best: dict[str, dict], work: Path) -> dict:
@@ -177,6 +178,8 @@ def markdown(result: dict) -> str:
                          if is_best and r["name"] in size else ""])
         lines += [f"## {corpus}", "", f"Dense final validation loss {c['dense_final_val_loss']:.4f} at "
                   f"{c['dense_flops']:.3g} FLOPs; best MoE: {c['best_moe']}. Plot: `{NAME}_{corpus}.png`.", "",
+                  *([f"**Partial**: not run yet: {', '.join(c['missing_runs'])} (their targets are absent).", ""]
+                    if c.get("missing_runs") else []),
                   f"FLOPs to dense final: the least over a model's runs ({c.get('flops_ratio_run', {})}).", "",
                   markdown_table(["run", "lr", "budget", "params", "active", "final val loss", "FLOPs to dense final / dense",
                                   f"{REFERENCE} params / this, loss gap"], rows), ""]
