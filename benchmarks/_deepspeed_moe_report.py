@@ -123,7 +123,8 @@ def targets_of(per_corpus: dict, speed: dict | None) -> list[dict]:
     return out
 
 
-def report(s, root: Path, work: Path, out_dir: Path, quick: bool, scale: dict, lrs: list[float]) -> None:
+def report(s, root: Path, work: Path, out_dir: Path, quick: bool, scale: dict, lrs: list[float],
+           under_load: bool = False) -> None:
     found, _ = corpora(s)
     per_corpus, runs_of, speed = {}, {}, None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +141,7 @@ def report(s, root: Path, work: Path, out_dir: Path, quick: bool, scale: dict, l
     load = load_average()
     result = {
         "targets": targets_of(per_corpus, speed), "machine": machine_info("cpu"), "command": command_line(),
-        "quick": quick, "measured_under_load": bool(quick or load is None or load > torch.get_num_threads() + 0.5),
+        "quick": quick, "measured_under_load": bool(under_load or quick or load is None or load > torch.get_num_threads() + 0.5),
         "scale": scale, "lrs": lrs, "corpora": per_corpus, "throughput": speed,
         "runs": {c: [{k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]} for r in rs]
                  for c, rs in runs_of.items()},

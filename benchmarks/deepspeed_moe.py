@@ -249,6 +249,7 @@ def parse_args(argv=None):
                         "bias of reading an unfinished cosine schedule (default 1)")
     p.add_argument("--kd-stop", type=float, default=0.5, help="MoS: fraction of the steps with KD (default 0.5)")
     p.add_argument("--work", type=Path, default=None, help="checkpoints (default: a folder in the temp dir)")
+    p.add_argument("--under-load", action="store_true", help="mark the tokens/s as measured on a shared, busy machine")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     return p.parse_args(argv)
 
@@ -270,7 +271,7 @@ def main(argv=None) -> int:
         print("trained the runs of --corpus only: once every corpus is done, write the report with --stage report")
     elif args.stage in ("report", "all"):
         out_dir = work / "report" if args.quick else RESULTS_DIR
-        report(s, root, work, out_dir, quick=args.quick, scale=asdict(s), lrs=lrs)
+        report(s, root, work, out_dir, quick=args.quick, scale=asdict(s), lrs=lrs, under_load=args.under_load)
     return 0
 
 
