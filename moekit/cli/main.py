@@ -1,7 +1,7 @@
 """The `moekit` command: the parser, subcommand registration and error handling.
 
 Each command group lives in its own module (train.py: train, inspect;
-generate.py: generate, convert; pregate.py: pregate; forecast.py:
+generate.py: generate, convert; pregate.py: pregate; distill.py: distill; forecast.py:
 train-forecaster, forecast, eval-forecast) and registers its subcommands with
 an `add_parsers(sub)` hook. Those modules import nothing heavy at parse time
 (torch, transformers, matplotlib and the moekit modules that import them load
@@ -19,7 +19,8 @@ import importlib
 import sys
 
 COMMAND_MODULES = ("moekit.cli.train", "moekit.cli.generate", "moekit.cli.pregate", "moekit.cli.forecast",
-                   "moekit.cli.quantize", "moekit.cli.serve", "moekit.cli.moefy", "moekit.cli.refine")
+                   "moekit.cli.quantize", "moekit.cli.serve", "moekit.cli.moefy", "moekit.cli.refine",
+                   "moekit.cli.distill")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,6 +71,7 @@ def _inspect(args) -> int:
     p = report["params"]
     print(f"checkpoint: {report['checkpoint']}")
     print(f"parameters: {p['total']:,} total, {p['active']:,} active per token")
+    print(parameter_table(report["param_rows"]))
     print(f"validation loss: {report['val_loss']:.4f}")
     print(report["summary"])
     if report["heatmap"]:
@@ -79,14 +80,25 @@ def _inspect(args) -> int:
     return 0
 
 
+def parameter_table(rows: list[dict]) -> str:
+    """Per-part parameters as an aligned text table: part, FFN, experts (top-k), total, active per token."""
+    header = ["part", "ffn", "experts", "total", "active"]
+    body = [[r["part"], r["ffn"], f"{r['experts']} (top-{r['top_k']})" if r["experts"] else "", f"{r['total']:,}",
+             f"{r['active']:,}"] for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    fmt = lambda line: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+    return "\n".join(fmt(line).rstrip() for line in [header, *body])
+
+
 def add_parsers(sub) -> None:
     """Register train and inspect on the `moekit` subparsers."""
     p = sub.add_parser("train", help="train a MoE language model")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. moe.num_experts=16 train.steps=500 (with --resume: train.steps, "
                         "train.eval_every, train.eval_batches, train.save_every, train.keep_last only)")
-    p.add_argument("--preset", help="tiny (under a minute), small (the default), moma-small (mixed-modal MoMa) "
-                                     "or math_tasks (multi-task MoE on moekit's math suite)")
+    p.add_argument("--preset", help="tiny (under a minute), small (the default), pr-moe (small as a PR-MoE: Residual-MoE "
+                                    "top-1, 8 experts then 16), pr-moe-350m (DeepSpeed-MoE's shape), moma-small "
+                                    "(mixed-modal MoMa) or math_tasks (multi-task MoE on moekit's math suite)")
     p.add_argument("--config", help="a JSON config file (RunConfig: model, train, data)")
     p.add_argument("--data", help="a text file or folder (default: the Python standard library's source)")
     p.add_argument("--out", required=True, help="run directory for checkpoints, metrics and plots")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..config import MoEConfig, _check_choice, _check_int
 from ..errors import ConfigError
-from ..moe.layers import DepthRouter, MoELayer, ResidualMoE
+from ..moe.layers import DepthRouter, MoELayer, ResidualMoE, pyramid_schedule
 from ..modules import NORMS, Attention, KVCache, build_mlp, build_norm, causal_mask
 from ..rope import build_rotary
 from ..moe.routing import Routing
@@ -59,6 +59,10 @@ class ModelConfig:
     dense_layers: list[int] = field(default_factory=list)  # further dense layers by index
     moe_layer_freq: int = 1  # every n-th layer is MoE (Qwen2-MoE's decoder_sparse_step)
     experts_per_layer: list[int] = field(default_factory=list)  # PR-MoE pyramid; empty: moe.num_experts
+    # PR-MoE by stages: expert counts per stage (e.g. [32, 64]) and layers per stage (e.g. [10, 2]; empty: an even
+    # split, later stages taking the remainder). When set, experts_per_layer is derived from them (pyramid_schedule).
+    pyramid: list[int] = field(default_factory=list)
+    pyramid_layers: list[int] = field(default_factory=list)
     pregated: bool = False  # MoE layer i+1 routes on layer i's input (models/pregated.py; applied by build_model)
     # --- shared by GPT-OSS / Granite-MoE / PhiMoE
     o_bias: bool = False  # a bias on the attention output projection
@@ -102,6 +106,8 @@ class ModelConfig:
                               f"(num_layers={self.num_layers})")
         if "sliding_attention" in self.layer_types and self.sliding_window < 1:
             raise ConfigError("layer_types has sliding_attention layers but sliding_window is 0: set the window")
+        if self.pyramid:
+            self.experts_per_layer = _pyramid(self)
         if self.experts_per_layer and len(self.experts_per_layer) != self.num_layers:
             raise ConfigError(
                 f"experts_per_layer has {len(self.experts_per_layer)} entries but num_layers={self.num_layers}"
@@ -140,6 +146,13 @@ class ModelConfig:
     def routes_by_group(self) -> bool:
         """True when the MoE layers' routers need a group id per token (group router, grouped expert choice)."""
         return self.ffn != "dense" and self.moe.num_groups > 1 and self.moe.router in ("group", "expert_choice", "task")
+
+def _pyramid(cfg: ModelConfig) -> list[int]:
+    """experts_per_layer of a PR-MoE given by stages (model.pyramid, model.pyramid_layers)."""
+    try:
+        return pyramid_schedule(cfg.num_layers, cfg.pyramid, cfg.pyramid_layers or None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.pyramid={cfg.pyramid} with pyramid_layers={cfg.pyramid_layers} is invalid: {e}") from None
 
 
 def _check_causal_router(moe: MoEConfig) -> None:

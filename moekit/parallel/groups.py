@@ -207,6 +207,13 @@ class ProcessGroups:
         return self.layout.ep_rank
 
     @property
+    def device(self) -> torch.device:
+        """This rank's training device: its own GPU (cuda:LOCAL_RANK) when the process group has NCCL, else the CPU."""
+        if torch.cuda.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend()).lower():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+
+    @property
     def is_main(self) -> bool:
         """Rank 0 writes logs and checkpoints."""
         return self.rank == 0

@@ -86,8 +86,32 @@ def _preset_math_tasks() -> RunConfig:
     return RunConfig(model, train, DataConfig(kind="math_tasks", math=MathTasksConfig(task_temperature=2.0)))
 
 
-PRESETS = {"tiny": _preset_tiny, "small": _preset_small, "moma-small": _preset_moma_small,
-           "math_tasks": _preset_math_tasks}
+def _pr_moe_model(hidden, layers, heads, kv_heads, width, experts, stage_layers, freq=1, seq=512) -> ModelConfig:
+    """A PR-MoE (DeepSpeed-MoE): Residual-MoE layers (dense MLP + one routed expert, top-1), a pyramid of experts."""
+    # Gate weights are the router's probabilities, not renormalised: a renormalised top-1 weight is always 1,
+    # which cuts the router off from the language-model loss.
+    moe = MoEConfig(num_experts=max(experts), top_k=1, expert_hidden=width, norm_topk_prob=False)
+    return ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, max_seq_len=seq,
+                       ffn="residual_moe", dense_hidden=width, moe_layer_freq=freq, pyramid=list(experts),
+                       pyramid_layers=list(stage_layers), moe=moe)
+
+
+def _preset_pr_moe() -> RunConfig:
+    """The `small` run as a PR-MoE: 8 experts in the first 3 of 4 layers, 16 in the last."""
+    base = _preset_small()
+    return replace(base, model=_pr_moe_model(192, 4, 6, 2, 512, [8, 16], [3, 1]))
+
+
+def _preset_pr_moe_350m() -> RunConfig:
+    """DeepSpeed-MoE's 350M+PR-MoE-32/64 shape: 24 layers, MoE every other one, 32 experts in the first 10, 64 in the last 2."""
+    model = _pr_moe_model(1024, 24, 16, 16, 4096, [32, 64], [20, 4], freq=2, seq=2048)
+    train = TrainConfig(steps=20_000, batch_size=32, seq_len=1024, lr=3e-4, warmup_steps=500, eval_every=1000,
+                        save_every=1000, precision="bf16")
+    return RunConfig(model, train, DataConfig(tokenizer="bpe", bpe_vocab_size=32_000, max_bytes=1_000_000_000))
+
+
+PRESETS = {"tiny": _preset_tiny, "small": _preset_small, "pr-moe": _preset_pr_moe, "pr-moe-350m": _preset_pr_moe_350m,
+           "moma-small": _preset_moma_small, "math_tasks": _preset_math_tasks}
 
 
 def resolve_run_config(preset: str | None = None, config_file: str | None = None, overrides=(), data: str | None = None) -> RunConfig:
@@ -245,8 +269,10 @@ def evaluate(model: DecoderLM, tokens: torch.Tensor, tc: TrainConfig, mcfg: Mode
     model.eval()
     tracker, losses = LoadTracker(), []
     seq_len = min(tc.seq_len, mcfg.max_seq_len)
+    device = next(model.parameters()).device
     for i in range(batches or tc.eval_batches):
         x, y = batch_at(tokens, i, tc.batch_size, seq_len, seed=tc.seed + 1_000_003)
+        x, y = x.to(device), y.to(device)
         if parallel is not None:
             x, y = parallel.shard_batch((x, y))
         out = model(x)
@@ -304,8 +330,9 @@ def _holds_only_logs(out: Path) -> bool:
 def run_config_from(data: dict, where: Path | str) -> RunConfig:
     if not isinstance(data, dict) or "model" not in data:
         raise CheckpointError(f"{where} is not a moekit language-model checkpoint: its config.json has no 'model' section")
-    # A quantized checkpoint's "quantization" section describes its weights, not the run (moekit.quantize).
-    data = {k: v for k, v in data.items() if k != "quantization"}
+    # A quantized checkpoint's "quantization" section describes its weights, not the run (moekit.quantize);
+    # a distilled student's "distill" section its teacher and KD settings (moekit.train.distill).
+    data = {k: v for k, v in data.items() if k not in ("quantization", "distill")}
     return from_dict(RunConfig, data, f"{where}/config.json")
 
 
@@ -331,5 +358,33 @@ def inspect_checkpoint(path: str | Path, heatmap: str | Path | None = None, batc
     tracker: LoadTracker = result["tracker"]
     ckpt_dir = resolve_checkpoint(path)
     plot = tracker.plot(heatmap or ckpt_dir / "expert_load.png", f"expert load, {ckpt_dir.name}") if tracker.counts else None
-    return {"params": counts, "val_loss": result["val_loss"], "layers": tracker.summary_rows(),
+    return {"params": counts, "param_rows": parameter_rows(model), "val_loss": result["val_loss"], "layers": tracker.summary_rows(),
             "summary": tracker.summary(), "heatmap": plot, "checkpoint": ckpt_dir}
+
+
+def parameter_rows(model: DecoderLM) -> list[dict]:
+    """Total and per-token active parameters of each part: embeddings, every layer, final norm + head.
+
+    A token uses top_k of an MoE layer's experts, so a layer's active count is
+    its total less the weights of the (num_experts - top_k) experts it skips.
+    The rows add up to `count_parameters(model)` (tied embeddings counted once).
+    """
+    tied = model.embed_tokens.weight
+
+    def numel(module) -> int:  # quantized weights are buffers; they count as the weights they stand for
+        quantized = sum(m.num_weights for m in module.modules() if getattr(m, "quantized_weights", False))
+        return quantized + sum(p.numel() for p in module.parameters() if module is model.embed_tokens or p is not tied)
+
+    rows = [{"part": "embeddings", "ffn": "", "experts": 0, "top_k": 0, "total": numel(model.embed_tokens)}]
+    for i, layer in enumerate(model.layers):
+        moe = getattr(layer.mlp, "moe", layer.mlp)  # ResidualMoE holds its MoELayer as .moe
+        kind = model.cfg.ffn if layer.is_moe else "dense"
+        E, k = (moe.cfg.num_experts, moe.cfg.top_k) if layer.is_moe else (0, 0)
+        rows.append({"part": f"layer {i}", "ffn": kind, "experts": E, "top_k": k, "total": numel(layer)})
+        if layer.is_moe:
+            rows[-1]["active"] = rows[-1]["total"] - (E - k) * (moe.experts.num_weights // E)
+    head = numel(model.norm) + numel(model.lm_head)
+    rows.append({"part": "norm + head", "ffn": "", "experts": 0, "top_k": 0, "total": head})
+    for row in rows:
+        row.setdefault("active", row["total"])
+    return rows

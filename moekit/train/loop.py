@@ -3,8 +3,10 @@
 `fit` is model-agnostic: it takes a model, a `batch_fn(step)` that is a pure
 function of the step (so a resume needs no data-loader state), and a
 `loss_fn(model, batch) -> (loss, metrics)`. It brings AdamW, warmup + cosine,
-clipping, accumulation, optional bf16 autocast and torch.compile, a progress
-bar, metrics as JSONL, atomic checkpoints that resume bit for bit, and a
+clipping, accumulation, optional bf16 autocast and torch.compile, the device
+(`train.device`: the model and every batch move there; autocast follows the
+parameters' device; under expert parallelism with NCCL each rank takes
+cuda:LOCAL_RANK), a progress bar, metrics as JSONL, atomic checkpoints that resume bit for bit, and a
 Ctrl-C that saves before it exits.
 
 `train_lm` is the recipe behind `moekit train`: corpus, tokenizer, DecoderLM,
@@ -31,6 +33,9 @@ from ..config import _check_choice, _check_int, from_dict, to_dict
 from ..errors import CheckpointError, ConfigError
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200
@@ -54,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     compile: bool = False
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "log_every"):
@@ -61,6 +67,7 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             _check_int(self, name, 0)
         _check_choice(self, "precision", ("fp32", "bf16"))
+        _check_choice(self, "device", DEVICES)
         if not self.lr > 0:
             raise ConfigError(f"lr={self.lr} is invalid: it must be > 0")
 
@@ -72,6 +79,42 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def resolve_device(name: str, parallel: Any = None) -> torch.device:
+    """The device `train.device` names: auto is CUDA when available, else the CPU.
+
+    Under expert parallelism a CUDA device is this rank's own GPU
+    (cuda:LOCAL_RANK, which the NCCL process group was set up on); a
+    gloo-only run (no NCCL) trains on the CPU.
+    """
+    if name not in DEVICES:
+        raise ConfigError(f"train.device={name!r} is unknown: accepted values are {', '.join(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    if name == "cuda" and not cuda:
+        raise ConfigError("train.device='cuda' but no CUDA device is available (torch.cuda.is_available() is False): "
+                          "use train.device=cpu or train.device=auto")
+    if name == "cpu" or not cuda:
+        return torch.device("cpu")
+    if parallel is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if parallel.device.type != "cuda":
+        if name == "cuda":
+            raise ConfigError("train.device='cuda' under expert parallelism needs the NCCL backend, but this run's "
+                              "process group has none (gloo only): use train.device=cpu or start it with NCCL")
+        return torch.device("cpu")
+    return parallel.device
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor of a batch (tensors, tuples, lists, dicts; other values kept) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -139,9 +182,9 @@ def fit(
     batch, gradients are reduced over the ranks, and rank 0 alone writes the
     log and the (gathered, layout-free) checkpoints; eval_fn runs on every rank.
     """
-    run = Path(run_dir)
-    main = parallel is None or parallel.is_main
+    run, main = Path(run_dir), parallel is None or parallel.is_main
     torch.manual_seed(cfg.seed)
+    model.to(resolve_device(cfg.device, parallel))
     optimizer = make_optimizer(model, cfg)
     step = _resume(model, optimizer, run, parallel) if resume else 0
     metrics_path = run / "metrics.jsonl"
@@ -191,6 +234,9 @@ def _evaluate(model, eval_fn, step: int, log, bar) -> dict:
     return metrics
 
 
+_CPU = torch.device("cpu")
+
+
 class _Saver:
     """Writes the step's checkpoint (with an expert-parallel model, every rank gathers and rank 0 writes)."""
 
@@ -200,6 +246,9 @@ class _Saver:
 
     def __call__(self, step: int) -> Path:
         state = {"step": step, "rng": _rng_state(), "config": to_dict(self.cfg)}
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            state["cuda_rng"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
         parallel = self.parallel
         if parallel is None:
             model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
@@ -208,6 +257,8 @@ class _Saver:
             optimizer_state = parallel.full_optimizer_state(self.model, self.optimizer)
             if not parallel.is_main:
                 return self.run / checkpoint_name(step)
+        if device.type != "cpu":  # checkpoints hold CPU tensors, whatever the training device
+            model_state, optimizer_state = to_device(model_state, _CPU), to_device(optimizer_state, _CPU)
         return save_checkpoint(
             self.run, step, config=self.config_dict, model_state=model_state, optimizer_state=optimizer_state,
             trainer_state=state, tokenizer=self.tokenizer, keep_last=self.cfg.keep_last,
@@ -219,11 +270,13 @@ def _train_step(forward_model, model, optimizer, cfg, step, batch_fn, loss_fn, p
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     totals: dict[str, float] = {}
+    device = next(model.parameters()).device  # autocast follows the parameters, not what the machine has
     for micro in range(cfg.grad_accum):
         batch = batch_fn(step * cfg.grad_accum + micro)
         if parallel is not None:
             batch = parallel.shard_batch(batch)
-        with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", torch.bfloat16, enabled=cfg.precision == "bf16"):
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
             loss, metrics = loss_fn(forward_model, batch)
         (loss / cfg.grad_accum).backward()
         for name, value in {"loss": float(loss.detach()), **metrics}.items():
@@ -255,8 +308,15 @@ def _resume(model, optimizer, run: Path, parallel=None) -> int:
         optimizer.load_state_dict(ckpt.optimizer_state)
     state = ckpt.trainer_state
     if "rng" in state:
-        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
+        torch.set_rng_state(_bytes_tensor(state["rng"]))
+    device = next(model.parameters()).device
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(_bytes_tensor(state["cuda_rng"]), device)
     return int(state.get("step", 0))
+
+
+def _bytes_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def _rng_state() -> str:

@@ -1,0 +1,192 @@
+"""The `report` stage of deepspeed_moe.py: the three claims from the saved curves, training tokens/s, plots.
+
+Reads every run's JSON under the results root (one folder per corpus), keeps
+each model's best learning rate, and computes: the FLOPs at which each MoE
+first reaches the dense model's final validation loss (as a fraction of the
+dense run's FLOPs); the parameters of PR-MoE and of the MoS student against
+the standard top-1 MoE and their loss gap; the training tokens/s of every
+MoE against dense, timed interleaved on the trained checkpoints (or, if the
+checkpoints are gone, on freshly built models, and then said so). Writes
+<name>.json/.md and one loss-vs-FLOPs PNG per corpus.
+
+Not here: training (deepspeed_moe.py), the FLOPs model (moe_vs_dense.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from _common import command_line, load_average, machine_info, markdown_table, target, write_results
+from deepspeed_moe import (FLOPS_RATIO_GOAL, LOSS_GAP_GOAL, NAME, NEVER, PARAMS_RATIO_GOAL, REFERENCE, STANDARD,
+                           THROUGHPUT_GOAL, best_by_model, load_runs, model_config, run_name, train_config)
+from moe_vs_dense import corpora, crossing_flops, load_trained, throughput
+
+from moekit.checkpoints import resolve_checkpoint
+from moekit.errors import MoekitError
+from moekit.models.decoder import DecoderLM
+from moekit.train.lm import prepare_data
+
+COMPUTE_MODELS = (*STANDARD, "prmoe")  # the MoS student learns from a teacher: not a from-scratch compute claim
+
+
+def analyse(best: dict[str, dict], runs: list[dict] | None = None) -> dict:
+    """Compute and size figures of one corpus: size from each model's best-LR full run, compute from any of its runs.
+
+    A model's FLOPs to the dense final loss is the least over its runs (every
+    learning rate and budget): a shorter run with its own schedule that ends
+    at the dense loss counts at its total FLOPs.
+    """
+    dense = best["dense"]
+    level, dense_flops = dense["final_val_loss"], dense["total_flops"]
+    compute, compute_run = {}, {}
+    for name in COMPUTE_MODELS:
+        for r in [r for r in (runs or best.values()) if r["name"] == name]:
+            hit = crossing_flops([(p["flops"], p["val_loss"]) for p in r["curve"]], level)
+            ratio = None if hit is None else hit / dense_flops
+            if name not in compute or (ratio is not None and (compute[name] is None or ratio < compute[name])):
+                compute[name], compute_run[name] = ratio, f"lr={r['lr']:g} budget={r.get('budget', 1.0):g}"
+    size = {}
+    ref = best.get(REFERENCE)
+    for name in ("prmoe", "mos"):
+        if ref is not None and name in best:
+            size[name] = {"params_ratio": ref["params"]["total"] / best[name]["params"]["total"],
+                          "loss_gap": best[name]["final_val_loss"] / ref["final_val_loss"] - 1}
+    reached = {k: v for k, v in compute.items() if v is not None}
+    missing = [n for n in ("dense", *STANDARD, "prmoe", "mos") if n not in best]
+    return {"dense_final_val_loss": level, "dense_flops": dense_flops, "flops_ratio_to_dense_final": compute,
+            "flops_ratio_run": compute_run,
+            "best_moe": min(reached, key=reached.get) if reached else None, "missing_runs": missing, "size_vs_" + REFERENCE: size}
+
+
+def measure_throughput(s, corpus: str, dcfg, best: dict[str, dict], work: Path) -> dict:
+    """Training tokens/s of each model's best run, interleaved in one process; ratios to dense."""
+    data = prepare_data(dcfg, s.seq_len)
+    models, source = {}, "trained checkpoints"
+    for name, run in best.items():
+        if name == "mos":
+            continue  # the student's speed is not a claim here; its size is
+        run_dir = work / corpus / run_name(name, run["lr"])
+        try:
+            models[name] = load_trained(resolve_checkpoint(run_dir)).train()
+        except MoekitError:  # checkpoints removed (another machine, a cleaned temp dir): time fresh models instead
+            torch.manual_seed(0)
+            models[name], source = DecoderLM(model_config(name, s, data.tokenizer.vocab_size)), "freshly built models"
+    tps = throughput(models, data, train_config(s, 3e-3), s)
+    return {"corpus": corpus, "source": source, "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+            "ratio_to_dense": {k: round(v / tps["dense"], 3) for k, v in tps.items() if k != "dense"}}
+
+
+def plot(corpus: str, runs: list[dict], best: dict[str, dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in sorted(runs, key=lambda r: r["name"]):
+        is_best = best.get(r["name"]) is r or r.get("budget", 1.0) != 1.0
+        xs, ys = [p["flops"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]]
+        ax.plot(xs, ys, "-" if is_best else ":", lw=1.8 if is_best else 0.8, marker="." if is_best else None,
+                label=f"{r['name']} lr={r['lr']:g}" + (f" budget {r['budget']:g}" if r.get("budget", 1.0) != 1.0 else "")
+                + ("" if is_best or r.get("budget", 1.0) != 1.0 else " (not best lr)"))
+    if "dense" in best:
+        ax.axhline(best["dense"]["final_val_loss"], color="k", lw=0.6, ls="--", label="dense final val loss")
+    finals = [r["final_val_loss"] for r in runs]
+    ax.set_ylim(min(finals) - 0.1, max(finals) + 0.8)
+    ax.set_xlabel("training FLOPs (analytic)")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(f"DeepSpeed-MoE claims on moekit: {corpus}, equal active parameters")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def targets_of(per_corpus: dict, speed: dict | None) -> list[dict]:
+    ratios = [v for c in per_corpus.values() for v in c["flops_ratio_to_dense_final"].values() if v is not None]
+    out = [target("compute: best MoE's FLOPs to reach the dense final val loss / dense FLOPs (best corpus; "
+                  f"{NEVER:g} = never reached)", min(ratios, default=NEVER), FLOPS_RATIO_GOAL, "<=")]
+    for corpus, c in per_corpus.items():
+        mos = c["size_vs_" + REFERENCE].get("mos")
+        if mos is not None:
+            out.append(target(f"size: {REFERENCE} params / PR-MoE+MoS student params ({corpus})", mos["params_ratio"],
+                              PARAMS_RATIO_GOAL, ">="))
+            out.append(target(f"size: PR-MoE+MoS student val loss above {REFERENCE}'s, fraction ({corpus})",
+                              mos["loss_gap"], LOSS_GAP_GOAL, "<="))
+    if speed is not None and speed["ratio_to_dense"]:
+        best = per_corpus.get(speed["corpus"], {}).get("best_moe") or max(speed["ratio_to_dense"], key=speed["ratio_to_dense"].get)
+        out.append(target(f"speed: training tokens/s of the best MoE ({best}) / dense ({speed['corpus']})",
+                          speed["ratio_to_dense"].get(best, 0.0), THROUGHPUT_GOAL, ">="))
+    return out
+
+
+def report(s, root: Path, work: Path, out_dir: Path, quick: bool, scale: dict, lrs: list[float],
+           under_load: bool = False) -> None:
+    found, _ = corpora(s)
+    per_corpus, runs_of, speed = {}, {}, None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for corpus in found:
+        runs = load_runs(root / corpus)
+        best = best_by_model(runs)
+        if "dense" not in best:
+            print(f"[{corpus}] no dense run yet: skipped in the report")
+            continue
+        per_corpus[corpus], runs_of[corpus] = analyse(best, runs), runs
+        plot(corpus, runs, best, out_dir / f"{NAME}_{corpus}.png")
+        if speed is None:
+            speed = measure_throughput(s, corpus, found[corpus], best, work)
+    load = load_average()
+    result = {
+        "targets": targets_of(per_corpus, speed), "machine": machine_info("cpu"), "command": command_line(),
+        "quick": quick, "measured_under_load": bool(under_load or quick or load is None or load > torch.get_num_threads() + 0.5),
+        "scale": scale, "lrs": lrs, "corpora": per_corpus, "throughput": speed,
+        "runs": {c: [{k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]} for r in rs]
+                 for c, rs in runs_of.items()},
+    }
+    json_path, md_path = write_results(NAME + ("_quick" if quick else ""), result, markdown(result), out_dir)
+    print(f"wrote {json_path}, {md_path}")
+    for t in result["targets"]:
+        print(f"  {'MET ' if t['met'] else 'MISS'} {t['name']}: {t['value']} (goal {t['direction']} {t['goal']})")
+
+
+def best_run(runs: list[dict], name: str) -> dict | None:
+    return best_by_model([r for r in runs if r["name"] == name]).get(name)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# DeepSpeed-MoE claims on moekit{' (QUICK smoke run: not a result)' if result['quick'] else ''}", "",
+             f"Command: `{result['command']}`; scale {result['scale']}; learning rates tried: {result['lrs']}.", ""]
+    if result["measured_under_load"]:
+        lines += [f"**Measured under load** (1-min load average {result['machine'].get('load_average_1m')} on "
+                  f"{result['machine'].get('cores')} cores): the tokens/s figures are not final.", ""]
+    lines += ["## Targets", "", markdown_table(["target", "value", "goal", "met"],
+              [[t["name"], t["value"], f"{t['direction']} {t['goal']}", "yes" if t["met"] else "**no**"] for t in result["targets"]]), ""]
+    for corpus, c in result["corpora"].items():
+        ratios = c["flops_ratio_to_dense_final"]
+        size = c["size_vs_" + REFERENCE]
+        rows = []
+        for r in sorted(result["runs"][corpus], key=lambda r: (r["name"], r["lr"], -r.get("budget", 1.0))):
+            is_best = r is best_run(result["runs"][corpus], r["name"])
+            ratio = ratios.get(r["name"], "") if is_best else ""
+            rows.append([r["name"], f"{r['lr']:g}", f"{r.get('budget', 1.0):g}", f"{r['params']['total']:,}",
+                         f"{r['params']['active']:,}", f"{r['final_val_loss']:.4f}",
+                         "never" if is_best and r["name"] in ratios and ratio is None
+                         else f"{ratio:.3f}" if isinstance(ratio, float) else "",
+                         f"{size[r['name']]['params_ratio']:.2f}x / {100 * size[r['name']]['loss_gap']:+.2f}%"
+                         if is_best and r["name"] in size else ""])
+        lines += [f"## {corpus}", "", f"Dense final validation loss {c['dense_final_val_loss']:.4f} at "
+                  f"{c['dense_flops']:.3g} FLOPs; best MoE: {c['best_moe']}. Plot: `{NAME}_{corpus}.png`.", "",
+                  *([f"**Partial**: not run yet: {', '.join(c['missing_runs'])} (their targets are absent).", ""]
+                    if c.get("missing_runs") else []),
+                  f"FLOPs to dense final: the least over a model's runs ({c.get('flops_ratio_run', {})}).", "",
+                  markdown_table(["run", "lr", "budget", "params", "active", "final val loss", "FLOPs to dense final / dense",
+                                  f"{REFERENCE} params / this, loss gap"], rows), ""]
+    speed = result["throughput"]
+    if speed:
+        lines += ["## Training tokens/s", "", f"Timed interleaved on {speed['corpus']} ({speed['source']}).", "",
+                  markdown_table(["model", "tokens/s", "/ dense"], [[k, v, speed["ratio_to_dense"].get(k, 1.0)]
+                                                                   for k, v in speed["tokens_per_s"].items()]), ""]
+    return "\n".join(lines)
