@@ -7,7 +7,7 @@ order: a run is trained before it is inspected, resumed, converted or
 generated from; `moekit pregate` before `generate --pregate`). What is changed
 so they run in seconds on a CPU, and nothing else:
 
-- `--preset small` becomes `--preset tiny`; new training runs get FAST_TRAIN
+- `--preset small` becomes `--preset tiny`; new training (and distillation) runs get FAST_TRAIN
   overrides (4 steps, small corpus); resumes to N steps resume to EXTEND_TO;
 - `moekit pregate` gets FAST_PREGATE, `moekit moefy` FAST_MOEFY, `train-forecaster` FAST_FORECASTER,
   `eval-forecast` FAST_EVAL; torchrun gets `--standalone` (a free port);
@@ -66,7 +66,8 @@ def kind(command: str) -> str:
     sub = argv[argv.index("moekit") + 1] if argv[0] == "moekit" or "moekit" in argv else None
     if sub in FORECASTING:
         return "forecasting"
-    if sub in ("train", "inspect", "generate", "convert", "pregate", "serve", "quantize", "moefy"):
+    if sub in ("train", "inspect", "generate", "convert", "pregate", "serve", "quantize", "moefy",
+               "distill"):
         return "language-model"
     raise AssertionError(f"README command {command!r}: no test runs this kind of command")
 
@@ -82,7 +83,7 @@ def adapt(command: str) -> list[str]:
     sub = argv[argv.index("moekit") + 1]
     if sub == "train" and "--resume" in argv:
         argv = [EXTEND_TO if a.startswith("train.steps=") else a for a in argv]
-    elif sub == "train":
+    elif sub in ("train", "distill"):
         argv = _add_overrides([a for a in argv if not a.startswith("train.steps=")], FAST_TRAIN)
     elif sub == "pregate":
         argv += FAST_PREGATE
