@@ -307,8 +307,8 @@ print(json.dumps({"growth": peak() - before}))
 
 @pytest.mark.slow
 def test_quantize_at_load_with_a_budget_never_holds_the_experts_in_full_precision(tmp_path):
-    """Experts of 200 MB fp32 (31 MB int4): resident int4 loading passes through the fp32 experts; with a budget
-    each expert is quantized as it is read, so RSS grows by far less than the fp32 experts."""
+    """Experts of 200 MB fp32 (31 MB int4): with or without a budget each expert is quantized as it is read, so
+    RSS grows by far less than the fp32 experts weigh."""
     import json
     import subprocess
     import sys
@@ -328,8 +328,10 @@ def test_quantize_at_load_with_a_budget_never_holds_the_experts_in_full_precisio
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         growth[budget] = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
-    assert growth["none"] > expert_bytes  # resident quantize-at-load reads the fp32 experts first: the measurement sees them
     int4_bytes = expert_bytes * 1920 / 12288  # (the packing ratio of test_bytes_moved_per_miss_are_the_packed_bytes)
-    # runtime allowance: the loader (~100 MB, as in test_lazy_load's fp32 case) plus numba compiling the int4 kernels (~60 MB)
+    one_layer_fp32 = expert_bytes / cfg.num_layers
+    # runtime allowance: the loader plus numba compiling the int4 kernels (~60 MB). Resident quantize-at-load reads and
+    # quantizes one expert at a time too (test_lazy_load checks it against a hand count), so neither run ever holds
+    # the fp32 experts: both grow by far less than they weigh.
+    assert growth["none"] < min(expert_bytes, int4_bytes + one_layer_fp32 + 100e6), (growth, expert_bytes)
     assert growth["25%"] < 0.25 * int4_bytes + 200e6, (growth, expert_bytes)
-    assert growth["25%"] < growth["none"] - 0.6 * expert_bytes, growth

@@ -12,17 +12,16 @@ meta-built model, then reading its integer tensors. Nothing here trains: the tra
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 
 from ..checkpoints import load_checkpoint, resolve_checkpoint
 from ..config import from_dict
 from ..data.text import Tokenizer
 from ..errors import CheckpointError
+from ..meta import on_meta
 from .decoder import DecoderLM, ModelConfig
 from .pregated import apply_pregated_routing
 
@@ -119,40 +118,8 @@ def meta_decoder(cfg: ModelConfig) -> DecoderLM:
     init ops on it are skipped: run on meta they would go through torch's reference kernels, which import
     torch._dynamo (~75 MB of RSS). The same goes for any computation on meta, hence no `torch.device("meta")`.
     """
-    with parameters_on_meta(), _SkipInitOnMeta():
+    with on_meta():
         return DecoderLM(cfg)
-
-
-@contextmanager
-def parameters_on_meta():
-    """While active, every parameter a module registers is moved to the meta device (buffers stay real)."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-class _SkipInitOnMeta(TorchFunctionMode):
-    """nn.init's functions and in-place init ops (normal_, uniform_, zero_, ...) on a meta tensor return it untouched."""
-
-    OPS = {getattr(torch.Tensor, n) for n in ("normal_", "uniform_", "zero_", "fill_", "erfinv_", "mul_", "add_", "clamp_",
-                                              "div_", "sub_", "exponential_", "random_", "bernoulli_")}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self.OPS or getattr(func, "__module__", None) == "torch.nn.init":
-            t = args[0] if args else kwargs.get("tensor")
-            if isinstance(t, torch.Tensor) and t.is_meta:
-                return t
-        return func(*args, **kwargs)
 
 
 def real_buffers(model: nn.Module, device: torch.device) -> None:

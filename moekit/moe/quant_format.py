@@ -85,6 +85,8 @@ def check_width(spec: QuantSpec, in_features: int, what: str) -> None:
 
 def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """{'q', 'scale'[, 'zero']} for a float weight [..., O, I] (see the module docstring for the layout)."""
+    if w.is_meta:
+        return _stored_on_meta(w.shape, spec)
     w = w.detach().float()
     if spec.bits == 8:
         scale = w.abs().amax(dim=-1, keepdim=True) / 127
@@ -106,6 +108,23 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
         codes = (torch.round(g / scale[..., None]) + zero[..., None]).clamp_(0, 15)
         out = {"scale": scale, "zero": zero.to(torch.uint8)}
     out["q"] = pack_int4(codes.to(torch.uint8).reshape(*lead, O, I))
+    return out
+
+
+def _stored_on_meta(shape: torch.Size, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """The stored tensors' shapes and dtypes, made directly (the ops of `quantize` on meta import torch._dynamo)."""
+    *lead, O, I = shape
+
+    def meta(*dims, dtype=torch.float32):
+        return torch.empty(*lead, O, *dims, dtype=dtype, device="meta")
+
+    if spec.bits == 8:
+        return {"q": meta(I, dtype=torch.int8), "scale": meta(1)}
+    groups = I // spec.group_size
+    out = {"scale": meta(groups)}
+    if spec.has_zero:
+        out["zero"] = meta(groups, dtype=torch.uint8)
+    out["q"] = meta(I // 2, dtype=torch.uint8)
     return out
 
 

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..meta import empty_on, on_meta
 from . import quant_kernels
 from .experts import activate
 from .quant_format import QuantSpec, check_width, dequantize, quantize, stored_names
@@ -106,12 +107,12 @@ class QuantizedExperts(_QuantizedWeights):
         """
         from .experts import Experts
 
-        with torch.device("meta"):
+        with on_meta():  # (not torch.device("meta"): computing on meta imports torch._dynamo, see moekit.meta)
             stand_in = Experts(num_experts, D, F, activation=activation, kernel="loop")
             module = cls(stand_in, spec, kernel)
         if str(device) == "meta":
             return module
-        module = module.to_empty(device=device)
+        module = empty_on(module, device)
         for buf in module.buffers():
             buf.zero_()
         return module

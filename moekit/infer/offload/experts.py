@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ...meta import empty_on, on_meta
 from ...moe.experts import Experts
 from ...moe.quantized import QuantizedExperts
 from .budget import LayerShape
@@ -58,11 +59,11 @@ def _make_slots(n: int, shape: LayerShape, activation: str, device, kernel: str 
     """n experts' storage of the layer's kind, zero-filled on `device` (device="meta": a weightless stand-in)."""
     if shape.spec is not None:
         return QuantizedExperts.empty(n, shape.D, shape.F, activation, shape.spec, kernel, device)
-    with torch.device("meta"):
+    with on_meta():  # (not torch.device("meta"): computing on meta imports torch._dynamo, see moekit.meta)
         slots = Experts(n, shape.D, shape.F, activation=activation, kernel=kernel)
     if str(device) == "meta":
         return slots
-    slots = slots.to_empty(device=device).to(shape.dtype)
+    slots = empty_on(slots, device, shape.dtype)
     for p in slots.parameters():
         p.requires_grad_(False)
         p.data.zero_()

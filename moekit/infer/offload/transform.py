@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ...meta import empty_on
 from ...moe.layers import MoELayer
 from ..expert_cache import POLICIES, RoutingTrace
 from ..prefetch import PREDICTORS, Predictor, build_predictor
@@ -198,7 +199,7 @@ def load_experts(model: nn.Module, checkpoint: str | Path) -> None:
     source, _ = _source_tier(checkpoint, [p for p, _ in moe_layers], shapes, real.dtype)
     try:
         for j, ((_, m), shape) in enumerate(zip(moe_layers, shapes)):
-            experts = m.experts.to_empty(device=real.device)
+            experts = empty_on(m.experts, real.device)
             m.experts = experts
             parts = [getattr(experts, name).data for name, _, _ in shape.parts()]
             with torch.no_grad():
