@@ -352,8 +352,9 @@ def markdown(result: dict) -> str:
     return f"""# moekit serve: continuous batching, soak, malformed requests
 
 Command: `{result['command']}`. Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores,
-load average {result['machine']['load_average_1m']} at the end. **The machine was shared with other jobs while
-this ran**, so absolute figures are depressed and noisy; the ratios pair the servers round by round.
+load average {result['machine']['load_average_1m']} at the end (this benchmark's own servers and clients
+included; above ~2 other jobs shared the machine and depressed the absolute figures); the ratios pair the
+servers round by round.
 
 Model: random moekit checkpoint ({result['model']}), fp32, CPU, one torch thread per server. The moekit servers are
 `moekit serve` subprocesses on 127.0.0.1: "batched" = --max-batch 32 (continuous batching), "serial" =
