@@ -352,7 +352,8 @@ def inspect_checkpoint(path: str | Path, heatmap: str | Path | None = None, batc
     if cfg.data.kind == "math_tasks":
         from .multitask import inspect_tasks
 
-        return {"params": counts, **inspect_tasks(model, cfg, resolve_checkpoint(path), heatmap, batches)}
+        tasks = inspect_tasks(model, cfg, resolve_checkpoint(path), heatmap, batches)
+        return {"params": counts, "param_rows": parameter_rows(model), **tasks}
     data = prepare_data(replace(cfg.data, max_bytes=min(cfg.data.max_bytes, 1_000_000)), cfg.train.seq_len, tokenizer)
     result = evaluate(model, data.val, cfg.train, cfg.model, batches)
     tracker: LoadTracker = result["tracker"]
