@@ -38,7 +38,7 @@ from moekit.moe.quantized import NUMBA_MAX_ROWS  # noqa: E402
 
 SIZE = 4096
 COPIES = 4  # distinct matrices cycled through (4 x 10 MB int4 > the L3 cache)
-ROWS = (1, 8, 32, 64)  # 32: where the faster int4 kernel may now flip (NUMBA_MAX_ROWS[4] is 8)
+ROWS = (1, 8, 32, 64)  # 64: auto's limit (NUMBA_MAX_ROWS) for both widths
 THREADS = (1, 2)
 SPECS = {"int8": QuantSpec(8), "int4-g32": QuantSpec(4, 32), "int4-g32-zp": QuantSpec(4, 32, symmetric=False)}
 

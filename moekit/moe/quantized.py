@@ -44,7 +44,7 @@ QUANT_KERNELS = ("auto", "dequant", "numba")
 
 # `auto` uses the numba kernel up to this many rows per matrix, by bit width (the int4 kernel does more
 # work per weight than the int8 one); measured in benchmarks/results/quant_kernels.md.
-NUMBA_MAX_ROWS = {8: 64, 4: 8}
+NUMBA_MAX_ROWS = {8: 64, 4: 64}  # numba beats dequant at every measured row count up to 64, int4 included (quant_kernels.md)
 
 
 def _check_kernel(name: str) -> None:
