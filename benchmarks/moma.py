@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import RESULTS_DIR, command_line, machine_info, markdown_table, target, write_results  # noqa: E402
+from moe_vs_dense import crossing_flops  # noqa: E402
 
 from moekit.config import MoEConfig, to_dict  # noqa: E402
 from moekit.data.mixed_modal import prepare_mixed_modal  # noqa: E402
@@ -118,17 +119,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
             extra += D + D * cfg.mod_predictor_hidden + cfg.mod_predictor_hidden
         total += 6 * (layer + extra)
     return float(total)
-
-
-def crossing_flops(points: list[tuple[float, float]], level: float) -> float | None:
-    """The first FLOPs at which a loss curve reaches `level`, linear between points; None if never."""
-    for i, (flops, loss) in enumerate(points):
-        if loss <= level:
-            if i == 0:
-                return flops
-            f0, l0 = points[i - 1]
-            return f0 + (l0 - level) / (l0 - loss) * (flops - f0)
-    return None
 
 
 @torch.no_grad()

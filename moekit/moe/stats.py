@@ -88,6 +88,13 @@ def plot_expert_load(counts: dict[int, list[int]], path: str | Path, title: str 
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="tokens / mean tokens per expert")
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically (a temporary file renamed into place) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")

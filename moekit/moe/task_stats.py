@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .routing import Routing
+from .stats import save_figure
 
 
 class TaskLoadTracker:
@@ -81,10 +82,4 @@ def plot_task_expert(counts: dict[int, torch.Tensor], tasks: list[str], path: st
         ax.set_yticks(range(len(tasks)), tasks if ax is axes[0][0] else [""] * len(tasks))
     fig.suptitle(title)
     fig.colorbar(image, ax=list(axes[0]), label="share of the task's assignments")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
