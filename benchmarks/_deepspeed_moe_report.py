@@ -124,7 +124,7 @@ def targets_of(per_corpus: dict, speed: dict | None) -> list[dict]:
 
 
 def report(s, root: Path, work: Path, out_dir: Path, quick: bool, scale: dict, lrs: list[float],
-           under_load: bool = False) -> None:
+           under_load: bool = False, name: str = NAME) -> None:
     found, _ = corpora(s)
     per_corpus, runs_of, speed = {}, {}, None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,18 +135,19 @@ def report(s, root: Path, work: Path, out_dir: Path, quick: bool, scale: dict, l
             print(f"[{corpus}] no dense run yet: skipped in the report")
             continue
         per_corpus[corpus], runs_of[corpus] = analyse(best, runs), runs
-        plot(corpus, runs, best, out_dir / f"{NAME}_{corpus}.png")
+        plot(corpus, runs, best, out_dir / f"{name}_{corpus}.png")
         if speed is None:
             speed = measure_throughput(s, corpus, found[corpus], best, work)
     load = load_average()
+    lrs = sorted({r["lr"] for rs in runs_of.values() for r in rs}) or lrs  # what the saved runs really tried
     result = {
-        "targets": targets_of(per_corpus, speed), "machine": machine_info("cpu"), "command": command_line(),
+        "name": name, "targets": targets_of(per_corpus, speed), "machine": machine_info("cpu"), "command": command_line(),
         "quick": quick, "measured_under_load": bool(under_load or quick or load is None or load > torch.get_num_threads() + 0.5),
         "scale": scale, "lrs": lrs, "corpora": per_corpus, "throughput": speed,
         "runs": {c: [{k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]} for r in rs]
                  for c, rs in runs_of.items()},
     }
-    json_path, md_path = write_results(NAME + ("_quick" if quick else ""), result, markdown(result), out_dir)
+    json_path, md_path = write_results(name + ("_quick" if quick else ""), result, markdown(result), out_dir)
     print(f"wrote {json_path}, {md_path}")
     for t in result["targets"]:
         print(f"  {'MET ' if t['met'] else 'MISS'} {t['name']}: {t['value']} (goal {t['direction']} {t['goal']})")
@@ -178,7 +179,7 @@ def markdown(result: dict) -> str:
                          f"{size[r['name']]['params_ratio']:.2f}x / {100 * size[r['name']]['loss_gap']:+.2f}%"
                          if is_best and r["name"] in size else ""])
         lines += [f"## {corpus}", "", f"Dense final validation loss {c['dense_final_val_loss']:.4f} at "
-                  f"{c['dense_flops']:.3g} FLOPs; best MoE: {c['best_moe']}. Plot: `{NAME}_{corpus}.png`.", "",
+                  f"{c['dense_flops']:.3g} FLOPs; best MoE: {c['best_moe']}. Plot: `{result.get('name', NAME)}_{corpus}.png`.", "",
                   *([f"**Partial**: not run yet: {', '.join(c['missing_runs'])} (their targets are absent).", ""]
                     if c.get("missing_runs") else []),
                   f"FLOPs to dense final: the least over a model's runs ({c.get('flops_ratio_run', {})}).", "",

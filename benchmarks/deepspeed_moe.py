@@ -90,6 +90,9 @@ class Scale:
 # ~90 min per corpus on one core (~0.5 s per step on a quiet core)
 FULL = Scale(hidden=96, layers=4, heads=4, width=384, steps=1200, batch_size=16, seq_len=128, warmup=60, evals=24,
              eval_batches=6, max_bytes=2_000_000, throughput_rounds=7, throughput_steps=2)
+# --scale long: the compute claim at 4x FULL's tokens again (16x the earlier experiment), on 16 MB of text so that no
+# byte is seen twice (9.8M training tokens); evaluated on 2.7x the validation tokens, since crossings are read off it
+LONG = replace(FULL, steps=4800, warmup=240, evals=32, eval_batches=16, max_bytes=16_000_000)
 QUICK = Scale(hidden=64, layers=2, heads=4, width=128, steps=16, batch_size=8, seq_len=64, warmup=2, evals=4,
               eval_batches=2, max_bytes=200_000, throughput_rounds=2, throughput_steps=1)
 
@@ -239,6 +242,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", default="all", choices=[*STAGES, "report", "all"])
     p.add_argument("--quick", action="store_true", help="tiny smoke run; writes only under --work")
+    p.add_argument("--scale", default="full", choices=["full", "long"],
+                   help="full: 1200 steps on 2 MB per corpus (default); long: 4800 steps on 16 MB, results in "
+                        f"{NAME}_long.*, meant for --corpus python-stdlib (tinyshakespeare is 1 MB: it would repeat)")
     p.add_argument("--corpus", action="append", help="only this corpus (tinyshakespeare, python-stdlib); repeatable")
     p.add_argument("--model", action="append", choices=[n for names in STAGES.values() for n in names],
                    help="only this model of the stage(s); repeatable")
@@ -259,9 +265,11 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    s = QUICK if args.quick else FULL
-    work = args.work or Path(tempfile.gettempdir()) / f"moekit_{NAME}{'_quick' if args.quick else ''}"
-    root = work / "curves" if args.quick else RESULTS_DIR / NAME
+    s = QUICK if args.quick else LONG if args.scale == "long" else FULL
+    name = NAME + ("_long" if args.scale == "long" else "")
+    work = args.work or Path(tempfile.gettempdir()) / f"moekit_{name}{'_quick' if args.quick else ''}"
+    work = work / "long" if args.scale == "long" and args.work else work  # never mix the scales' checkpoints
+    root = work / "curves" if args.quick else RESULTS_DIR / name
     lrs = [float(x) for x in args.lrs.split(",") if x]
     stages = list(STAGES) if args.stage == "all" else [args.stage] if args.stage != "report" else []
     for stage in stages:
@@ -271,7 +279,7 @@ def main(argv=None) -> int:
         print("trained the runs of --corpus only: once every corpus is done, write the report with --stage report")
     elif args.stage in ("report", "all"):
         out_dir = work / "report" if args.quick else RESULTS_DIR
-        report(s, root, work, out_dir, quick=args.quick, scale=asdict(s), lrs=lrs, under_load=args.under_load)
+        report(s, root, work, out_dir, quick=args.quick, scale=asdict(s), lrs=lrs, under_load=args.under_load, name=name)
     return 0
 
 
