@@ -60,6 +60,31 @@ def analyse(best: dict[str, dict], runs: list[dict] | None = None) -> dict:
             "best_moe": min(reached, key=reached.get) if reached else None, "missing_runs": missing, "size_vs_" + REFERENCE: size}
 
 
+# what the field learned since 2022, one change at a time: (question, the run with it, the run without it)
+ABLATIONS = (("fine-grained experts (32 of W/4, top-4) vs 16 of W, top-1", "moe32_top4", "moe16_top1"),
+             ("aux-loss-free balancing vs the balance loss", "moe32_top4_alf", "moe32_top4"),
+             ("a shared expert (top-3 + 1 shared) vs top-4 routed", "moe32_top3_shared_alf", "moe32_top4_alf"))
+BASE_LR = 3e-3  # the untuned learning rate every model ran at first
+
+
+def ablation(best: dict[str, dict], runs: list[dict], compute: dict) -> list[dict]:
+    """Which of the post-2022 changes mattered: each change's final-loss difference at each side's best LR,
+    and a tuned learning rate's gain over BASE_LR per model (full-budget runs only)."""
+    rows = [{"change": q, "with": a, "without": b, "final_with": best[a]["final_val_loss"],
+             "final_without": best[b]["final_val_loss"],
+             "loss_change": best[a]["final_val_loss"] / best[b]["final_val_loss"] - 1,
+             "flops_ratio_with": compute.get(a), "flops_ratio_without": compute.get(b)}
+            for q, a, b in ABLATIONS if a in best and b in best]
+    for name, r in sorted(best.items()):
+        base = [x for x in runs if x["name"] == name and x["lr"] == BASE_LR and x.get("budget", 1.0) == 1.0]
+        if base and r["lr"] != BASE_LR:
+            rows.append({"change": f"tuned learning rate ({r['lr']:g} vs {BASE_LR:g})", "with": name, "without": name,
+                         "final_with": r["final_val_loss"], "final_without": base[0]["final_val_loss"],
+                         "loss_change": r["final_val_loss"] / base[0]["final_val_loss"] - 1,
+                         "flops_ratio_with": None, "flops_ratio_without": None})
+    return rows
+
+
 def measure_throughput(s, corpus: str, dcfg, best: dict[str, dict], work: Path) -> dict:
     """Training tokens/s of each model's best run, interleaved in one process; ratios to dense."""
     data = prepare_data(dcfg, s.seq_len)
@@ -135,6 +160,7 @@ def report(s, root: Path, work: Path, out_dir: Path, quick: bool, scale: dict, l
             print(f"[{corpus}] no dense run yet: skipped in the report")
             continue
         per_corpus[corpus], runs_of[corpus] = analyse(best, runs), runs
+        per_corpus[corpus]["ablation"] = ablation(best, runs, per_corpus[corpus]["flops_ratio_to_dense_final"])
         plot(corpus, runs, best, out_dir / f"{name}_{corpus}.png")
         if speed is None:
             speed = measure_throughput(s, corpus, found[corpus], best, work)
@@ -185,9 +211,22 @@ def markdown(result: dict) -> str:
                   f"FLOPs to dense final: the least over a model's runs ({c.get('flops_ratio_run', {})}).", "",
                   markdown_table(["run", "lr", "budget", "params", "active", "final val loss", "FLOPs to dense final / dense",
                                   f"{REFERENCE} params / this, loss gap"], rows), ""]
+        lines += ablation_markdown(c.get("ablation", []))
     speed = result["throughput"]
     if speed:
         lines += ["## Training tokens/s", "", f"Timed interleaved on {speed['corpus']} ({speed['source']}).", "",
                   markdown_table(["model", "tokens/s", "/ dense"], [[k, v, speed["ratio_to_dense"].get(k, 1.0)]
                                                                    for k, v in speed["tokens_per_s"].items()]), ""]
     return "\n".join(lines)
+
+
+def ablation_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    fmt = lambda v: "never" if v is None else f"{v:.3f}"
+    return ["What mattered (each change alone; final validation loss at each side's best learning rate; negative "
+            "is better; FLOPs to dense final / dense, where reached):", "",
+            markdown_table(["change", "with", "without", "final with / without", "loss change", "FLOPs ratio with / without"],
+                           [[r["change"], r["with"], r["without"], f"{r['final_with']:.4f} / {r['final_without']:.4f}",
+                             f"{100 * r['loss_change']:+.2f}%", "" if r["with"] == r["without"]
+                             else f"{fmt(r['flops_ratio_with'])} / {fmt(r['flops_ratio_without'])}"] for r in rows]), ""]

@@ -18,7 +18,7 @@ def bench():
     sys.path.remove(str(BENCH))
 
 
-@pytest.mark.parametrize("name", ["moe16_top1", "moe32_top4", "moe32_top3_shared_alf", "prmoe"])
+@pytest.mark.parametrize("name", ["moe16_top1", "moe32_top4", "moe32_top4_alf", "moe32_top3_shared_alf", "prmoe"])
 def test_every_model_has_the_dense_models_active_parameters(bench, name):
     d, _ = bench
     from moekit.models.decoder import DecoderLM, count_parameters
@@ -28,7 +28,8 @@ def test_every_model_has_the_dense_models_active_parameters(bench, name):
     dense = count_parameters(DecoderLM(d.model_config("dense", s, 257)))["active"]
     moe = count_parameters(DecoderLM(d.model_config(name, s, 257)))["active"]
     # the active FFN is W wide everywhere; only routers (D x E) and Residual-MoE's coefficient (2D + 2) are extra
-    extra = {"moe16_top1": L * 16 * D, "moe32_top4": L * 32 * D, "moe32_top3_shared_alf": L * 32 * D,
+    extra = {"moe16_top1": L * 16 * D, "moe32_top4": L * 32 * D, "moe32_top4_alf": L * 32 * D,
+             "moe32_top3_shared_alf": L * 32 * D,
              "prmoe": (L - 1) * 8 * D + 16 * D + L * (2 * D + 2)}[name]
     assert moe - dense == extra
     if name == "prmoe":
@@ -72,3 +73,22 @@ def test_best_lr_per_model_is_the_lowest_final_loss(bench):
             {"name": "prmoe", "lr": 3e-3, "final_val_loss": 2.3}]
     best = d.best_by_model(runs)
     assert best["dense"]["lr"] == 3e-3 and best["prmoe"]["lr"] == 3e-3
+
+
+def test_ablation_rows_compare_one_change_each_by_hand(bench):
+    _, report = bench
+    run = lambda name, lr, loss, budget=1.0: {"name": name, "lr": lr, "budget": budget, "final_val_loss": loss}
+    runs = [run("moe16_top1", 3e-3, 2.0), run("moe32_top4", 3e-3, 1.9), run("moe32_top4", 6e-3, 1.8),
+            run("moe32_top4_alf", 3e-3, 1.71), run("moe32_top4", 1e-3, 1.5, budget=0.5)]
+    best = {"moe16_top1": runs[0], "moe32_top4": runs[2], "moe32_top4_alf": runs[3]}
+    rows = report.ablation(best, runs, {"moe32_top4": 0.8, "moe16_top1": None})
+    by = {r["change"]: r for r in rows}
+    fine = by["fine-grained experts (32 of W/4, top-4) vs 16 of W, top-1"]
+    assert fine["loss_change"] == pytest.approx(1.8 / 2.0 - 1) and fine["flops_ratio_with"] == 0.8
+    assert by["aux-loss-free balancing vs the balance loss"]["loss_change"] == pytest.approx(1.71 / 1.8 - 1)
+    assert "a shared expert (top-3 + 1 shared) vs top-4 routed" not in by  # its run is missing
+    lr = by["tuned learning rate (0.006 vs 0.003)"]  # the budget-0.5 run is not a full run: not the baseline
+    assert (lr["with"], lr["final_without"], lr["loss_change"]) == ("moe32_top4", 1.9, pytest.approx(1.8 / 1.9 - 1))
+    assert len(rows) == 3
+    md = "\n".join(report.ablation_markdown(rows))
+    assert "-10.00%" in md and "0.800 / never" in md
