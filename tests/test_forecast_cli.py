@@ -16,7 +16,7 @@ from moekit.cli.main import main
 
 TINY = ["model.hidden_size=16", "model.intermediate_size=32", "model.num_layers=1", "model.num_heads=2",
         "train.steps=4", "train.seq_len=48", "train.batch_size=4", "train.eval_every=2", "train.save_every=2",
-        "train.eval_batches=1", "train.warmup_steps=1"]
+        "train.eval_batches=1", "train.warmup_steps=1", "train.device=cpu"]
 
 
 def write_series(path: Path, rows: int = 1200, gaps: bool = False, text_column: bool = False) -> Path:
@@ -140,12 +140,13 @@ def test_fine_tuning_starts_from_the_init_model(trained, tmp_path, capsys):
     from moekit.infer.forecast import load_forecaster
 
     save_hf(load_forecaster(d / "run"), tmp_path / "hf")  # a Time-MoE Hugging Face directory
+    overrides = ["train.steps=2", "train.seq_len=48", "train.batch_size=2", "train.eval_every=0", "train.device=cpu"]
     args = ["train-forecaster", "--init", str(tmp_path / "hf"), "--csv", str(data), "--out", str(tmp_path / "ft"),
-            "--quiet", "train.steps=2", "train.seq_len=48", "train.batch_size=2", "train.eval_every=0"]
+            "--quiet", *overrides]
     assert main(args) == 0
     cfg = json.loads((tmp_path / "ft" / "step-00000002" / "config.json").read_text())
     assert cfg["train"]["lr"] == 1e-4 and cfg["forecaster"]["hidden_size"] == 16
-    code, err = run_cli(args[:-4] + ["--out", str(tmp_path / "ft2"), "model.hidden_size=32"], capsys)
+    code, err = run_cli(args[:-len(overrides)] + ["--out", str(tmp_path / "ft2"), "model.hidden_size=32"], capsys)
     assert code == 2 and "drop the override(s) of model.hidden_size" in err
 
 
@@ -193,7 +194,7 @@ def test_dayfirst_and_date_format_on_the_forecast_commands(trained, tmp_path, ca
     run = tmp_path / "r"
     code, err = run_cli(["train-forecaster", "--csv", str(data), "--out", str(run), "--quiet",
                          "--date-format", "%d/%m/%Y %H:%M", *TINY[:4], "train.steps=1", "train.seq_len=48",
-                         "train.batch_size=2", "train.eval_every=0", "train.warmup_steps=1"], capsys)
+                         "train.batch_size=2", "train.eval_every=0", "train.warmup_steps=1", "train.device=cpu"], capsys)
     assert code == 0, err
     saved = json.loads((run / "step-00000001" / "config.json").read_text())
     assert saved["data"]["date_format"] == "%d/%m/%Y %H:%M" and saved["data"]["dayfirst"] is False

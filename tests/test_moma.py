@@ -255,7 +255,7 @@ def test_moekit_train_mixed_modal_preset_end_to_end(tmp_path, capsys):
     rc = main(["train", "--preset", "moma-small", "--out", str(out), "--quiet", "--no-sample", "train.steps=2",
                "train.batch_size=2", "train.seq_len=32", "train.eval_batches=1", "model.hidden_size=16", "num_layers=1",
                "num_heads=2", "num_kv_heads=1", "expert_hidden=16", "dense_hidden=16", "aux_router_hidden=8",
-               "data.max_bytes=5000", "data.vq_codes=16", "data.kind=mixed_modal"])
+               "data.max_bytes=5000", "data.vq_codes=16", "data.kind=mixed_modal", "train.device=cpu"])
     assert rc == 0, capsys.readouterr().err
     vq = VQTokenizer.load(out / "vq.json")
     from moekit.train.lm import load_lm

@@ -1,6 +1,7 @@
 """benchmarks/multitask.py's fairness bookkeeping and targets, checked by hand."""
 
 import importlib.util
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -44,3 +45,45 @@ def test_targets_can_fail_and_pass(bench):
     assert good[1]["value"] == 4 and good[2]["value"] == pytest.approx(-0.5)
     bad = bench.targets_for(models([0.5] * 5, [0.5, 0.5, 0.5, 0.4, 0.6], [0.52] * 5))
     assert [t["met"] for t in bad] == [False, False, False]
+
+
+def _variant_record(name, ems, steps, lr, load):
+    return {"variant": name, "kind": "x", "lr": lr, "seed": 0, "scale": {}, "command": "c", "machine": {"load_average_1m": load},
+            "model": {"steps": steps, "exact_match": {**dict(zip(TASKS, ems)), "mean": sum(ems) / len(ems)}}}
+
+
+def test_ablation_table_is_assembled_from_the_saved_variant_files(bench, tmp_path):
+    results = tmp_path / "results"
+    bench.save_variant(_variant_record("moe_task_2x_steps", [0.1, 0.2, 0.3, 0.4, 0.5], 3000, 6e-3, 4.5), results / "multitask")
+    bench.save_variant(_variant_record("moe_plain", [0.0, 0.0, 0.25, 0.5, 1.0], 1500, 6e-3, None), results / "multitask")
+    (results / "multitask" / "not_a_variant.json").write_text("{}")  # ignored: not in VARIANTS
+    text = bench.ablation_markdown(None, results / "multitask")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert rows == [  # VARIANTS order; means by hand: 1.5 / 5 = 0.3, 1.75 / 5 = 0.35
+        "| moe_plain | 1500 | 0.006 | 0 | 0.0 | 0.0 | 25.0 | 50.0 | 100.0 | 35.0 | None |",
+        "| moe_task_2x_steps | 3000 | 0.006 | 0 | 10.0 | 20.0 | 30.0 | 40.0 | 50.0 | 30.0 | 4.5 |",
+    ]
+    assert "Not run (no saved result; `--variant NAME` saves one): moe_task_half_lr, dense_multi_2x_steps, " \
+           "dense_multi_half_lr." in text
+    assert "No saved results yet." in bench.ablation_markdown(None, tmp_path / "empty")
+
+
+def test_report_is_rebuilt_from_json_and_keeps_recorded_figures_apart(bench, tmp_path):
+    em = lambda v: {**dict(zip(TASKS, v)), "mean": sum(v) / len(v)}  # noqa: E731
+    model = {"exact_match": em([0.5] * 5), "val_loss": 1.0, "steps": 10, "tokens": 100, "params": {"active": 1, "total": 2}}
+    main = {"models": {"moe_task": model, "dense_multi": model, "dense_each": {**model, "val_loss": None}},
+            "scale": {"test_size": 4, "lr": 3e-3}, "seed": 1, "machine": {"load_average_1m": 2.0}, "command": "python x",
+            "note": "n", "targets": []}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "multitask.json").write_text(json.dumps(main))
+    before = (results / "multitask.json").read_text()
+    bench.save_variant(_variant_record("dense_multi_half_lr", [0.2] * 5, 10, 1.5e-3, 3.0), results / "multitask")
+    text = bench.write_report(results).read_text()
+    assert (results / "multitask.json").read_text() == before and sorted(p.name for p in results.iterdir()) == [
+        "multitask", "multitask.json", "multitask.md"]
+    generated, recorded = text.split("## Ablations recorded from earlier runs, not regenerated")
+    assert "| moe_task (the main run above) | 10 | 0.003 | 1 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 2.0 |" in generated
+    assert "| dense_multi_half_lr | 10 | 0.0015 | 0 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 | 3.0 |" in generated
+    assert "13.9" not in generated and "| moe_task_2x_steps (3000 steps, twice the tokens) | 18.0 |" in recorded
+    assert "commit 6e2ab31" in recorded and "nothing here is computed by this script" in recorded

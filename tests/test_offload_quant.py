@@ -227,6 +227,29 @@ def test_lazy_gguf_offloaded_generation_gives_the_resident_tokens(gguf_file, bud
     q.offloader.close()
 
 
+def test_gguf_tier_counts_the_file_bytes_it_reads(gguf_file):
+    """bytes_moved is the experts' Q8_0 blocks in the file (hand count from type and shape), not the fp32 slots."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    per_expert = {}
+    for t in GGUFReader(str(gguf_file)).tensors:
+        if t.name.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")):
+            assert t.tensor_type == GGMLQuantizationType.Q8_0
+            block, type_size = GGML_QUANT_SIZES[t.tensor_type]  # (32 weights, 34 bytes: 32 int8 + an f16 scale)
+            cols, rows = int(t.shape[0]), int(t.shape[1])  # one expert: rows x cols, cols split into blocks
+            layer = int(t.name.split(".")[1])
+            per_expert[layer] = per_expert.get(layer, 0) + rows * (cols // block) * type_size
+    assert per_expert == {j: 3 * 32 * 34 for j in range(3)}  # D = FF = 32: each of 3 matrices 32 rows of 1 block
+    engine = Engine.load(gguf_file, expert_budget="25%")
+    greedy(engine)
+    stats = engine.offloader.stats()
+    engine.offloader.close()
+    assert stats["transfers"] > 0
+    for j, layer in enumerate(stats["layers"]):
+        assert layer["bytes_moved"] == layer["transfers"] * per_expert[j]
+    assert stats["bytes_moved"] < stats["transfers"] * (3 * D * FF * 4)  # the fp32 slots' size: what was counted before
+
+
 def test_cli_generate_a_gguf_file_offloaded_and_requantized(gguf_file, capsys):
     argv = ["generate", str(gguf_file), "--prompt", "ab", "--max-new-tokens", "5", "--temperature", "0", "--quantize", "int8"]
     assert main(argv) == 0

@@ -81,7 +81,7 @@ def tiny_fit(run_dir, parallel=None, steps: int = 3, resume: bool = False):
     from moekit.train.loop import TrainConfig, fit
 
     tc = TrainConfig(steps=steps, batch_size=4, seq_len=8, grad_accum=2, lr=1e-2, warmup_steps=1, eval_every=0,
-                     save_every=2, keep_last=5, seed=0, balance_loss_weight=0.1)
+                     save_every=2, keep_last=5, seed=0, balance_loss_weight=0.1, device="cpu")
     torch.manual_seed(0)
     model = DecoderLM(tiny_lm_config())
     if parallel is not None:
@@ -159,7 +159,7 @@ def _layer_check(parallel, name: str, cfg: MoEConfig) -> dict:
 CLI_OVERRIDES = [
     "train.steps=4", "train.save_every=2", "train.eval_every=2", "train.batch_size=4", "train.seq_len=16",
     "model.hidden_size=16", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1", "model.dense_hidden=32",
-    "moe.expert_hidden=16", "moe.capacity_factor=1.25",
+    "moe.expert_hidden=16", "moe.capacity_factor=1.25", "train.device=cpu",  # compared bitwise: CPU even where CUDA is
 ]
 
 

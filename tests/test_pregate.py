@@ -35,7 +35,7 @@ def write_checkpoint(run, text_file, cfg: ModelConfig, seed=0):
         for layer in model.layers:
             if layer.is_moe:
                 layer.mlp.router.gate.weight.normal_(0, 0.5)
-    train = TrainConfig(batch_size=4, seq_len=16, eval_batches=1, warmup_steps=1, steps=1)
+    train = TrainConfig(batch_size=4, seq_len=16, eval_batches=1, warmup_steps=1, steps=1, device="cpu")
     run_cfg = RunConfig(model=cfg, train=train, data=DataConfig(path=str(text_file), max_bytes=50_000))
     save_checkpoint(run, 0, config=to_dict(run_cfg), model_state=model.state_dict(), optimizer_state=None,
                     trainer_state={}, tokenizer=Tokenizer.byte_level())

@@ -151,7 +151,7 @@ def run(tmp_path_factory):
     (root / "data.txt").write_text("def add(a, b):\n    return a + b\n" * 200)
     cfg = resolve_run_config("tiny", overrides=[
         "train.steps=4", "train.eval_every=4", "train.save_every=4", "train.eval_batches=1", "train.seq_len=32",
-        "moe.num_shared_experts=1"], data=str(root / "data.txt"))
+        "moe.num_shared_experts=1", "train.device=cpu"], data=str(root / "data.txt"))
     train_lm(replace(cfg, train=replace(cfg.train, batch_size=2)), root / "run", progress=False)
     return root / "run"
 

@@ -58,7 +58,7 @@ def stub():
 RUN = ["--preset", "math_tasks", "--quiet", "train.steps=3", "train.batch_size=4", "train.seq_len=40",
        "train.eval_every=0", "train.save_every=0", "train.eval_batches=1", "model.hidden_size=32", "model.num_layers=1",
        "moe.expert_hidden=32", "moe.num_experts=4", "data.math.tasks=[\"arithmetic\"]", "data.math.train_sizes=[40]",
-       "data.math.test_size=6", "data.math.eval_problems=2"]
+       "data.math.test_size=6", "data.math.eval_problems=2", "train.device=cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -167,7 +167,7 @@ def test_task_load_tracker_entropy_and_heatmap(tmp_path):
 TINY_MATH_RUN = ["--preset", "math_tasks", "--quiet", "train.steps=4", "train.batch_size=4", "train.seq_len=96",
                  "train.eval_every=0", "train.save_every=0", "train.eval_batches=1", "model.hidden_size=32",
                  "model.num_layers=2", "moe.expert_hidden=32", "moe.num_experts=4", "data.math.train_sizes=[50,50,50,50,50]",
-                 "data.math.test_size=8", "data.math.eval_problems=4"]
+                 "data.math.test_size=8", "data.math.eval_problems=4", "train.device=cpu"]
 
 
 def test_train_and_inspect_a_math_tasks_run(tmp_path, capsys):

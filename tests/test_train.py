@@ -18,6 +18,7 @@ MICRO = [
     "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
     "model.dense_hidden=64", "moe.num_experts=4", "moe.top_k=2", "moe.expert_hidden=32",
     "train.batch_size=4", "train.seq_len=32", "train.eval_batches=1", "train.warmup_steps=2",
+    "train.device=cpu",  # the bitwise resume and oracle comparisons: CPU even where CUDA is (the default is auto)
 ]
 
 
@@ -67,7 +68,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     for accum, batch_fn in ((1, lambda i: data), (2, lambda i: data[4 * (i % 2) : 4 * (i % 2) + 4])):
         torch.manual_seed(0)
         model = DecoderLM(cfg)
-        tc = TrainConfig(steps=1, grad_accum=accum, warmup_steps=0, grad_clip=0.0, eval_every=0)
+        tc = TrainConfig(steps=1, grad_accum=accum, warmup_steps=0, grad_clip=0.0, eval_every=0, device="cpu")
         fit(model, tc, batch_fn=batch_fn, loss_fn=loss_fn, run_dir=tmp_path / f"a{accum}", config_dict={}, progress=False)
         models.append(model)
     for a, b in zip(models[0].parameters(), models[1].parameters()):

@@ -2,10 +2,11 @@
 
 The family is chosen as `moekit.hf.save` chooses it (`fit_problems`), restricted to those llama.cpp's MoE
 graphs compute the same way (arch.py), plus what those graphs fix (top-k renormalisation per arch, no
-dense layers, plain RoPE). Weights: F32, F16, Q8_0 or Q4_0 through the `gguf` package's writer and its
-own quantizers (`gguf.quants.quantize`); 1-D tensors and routers stay F32, a matrix whose rows do not
-split into 32-wide blocks stays F16/F32. The tokenizer goes into `tokenizer.ggml.*` as a "gpt2" BPE
-vocab. The file appears atomically (temporary sibling, then rename).
+dense layers, plain RoPE); what no family has (`unexportable`: pre-gating, Mixture-of-Depths) is named
+alone. Weights: F32, F16, Q8_0 or Q4_0 through the `gguf` package's writer and its own quantizers
+(`gguf.quants.quantize`); 1-D tensors and routers stay F32, a matrix whose rows do not split into
+32-wide blocks stays F16/F32. The tokenizer goes into `tokenizer.ggml.*` as a "gpt2" BPE vocab. The
+file appears atomically (temporary sibling, then rename).
 
 Not here: reading GGUF (reader.py), the Hugging Face layouts (moekit.hf).
 """
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..hf.writer import fit_problems
+from ..hf.writer import fit_problems, unexportable
 from .arch import FAMILY_TO_ARCH, KEEP_F32, NORM_TOPK, UnsupportedGGUFError, is_qk, permute_qk, tensor_plan
 
 GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
@@ -45,6 +46,9 @@ def choose_family(model, arch: str = "auto") -> str:
     families = list(FAMILY_TO_ARCH) if arch == "auto" else [arch]
     if arch != "auto" and arch not in FAMILY_TO_ARCH:
         raise ConfigError(f"arch={arch!r} cannot be written as GGUF: accepted values are auto, {', '.join(FAMILY_TO_ARCH)}")
+    refused = unexportable(model.cfg)
+    if refused:
+        raise UnsupportedGGUFError(f"the model cannot be written as GGUF: {'; '.join(refused)}")
     reasons = {f: gguf_problems(model, f) for f in families}
     for f, problems in reasons.items():
         if not problems:
@@ -95,8 +99,9 @@ def _metadata(w, cfg, arch: str) -> None:
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_expert_count(m.num_experts)
-    w.add_expert_used_count(m.top_k)
+    moe = cfg.moe_for_layer(next(i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)))  # every layer's (gguf_problems)
+    w.add_expert_count(moe.num_experts)
+    w.add_expert_used_count(moe.top_k)
     if arch != "llama":
         w.add_expert_feed_forward_length(m.expert_hidden)
     if m.num_shared_experts:

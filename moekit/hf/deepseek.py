@@ -193,6 +193,8 @@ def fit_problems(cfg: ModelConfig, fam: Family) -> list[str]:
         problems.append("norm_topk_prob=true (deepseek_v2 never renormalises)")
     if v3 and m.bias_update_rate > 0:
         problems.append("aux-loss-free balancing bias still training (bias_update_rate > 0)")
+    if not v3 and (m.bias_update_rate > 0 or m.selection_bias):
+        problems.append("an expert-selection bias (bias_update_rate > 0 or selection_bias; only deepseek_v3 has one)")
     return problems
 
 

@@ -5,8 +5,9 @@ itself writes it (config.json, per-expert tensors in one model.safetensors or
 in shards plus an index, and the tokenizer files when given a tokenizer), so
 `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` gives the same
 logits. A model that fits no family is refused before anything is written,
-with an error naming each feature in the way (`fit_problems`); the directory
-appears atomically (temporary sibling, then rename). `convert` does the same
+with an error naming each feature in the way (`fit_problems`); a feature no
+family has (`unexportable`: pre-gated routing, Mixture-of-Depths layers) is
+named alone, before any family is tried. The directory appears atomically (temporary sibling, then rename). `convert` does the same
 for a moekit run/checkpoint directory.
 
 Not here: the family tables and tensor names (families.py), reading
@@ -29,12 +30,24 @@ from .families import CONFIG_FILE, FAMILIES, HOOKS, SUPPORTED_MODEL_TYPES, Unsup
 from .families_more import MORE_FAMILIES
 from .reader import GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TOKENIZER_CONFIG_FILE
 
+def unexportable(cfg: ModelConfig) -> list[str]:
+    """What `cfg` computes that no Hugging Face family (so no GGUF architecture either) has; empty: none."""
+    problems = []
+    if cfg.pregated:
+        problems.append("pregated=true (pre-gated routing: layer i+1 routes on layer i's input; no Hugging Face "
+                        "family does; accepted: pregated=false)")
+    if cfg.mod_layers:
+        problems.append(f"mod_layers={cfg.mod_layers} (Mixture-of-Depths layers compute for only some tokens; no "
+                        f"Hugging Face family or llama.cpp graph does; accepted: mod_layers=[])")
+    return problems
+
+
 def fit_problems(model: DecoderLM, arch: str) -> list[str]:
     """Why `model` does not fit family `arch` (empty: it fits)."""
     if arch not in FAMILIES:
         raise ConfigError(f"arch={arch!r} is unknown: accepted values are {', '.join(SUPPORTED_MODEL_TYPES)}")
     fam, cfg = FAMILIES[arch], model.cfg
-    problems = ["pre-gated routing (layer i+1 routes on layer i's input; no Hugging Face family does)"] if cfg.pregated else []
+    problems = unexportable(cfg)
     if arch in HOOKS:
         return problems + _common_problems(cfg) + more.extra_features(cfg) + HOOKS[arch].fit_problems(cfg, fam)
     if cfg.attention != "gqa":
@@ -86,8 +99,7 @@ def _common_problems(cfg: ModelConfig) -> list[str]:
     m, problems = cfg.moe, []
     if cfg.ffn != "moe":
         problems.append(f"ffn={cfg.ffn!r} (only plain MoE layers)")
-    if cfg.experts_per_layer and len(set(cfg.experts_per_layer)) > 1:
-        problems.append("a pyramid of expert counts per layer (experts_per_layer)")
+    problems += more.expert_count_problems(cfg)
     if m.activation != "swiglu":
         problems.append(f"activation={m.activation!r} (only swiglu)")
     if m.router != "topk":
@@ -184,6 +196,11 @@ def save(model: DecoderLM, out_dir: str | Path, arch: str = "auto", tokenizer=No
 
 
 def _choose_arch(model: DecoderLM, arch: str) -> str:
+    if arch != "auto" and arch not in FAMILIES:
+        raise ConfigError(f"arch={arch!r} is unknown: accepted values are {', '.join(SUPPORTED_MODEL_TYPES)}")
+    refused = unexportable(model.cfg)
+    if refused:
+        raise UnsupportedModelError(f"the model cannot be written as a Hugging Face checkpoint: {'; '.join(refused)}")
     if arch != "auto":
         problems = fit_problems(model, arch)
         if problems:

@@ -4,7 +4,8 @@
 of these families (empty: it fits); `hf_config(cfg, arch, dtype)` writes the
 config.json transformers reads back to the same logits; `extra_features(cfg)`
 names the features only these families have, so the first four families
-(writer.py) refuse a model that uses them.
+(writer.py) refuse a model that uses them; `expert_count_problems(cfg)` the
+per-layer expert counts a config.json with one count cannot state.
 
 Not here: the tensor names and layouts (families_more.py), writing files (writer.py).
 """
@@ -55,6 +56,17 @@ def extra_features(cfg: ModelConfig) -> list[str]:
     return [f"{name} (only {', '.join(FAMILY_FEATURES[name])})" for name, on in used.items() if on]
 
 
+def expert_count_problems(cfg: ModelConfig) -> list[str]:
+    """Per-layer expert counts a config.json written from `moe.num_experts` cannot state (these families, DeepSeek)."""
+    counts = set(cfg.experts_per_layer)
+    if len(counts) > 1:
+        return ["a pyramid of expert counts per layer (experts_per_layer)"]
+    if counts and counts != {cfg.moe.num_experts}:
+        return [f"experts_per_layer={cfg.experts_per_layer} differs from moe.num_experts={cfg.moe.num_experts} "
+                f"(this family states one expert count: accepted, moe.num_experts={cfg.experts_per_layer[0]})"]
+    return []
+
+
 def fit_problems(cfg: ModelConfig, arch: str) -> list[str]:
     """Why `cfg` does not fit family `arch` (one of MORE_FAMILIES); empty: it fits."""
     m = cfg.moe
@@ -63,8 +75,9 @@ def fit_problems(cfg: ModelConfig, arch: str) -> list[str]:
         problems.append(f"ffn={cfg.ffn!r} (only plain MoE layers)")
     if any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
         problems.append("dense layers (first_k_dense / dense_layers / moe_layer_freq); this family makes every layer MoE")
-    if cfg.experts_per_layer and len(set(cfg.experts_per_layer)) > 1:
-        problems.append("a pyramid of expert counts per layer (experts_per_layer)")
+    problems += expert_count_problems(cfg)
+    if m.selection_bias:
+        problems.append("selection_bias=true (a fixed expert-selection bias; only deepseek_v3 has one)")
     if m.num_shared_experts:
         problems.append(f"num_shared_experts={m.num_shared_experts} (this family has no shared expert)")
     if cfg.qk_norm != "none":

@@ -4,7 +4,8 @@ gguf.GGUFReader maps the file (np.memmap); a stacked expert tensor's first axis 
 expert's block (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`: F32, F16, Q8_0, Q4_0, Q4_K, ...) is read
 from the page cache (or the disk) only when that expert is loaded into a slot. The slots hold full
 precision (gate rows, then up rows, as moekit's w_in); a quantized model wraps this tier in
-requant.ConvertingTier. A read returns the bytes taken from the file (the GGUF's own packed size).
+requant.ConvertingTier. A read returns, and `read_bytes` tells the offloader's "bytes moved", the bytes
+taken from the file (the GGUF's own packed size), not the full-precision slot's.
 
 Not here: the GGUF format and metadata (moekit.gguf), other tiers (tiers.py, disk.py).
 """
@@ -53,7 +54,11 @@ class GGUFTier(SlowTier):
         dst_in_HD[:F].copy_(dequantize_expert(t["gate"], expert))
         dst_in_HD[F:].copy_(dequantize_expert(t["up"], expert))
         dst_out_DF.copy_(dequantize_expert(t["down"], expert))
-        return sum(int(t[k].data[expert].nbytes) for k in ("gate", "up", "down"))
+        return self.read_bytes(layer, expert)
+
+    def read_bytes(self, layer, expert):
+        """The expert's bytes in the file: its gate, up and down blocks as stored (quantized: the packed blocks)."""
+        return sum(int(t.data[expert].nbytes) for t in self.layers[layer].values())
 
     def close(self) -> None:
         self._reader = None

@@ -179,7 +179,7 @@ class Offloader:
                 self.prefetched[j].discard(e)
                 st = self.layer_stats[j]
                 st.transfers -= 1
-                st.bytes_moved -= self.shapes[j].bytes_per_expert
+                st.bytes_moved -= self._moved_bytes(j, e)
                 st.prefetches_cancelled += 1
 
     def _fetch(self, j: int, expert: int, keep: set[int], demand: bool) -> bool:
@@ -205,8 +205,13 @@ class Offloader:
             read = partial(self.tier.read, j, expert, *dst)
             self.transfers[j][expert] = self.queue.submit(j, read, urgent=demand)
         st.transfers += 1
-        st.bytes_moved += self.shapes[j].bytes_per_expert
+        st.bytes_moved += self._moved_bytes(j, expert)
         return True
+
+    def _moved_bytes(self, j: int, expert: int) -> int:
+        """What one transfer of `expert` takes from the tier: its stored size there (a GGUF's blocks), else the slot's."""
+        n = self.tier.read_bytes(j, expert)
+        return self.shapes[j].bytes_per_expert if n is None else n
 
     def _prefetch(self, j: int, ranked: list[int] | None) -> None:
         cache = self.caches[j]

@@ -24,7 +24,7 @@ class LayerStats:
     demanded_predicted: int = 0  # experts demanded in steps that had a prediction
     prefetches_cancelled: int = 0  # wrong prefetches dropped before they started (not counted as transfers)
     transfers: int = 0
-    bytes_moved: int = 0  # bytes of the experts' stored form (quantized experts: codes + scales)
+    bytes_moved: int = 0  # bytes of the experts' stored form in the slow tier (quantized: codes + scales; GGUF: its blocks)
     fallbacks: int = 0  # misses computed from the resident int4 copy instead of waiting (low-bit fallback)
     stall_s: float = 0.0  # time the computation waited for experts
 

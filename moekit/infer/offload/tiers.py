@@ -4,7 +4,8 @@ Each tier reads one expert of one MoE layer into preallocated fast slots:
 `read(layer, expert, *dst)` fills one destination tensor per stored part of
 the expert, in LayerShape.parts() order (full precision: w_in, w_out;
 quantized: codes, scales [and zero points] of w_in, then of w_out), and
-returns the bytes moved. The disk tier (the checkpoint's own safetensors
+returns the bytes moved; `read_bytes(layer, expert)` says beforehand what a tier whose stored form
+differs from the slots' reads (a GGUF file's packed blocks), None for the slot's size. The disk tier (the checkpoint's own safetensors
 files) is in disk.py; tiers made by converting another (quantizing on read,
 a spill file) in requant.py.
 """
@@ -40,6 +41,10 @@ class SlowTier:
 
     def read(self, layer: int, expert: int, *dst: torch.Tensor) -> int:
         raise NotImplementedError
+
+    def read_bytes(self, layer: int, expert: int) -> int | None:
+        """Bytes one read of this expert takes from the tier, counted when it is queued; None: the slot's size."""
+        return None
 
     def close(self) -> None:
         pass
@@ -104,6 +109,9 @@ class EmulatedLinkTier(SlowTier):
         nbytes = self.inner.read(layer, expert, *dst)
         _sleep_until(start + self.cost(nbytes))
         return nbytes
+
+    def read_bytes(self, layer, expert):
+        return self.inner.read_bytes(layer, expert)
 
     def close(self) -> None:
         self.inner.close()
