@@ -88,3 +88,15 @@ def test_training_learns_the_vote_targets_and_roundtrips(tmp_path):
 def test_decoupled_needs_sliced_experts():
     with pytest.raises(moefy.MoefyError, match="decoupled router needs experts that are slices"):
         moefy.convert(dense_lm(), method="upcycle", experts=2, top_k=1, router="decoupled")
+
+
+def test_tuning_trains_where_the_model_is_even_when_cuda_is_said_to_exist(monkeypatch):
+    """train.device defaults to auto; a tuning phase must not send the router to a GPU while the dense teacher and
+    the experts stay on the CPU (with auto and a CUDA machine, fit would move only the trained module)."""
+    dense, model, calib = readme_model()
+    stream = torch.cat([c.reshape(-1) for c in calib])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # (with `auto`, fit would now call torch.cuda.current_device() and fail on this CPU-only build)
+    log = train_decoupled(dense, model, stream, rounds=1, steps=2, batch_size=2, seq_len=16)
+    assert [e["phase"] for e in log] == ["distill", "experts"]
+    assert {p.device.type for p in model.parameters()} == {"cpu"}

@@ -64,9 +64,11 @@ def vote_targets(dense, model: ReadMeLM, ids_BT: torch.Tensor) -> torch.Tensor:
     return (votes / len(inputs)).view(*ids_BT.shape, E)
 
 
-def _phase_config(steps: int, lr: float, batch_size: int, seq_len: int, seed: int) -> TrainConfig:
+def _phase_config(steps: int, lr: float, batch_size: int, seq_len: int, seed: int, model: torch.nn.Module) -> TrainConfig:
+    """A tuning phase trains where the model already is (the dense teacher stays beside it): never `auto`."""
     return TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=min(5, steps),
-                       eval_every=0, save_every=0, keep_last=1, weight_decay=0.0, seed=seed)
+                       eval_every=0, save_every=0, keep_last=1, weight_decay=0.0, seed=seed,
+                       device=next(model.parameters()).device.type)
 
 
 def distill_router(dense, model: ReadMeLM, batch_fn, cfg: TrainConfig) -> dict:
@@ -109,8 +111,8 @@ def train_decoupled(dense, model: ReadMeLM, stream: torch.Tensor, rounds: int = 
     batch_fn = window_batch_fn(stream, batch_size, seq_len, seed)
     log = []
     for r in range(rounds):
-        log.append({"round": r, "phase": "distill", **distill_router(dense, model, batch_fn, _phase_config(steps, router_lr, batch_size, seq_len, seed + r))})
-        log.append({"round": r, "phase": "experts", **tune_experts(model, batch_fn, _phase_config(steps, expert_lr, batch_size, seq_len, seed + r))})
+        log.append({"round": r, "phase": "distill", **distill_router(dense, model, batch_fn, _phase_config(steps, router_lr, batch_size, seq_len, seed + r, model))})
+        log.append({"round": r, "phase": "experts", **tune_experts(model, batch_fn, _phase_config(steps, expert_lr, batch_size, seq_len, seed + r, model))})
     return log
 
 
@@ -154,7 +156,7 @@ def distill_decoder(moe, dense, batch_fn, steps: int, batch_size: int, seq_len: 
         kl = F.kl_div(logp, teacher, log_target=True, reduction="none").sum(-1).mean()
         return ce + kl, {"ce": float(ce.detach()), "kl": float(kl.detach())}
 
-    cfg = _phase_config(steps, lr, batch_size, seq_len, seed)
+    cfg = _phase_config(steps, lr, batch_size, seq_len, seed, moe)
     try:
         with tempfile.TemporaryDirectory() as run:
             return fit(moe, cfg, batch_fn=batch_fn, loss_fn=loss_fn, run_dir=run, config_dict={}, progress=False).last_metrics

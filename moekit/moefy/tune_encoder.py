@@ -44,7 +44,8 @@ def distill_encoder(moe, dense, sentences: list[str], steps: int = 40, batch_siz
         return (1 - cos).mean(), {"cosine": float(cos.detach().mean())}
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=8, lr=lr, warmup_steps=min(5, steps), eval_every=0,
-                      save_every=0, keep_last=1, weight_decay=0.0, seed=seed)
+                      save_every=0, keep_last=1, weight_decay=0.0, seed=seed,
+                      device=next(moe.parameters()).device.type)  # where the model is (the teacher beside it)
     try:
         with tempfile.TemporaryDirectory() as run:
             return fit(moe, cfg, batch_fn=batch, loss_fn=loss_fn, run_dir=run, config_dict={}, progress=False).last_metrics
