@@ -112,6 +112,26 @@ def test_numba_kernel_equals_the_dequant_reference(spec, counts):
 
 @needs_numba
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_serial_and_parallel_numba_kernels_agree_with_the_dequant_reference(spec):
+    """One thread runs the serial kernels, more the prange ones (one body): both equal `dequant`, and each other."""
+    qe = QuantizedExperts(_experts(), spec)
+    counts = torch.tensor([3, 0, 1, 5])
+    x = torch.randn(int(counts.sum()), 64)
+    with torch.no_grad():
+        ref = qe(x, counts, kernel="dequant")
+        serial = qe(x, counts, kernel="numba")  # the one_thread fixture: the serial kernels
+        torch.set_num_threads(2)
+        try:
+            parallel = qe(x, counts, kernel="numba")
+        finally:
+            torch.set_num_threads(1)
+    close(serial, ref)
+    close(parallel, ref)
+    close(parallel, serial)
+
+
+@needs_numba
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_quantized_linear_numba_equals_dequant_and_a_linear_of_the_dequantized_weight(spec):
     torch.manual_seed(1)
     lin = nn.Linear(128, 48)

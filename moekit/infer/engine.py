@@ -12,7 +12,7 @@ object): prefill writes the prompts into the cache, each decode step feeds one
 token per sequence. There is no second copy of the blocks here, so every model
 change (a family quirk, a storage transform such as offloading) applies to
 generation as it does to training. Speed at small batches comes from the
-layers themselves: under torch.no_grad the routers skip their losses, the
+layers themselves: with no gradients (inference_mode) the routers skip their losses, the
 experts' `auto` kernel visits only the chosen experts, RMSNorm is one fused
 op, and logits are computed for the last position only.
 
@@ -257,7 +257,7 @@ class Engine:
 
     # ------------------------------------------------------------ the loop
 
-    @torch.no_grad()
+    @torch.inference_mode()  # (not no_grad: no view or version bookkeeping on the step's many small tensors)
     def generate_ids(self, prompt_ids: list[list[int]], cfg: SamplingConfig | None = None,
                      on_token: TokenCallback | None = None, group_ids=None, new_token_groups=None) -> list[Completion]:
         """Continue each prompt of token ids.

@@ -25,6 +25,9 @@ read once per call however many rows share it.
 - Per-call overhead matters at decode (a model makes dozens of these calls per token): the int4
   input split runs compiled inside the kernel call and the groups become one numpy array, which
   took a 128x128 call from about 46 to 23 us (int8: 21 to 14 us; fp32 F.linear: 4 us).
+- Each kernel comes twice, compiled from one body: a `prange` one and a serial one that one
+  thread (torch.get_num_threads() == 1) runs, so that numba's thread pool never starts there
+  (its spinning OpenMP workers took the decoding thread's core on a shared 2-core machine).
 
 Why numba: on the 2-core CPU this was written on, PyTorch's eager int8/int4
 pack-mm ops were 6-15x slower than fp32 F.linear at batch 1 while a numba
@@ -41,7 +44,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .quant_format import SYMMETRIC_ZERO, QuantSpec
+from .quant_format import GROUP_SIZES, SYMMETRIC_ZERO, QuantSpec
 
 CHUNK = 16  # bytes (32 int4 weights) per inner step: the smallest group, so a chunk never straddles two scales
 
@@ -57,18 +60,28 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 
 if AVAILABLE:
 
+    @njit(inline="always", fastmath=True)
+    def _int8_channel(t, x, q, scale, groups, out):  # pragma: no cover - compiled
+        """Output channel t % O of active expert t // O, for every row of that expert."""
+        O, I = q.shape[1], q.shape[2]
+        a, o = t // O, t % O
+        e, first = groups[a, 0], groups[a, 1]
+        s = scale[e, o, 0]
+        for r in range(first, first + groups[a, 2]):
+            acc = numba.float32(0.0)
+            for i in range(I):
+                acc += numba.float32(q[e, o, i]) * x[r, i]
+            out[r, o] = acc * s
+
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _int8_kernel(x, q, scale, experts, starts, counts, out):  # pragma: no cover - compiled
-        A, O, I = experts.shape[0], q.shape[1], q.shape[2]
-        for t in prange(A * O):
-            a, o = t // O, t % O
-            e = experts[a]
-            s = scale[e, o, 0]
-            for r in range(starts[a], starts[a] + counts[a]):
-                acc = numba.float32(0.0)
-                for i in range(I):
-                    acc += numba.float32(q[e, o, i]) * x[r, i]
-                out[r, o] = acc * s
+    def _int8_kernel(x, q, scale, groups, out):  # pragma: no cover - compiled
+        for t in prange(groups.shape[0] * q.shape[1]):
+            _int8_channel(t, x, q, scale, groups, out)
+
+    @njit(fastmath=True, cache=True, nogil=True)
+    def _int8_serial(x, q, scale, groups, out):  # pragma: no cover - compiled
+        for t in range(groups.shape[0] * q.shape[1]):
+            _int8_channel(t, x, q, scale, groups, out)
 
     @njit(inline="always", fastmath=True)
     def _nibbles(b, x_e, x_o):  # pragma: no cover - compiled
@@ -114,50 +127,62 @@ if AVAILABLE:
                 xsum[r, (2 * j) // group] += x[r, 2 * j] + x[r, 2 * j + 1]
         return xe, xo, xsum
 
+    @njit(inline="always", fastmath=True)
+    def _int4_step(t, Q, q, scale, zero, sym, group_shift, groups, xe, xo, xsum, acc_t, out):  # pragma: no cover
+        """Output channels 4(t % Q) .. +3 of active expert t // Q (the last ones repeat channel O-1 when 4 does not divide O)."""
+        O = q.shape[1]
+        a, o = t // Q, 4 * (t % Q)
+        e, first = groups[a, 0], groups[a, 1]
+        o0, o1, o2, o3 = o, min(o + 1, O - 1), min(o + 2, O - 1), min(o + 3, O - 1)
+        for r in range(first, first + groups[a, 2]):
+            acc_t[:] = 0
+            _int4_quad(q[e, o0], q[e, o1], q[e, o2], q[e, o3], scale[e, o0], scale[e, o1], scale[e, o2], scale[e, o3],
+                       xe[r], xo[r], group_shift, acc_t)
+            for i in range(4):
+                oi = min(o + i, O - 1)
+                za = zero[0, 0] if sym else zero[e, oi]
+                out[r, oi] = acc_t[i].sum() - _int4_zero_term(scale[e, oi], za, sym, xsum[r])
+
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _int4_kernel(x, q, scale, zero, sym, group, group_shift, experts, starts, counts, out):  # pragma: no cover
-        A, O = experts.shape[0], q.shape[1]
+    def _int4_kernel(x, q, scale, zero, sym, group, group_shift, groups, out):  # pragma: no cover
         xe, xo, xsum = _split_rows(x, group)
-        Q = (O + 3) // 4
-        acc = np.zeros((A * Q, 4, CHUNK), np.float32)
-        for t in prange(A * Q):  # four output channels per step (the last ones repeat channel O-1 when 4 does not divide O)
-            a, o = t // Q, 4 * (t % Q)
-            e = experts[a]
-            o0, o1, o2, o3 = o, min(o + 1, O - 1), min(o + 2, O - 1), min(o + 3, O - 1)
-            for r in range(starts[a], starts[a] + counts[a]):
-                acc_t = acc[t]
-                acc_t[:] = 0
-                _int4_quad(q[e, o0], q[e, o1], q[e, o2], q[e, o3], scale[e, o0], scale[e, o1], scale[e, o2], scale[e, o3],
-                           xe[r], xo[r], group_shift, acc_t)
-                for i in range(4):
-                    oi = min(o + i, O - 1)
-                    za = zero[0, 0] if sym else zero[e, oi]
-                    out[r, oi] = acc_t[i].sum() - _int4_zero_term(scale[e, oi], za, sym, xsum[r])
+        Q = (q.shape[1] + 3) // 4
+        acc = np.zeros((groups.shape[0] * Q, 4, CHUNK), np.float32)
+        for t in prange(groups.shape[0] * Q):  # four output channels per step
+            _int4_step(t, Q, q, scale, zero, sym, group_shift, groups, xe, xo, xsum, acc[t], out)
+
+    @njit(fastmath=True, cache=True, nogil=True)
+    def _int4_serial(x, q, scale, zero, sym, group, group_shift, groups, out):  # pragma: no cover
+        xe, xo, xsum = _split_rows(x, group)
+        Q = (q.shape[1] + 3) // 4
+        acc_t = np.zeros((4, CHUNK), np.float32)  # one thread: one accumulator block, reused
+        for t in range(groups.shape[0] * Q):
+            _int4_step(t, Q, q, scale, zero, sym, group_shift, groups, xe, xo, xsum, acc_t, out)
 
 
 def quantized_matmul(x_ND: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                     spec: QuantSpec, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+                     spec: QuantSpec, groups) -> torch.Tensor:
     """[N, O] fp32: rows start..start+count-1 of x times expert e's weight, for each (e, start, count) in groups.
 
-    q / scale / zero are stacked [E, O, ...] (a single Linear passes them with E = 1).
-    Rows outside every group are left zero.
+    groups: (e, start, count) triples (a list, or an int64 array [A, 3]). q / scale / zero are stacked
+    [E, O, ...] (a single Linear passes them with E = 1). Rows outside every group are left zero.
+    Lean on purpose: a decoded token makes dozens of these calls, each a few microseconds of kernel.
     """
     if not AVAILABLE:
         raise RuntimeError("numba is not installed: use the 'dequant' kernel")
-    _match_threads()
-    x = x_ND.detach().float().contiguous()
+    serial = _match_threads() == 1
+    x = (x_ND.detach() if x_ND.requires_grad else x_ND).float().contiguous()
     N, O = x.shape[0], q.shape[1]
-    out = torch.zeros(N, O, dtype=torch.float32)
-    if not groups or N == 0:
-        return out
-    experts, starts, counts = np.array(groups, dtype=np.int64).T.copy()  # one call: per-call overhead counts at decode
-    if spec.bits == 8:
-        _int8_kernel(x.numpy(), q.numpy(), scale.numpy(), experts, starts, counts, out.numpy())
-        return out
-    z = zero.numpy() if zero is not None else _NO_ZERO
-    _int4_kernel(x.numpy(), q.numpy(), scale.numpy(), z, not spec.has_zero, spec.group_size,
-                 _chunk_shift(spec.group_size), experts, starts, counts, out.numpy())
-    return out
+    out = np.zeros((N, O), np.float32)
+    groups_A3 = np.asarray(groups, dtype=np.int64).reshape(-1, 3)  # one array: per-call overhead counts at decode
+    if groups_A3.shape[0] and N:
+        if spec.bits == 8:
+            (_int8_serial if serial else _int8_kernel)(x.numpy(), q.numpy(), scale.numpy(), groups_A3, out)
+        else:
+            z = zero.numpy() if zero is not None else _NO_ZERO
+            (_int4_serial if serial else _int4_kernel)(x.numpy(), q.numpy(), scale.numpy(), z, not spec.has_zero,
+                                                       spec.group_size, _CHUNK_SHIFT[spec.group_size], groups_A3, out)
+    return torch.from_numpy(out)
 
 
 _NO_ZERO = np.zeros((1, 1, 1), np.uint8)  # the zero-point argument of symmetric int4 (unused)
@@ -170,12 +195,21 @@ def _chunk_shift(group_size: int) -> int:
     return chunks.bit_length() - 1
 
 
+_CHUNK_SHIFT = {g: _chunk_shift(g) for g in GROUP_SIZES}
+
+
 _threads = [0]
 
 
-def _match_threads() -> None:
-    """Numba runs on as many threads as torch is allowed (set_num_threads applies to both)."""
+def _match_threads() -> int:
+    """Numba's thread count: as many as torch is allowed (set_num_threads applies to both); returns it.
+
+    At one thread the callers run the serial kernels, which never start numba's thread pool: its
+    OpenMP workers wait by spinning, and on a small, shared CPU that spinning took the core the
+    decoding thread needed (int4 decode 2x slower on 2 loaded cores, and erratic).
+    """
     want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if _threads[0] != want:
+    if want > 1 and _threads[0] != want:
         numba.set_num_threads(want)
         _threads[0] = want
+    return want

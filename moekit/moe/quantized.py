@@ -78,7 +78,8 @@ class _QuantizedWeights(nn.Module):
             self.register_buffer(f"{name}_{suffix}", t)
 
     def _parts(self, name: str) -> dict[str, torch.Tensor]:
-        return {suffix: getattr(self, f"{name}_{suffix}") for suffix in stored_names(self.spec)}
+        buffers = self._buffers  # (not getattr: nn.Module's attribute lookup costs more than a decode step's kernel call)
+        return {suffix: buffers[f"{name}_{suffix}"] for suffix in stored_names(self.spec)}
 
     def _zero(self, name: str) -> torch.Tensor | None:
         return getattr(self, f"{name}_zero") if self.spec.has_zero else None
@@ -185,14 +186,14 @@ class QuantizedLinear(_QuantizedWeights):
         lead = x.shape[:-1]
         x_NI = x.reshape(-1, self.in_features)
         N = x_NI.shape[0]
+        p = self._parts("weight")
         if resolve_kernel(self.kernel, N, self.spec.bits, x.device) == "numba":
-            p = self._parts("weight")
-            y = quant_kernels.quantized_matmul(x_NI, p["q"], p["scale"], p.get("zero"), self.spec, [(0, 0, N)])
+            y = quant_kernels.quantized_matmul(x_NI, p["q"], p["scale"], p.get("zero"), self.spec, ((0, 0, N),))
         else:
-            y = F.linear(x_NI.float(), dequantize(self._parts("weight"), self.spec)[0])
+            y = F.linear(x_NI.float(), dequantize(p, self.spec)[0])
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return y.to(x.dtype).view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}, kernel={self.kernel}"

@@ -410,14 +410,18 @@ def _token_choice_routing(cfg, logits_TE, scores_TE, expert_idx_TK, weight_TK, b
         aux["balance"] = load_balance_loss(probs_TE, expert_idx_TK, E)
     elif losses and cfg.balance_loss == "sequence":
         aux["balance"] = sequence_balance_loss(probs_TE, expert_idx_TK, E, batch_size)
-    return Routing(
+    expert_idx_N = expert_idx_TK.reshape(-1)
+    selected_E = torch.bincount(expert_idx_N, minlength=E)
+    routing = Routing(
         token_idx_N=torch.arange(T, device=logits_TE.device).repeat_interleave(K),
-        expert_idx_N=expert_idx_TK.reshape(-1),
+        expert_idx_N=expert_idx_N,
         weight_N=weight_TK.reshape(-1),
         num_tokens=T,
         num_experts=E,
         logits_TE=logits_TE,
         probs_TE=probs_TE,
         aux_losses=aux,
-        selected_E=torch.bincount(expert_idx_TK.reshape(-1), minlength=E),
+        selected_E=selected_E,
     )
+    routing.__dict__["_counts_E"] = (expert_idx_N, selected_E)  # before capacity the counts are the selection: one bincount
+    return routing
