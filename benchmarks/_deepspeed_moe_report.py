@@ -76,9 +76,14 @@ def ablation(best: dict[str, dict], runs: list[dict], compute: dict) -> list[dic
              "flops_ratio_with": compute.get(a), "flops_ratio_without": compute.get(b)}
             for q, a, b in ABLATIONS if a in best and b in best]
     for name, r in sorted(best.items()):
-        base = [x for x in runs if x["name"] == name and x["lr"] == BASE_LR and x.get("budget", 1.0) == 1.0]
-        if base and r["lr"] != BASE_LR:
-            rows.append({"change": f"tuned learning rate ({r['lr']:g} vs {BASE_LR:g})", "with": name, "without": name,
+        full = sorted((x for x in runs if x["name"] == name and x.get("budget", 1.0) == 1.0), key=lambda x: x["lr"])
+        base = [x for x in full if x["lr"] == BASE_LR]
+        if base and len(full) > 1:  # a sweep ran: the best LR against the untuned one (0% when the untuned one won)
+            others = ", ".join(f"{x['lr']:g}: {100 * (x['final_val_loss'] / r['final_val_loss'] - 1):+.2f}%"
+                               for x in full if x is not r)
+            tried = ", ".join(f"{x['lr']:g}" for x in full)
+            rows.append({"change": f"tuned learning rate (best of {tried}: {r['lr']:g}; the others vs it: {others})",
+                         "with": name, "without": name,
                          "final_with": r["final_val_loss"], "final_without": base[0]["final_val_loss"],
                          "loss_change": r["final_val_loss"] / base[0]["final_val_loss"] - 1,
                          "flops_ratio_with": None, "flops_ratio_without": None})

@@ -79,7 +79,7 @@ def test_ablation_rows_compare_one_change_each_by_hand(bench):
     _, report = bench
     run = lambda name, lr, loss, budget=1.0: {"name": name, "lr": lr, "budget": budget, "final_val_loss": loss}
     runs = [run("moe16_top1", 3e-3, 2.0), run("moe32_top4", 3e-3, 1.9), run("moe32_top4", 6e-3, 1.8),
-            run("moe32_top4_alf", 3e-3, 1.71), run("moe32_top4", 1e-3, 1.5, budget=0.5)]
+            run("moe32_top4_alf", 3e-3, 1.71), run("moe32_top4", 1e-3, 1.5, budget=0.5), run("moe16_top1", 6e-3, 2.2)]
     best = {"moe16_top1": runs[0], "moe32_top4": runs[2], "moe32_top4_alf": runs[3]}
     rows = report.ablation(best, runs, {"moe32_top4": 0.8, "moe16_top1": None})
     by = {r["change"]: r for r in rows}
@@ -87,8 +87,11 @@ def test_ablation_rows_compare_one_change_each_by_hand(bench):
     assert fine["loss_change"] == pytest.approx(1.8 / 2.0 - 1) and fine["flops_ratio_with"] == 0.8
     assert by["aux-loss-free balancing vs the balance loss"]["loss_change"] == pytest.approx(1.71 / 1.8 - 1)
     assert "a shared expert (top-3 + 1 shared) vs top-4 routed" not in by  # its run is missing
-    lr = by["tuned learning rate (0.006 vs 0.003)"]  # the budget-0.5 run is not a full run: not the baseline
+    # the budget-0.5 run is not a full run: neither the baseline nor one of the LRs tried
+    lr = by["tuned learning rate (best of 0.003, 0.006: 0.006; the others vs it: 0.003: +5.56%)"]
     assert (lr["with"], lr["final_without"], lr["loss_change"]) == ("moe32_top4", 1.9, pytest.approx(1.8 / 1.9 - 1))
-    assert len(rows) == 3
+    kept = by["tuned learning rate (best of 0.003, 0.006: 0.003; the others vs it: 0.006: +10.00%)"]
+    assert kept["with"] == "moe16_top1" and kept["loss_change"] == 0  # the sweep ran; the untuned LR won
+    assert len(rows) == 4
     md = "\n".join(report.ablation_markdown(rows))
     assert "-10.00%" in md and "0.800 / never" in md
