@@ -62,8 +62,11 @@ def analyse(best: dict[str, dict], runs: list[dict] | None = None) -> dict:
 
 # what the field learned since 2022, one change at a time: (question, the run with it, the run without it)
 ABLATIONS = (("fine-grained experts (32 of W/4, top-4) vs 16 of W, top-1", "moe32_top4", "moe16_top1"),
-             ("aux-loss-free balancing vs the balance loss", "moe32_top4_alf", "moe32_top4"),
-             ("a shared expert (top-3 + 1 shared) vs top-4 routed", "moe32_top3_shared_alf", "moe32_top4_alf"))
+             ("a shared expert (top-3 + 1 shared) vs top-4 routed, balance loss", "moe32_top3_shared", "moe32_top4"),
+             ("finer still (64 of W/8, top-7 + 1 shared) vs 32 of W/4, top-3 + 1 shared", "moe64_top7_shared",
+              "moe32_top3_shared"),
+             ("aux-loss-free balancing vs the balance loss, top-4", "moe32_top4_alf", "moe32_top4"),
+             ("aux-loss-free balancing vs the balance loss, top-3 + 1 shared", "moe32_top3_shared_alf", "moe32_top3_shared"))
 BASE_LR = 3e-3  # the untuned learning rate every model ran at first
 
 

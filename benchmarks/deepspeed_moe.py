@@ -10,6 +10,8 @@ MoE training. Every run here has the same active parameters per token
   moe16_top1             16 experts of width W, top-1 (Switch / DeepSpeed-MoE's standard MoE);
   moe32_top4             32 fine-grained experts of width W/4, top-4;
   moe32_top4_alf         moe32_top4 with aux-loss-free balancing (bias_update_rate, no balance loss);
+  moe32_top3_shared      32 of width W/4, top-3, + 1 shared expert of width W/4 (DeepSeekMoE's shared expert);
+  moe64_top7_shared      64 of width W/8, top-7, + 1 shared of width W/8: finer still, the same total parameters;
   moe32_top3_shared_alf  32 of width W/4, top-3, + 1 shared expert of width W/4, aux-loss-free balancing
                          (bias_update_rate, no balance loss): what the field learned since 2022;
   prmoe                  Residual-MoE (dense MLP W/2 + one routed expert W/2, top-1), 8 experts per layer
@@ -64,7 +66,8 @@ from moekit.train.loop import TrainConfig, fit  # noqa: E402
 NAME = "deepspeed_moe"
 FLOPS_RATIO_GOAL, PARAMS_RATIO_GOAL, LOSS_GAP_GOAL, THROUGHPUT_GOAL = 0.5, 3.0, 0.01, 0.8
 NEVER = 99.0  # the FLOPs ratio recorded when a run never reaches the dense final loss
-STANDARD = ("moe16_top1", "moe32_top4", "moe32_top4_alf", "moe32_top3_shared_alf")
+STANDARD = ("moe16_top1", "moe32_top4", "moe32_top4_alf", "moe32_top3_shared", "moe64_top7_shared",
+            "moe32_top3_shared_alf")
 REFERENCE = "moe16_top1"  # the standard MoE the size claim compares with (the paper's top-1 baseline)
 STAGES = {"dense": ("dense",), "moe": STANDARD, "prmoe": ("prmoe",), "mos": ("mos",)}
 
@@ -114,6 +117,11 @@ def model_config(name: str, s: Scale, vocab_size: int) -> ModelConfig:
         return ModelConfig(ffn="moe", moe=MoEConfig(num_experts=16, top_k=1, expert_hidden=W, **moe), **base)
     if name == "moe32_top4":
         return ModelConfig(ffn="moe", moe=MoEConfig(num_experts=32, top_k=4, expert_hidden=W // 4, **moe), **base)
+    if name in ("moe32_top3_shared", "moe64_top7_shared"):
+        E = 32 if name.startswith("moe32") else 64
+        slots = E // 8  # active experts of width W / slots: one shared, the rest routed
+        cfg = MoEConfig(num_experts=E, top_k=slots - 1, expert_hidden=W // slots, num_shared_experts=1, **moe)
+        return ModelConfig(ffn="moe", moe=cfg, **base)
     if name == "moe32_top4_alf":
         cfg = MoEConfig(num_experts=32, top_k=4, expert_hidden=W // 4, bias_update_rate=1e-3, balance_loss="none", **moe)
         return ModelConfig(ffn="moe", moe=cfg, **base)

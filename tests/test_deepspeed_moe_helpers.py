@@ -18,7 +18,8 @@ def bench():
     sys.path.remove(str(BENCH))
 
 
-@pytest.mark.parametrize("name", ["moe16_top1", "moe32_top4", "moe32_top4_alf", "moe32_top3_shared_alf", "prmoe"])
+@pytest.mark.parametrize("name", ["moe16_top1", "moe32_top4", "moe32_top4_alf", "moe32_top3_shared",
+                                  "moe64_top7_shared", "moe32_top3_shared_alf", "prmoe"])
 def test_every_model_has_the_dense_models_active_parameters(bench, name):
     d, _ = bench
     from moekit.models.decoder import DecoderLM, count_parameters
@@ -29,6 +30,7 @@ def test_every_model_has_the_dense_models_active_parameters(bench, name):
     moe = count_parameters(DecoderLM(d.model_config(name, s, 257)))["active"]
     # the active FFN is W wide everywhere; only routers (D x E) and Residual-MoE's coefficient (2D + 2) are extra
     extra = {"moe16_top1": L * 16 * D, "moe32_top4": L * 32 * D, "moe32_top4_alf": L * 32 * D,
+             "moe32_top3_shared": L * 32 * D, "moe64_top7_shared": L * 64 * D,
              "moe32_top3_shared_alf": L * 32 * D,
              "prmoe": (L - 1) * 8 * D + 16 * D + L * (2 * D + 2)}[name]
     assert moe - dense == extra
@@ -85,8 +87,8 @@ def test_ablation_rows_compare_one_change_each_by_hand(bench):
     by = {r["change"]: r for r in rows}
     fine = by["fine-grained experts (32 of W/4, top-4) vs 16 of W, top-1"]
     assert fine["loss_change"] == pytest.approx(1.8 / 2.0 - 1) and fine["flops_ratio_with"] == 0.8
-    assert by["aux-loss-free balancing vs the balance loss"]["loss_change"] == pytest.approx(1.71 / 1.8 - 1)
-    assert "a shared expert (top-3 + 1 shared) vs top-4 routed" not in by  # its run is missing
+    assert by["aux-loss-free balancing vs the balance loss, top-4"]["loss_change"] == pytest.approx(1.71 / 1.8 - 1)
+    assert not any(r["with"] == "moe32_top3_shared" for r in rows)  # its run is missing
     # the budget-0.5 run is not a full run: neither the baseline nor one of the LRs tried
     lr = by["tuned learning rate (best of 0.003, 0.006: 0.006; the others vs it: 0.003: +5.56%)"]
     assert (lr["with"], lr["final_without"], lr["loss_change"]) == ("moe32_top4", 1.9, pytest.approx(1.8 / 1.9 - 1))
