@@ -14,19 +14,24 @@ Not here: training (deepspeed_moe.py), the FLOPs model (moe_vs_dense.py).
 
 from __future__ import annotations
 
+import copy
+import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
 from _common import command_line, load_average, machine_info, markdown_table, target, write_results
 from deepspeed_moe import (FLOPS_RATIO_GOAL, LOSS_GAP_GOAL, NAME, NEVER, PARAMS_RATIO_GOAL, REFERENCE, STANDARD,
                            THROUGHPUT_GOAL, best_by_model, load_runs, model_config, run_name, train_config)
-from moe_vs_dense import corpora, crossing_flops, load_trained, throughput
+from moe_vs_dense import corpora, crossing_flops, lm_loss_fn, load_trained, throughput
 
 from moekit.checkpoints import resolve_checkpoint
+from moekit.data.text import batch_at
 from moekit.errors import MoekitError
 from moekit.models.decoder import DecoderLM
 from moekit.train.lm import prepare_data
+from moekit.train.loop import make_optimizer
 
 COMPUTE_MODELS = (*STANDARD, "prmoe")  # the MoS student learns from a teacher: not a from-scratch compute claim
 
@@ -108,7 +113,41 @@ def measure_throughput(s, corpus: str, dcfg, best: dict[str, dict], work: Path) 
             models[name], source = DecoderLM(model_config(name, s, data.tokenizer.vocab_size)), "freshly built models"
     tps = throughput(models, data, train_config(s, 3e-3), s)
     return {"corpus": corpus, "source": source, "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
-            "ratio_to_dense": {k: round(v / tps["dense"], 3) for k, v in tps.items() if k != "dense"}}
+            "ratio_to_dense": {k: round(v / tps["dense"], 3) for k, v in tps.items() if k != "dense"},
+            "breakdown": step_breakdown(models, data, train_config(s, 3e-3), s)}
+
+
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm")
+
+
+def step_breakdown(models: dict, data, tc, s) -> dict[str, dict]:
+    """What bounds an MoE's tokens/s against dense: per model, the median forward+backward and clip+AdamW
+    times of a training step (ms) and its matmul calls (torch.profiler, one step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, trained in models.items():
+        model = copy.deepcopy(trained).train()
+        optimizer, loss_fn = make_optimizer(model, tc), lm_loss_fn(tc)
+
+        def step(i: int) -> tuple[float, float]:
+            t0 = time.perf_counter()
+            loss, _ = loss_fn(model, batch_at(data.train, i, tc.batch_size, tc.seq_len, tc.seed + 11))
+            loss.backward()
+            t1 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return t1 - t0, time.perf_counter() - t1
+
+        step(0)  # warm-up (the optimizer's state is created here)
+        fb, opt = zip(*[step(i) for i in range(1, s.throughput_rounds + 1)])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(s.throughput_rounds + 1)
+        calls = sum(e.count for e in prof.key_averages() if e.key in MATMULS)
+        out[name] = {"forward_backward_ms": round(1e3 * median(fb), 2), "optimizer_ms": round(1e3 * median(opt), 2),
+                     "matmul_calls": calls, "params": sum(p.numel() for p in model.parameters())}
+    return out
 
 
 def plot(corpus: str, runs: list[dict], best: dict[str, dict], path: Path) -> Path:
@@ -225,6 +264,7 @@ def markdown(result: dict) -> str:
         lines += ["## Training tokens/s", "", f"Timed interleaved on {speed['corpus']} ({speed['source']}).", "",
                   markdown_table(["model", "tokens/s", "/ dense"], [[k, v, speed["ratio_to_dense"].get(k, 1.0)]
                                                                    for k, v in speed["tokens_per_s"].items()]), ""]
+        lines += breakdown_markdown(speed.get("breakdown", {}))
     return "\n".join(lines)
 
 
@@ -238,3 +278,13 @@ def ablation_markdown(rows: list[dict]) -> list[str]:
                            [[r["change"], r["with"], r["without"], f"{r['final_with']:.4f} / {r['final_without']:.4f}",
                              f"{100 * r['loss_change']:+.2f}%", "" if r["with"] == r["without"]
                              else f"{fmt(r['flops_ratio_with'])} / {fmt(r['flops_ratio_without'])}"] for r in rows]), ""]
+
+
+def breakdown_markdown(rows: dict[str, dict]) -> list[str]:
+    if not rows:
+        return []
+    return ["What bounds it (one training step per model, medians; matmul calls from torch.profiler): an MoE calls "
+            "one matmul per expert and matrix, and its optimizer updates every expert's weights.", "",
+            markdown_table(["model", "forward+backward ms", "clip+AdamW ms", "matmul calls", "parameters"],
+                           [[k, v["forward_backward_ms"], v["optimizer_ms"], v["matmul_calls"], f"{v['params']:,}"]
+                            for k, v in rows.items()]), ""]

@@ -97,3 +97,22 @@ def test_ablation_rows_compare_one_change_each_by_hand(bench):
     assert len(rows) == 4
     md = "\n".join(report.ablation_markdown(rows))
     assert "-10.00%" in md and "0.800 / never" in md
+
+
+def test_step_breakdown_counts_a_dense_steps_matmuls_by_hand(bench):
+    d, report = bench
+    import torch
+
+    from moekit.models.decoder import DecoderLM
+    from moekit.train.lm import DataConfig, prepare_data
+
+    s = d.QUICK
+    data = prepare_data(DataConfig(path=None, max_bytes=50_000, tokenizer="byte"), s.seq_len)
+    torch.manual_seed(0)
+    models = {"dense": DecoderLM(d.model_config("dense", s, data.tokenizer.vocab_size)),
+              "moe16_top1": DecoderLM(d.model_config("moe16_top1", s, data.tokenizer.vocab_size))}
+    rows = report.step_breakdown(models, data, d.train_config(s, 3e-3), s)
+    # per layer q, k, v, o + gate, up, down: 7 matmuls forward, 2 each backward; plus the head's 1 + 2
+    assert rows["dense"]["matmul_calls"] == 3 * (7 * s.layers + 1)
+    assert rows["moe16_top1"]["matmul_calls"] > rows["dense"]["matmul_calls"]
+    assert all(r["forward_backward_ms"] > 0 and r["optimizer_ms"] > 0 for r in rows.values())
