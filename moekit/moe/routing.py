@@ -49,9 +49,14 @@ class Routing:
         """Tokens per expert after capacity (what the experts actually compute); counted once per record."""
         counts = self.__dict__.get("_counts_E")
         if counts is None or counts[0] is not self.expert_idx_N:
-            counts = (self.expert_idx_N, torch.bincount(self.expert_idx_N, minlength=self.num_experts))
-            self.__dict__["_counts_E"] = counts
+            return self.seed_counts(torch.bincount(self.expert_idx_N, minlength=self.num_experts))
         return counts[1]
+
+    def seed_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """Cache counts_E for the current expert_idx_N, when the builder already counted it (it must equal
+        bincount(expert_idx_N)); a later expert_idx_N is counted afresh."""
+        self.__dict__["_counts_E"] = (self.expert_idx_N, counts_E)
+        return counts_E
 
     def stats(self) -> dict[str, float]:
         """Plain-number statistics for logs: load, drops, entropy."""
@@ -423,5 +428,5 @@ def _token_choice_routing(cfg, logits_TE, scores_TE, expert_idx_TK, weight_TK, b
         aux_losses=aux,
         selected_E=selected_E,
     )
-    routing.__dict__["_counts_E"] = (expert_idx_N, selected_E)  # before capacity the counts are the selection: one bincount
+    routing.seed_counts(selected_E)  # before capacity the counts are the selection: one bincount
     return routing
