@@ -201,6 +201,7 @@ def _generation_routes(app: FastAPI, state: ServerState) -> None:
         if body.model != s.model_name:
             raise _unknown_model(body.model, s.model_name)
         _ready_or_503(state)
+        _fits_the_queue(body, s)
         job = Job(state.scheduler, plan(state.engine, body, state.token_limit))
         if body.stream:
             return StreamingResponse(stream_job(job, chat, s.model_name, body.include_usage),
@@ -208,24 +209,79 @@ def _generation_routes(app: FastAPI, state: ServerState) -> None:
         return await complete(job, chat, s.model_name, request.is_disconnected)
 
 
+def _fits_the_queue(body, s: ServerSettings) -> None:
+    """400 for a request with more choices than the server ever holds at once (it would get 429 forever)."""
+    prompts = 1 if isinstance(body, ChatCompletionRequest) else len(body.prompts)
+    capacity = s.max_batch + s.max_queue
+    if prompts * body.n <= capacity:
+        return
+    param = "n" if body.n > 1 and prompts <= capacity else ("messages" if prompts == 1 else "prompt")
+    raise APIError(400, f"this request asks for {prompts * body.n} completions ({prompts} prompt(s) x n={body.n}), more "
+                        f"than this server ever holds at once: {capacity} (max_batch {s.max_batch} + max_queue "
+                        f"{s.max_queue}); send at most {capacity} per request", param=param, code="too_many_choices")
+
+
 def schema_from(raw: bytes, schema):
     """Parse and check a JSON body; every failure is a 400 naming what is wrong."""
     if not raw.strip():
         raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_int=_parse_int)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
     except RecursionError:
         raise APIError(400, "the JSON body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    _check_values(data, "")
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         raise from_validation(e) from None
     except RecursionError:
         raise APIError(400, "the JSON body is nested too deeply", code="invalid_json") from None
+
+
+MAX_INT_DIGITS = 40  # more than any field accepts (seed < 2**63 has 19 digits); Python refuses > 4300
+
+
+class _HugeInt(int):
+    """A JSON integer with more digits than any field accepts (kept as its digit count: Python limits int(str))."""
+
+    digits: int
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) <= MAX_INT_DIGITS:
+        return int(text)
+    huge = _HugeInt(-1 if text.startswith("-") else 1)
+    huge.digits = len(text.lstrip("-"))
+    return huge
+
+
+def _check_values(value, path: str) -> None:
+    """400 naming the field for values no field accepts: over-long integers, text that is not valid Unicode."""
+    if isinstance(value, dict):
+        for key, v in value.items():
+            _check_text(key, path or "body", "a field name")
+            _check_values(v, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_values(v, f"{path}[{i}]")
+    elif isinstance(value, _HugeInt):
+        raise APIError(400, f"{path}: an integer of {value.digits} digits is out of range", param=path,
+                       code="invalid_value")
+    elif isinstance(value, str):
+        _check_text(value, path, "the text")
+
+
+def _check_text(text: str, path: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{path}: {what} holds a lone surrogate {text[e.start]!r} at character {e.start}, which "
+                            f"is not valid Unicode: send UTF-8 text (escape pairs \\ud83d\\ude00 are fine)",
+                       param=path, code="invalid_value") from None
 
 
 def _unknown_model(name, served: str) -> APIError:
