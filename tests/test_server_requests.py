@@ -86,3 +86,115 @@ def test_a_request_that_can_never_fit_the_queue_is_400_naming_the_limit(app):
         assert err["param"] == param and err["code"] == "too_many_choices"
         assert "40" in err["message"] and "max_queue" in err["message"]
     assert r_fits.status_code == 200, r_fits.text
+
+
+# ---------------------------------------------------------------- sizes, bodies cut short, the real port
+
+
+class _CountingBackend:
+    def __init__(self, backend):
+        self.backend, self.encoded = backend, 0
+
+    def encode(self, *args, **kw):
+        self.encoded += 1
+        return self.backend.encode(*args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+class _Tokenizer:
+    def __init__(self, tok):
+        self.tok, self.backend = tok, _CountingBackend(tok.backend)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(engine):
+    from moekit.infer import Engine
+
+    counting = Engine(engine.model, _Tokenizer(engine.tokenizer))
+    a = create_app(counting, ServerSettings(model_name=NAME))
+    try:
+        huge = "x" * 2_000_000
+        r_c, r_ch, r_list = post_all(a, [(C, raw({**OK, "prompt": huge})),
+                                         (CH, raw({**OKC, "messages": [{"role": "user", "content": huge}]})),
+                                         (C, raw({**OK, "prompt": ["ok", huge]}))])
+        for r, param in ((r_c, "prompt"), (r_ch, "messages"), (r_list, "prompt[1]")):
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "2000000 characters" in r.json()["error"]["message"]
+        assert counting.tokenizer.backend.encoded == 0
+        near = post_all(a, [(C, raw({**OK, "prompt": "y" * 500}))])[0]  # too long, but only the tokens can tell
+        assert near.status_code == 400 and counting.tokenizer.backend.encoded == 1
+    finally:
+        a.state.server.shutdown()
+
+
+def test_a_body_cut_short_is_answered_without_a_traceback(app, caplog):
+    sent = []
+
+    async def go():
+        messages = [{"type": "http.request", "body": b'{"model": "tiny", "pro', "more_body": True},
+                    {"type": "http.disconnect"}]
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": C, "raw_path": C.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+                 "client": ("127.0.0.1", 1), "server": ("test", 80)}
+        await app(scope, receive, send)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(go())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert sent and sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+
+
+def test_serve_on_port_0_prints_the_real_port_and_a_bad_host_is_one_message(tmp_path, engine):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moekit.checkpoints import save_checkpoint
+    from moekit.config import to_dict
+    from moekit.train.lm import RunConfig
+
+    root = Path(__file__).parents[1]
+    ckpt = tmp_path / "run"
+    save_checkpoint(ckpt, 1, config=to_dict(RunConfig(model=engine.model.cfg)), model_state=engine.model.state_dict(),
+                    optimizer_state=None, trainer_state={}, tokenizer=engine.tokenizer)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    serve = [sys.executable, "-m", "moekit", "serve", str(ckpt), "--model-name", NAME]
+    bad = subprocess.run([*serve, "--host", "999.1.1.1"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "999.1.1.1" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    proc = subprocess.Popen([*serve, "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", first).group(1))
+        assert port != 0, first
+        assert "loaded" in proc.stdout.readline()
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port)) as s:  # a body cut short: the client goes away
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"model\": \"tiny\", \"pro")
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=OK, timeout=30)
+        assert r.status_code == 200, r.text
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "ClientDisconnect" not in err, err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 
 
@@ -65,6 +66,22 @@ def _default_name(model: str) -> str:
     return os.path.basename(os.path.normpath(model)) or "moekit"
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (uvicorn listens on it); a ConfigError naming the address if it cannot be."""
+    from ..errors import ConfigError
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, UnicodeError) as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on --host {host} --port {port}: {getattr(e, 'strerror', None) or e}; give "
+                          "an address of this machine (127.0.0.1, 0.0.0.0, ::1) and a free port (0: any)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def _serve(args) -> int:
     _check(args)
     import uvicorn
@@ -85,12 +102,14 @@ def _serve(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=max(1, round(args.shutdown_timeout)))
     server = holder["server"] = uvicorn.Server(config)
+    sock = _bind(args.host, args.port)  # here, not in uvicorn: the real port (--port 0) is known before it is printed
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it with the previous handler: make that a clean exit
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     auth = " (API key required)" if settings.api_key else ""
-    print(f"moekit serve: http://{args.host}:{args.port}/v1 as model {settings.model_name!r}{auth}; loading {args.model}",
-          flush=True)
-    server.run()
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"moekit serve: http://{host}:{sock.getsockname()[1]}/v1 as model {settings.model_name!r}{auth}; "
+          f"loading {args.model}", flush=True)
+    server.run(sockets=[sock])
     error = app.state.server.load_error
     if error is not None:
         if isinstance(error, MoekitError):

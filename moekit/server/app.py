@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from ..infer.scheduler import Scheduler
 from .errors import APIError, from_validation, install_handlers
-from .generation import Job, complete, plan
+from .generation import Job, complete, max_prompt_chars, plan
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .streaming import stream_job
@@ -62,6 +63,7 @@ class ServerState:
         self.engine = None
         self.scheduler: Scheduler | None = None
         self.load_error: BaseException | None = None
+        self.max_prompt_chars: int | None = None
         self.on_load_error = on_load_error
         self.created = int(time.time())
 
@@ -74,6 +76,7 @@ class ServerState:
         scheduler = Scheduler(engine, s.max_batch, s.max_queue, stats=self.metrics.stats, step_tokens=s.step_tokens,
                               max_wait=s.max_wait)
         scheduler.start()
+        self.max_prompt_chars = max_prompt_chars(engine)
         self.engine = engine
         self.scheduler = scheduler
 
@@ -197,12 +200,16 @@ def _generation_routes(app: FastAPI, state: ServerState) -> None:
 
     async def _generate(request: Request, schema, chat: bool):
         _auth(state, request)
-        body = schema_from(await request.body(), schema)
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # the body was cut short: nobody is left to answer (and nothing to log)
+            return Response(status_code=400)
+        body = schema_from(raw, schema)
         if body.model != s.model_name:
             raise _unknown_model(body.model, s.model_name)
         _ready_or_503(state)
         _fits_the_queue(body, s)
-        job = Job(state.scheduler, plan(state.engine, body, state.token_limit))
+        job = Job(state.scheduler, plan(state.engine, body, state.token_limit, state.max_prompt_chars))
         if body.stream:
             return StreamingResponse(stream_job(job, chat, s.model_name, body.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -39,12 +39,33 @@ def fallback_chat(messages) -> str:
     return "\n\n".join(f"{names[m.role]}: {m.text}" for m in messages) + "\n\nAssistant:"
 
 
-def build_prompts(engine, body) -> tuple[list[list[int]], list[str]]:
+def max_prompt_chars(engine) -> int | None:
+    """Characters beyond which no prompt can fit the context, whatever the text (checked before tokenizing).
+
+    A token covers at most `longest` characters of the vocabulary (bytes, for byte-level BPE); the margin
+    covers normalizers that shrink text (Unicode composition). None: no tokenizer.
+    """
+    if engine.tokenizer is None:
+        return None
+    vocab = engine.tokenizer.backend.get_vocab(with_added_tokens=True)
+    longest = max((len(t) for t in vocab), default=1)
+    return engine.model.cfg.max_seq_len * longest * 4 + 1024
+
+
+def _check_size(chars: int, max_chars: int | None, field: str, engine) -> None:
+    if max_chars is not None and chars > max_chars:
+        raise APIError(400, f"{field}: {chars} characters can never fit this model's context of "
+                            f"{engine.model.cfg.max_seq_len} tokens (refused above {max_chars} characters, before "
+                            f"tokenizing): shorten the prompt", param=field, code="context_length_exceeded")
+
+
+def build_prompts(engine, body, max_chars: int | None = None) -> tuple[list[list[int]], list[str]]:
     """(token ids per prompt, extra stop strings) for a completion or chat request."""
     tok = engine.tokenizer
     if isinstance(body, ChatCompletionRequest):
         if tok is None:
             raise APIError(400, "this model has no tokenizer: chat needs one", param="messages")
+        _check_size(sum(len(m.text) for m in body.messages), max_chars, "messages", engine)
         if engine.chat_template:
             from ..infer.chat import render_chat
 
@@ -59,6 +80,8 @@ def build_prompts(engine, body) -> tuple[list[list[int]], list[str]]:
     if prompts and isinstance(prompts[0], str):
         if tok is None:
             raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+        for i, p in enumerate(prompts):
+            _check_size(len(p), max_chars, f"prompt[{i}]" if len(prompts) > 1 else "prompt", engine)
         return [tok.backend.encode(p, add_special_tokens=True).ids for p in prompts], []
     return [list(p) for p in prompts], []
 
@@ -69,7 +92,7 @@ class Plan:
     cfgs: list[list[SamplingConfig]]  # per prompt, one per choice
 
 
-def plan(engine, body, limit: int) -> Plan:
+def plan(engine, body, limit: int, max_chars: int | None = None) -> Plan:
     """Prompts and per-choice settings, after checking tokens, context and the token limit."""
     is_chat = isinstance(body, ChatCompletionRequest)
     field = "messages" if is_chat else "prompt"
@@ -78,7 +101,7 @@ def plan(engine, body, limit: int) -> Plan:
     if requested is not None and requested > limit:
         raise APIError(400, f"{token_field}={requested} is over this server's limit of {limit} tokens",
                        param=token_field, code="max_tokens_over_limit")
-    prompt_ids, extra_stops = build_prompts(engine, body)
+    prompt_ids, extra_stops = build_prompts(engine, body, max_chars)
     ctx = engine.model.cfg.max_seq_len
     cfgs = []
     for i, ids in enumerate(prompt_ids):
@@ -189,4 +212,4 @@ async def complete(job: Job, chat: bool, model_name: str, is_disconnected) -> di
     }
 
 
-__all__ = ["Job", "plan", "complete", "fallback_chat", "build_prompts", "FALLBACK_STOP"]
+__all__ = ["Job", "plan", "max_prompt_chars", "complete", "fallback_chat", "build_prompts", "FALLBACK_STOP"]
