@@ -193,7 +193,7 @@ MALFORMED = [
     (C, {**OK, "prompt": 123}, 400, "prompt"), (C, {**OK, "prompt": []}, 400, "prompt"),
     (C, {**OK, "prompt": [[1, 999]]}, 400, "prompt"), (C, {**OK, "prompt": ""}, 400, "prompt"),
     (C, {**OK, "logprobs": 5}, 400, "logprobs"), (C, {**OK, "echo": True}, 400, "echo"),
-    (C, {**OK, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    (C, {**OK, "presence_penalty": 2.5}, 400, "presence_penalty"),
     (C, {**OK, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     (C, {**OK, "stream": True, "stream_options": {"include_usage": "y"}}, 400, "stream_options.include_usage"),
     (C, {**OK, "temperature": float("nan")}, 400, "temperature"),

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 
 HF_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe", "phimoe", "gpt_oss")  # = moekit.hf.SUPPORTED_MODEL_TYPES (not imported: torch)
-SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")  # SamplingConfig fields; None = its default
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")  # SamplingConfig fields; None = its default
 
 
 class _LibraryDefaults(argparse.HelpFormatter):
@@ -104,6 +105,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set with probability >= p (1 = all)")
     p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--repetition-penalty", type=float, help="divide the logits of tokens already in the prompt or "
+                   "the text by this (multiply when negative; as transformers; > 1 discourages repeats, 1 = off)")
+    p.add_argument("--presence-penalty", type=float, help="subtract this from the logit of every token generated "
+                   "so far (as OpenAI; -2..2 there, 0 = off)")
+    p.add_argument("--frequency-penalty", type=float, help="subtract this times the count of each token generated "
+                   "so far (as OpenAI; -2..2 there, 0 = off)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
     p.add_argument("--system", help="a system message for --chat")

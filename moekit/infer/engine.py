@@ -4,7 +4,8 @@
 moekit checkpoint) and its tokenizer. `generate` takes a batch of prompts of
 different lengths, left-pads them, prefills them in one forward pass and
 decodes one token per step for every sequence, with greedy, temperature,
-top-k and top-p sampling (seeded), stop token ids, stop strings, a token
+top-k and top-p sampling (seeded), repetition, presence and frequency
+penalties, stop token ids, stop strings, a token
 budget and a streaming callback.
 
 The engine runs the model's own forward (`DecoderLM.forward` with a KV cache
@@ -34,7 +35,7 @@ import torch
 
 from ..models.decoder import DecoderLM
 from ..errors import ConfigError
-from .sampling import SamplingConfig, make_generator, next_tokens
+from .sampling import Penalties, SamplingConfig, make_generator, next_tokens
 
 # on_token(sequence index, token id, newly decoded text): text may be "" while a multi-byte character is
 # incomplete; a last call with token id None flushes text held back at the end.
@@ -279,13 +280,9 @@ class Engine:
             self._need_tokenizer()
         seqs = [_Sequence(i, n, self.tokenizer, cfg.stop_strings) for i, n in enumerate(lens)]
         generator = None if cfg.greedy else make_generator(cfg.seed, self.device)
+        penalties = Penalties(cfg, prompt_ids) if cfg.penalized else None
 
-        ids_BP = torch.zeros(B, P, dtype=torch.long)
-        keep_BK = torch.ones(B, total, dtype=torch.bool)
-        for b, p in enumerate(prompt_ids):
-            ids_BP[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            keep_BK[b, : P - len(p)] = False
-        ids_BP, keep_BK = ids_BP.to(self.device), keep_BK.to(self.device)
+        ids_BP, keep_BK = _left_pad(prompt_ids, P, total, self.device)
         mask_BK = keep_BK if min(lens) < P else None  # left padding: real keys only
         positions_BP = (keep_BK[:, :P].long().cumsum(-1) - 1).clamp_min(0)
         cache = model.new_cache(B, total)
@@ -298,7 +295,7 @@ class Engine:
         prefilled, decode_steps = time.perf_counter(), 0
         pos_B1 = positions_BP[:, -1:]
         for step in range(budget):
-            tok_B = next_tokens(logits_BV, cfg, generator)
+            tok_B = next_tokens(logits_BV, cfg, generator, penalties)
             for seq, tok in zip(seqs, tok_B.tolist()):
                 if not seq.done:
                     seq.add(tok, stop_ids, needs_text, on_token)
@@ -344,6 +341,16 @@ class Engine:
         out = self.model(ids_BT, attention_mask_BK=mask, positions_BT=positions_BT, kv_cache=cache,
                          cache_start=start, group_ids_BT=groups_BT, last_only=True)
         return out.logits[:, -1]
+
+
+def _left_pad(prompt_ids: list[list[int]], P: int, total: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts left-padded to P tokens [B, P], and which of `total` key positions are real [B, total]."""
+    ids_BP = torch.zeros(len(prompt_ids), P, dtype=torch.long)
+    keep_BK = torch.ones(len(prompt_ids), total, dtype=torch.bool)
+    for b, p in enumerate(prompt_ids):
+        ids_BP[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        keep_BK[b, : P - len(p)] = False
+    return ids_BP.to(device), keep_BK.to(device)
 
 
 def request_groups(mcfg, prompt_ids: list[list[int]], P: int, group_ids, new_token_groups, device):

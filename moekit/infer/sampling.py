@@ -1,4 +1,4 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p; checked settings.
+"""Choosing the next token from logits: penalties, greedy, temperature, top-k, top-p; checked settings.
 
 `SamplingConfig` holds what a generation call may set (validated once, with
 one clear message per bad value); `next_tokens` turns a batch of last-position
@@ -33,6 +33,9 @@ class SamplingConfig:
     seed: int | None = 0  # None: a non-reproducible seed
     stop_token_ids: list[int] | None = None  # None: the model's end-of-sequence ids
     stop_strings: list[str] = field(default_factory=list)
+    repetition_penalty: float = 1.0  # transformers' rule over prompt + generated tokens; 1: off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated so far
 
     def __post_init__(self) -> None:
         validate(self)
@@ -40,6 +43,10 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def validate(c: SamplingConfig) -> None:
@@ -58,6 +65,13 @@ def validate(c: SamplingConfig) -> None:
             c.stop_token_ids = [c.stop_token_ids]
         if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in c.stop_token_ids):
             raise ConfigError(f"stop_token_ids={c.stop_token_ids!r} is invalid: it must be a list of token ids >= 0")
+    if not _number(c.repetition_penalty) or c.repetition_penalty <= 0:
+        raise ConfigError(f"repetition_penalty={c.repetition_penalty!r} is invalid: it must be a finite number > 0 "
+                          "(1 = off, > 1 discourages repeats)")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not _number(getattr(c, name)):
+            raise ConfigError(f"{name}={getattr(c, name)!r} is invalid: it must be a finite number (0 = off, "
+                              "> 0 discourages repeats; OpenAI accepts -2..2)")
     if isinstance(c.stop_strings, str):
         c.stop_strings = [c.stop_strings]
     if any(not isinstance(s, str) or not s for s in c.stop_strings):
@@ -77,8 +91,53 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return gen
 
 
-def next_tokens(logits_BV: torch.Tensor, c: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Token ids [B] for the last-position logits [B, V]."""
+class Penalties:
+    """The token history of a batch for the repetition, presence and frequency penalties.
+
+    repetition (transformers' RepetitionPenaltyLogitsProcessor): the logit of every token of the prompt
+    or generated so far is divided by the penalty when positive, multiplied when negative. presence and
+    frequency (OpenAI's): logits[t] -= presence * (count[t] > 0) + frequency * count[t], counting the
+    generated tokens only. Applied in that order, to the raw logits (before temperature, top-k, top-p).
+    """
+
+    def __init__(self, c: SamplingConfig, prompt_ids: list[list[int]]) -> None:
+        self.c, self.prompt_ids = c, prompt_ids
+        self.counts_BV: torch.Tensor | None = None  # generated tokens (made at the first step: V from the logits)
+        self.seen_BV: torch.Tensor | None = None  # prompt + generated tokens
+
+    def apply(self, logits_BV: torch.Tensor) -> torch.Tensor:
+        c = self.c
+        if self.counts_BV is None:
+            self.counts_BV = torch.zeros(logits_BV.shape, dtype=torch.float32, device=logits_BV.device)
+            self.seen_BV = torch.zeros(logits_BV.shape, dtype=torch.bool, device=logits_BV.device)
+            for b, ids in enumerate(self.prompt_ids):
+                self.seen_BV[b, torch.tensor(ids, dtype=torch.long, device=logits_BV.device)] = True
+        logits = logits_BV.float()
+        if c.repetition_penalty != 1:
+            r = c.repetition_penalty
+            logits = torch.where(self.seen_BV, torch.where(logits < 0, logits * r, logits / r), logits)
+        if c.presence_penalty or c.frequency_penalty:
+            logits = logits - c.frequency_penalty * self.counts_BV - c.presence_penalty * (self.counts_BV > 0).float()
+        return logits
+
+    def record(self, tok_B: torch.Tensor) -> None:
+        rows = torch.arange(tok_B.shape[0], device=tok_B.device)
+        self.counts_BV[rows, tok_B] += 1
+        self.seen_BV[rows, tok_B] = True
+
+
+def next_tokens(logits_BV: torch.Tensor, c: SamplingConfig, generator: torch.Generator | None = None,
+                penalties: Penalties | None = None) -> torch.Tensor:
+    """Token ids [B] for the last-position logits [B, V] (penalised by, and recorded in, `penalties`)."""
+    if penalties is not None:
+        logits_BV = penalties.apply(logits_BV)
+        tok_B = _sample(logits_BV, c, generator)
+        penalties.record(tok_B)
+        return tok_B
+    return _sample(logits_BV, c, generator)
+
+
+def _sample(logits_BV: torch.Tensor, c: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     if c.greedy:
         return logits_BV.argmax(-1)
     logits = logits_BV.float() / c.temperature

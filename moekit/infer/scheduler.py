@@ -59,7 +59,7 @@ import torch
 from ..errors import MoekitError
 from .engine import Completion, _Sequence
 from .expert_batching import Pending, expert_aware_pick, fifo_pick, plan_steps
-from .sampling import SamplingConfig, make_generator, next_tokens
+from .sampling import Penalties, SamplingConfig, make_generator, next_tokens
 from .serve_stats import ServeStats
 
 # on_event(kind, payload): ("token", (token_id, new_text)) for each token, then ("done", Completion)
@@ -102,6 +102,7 @@ class _Row:
 
     def __init__(self, request: Request, seq: _Sequence, generator, budget: int) -> None:
         self.request, self.seq, self.generator, self.budget = request, seq, generator, budget
+        self.penalties = Penalties(request.cfg, [request.prompt_ids]) if request.cfg.penalized else None
         self.next_token = 0
         self.emitted = 0  # characters of seq.text sent as "token" events
         self.position = len(request.prompt_ids)
@@ -260,7 +261,7 @@ class Scheduler:
         logits_BV = out.logits[:, -1]
         for b in reversed(range(k)):  # reversed: a finished row is replaced by the last one
             row = self.rows[n + b]
-            self._take(n + b, next_tokens(logits_BV[b : b + 1], row.request.cfg, row.generator))
+            self._take(n + b, next_tokens(logits_BV[b : b + 1], row.request.cfg, row.generator, row.penalties))
 
     def _decode(self) -> None:
         if self.cursor >= self.max_len:
@@ -287,7 +288,8 @@ class Scheduler:
             row.position += 1
             row.ready_at = self.now
             cfg = row.request.cfg
-            tok = greedy[b : b + 1] if cfg.greedy else next_tokens(logits_BV[b : b + 1], cfg, row.generator)
+            tok = (greedy[b : b + 1] if cfg.greedy and row.penalties is None
+                   else next_tokens(logits_BV[b : b + 1], cfg, row.generator, row.penalties))
             self._take(i, tok)
 
     # ------------------------------------------------------------ known routes

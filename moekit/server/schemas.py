@@ -5,8 +5,10 @@
 (a misspelt `max_token` is a 400 naming it, not a silently ignored setting);
 types are strict (`"5"` is not a number, `true` is not an integer); OpenAI
 fields moekit does not implement (`logprobs`, `echo`, `best_of`, `suffix`,
-`logit_bias`, non-zero penalties, tools) are accepted only at their "off"
-value. `top_k` is an extension (as in vLLM: 0 or -1 = no limit).
+`logit_bias`, tools) are accepted only at their "off" value. `top_k` and
+`repetition_penalty` are extensions (as in vLLM: top_k 0 or -1 = no limit;
+repetition_penalty as transformers'); presence and frequency penalties follow
+OpenAI (-2..2, over the generated tokens).
 `sampling_config` turns a request into one `SamplingConfig` per choice
 (choice j of a seeded request uses seed + j).
 
@@ -55,8 +57,9 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = Field(default=0.0)
-    frequency_penalty: float = Field(default=0.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)  # OpenAI's range
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # an extension (as vLLM): transformers' rule
     logprobs: bool | int | None = None
     logit_bias: dict[str, float] | None = None
 
@@ -79,9 +82,6 @@ class _Sampling(_Strict):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                raise _Unsupported(name, "is not supported by moekit serve: use 0 (the default)")
         if self.logprobs not in (None, False, 0):
             raise _Unsupported("logprobs", "is not supported by moekit serve")
         if self.logit_bias:
@@ -103,7 +103,10 @@ class _Sampling(_Strict):
         return [SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(self.temperature),
                                top_k=max(0, self.top_k), top_p=float(self.top_p),
                                seed=None if self.seed is None else self.seed + j,
-                               stop_strings=[*self.stop_strings, *extra_stops])
+                               stop_strings=[*self.stop_strings, *extra_stops],
+                               presence_penalty=float(self.presence_penalty),
+                               frequency_penalty=float(self.frequency_penalty),
+                               repetition_penalty=float(self.repetition_penalty))
                 for j in range(self.n)]
 
 
