@@ -74,3 +74,22 @@ def test_generate_flags_left_out_take_the_library_defaults():
     assert SamplingConfig(**sampling_settings(args)) == SamplingConfig()
     args = build_parser().parse_args(["generate", "m", "--prompt", "x", "--temperature", "0.5", "--seed", "3"])
     assert SamplingConfig(**sampling_settings(args)) == SamplingConfig(temperature=0.5, seed=3)
+
+
+def test_key_value_overrides_are_taken_anywhere_on_the_line(capsys):
+    from moekit.cli.main import build_parser, parse
+
+    parser = build_parser()
+    args = parse(parser, ["train", "--preset", "tiny", "train.steps=2", "--out", "runs/x", "moe.top_k=1"])
+    assert (args.overrides, args.preset, args.out) == (["train.steps=2", "moe.top_k=1"], "tiny", "runs/x")
+    args = parse(parser, ["train", "--out", "o", "a.b=1", "--quiet", "c.d=2", "--preset", "tiny", "e.f=3"])
+    assert args.overrides == ["a.b=1", "c.d=2", "e.f=3"] and args.quiet
+    args = parse(parser, ["train-forecaster", "--out", "o", "train.steps=5", "--csv", "a.csv", "model.hidden_size=8"])
+    assert args.overrides == ["train.steps=5", "model.hidden_size=8"]
+    args = parse(parser, ["distill", "teacher", "train.steps=3", "--out", "o", "model.num_layers=1"])
+    assert args.positionals == ["teacher", "train.steps=3", "model.num_layers=1"]
+    for argv in (["train", "--out", "o", "a=1", "--quiet", "stray"], ["train", "--out", "o", "a=1", "--bogus"],
+                 ["inspect", "run", "a=1"]):
+        with pytest.raises(SystemExit) as e:
+            parse(parser, argv)
+        assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import MoekitError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0
@@ -54,6 +54,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"moekit {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, key=value overrides taken wherever they stand."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _take_overrides(parser, args, extra)
+    return args
+
+
+def _take_overrides(parser: argparse.ArgumentParser, args, extra: list[str]) -> None:
+    """key=value overrides anywhere on the line: argparse keeps only the first run of them in the positional.
+
+    The rest come back as unrecognized and are appended, in order, to the command's overrides (or to
+    distill's TEACHER key=value list); anything else is still refused as argparse refuses it.
+    """
+    dest = next((d for d in ("overrides", "positionals") if hasattr(args, d)), None)
+    if dest is None or any(a.startswith("-") or "=" not in a for a in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    setattr(args, dest, [*(getattr(args, dest) or []), *extra])
 
 
 if __name__ == "__main__":
