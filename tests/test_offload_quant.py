@@ -8,6 +8,7 @@ here with quant_format's reference quantizer; lazily offloaded GGUF generation a
 generation; GGUF requantized int8 against the same weights quantized by hand, and near the fp32 model.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -27,6 +28,7 @@ from moekit.infer.serve_stats import ServeStats
 from moekit.models.decoder import DecoderLM, ModelConfig
 from moekit.moe.quant_format import QuantSpec, dequantize, quantize
 from moekit.moe.quantized import QuantizedExperts
+from quant_oracle import fake_quant_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = [[5, 17, 3, 99, 42, 8, 23], [61, 2]]
@@ -151,12 +153,15 @@ def test_a_byte_budget_counts_the_quantized_bytes(run):
 # ---------------------------------------------------------------- the low-bit fallback
 
 
-def _oracle_int4(x_ND, w_in_HD, w_out_DF):
-    """Dequantize-then-matmul with quant_format's reference quantizer (int4, group 32, symmetric)."""
+def _oracle_int4(x_ND, w_in_HD, w_out_DF, act_round=lambda x: x):
+    """Dequantize-then-matmul with quant_format's reference quantizer (int4, group 32, symmetric).
+
+    act_round: what the kernel does to each matmul's input (the native kernels round it to int8 blocks).
+    """
     spec = QuantSpec(bits=4, group_size=32)
     w_in, w_out = (dequantize(quantize(w, spec), spec) for w in (w_in_HD, w_out_DF))
-    gate, up = F.linear(x_ND, w_in).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w_out)
+    gate, up = F.linear(act_round(x_ND), w_in).chunk(2, dim=-1)
+    return F.linear(act_round(F.silu(gate) * up), w_out)
 
 
 def _fp32(x_ND, w_in_HD, w_out_DF):
@@ -164,7 +169,19 @@ def _fp32(x_ND, w_in_HD, w_out_DF):
     return F.linear(F.silu(gate) * up, w_out_DF)
 
 
-def test_low_bit_fallback_computes_a_miss_from_the_int4_copy():
+@pytest.mark.parametrize("kernels", ["fp32 activations", "native"])
+def test_low_bit_fallback_computes_a_miss_from_the_int4_copy(kernels):
+    from moekit.moe import native
+
+    if kernels == "native" and native.isa() in ("none", "generic"):
+        pytest.skip("the native kernels' vector build does not run here")
+    ctx = native.off() if kernels != "native" else contextlib.nullcontext()
+    act_round = fake_quant_rows if kernels == "native" else (lambda x: x)
+    with ctx:
+        _fallback_case(act_round)
+
+
+def _fallback_case(act_round):
     model = tiny_model()
     w_in, w_out = (t.detach().clone() for t in (model.layers[0].mlp.experts.w_in_EHD, model.layers[0].mlp.experts.w_out_EDF))
     offloader = offload_model(model, "25%", tier="memory", low_bit_fallback=True)
@@ -174,7 +191,7 @@ def test_low_bit_fallback_computes_a_miss_from_the_int4_copy():
     rows_E = torch.tensor([0, 2, 0, 0, 0, 3, 0, 0])
     with torch.no_grad():
         first = experts(x_ND, rows_E)  # both experts miss: computed from the int4 copy, full copies start loading
-        want = torch.cat([_oracle_int4(x_ND[:2], w_in[1], w_out[1]), _oracle_int4(x_ND[2:], w_in[5], w_out[5])])
+        want = torch.cat([_oracle_int4(x_ND[:2], w_in[1], w_out[1], act_round), _oracle_int4(x_ND[2:], w_in[5], w_out[5], act_round)])
         torch.testing.assert_close(first, want, atol=1e-5, rtol=1e-5)
         full = torch.cat([_fp32(x_ND[:2], w_in[1], w_out[1]), _fp32(x_ND[2:], w_in[5], w_out[5])])
         assert (first - full).abs().max() > 1e-3  # the int4 copy really is another weight
@@ -265,7 +282,16 @@ def _logits(model, ids=torch.tensor([[3, 100, 7, 250, 42, 9, 9, 18]])):
 
 
 def test_gguf_requantized_int8_is_the_hand_quantized_model_and_near_fp32(gguf_file):
-    fp32 = Engine.load(gguf_file).model
+    from moekit.moe import native
+
+    with native.off():  # fp32 activations, as the hand-quantized twin's (native's int8 activations: test_native.py)
+        _requantized_case(gguf_file)
+
+
+def _requantized_case(gguf_file):
+    import moekit.gguf as G
+
+    fp32 = G.load(gguf_file, blocks=False)  # every tensor dequantized (Engine.load keeps the blocks)
     int8 = Engine.load(gguf_file, quantize="int8").model
     twin = copy.deepcopy(fp32)  # gguf's dequantized experts, quantized to int8 by hand
     spec = QuantSpec(bits=8)

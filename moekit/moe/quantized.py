@@ -15,13 +15,20 @@ Kernels, by name (the module's `kernel` attribute, or `kernel=` per call):
 - `dequant`: the reference (the oracle in tests, as `loop` is for fp32
   experts): each active expert's weights dequantized to fp32, then the same
   matmuls as `loop`.
-- `numba`: quant_kernels.quantized_matmul, reading the codes directly, all
-  active experts in one parallel call per matmul (CPU only: elsewhere, and
-  where numba is not installed, `dequant` runs instead).
-- `auto`: `numba` while every matrix sees at most NUMBA_MAX_ROWS[bits] rows
-  (decoding: a few rows per expert) and numba is installed; otherwise
-  `dequant`, whose fp32 BLAS matmul wins once rows are many (prefill) because
-  the dequantized weight is then reused across rows. The row limit comes from
+- `native`: the compiled integer-dot kernels (moekit.moe.native: activations
+  quantized per 32-value block to int8, integer dot products with the codes,
+  AVX-512 VNNI / AVX-VNNI / AVX2 / plain C by CPU), all of an MoE layer's
+  active experts (gate, up, activation, down) in one call. CPU only; where
+  the extension is not built, or a width is not whole 32-value blocks, `numba`
+  runs instead.
+- `numba`: quant_kernels.quantized_matmul, reading the codes directly with
+  fp32 activations, all active experts in one parallel call per matmul (CPU
+  only: elsewhere, and where numba is not installed, `dequant` runs instead).
+- `auto`: while every matrix sees at most NATIVE_MAX_ROWS rows, `native` where
+  its vector kernels run (the plain-C build is slower than numba), else
+  `numba` up to NUMBA_MAX_ROWS[bits] rows; otherwise `dequant`, whose fp32
+  BLAS matmul wins once rows are many (prefill) because the dequantized
+  weight is then reused across rows. The row limits come from
   benchmarks/quant_kernels.py (see its results).
 
 Not here: the format (quant_format.py), the kernels (quant_kernels.py),
@@ -36,15 +43,16 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..meta import empty_on, on_meta
-from . import quant_kernels
+from . import native, quant_kernels
 from .experts import activate
 from .quant_format import QuantSpec, check_width, dequantize, quantize, stored_names
 
-QUANT_KERNELS = ("auto", "dequant", "numba")
+QUANT_KERNELS = ("auto", "dequant", "numba", "native")
 
 # `auto` uses the numba kernel up to this many rows per matrix, by bit width (the int4 kernel does more
 # work per weight than the int8 one); measured in benchmarks/results/quant_kernels.md.
 NUMBA_MAX_ROWS = {8: 64, 4: 64}  # numba beats dequant at every measured row count up to 64, int4 included (quant_kernels.md)
+NATIVE_MAX_ROWS = 64
 
 
 def _check_kernel(name: str) -> None:
@@ -52,11 +60,17 @@ def _check_kernel(name: str) -> None:
         raise ConfigError(f"kernel={name!r} is unknown for quantized weights: accepted values are {', '.join(QUANT_KERNELS)}")
 
 
-def resolve_kernel(name: str, most_rows: int, bits: int, device: torch.device) -> str:
-    """The kernel a call runs: `auto` by the row rule; `numba` falls back to `dequant` without numba or off the CPU."""
+def resolve_kernel(name: str, most_rows: int, spec: QuantSpec, widths: tuple[int, ...], device: torch.device) -> str:
+    """The kernel a call runs: `auto` by the row rule; `native` falls back to `numba`, `numba` to `dequant`.
+
+    widths: the input widths of the weights the call multiplies (native needs whole 32-value blocks).
+    """
     _check_kernel(name)
     if name == "auto":
-        name = "numba" if most_rows <= NUMBA_MAX_ROWS[bits] else "dequant"
+        vector = native.isa() not in ("generic", "none")
+        name = "native" if vector and most_rows <= NATIVE_MAX_ROWS else "numba" if most_rows <= NUMBA_MAX_ROWS[spec.bits] else "dequant"
+    if name == "native" and (device.type != "cpu" or not all(native.fits(spec, w) for w in widths)):
+        name = "numba"
     if name == "numba" and (not quant_kernels.AVAILABLE or device.type != "cpu"):
         return "dequant"
     return name
@@ -136,7 +150,8 @@ class QuantizedExperts(_QuantizedWeights):
     def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
         """`kernel` (or the module's) with `auto` resolved; x lends its row count when counts are absent."""
         most = int(counts_E.max()) if counts_E is not None and counts_E.numel() else x.shape[0]
-        return resolve_kernel(kernel or self.kernel, most, self.spec.bits, x.device)
+        _, _, D, F_ = self._shape
+        return resolve_kernel(kernel or self.kernel, most, self.spec, (D, F_), x.device)
 
     def forward(self, x_ND: torch.Tensor, rows_E: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
         """x_ND holds rows_E[e] consecutive rows per expert; returns [N, D] in x's dtype."""
@@ -146,7 +161,7 @@ class QuantizedExperts(_QuantizedWeights):
             if count:
                 groups.append((e, start, count))
             start += count
-        fn = self._numba if name == "numba" else self._dequant
+        fn = {"numba": self._numba, "native": self._native}.get(name, self._dequant)
         return fn(x_ND, groups).to(x_ND.dtype)
 
     def dequantized(self, name: str, e: int) -> torch.Tensor:
@@ -168,6 +183,16 @@ class QuantizedExperts(_QuantizedWeights):
         return mm(activate(h, self.activation), p_out["q"], p_out["scale"], p_out.get("zero"), self.spec, groups)
 
 
+    def _native(self, x_ND, groups) -> torch.Tensor:
+        """One call for every active expert (gate, up, activation, down); two around a Python activation otherwise."""
+        p_in, p_out = self._parts("w_in_EHD"), self._parts("w_out_EDF")
+        w_in = native.moekit_weight(p_in["q"], p_in["scale"], p_in.get("zero"), self.spec)
+        w_out = native.moekit_weight(p_out["q"], p_out["scale"], p_out.get("zero"), self.spec)
+        if self.activation in native.ACTIVATIONS:
+            return native.moe(x_ND, w_in, w_out, groups, self.activation)
+        return native.matmul(activate(native.matmul(x_ND, w_in, groups), self.activation), w_out, groups)
+
+
 class QuantizedLinear(_QuantizedWeights):
     """An nn.Linear with a weight-only quantized weight (`weight_q`, `weight_scale`[, `weight_zero`]); bias kept."""
 
@@ -187,7 +212,10 @@ class QuantizedLinear(_QuantizedWeights):
         x_NI = x.reshape(-1, self.in_features)
         N = x_NI.shape[0]
         p = self._parts("weight")
-        if resolve_kernel(self.kernel, N, self.spec.bits, x.device) == "numba":
+        name = resolve_kernel(self.kernel, N, self.spec, (self.in_features,), x.device)
+        if name == "native":
+            y = native.matmul(x_NI, native.moekit_weight(p["q"], p["scale"], p.get("zero"), self.spec), ((0, 0, N),))
+        elif name == "numba":
             y = quant_kernels.quantized_matmul(x_NI, p["q"], p["scale"], p.get("zero"), self.spec, ((0, 0, N),))
         else:
             y = F.linear(x_NI.float(), dequantize(p, self.spec)[0])
