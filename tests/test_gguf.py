@@ -25,6 +25,7 @@ from moekit.data.text import Tokenizer  # noqa: E402
 from moekit.errors import CheckpointError  # noqa: E402
 from moekit.infer import Engine  # noqa: E402
 from moekit.models.decoder import DecoderLM, ModelConfig  # noqa: E402
+from moekit.quantize import set_kernel  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BASE = dict(vocab_size=257, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
@@ -83,7 +84,7 @@ def test_quantized_export_equals_dequantized_twin(family, dtype, tmp_path):
     G.save(model, tmp_path / "q.gguf", dtype=dtype)
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors}
     assert types["blk.0.ffn_gate_exps.weight"] == Q[dtype] and types["blk.0.ffn_gate_inp.weight"] == Q.F32
-    back, twin = G.load(tmp_path / "q.gguf"), _twin(model, Q[dtype])
+    back, twin = G.load(tmp_path / "q.gguf", blocks=False), _twin(model, Q[dtype])  # (blocks: tests/test_gguf_blocks.py)
     assert torch.equal(logits(back), logits(twin))
     assert not torch.equal(logits(back), logits(model))  # the quantization did happen
 
@@ -129,6 +130,7 @@ def test_k_quant_file_written_by_gguf_decodes_like_its_fp32_twin(tmp_path):
         w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     assert seen == {Q.Q4_K, Q.Q6_K, Q.BF16}
     a, b = Engine.load(tmp_path / "k.gguf"), Engine.load(tmp_path / "twin.gguf")
+    set_kernel(a.model, "dequant")  # its blocks through the reference kernel (native: tests/test_gguf_blocks.py)
     assert torch.equal(logits(a.model), logits(b.model))
     assert a.generate([[1, 2, 3]], max_new_tokens=6)[0].token_ids == b.generate([[1, 2, 3]], max_new_tokens=6)[0].token_ids
 

@@ -2,15 +2,23 @@
 
 The metadata (`{arch}.*` keys) is mapped onto the Hugging Face config dict of the matching family and
 handed to `moekit.hf.model_config_from_hf`, so the same checks and refusals apply as for a Hugging Face
-directory; llama.cpp's fixed choices (top-k renormalisation per arch) are what the config says. Each
-tensor is dequantized with the `gguf` package's own routines (`gguf.quants.dequantize`: F32, F16, BF16,
-Q8_0, Q4_0, Q4_K, Q6_K and the rest it knows) straight into its slot; Q/K rows of the "llama" arch are
-put back in Hugging Face order. The tokenizer: a "gpt2" vocab becomes a byte-level BPE `tokenizers`
-Tokenizer; a "llama" (SentencePiece) vocab a Unigram over its scores with byte fallback (best effort).
+directory; llama.cpp's fixed choices (top-k renormalisation per arch) are what the config says.
+
+Weights (`load(path, blocks=True)`, the default): tensors in a block type moekit runs (Q8_0, Q4_0, Q5_0,
+Q4_K, Q6_K: blocks.py) stay in it, resident at their file size: the routed experts as a `GGUFExperts`,
+attention / shared-expert / head matrices as `GGUFLinear` (storage.py; which ones and how they are read:
+block_load.py). F32/F16/BF16 tensors, norms, routers and the token embedding are floats; a tensor of a
+quantized type with no block path here (Q5_K, Q3_K, IQ4_NL, ...) is dequantized to fp32 by gguf-py
+(`gguf.quants.dequantize`), as is every tensor with blocks=False. A type gguf-py cannot dequantize
+either is one UnsupportedGGUFError naming the types moekit runs; a file cut short is one CheckpointError
+naming the tensor. Q/K rows of the "llama" arch are put back in Hugging Face order. The tokenizer: a
+"gpt2" vocab becomes a byte-level BPE `tokenizers` Tokenizer; a "llama" (SentencePiece) vocab a Unigram
+over its scores with byte fallback (best effort).
 
 `load(path, experts=False)` leaves the routed experts on the meta device (lazy loading: an expert budget's
-slow tier, moekit.infer.offload.gguf_tier, reads them per expert from the file's memory map with
-`expert_tensors`, which dequantizes one expert's block of a stacked `ffn_*_exps` tensor).
+slow tier, moekit.infer.offload.gguf_tier, reads them per expert from the file: raw blocks into
+GGUFExperts slots, or with `dequantize_expert`, which dequantizes one expert's block of a stacked
+`ffn_*_exps` tensor, into full-precision slots).
 
 Not here: writing GGUF (writer.py), the name maps (arch.py), requantizing to moekit's int8/int4
 storage (moekit.quantize on the loaded model; per expert, moekit.infer.offload.requant).
@@ -25,6 +33,8 @@ import torch
 
 from ..errors import CheckpointError, MoekitError
 from .arch import ARCH_TO_FAMILY, NORM_TOPK, UnsupportedGGUFError, check_arch, is_qk, permute_qk, tensor_plan
+from .block_load import EXPERT_TENSORS, block_plan, block_target, dequantize_blocks_into, qtype_of, read_blocks, skipped_params, swap_block_modules
+from .blocks import BLOCK_TYPES, FLOAT_TYPES, is_block_type
 
 MAGIC = b"GGUF"
 
@@ -45,9 +55,44 @@ def open_gguf(path: str | Path):
     if not p.is_file():
         raise CheckpointError(f"GGUF file {p} does not exist")
     try:
-        return gguf.GGUFReader(str(p))
+        return _checked_reader(str(p))
+    except _Truncated as e:
+        raise CheckpointError(f"{p} is truncated or corrupt: {e}") from None
     except Exception as e:
         raise CheckpointError(f"{p} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _reader_class():
+    import gguf
+
+    class CheckedReader(gguf.GGUFReader):
+        """gguf's reader, first checking that every tensor's bytes lie inside the file (one message naming it)."""
+
+        def _build_tensors(self, start_offs, fields):
+            size = len(self.data)
+            for field in fields:
+                _, name, _, dims, raw_dtype, offset = field.parts
+                try:
+                    qtype = gguf.GGMLQuantizationType(int(raw_dtype[0]))
+                except ValueError:
+                    continue  # (gguf's own error names an unknown type)
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+                need = int(np.prod(dims)) * type_size // block
+                end = int(start_offs + offset[0]) + need
+                if end > size:
+                    raise _Truncated(f"tensor {bytes(name).decode(errors='replace')} ({qtype.name}) needs {need} bytes "
+                                     f"ending at offset {end}, but the file ends at {size}")
+            return super()._build_tensors(start_offs, fields)
+
+    return CheckedReader
+
+
+def _checked_reader(path: str):
+    return _reader_class()(path)
 
 
 def _fields(reader) -> dict:
@@ -88,18 +133,22 @@ def hf_config(meta: dict, tensors: dict, where: str) -> dict:
     return hf
 
 
+def cannot_run(t) -> str:
+    """The message for a tensor type moekit can neither run as blocks nor dequantize."""
+    return (f"tensor {t.name} is stored as GGUF type {t.tensor_type.name}, which moekit cannot run: it runs "
+            f"{', '.join(BLOCK_TYPES)} in block form and {', '.join(FLOAT_TYPES)} (and the other quantized types "
+            f"gguf-py dequantizes, as fp32) as floats")
+
+
 def _dequantized(t) -> torch.Tensor:
     from gguf.quants import dequantize
 
     try:
         data = dequantize(t.data, t.tensor_type)
     except NotImplementedError:
-        raise UnsupportedGGUFError(f"tensor {t.name} is stored as {t.tensor_type.name}, which gguf cannot dequantize") from None
+        raise UnsupportedGGUFError(cannot_run(t)) from None
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
-
-
-EXPERT_TENSORS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 
 
 def expert_tensors(reader, layer: int) -> dict[str, object]:
@@ -121,26 +170,45 @@ def dequantize_expert(t, expert: int) -> torch.Tensor:
     try:
         data = dequantize(t.data[expert], t.tensor_type)
     except NotImplementedError:
-        raise UnsupportedGGUFError(f"tensor {t.name} is stored as {t.tensor_type.name}, which gguf cannot dequantize") from None
+        raise UnsupportedGGUFError(cannot_run(t)) from None
     except Exception as e:
         raise CheckpointError(f"tensor {t.name} cannot be read (truncated or corrupt?): {e}") from None
     rows, cols = int(t.shape[1]), int(t.shape[0])
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(rows, cols))
 
 
-def load(path: str | Path, dtype=None, device=None, experts: bool = True):
+def load(path: str | Path, dtype=None, device=None, experts: bool = True, blocks: bool = True):
     """A GGUF MoE file (llama with experts, qwen2moe, qwen3moe, olmoe) as an eval-mode DecoderLM.
 
-    experts=False: the routed experts' weights are not read (they stay on the meta device, in `dtype`).
+    blocks=True: tensors in a block type moekit runs (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K) stay in it, resident at
+    their file size (GGUFExperts / GGUFLinear, block_load.py); blocks=False: every tensor dequantized to
+    floats in `dtype` (what requantizing at load, moekit.quantize, starts from).
+    experts=False: the routed experts' weights are not read (they stay on the meta device).
     """
     from .. import hf
-    from ..hf.reader import _empty_model
-    from ..models.build import is_expert_param
 
     p = Path(path)
     reader = open_gguf(p)
     meta = _fields(reader)
     tensors = {t.name: t for t in reader.tensors}
+    cfg, arch, plan = _model_plan(meta, tensors, p)
+    layers, linears = block_plan(plan, tensors, cfg) if blocks else ({}, {})
+    model = _build(cfg, layers, linears, experts)
+    with torch.no_grad():
+        for name, (slot, index) in plan.items():
+            expert = name.endswith(EXPERT_TENSORS)
+            if experts or not expert:
+                _read(model, name, slot, index, tensors[name], cfg, arch, p, (layers, linears))
+    _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+def _model_plan(meta: dict, tensors: dict, p: Path):
+    """(ModelConfig, arch, tensor_plan) of the file, its tensors checked against the metadata."""
+    from .. import hf
+
     try:
         cfg_dict = hf_config(meta, tensors, p.name)
     except KeyError as e:
@@ -155,29 +223,47 @@ def load(path: str | Path, dtype=None, device=None, experts: bool = True):
     missing, extra = sorted(set(plan) - set(tensors)), sorted(set(tensors) - set(plan) - {"rope_freqs.weight"})
     if missing or extra:
         raise CheckpointError(f"{p.name}: the tensors do not fit the metadata: missing {missing[:3]}, unexpected {extra[:3]}")
-    skip = None if experts else is_expert_param
-    model = _empty_model(cfg, torch.float32, torch.device("cpu"), skip=skip)
+    return cfg, arch, plan
+
+
+def _build(cfg, layers: dict, linears: dict, experts: bool):
+    """The fp32 model on the CPU, uninitialised; block-stored weights and (experts=False) unread experts left unallocated."""
+    from ..hf.reader import _empty_model
+    from ..models.build import is_expert_param
+
+    blocked = skipped_params(layers, linears)
+    model = _empty_model(cfg, torch.float32, torch.device("cpu"),
+                         skip=lambda name: name in blocked or (not experts and is_expert_param(name)))
+    swap_block_modules(model, layers, linears, experts_on_meta=not experts)
+    return model
+
+
+def _read(model, name: str, slot: str, index, t, cfg, arch: str, p: Path, blocked: tuple[dict, dict]) -> None:
+    """GGUF tensor `name` into the model: its blocks as they are, or dequantized into its float slot."""
+    layers, linears = blocked
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+    is_expert = name.endswith(EXPERT_TENSORS)
+    if (is_expert and layer in layers) or slot.removesuffix(".weight") in linears:
+        F = cfg.moe_for_layer(layer).expert_hidden if is_expert else None
+        read_blocks(p, t, block_target(model, name, slot, F), cfg, arch)
+        return
     params = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
-    with torch.no_grad():
-        for name, (slot, index) in plan.items():
-            if experts or not name.endswith(EXPERT_TENSORS):
-                _copy(params[slot], index, tensors[name], cfg, arch, p.name)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    device, dtype = hf.resolve_device(device), hf.resolve_dtype(dtype)
-    if experts:
-        return model.to(device=device, dtype=dtype).eval()
-    for module in model.modules():  # the experts stay on the meta device (in the final dtype)
+    if is_block_type(qtype_of(t)) and not index and t.name == "token_embd.weight":
+        dequantize_blocks_into(params[slot].data, t)  # (not gguf-py's: its temporaries are several times the table)
+        return
+    _copy(params[slot], index, t, cfg, arch, p.name)
+
+
+def _place(model, device: torch.device, dtype: torch.dtype) -> None:
+    """Floats to `dtype` on `device` (as Module.to does); meta tensors stay on meta (in `dtype`), blocks stay uint8."""
+    for module in model.modules():
         for name, t in list(module._parameters.items()):
             if t is not None:
                 moved = torch.empty_like(t, dtype=dtype) if t.is_meta else t.data.to(device=device, dtype=dtype)
                 module._parameters[name] = torch.nn.Parameter(moved, requires_grad=t.requires_grad)
-        for name, b in list(module._buffers.items()):  # as Module.to does
-            if b is not None:
+        for name, b in list(module._buffers.items()):
+            if b is not None and not b.is_meta:
                 module._buffers[name] = b.to(device=device, dtype=dtype) if b.is_floating_point() else b.to(device)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model.eval()
 
 
 def _copy(param, index, t, cfg, arch: str, where: str) -> None:

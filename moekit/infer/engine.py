@@ -125,8 +125,10 @@ class Engine:
         (moekit.quantize.quantize_model, experts only); a checkpoint written by `moekit quantize`
         comes back quantized without it. With an expert budget too, the experts are offloaded
         quantized: each is quantized as it is read and written to a spill file (the disk tier) one
-        at a time, so they never all exist in full precision. A GGUF file with quantize= is
-        dequantized with gguf's routines, then requantized to moekit's format.
+        at a time, so they never all exist in full precision. A GGUF file runs in its own block formats
+        (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K stay resident at their file size: moekit.gguf.storage; with an
+        expert budget the slots hold the blocks too); with quantize= it is dequantized with gguf's
+        routines instead, then requantized to moekit's format.
         """
         from .. import hf
         from .chat import load_chat_template, special_tokens, stop_token_ids
@@ -142,7 +144,7 @@ class Engine:
         if offload_options and expert_budget is None:
             raise ConfigError(f"{', '.join(sorted(offload_options))} only apply with an expert budget (expert_budget=...)")
         lazy = expert_budget is not None
-        if p.suffix == ".gguf" or p.is_file():  # --- GGUF (moekit.gguf): dequantized on load
+        if p.suffix == ".gguf" or p.is_file():  # --- GGUF (moekit.gguf): its block formats kept
             engine = cls._load_gguf(p, dtype, device, options, lazy)
         elif _is_moefy_dir(p):  # --- a moefy output: a converted decoder (a Read-ME model routes ahead)
             engine = cls._load_moefy(p, dtype, device, options, lazy)
@@ -186,15 +188,16 @@ class Engine:
 
     @classmethod
     def _load_gguf(cls, p: Path, dtype, device, options: dict | None, lazy: bool) -> "Engine":
-        """A GGUF file: non-expert tensors dequantized into memory; experts too unless lazy (an expert budget).
+        """A GGUF file: its blocks kept as they are (experts too unless lazy: an expert budget), other tensors as floats.
 
-        quantize= without a budget: the experts are requantized one at a time (no full-precision copy of them)."""
+        quantize=: everything dequantized instead, and without a budget the experts requantized one at a time
+        (no full-precision copy of them)."""
         from .. import gguf
 
         if not gguf.is_gguf(p):
             raise ConfigError(f"model path {p} is a file but not a GGUF file: give a .gguf file, a Hugging Face model directory or a moekit checkpoint")
         per_expert = lazy or options is not None  # requantized: each expert dequantized, then quantized, as it is read
-        model = _quantized(gguf.load(p, dtype=dtype, device=device, experts=not per_expert), options)
+        model = _quantized(gguf.load(p, dtype=dtype, device=device, experts=not per_expert, blocks=options is None), options)
         if per_expert and not lazy:
             from .offload.transform import load_experts
 

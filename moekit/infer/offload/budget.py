@@ -33,11 +33,14 @@ class SlowTierError(OffloadError):
 
 @dataclass(frozen=True)
 class LayerShape:
-    """One MoE layer's expert weights: w_in [E, H, D] and w_out [E, D, F], in `dtype` or quantized by `spec`.
+    """One MoE layer's expert weights: w_in [E, H, D] and w_out [E, D, F], in `dtype`, quantized by `spec`,
+    or GGUF blocks of the types `gguf` (gate, up, down).
 
     `parts()` names the tensors one expert is stored as, in the order every slow tier reads them:
     full precision ("w_in_EHD", "w_out_EDF"); quantized (moekit.moe.quant_format) the codes, scales
-    [and zero points] of w_in, then of w_out ("w_in_EHD_q", "w_in_EHD_scale", ...).
+    [and zero points] of w_in, then of w_out ("w_in_EHD_q", "w_in_EHD_scale", ...); GGUF blocks
+    (moekit.gguf.storage.GGUFExperts) uint8 rows of blocks ("w_in_EHB", "w_out_EDB", or "w_gate_EFB",
+    "w_up_EFB", "w_out_EDB" when gate and up differ in type).
     """
 
     num_experts: int
@@ -47,14 +50,22 @@ class LayerShape:
     dtype: torch.dtype
     min_slots: int  # experts one token needs at once (top-k)
     spec: QuantSpec | None = None  # quantized experts (int8 / int4), None = full precision
+    gguf: tuple[str, str, str] | None = None  # GGUF block types of gate, up, down (spec is then None)
 
     def parts(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(state name suffix, per-expert shape, dtype) of each tensor one expert is stored as."""
-        return list(_parts(self.H, self.D, self.F, self.dtype, self.spec))
+        return list(_parts(self.H, self.D, self.F, self.dtype, self.spec, self.gguf))
 
     @property
     def bytes_per_expert(self) -> int:
-        return sum(math.prod(shape) * _itemsize(dtype) for _, shape, dtype in _parts(self.H, self.D, self.F, self.dtype, self.spec))
+        return sum(math.prod(shape) * _itemsize(dtype) for _, shape, dtype in self.parts())
+
+    @property
+    def stored_as(self) -> str | None:
+        """How the experts are stored when not in a float dtype ("int4 (group 32)", "GGUF Q4_K/Q6_K"), else None."""
+        if self.gguf is not None:
+            return "GGUF " + "/".join(dict.fromkeys(self.gguf))
+        return None if self.spec is None else self.spec.name
 
     def full_precision(self, dtype: torch.dtype = torch.float32) -> "LayerShape":
         """The same layer unquantized (what a full-precision checkpoint stores)."""
@@ -65,7 +76,15 @@ class LayerShape:
 
 
 @functools.lru_cache(maxsize=None)
-def _parts(H: int, D: int, F: int, dtype: torch.dtype, spec: QuantSpec | None) -> tuple:
+def _parts(H: int, D: int, F: int, dtype: torch.dtype, spec: QuantSpec | None, gguf: tuple | None = None) -> tuple:
+    if gguf is not None:
+        from ...gguf.blocks import row_bytes
+
+        gate, up, down = gguf
+        if gate == up:
+            return (("w_in_EHB", (H, row_bytes(gate, D)), torch.uint8), ("w_out_EDB", (D, row_bytes(down, F)), torch.uint8))
+        return (("w_gate_EFB", (F, row_bytes(gate, D)), torch.uint8), ("w_up_EFB", (F, row_bytes(up, D)), torch.uint8),
+                ("w_out_EDB", (D, row_bytes(down, F)), torch.uint8))
     weights = (("w_in_EHD", (H, D)), ("w_out_EDF", (D, F)))
     if spec is None:
         return tuple((name, shape, dtype) for name, shape in weights)

@@ -4,7 +4,9 @@ It answers the same two calls as resident `Experts` (`kernel_for`, `forward`),
 so the MoE layer and its dispatcher run unchanged. Its slots are an `Experts`
 (full precision) or a `QuantizedExperts` (int8 / int4: the layer's LayerShape
 has a spec), so quantized experts compute through the same quantized kernels
-as the resident quantized model. Not here: fetching and caching (offloader.py).
+as the resident quantized model; GGUF block experts (the layer's LayerShape has `gguf` types) have
+`GGUFExperts` slots (moekit.gguf.storage) holding the file's blocks as they are. Not here: fetching and
+caching (offloader.py).
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class OffloadedExperts(nn.Module):
 
 def _make_slots(n: int, shape: LayerShape, activation: str, device, kernel: str = "loop") -> Experts | QuantizedExperts:
     """n experts' storage of the layer's kind, zero-filled on `device` (device="meta": a weightless stand-in)."""
+    if shape.gguf is not None:
+        from ...gguf.storage import GGUFExperts
+
+        return GGUFExperts.empty(n, shape.D, shape.F, activation, shape.gguf, _gguf_kernel(kernel), device)
     if shape.spec is not None:
         return QuantizedExperts.empty(n, shape.D, shape.F, activation, shape.spec, kernel, device)
     with on_meta():  # (not torch.device("meta"): computing on meta imports torch._dynamo, see moekit.meta)
@@ -68,6 +74,13 @@ def _make_slots(n: int, shape: LayerShape, activation: str, device, kernel: str 
         p.requires_grad_(False)
         p.data.zero_()
     return slots
+
+
+def _gguf_kernel(kernel: str) -> str:
+    """The resident layer's kernel name as the GGUF slots take it (a float kernel name: their `auto`)."""
+    from ...gguf.storage import GGUF_KERNELS
+
+    return kernel if kernel in GGUF_KERNELS else "auto"
 
 
 def slot_parts(slots: nn.Module, shape: LayerShape) -> list[torch.Tensor]:

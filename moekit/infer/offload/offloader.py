@@ -357,7 +357,7 @@ class Offloader:
             fast_bytes=sum(n * s.bytes_per_expert for n, s in zip(self.num_slots, self.shapes)),
             total_expert_bytes=sum(s.num_experts * s.bytes_per_expert for s in self.shapes),
             bytes_per_expert=[s.bytes_per_expert for s in self.shapes],
-            quantization=self.shapes[0].spec.name if self.shapes[0].spec is not None else None,
+            quantization=self.shapes[0].stored_as,
             low_bit_fallback=self.fallback is not None,
             fallback_bytes=fallback_bytes(self.fallback),
             policy=self.policy_name,

@@ -34,6 +34,12 @@ _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
 
 def expert_weights(parts: list[torch.Tensor], shape: LayerShape) -> tuple[torch.Tensor, torch.Tensor]:
     """One expert's fp32 (w_in [H, D], w_out [D, F]) from its stored parts (dequantized when quantized)."""
+    if shape.gguf is not None:  # GGUF blocks: [gate | up] rows (or gate, up apart), then down
+        from ...gguf.blocks import dequantize as blocks
+
+        gate, up, down = shape.gguf
+        w_in = blocks(parts[0], gate) if len(parts) == 2 else torch.cat((blocks(parts[0], gate), blocks(parts[1], up)))
+        return w_in, blocks(parts[-1], down)
     if shape.spec is None:
         return parts[0].float(), parts[1].float()
     names = stored_names(shape.spec)

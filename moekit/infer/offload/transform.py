@@ -39,7 +39,11 @@ def layer_shapes(moe_layers: list[tuple[str, MoELayer]]) -> list[LayerShape]:
         experts = m.experts
         k = 1 if m.cfg.router == "expert_choice" else m.cfg.top_k
         spec = getattr(experts, "spec", None)  # QuantizedExperts carry their QuantSpec; full-precision Experts none
-        if spec is not None:
+        qtypes = getattr(experts, "qtypes", None)  # GGUFExperts their block types
+        if qtypes is not None:
+            E, H, D, F = experts.shape_EHDF
+            shapes.append(LayerShape(E, H, D, F, torch.float32, k, gguf=tuple(qtypes)))
+        elif spec is not None:
             E, H, D, F = experts.shape_EHDF
             shapes.append(LayerShape(E, H, D, F, torch.float32, k, spec))
         else:
@@ -156,9 +160,11 @@ def is_gguf(path) -> bool:
 
 
 def _holds_model_form(checkpoint, paths, shapes) -> bool:
-    """Whether the checkpoint stores the experts as the model holds them (a GGUF: full precision only)."""
+    """Whether the checkpoint stores the experts as the model holds them (a GGUF: its blocks, or full precision)."""
     if checkpoint is None:
         raise OffloadError("the disk tier needs the checkpoint the model was loaded from")
+    if shapes[0].gguf is not None:
+        return is_gguf(checkpoint)
     if shapes[0].spec is None:
         return True
     return not is_gguf(checkpoint) and has_tensor(checkpoint, f"{paths[0]}.experts.{shapes[0].parts()[0][0]}")
