@@ -198,3 +198,25 @@ def test_dayfirst_and_date_format_on_the_forecast_commands(trained, tmp_path, ca
     assert code == 0, err
     saved = json.loads((run / "step-00000001" / "config.json").read_text())
     assert saved["data"]["date_format"] == "%d/%m/%Y %H:%M" and saved["data"]["dayfirst"] is False
+
+
+def test_an_output_that_cannot_be_written_is_one_message(trained, tmp_path, capsys, monkeypatch):
+    d, data = trained
+    model = str(d / "run")
+    for out in ("/proc/x.csv", "/proc/no/x.csv"):
+        code, err = run_cli(["forecast", "--model", model, "--csv", str(data), "--horizon", "5", "--out", out], capsys)
+        assert code == 2 and out in err and err.count("error:") == 1, err
+    code, err = run_cli(["eval-forecast", "--model", model, "--csv", str(data), "--horizons", "24", "--context", "96",
+                         "--stride", "200", "--no-baselines", "--quiet", "--out", "/proc/x.json"], capsys)
+    assert code == 2 and "/proc/x.json" in err and err.count("error:") == 1, err
+
+    from pathlib import Path as P
+
+    def fail(self, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(P, "replace", fail)  # the write itself fails after the temporary file was written
+    out = tmp_path / "f.csv"
+    code, err = run_cli(["forecast", "--model", model, "--csv", str(data), "--horizon", "5", "--out", str(out)], capsys)
+    assert code == 2 and "No space left on device" in err and str(out) in err
+    assert list(tmp_path.iterdir()) == []  # neither the forecast nor its temporary file

@@ -12,7 +12,9 @@ from __future__ import annotations
 def _distill(args) -> int:
     from ..errors import ConfigError
     from ..train.distill import DistillConfig, distill_lm
+    from .paths import out_dir
 
+    out_dir(args.out)
     args.teacher, args.overrides = _split_positionals(args.positionals)
     flags = {"kd_weight": args.kd_weight, "kd_temperature": args.kd_temperature, "kd_stop": args.kd_stop}
     kd = DistillConfig(**{k: v for k, v in flags.items() if v is not None})

@@ -29,7 +29,9 @@ def _plain_warnings(command: str):
 
 def _train(args) -> int:
     from ..train.forecaster import train_forecaster
+    from .paths import out_dir
 
+    out_dir(args.out)
     if args.resume and (args.init or args.overrides or args.date_format or args.dayfirst):
         print("note: --resume continues with the run's saved config; --init, overrides and date options are ignored",
               file=sys.stderr)
@@ -52,7 +54,11 @@ def _train(args) -> int:
 
 def _forecast(args) -> int:
     from ..infer.forecast import forecast_csv
+    from .paths import out_file
 
+    out_file(args.out)
+    if args.plot:
+        out_file(args.plot, "--plot", example="forecast.png")
     with _plain_warnings("forecast"):
         res = forecast_csv(args.model, args.csv, args.horizon, context=args.context, out=args.out, plot=args.plot,
                            date_format=args.date_format, dayfirst=args.dayfirst)
@@ -69,7 +75,10 @@ def _eval(args) -> int:
     from pathlib import Path
 
     from ..infer.forecast_eval import evaluate_csv, parse_horizons, results_dicts, results_table
+    from .paths import out_file, written
 
+    if args.out:
+        out_file(args.out, example="results.json")
     horizons = parse_horizons(args.horizons)
     with _plain_warnings("eval-forecast"):
         results = evaluate_csv(args.model, args.csv, horizons, context=args.context, stride=args.stride,
@@ -78,8 +87,9 @@ def _eval(args) -> int:
     print(f"MSE / MAE on the scaled test split, context {args.context}, stride {args.stride}:")
     print(results_table(results))
     if args.out:
-        Path(args.out).write_text(json.dumps({"context": args.context, "stride": args.stride,
-                                              "results": results_dicts(results)}, indent=2) + "\n")
+        with written(args.out):
+            Path(args.out).write_text(json.dumps({"context": args.context, "stride": args.stride,
+                                                  "results": results_dicts(results)}, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -141,6 +141,12 @@ def _add_generate(sub) -> None:
 
 
 def _convert(args) -> int:
+    from .paths import out_dir, out_file
+
+    if args.to == "gguf":
+        out_file(args.out_dir, "out_dir", example="model.gguf")
+    else:
+        out_dir(args.out_dir, "out_dir")
     if args.to == "gguf":  # --- GGUF (moekit.gguf)
         from ..gguf import convert as to_gguf
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 def _pregate(args) -> int:
     from ..train.pregate import finetune_pregated, format_report, train_pregate
+    from .paths import out_dir
 
+    out_dir(args.out)
     report = train_pregate(args.checkpoint, args.out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                            lr=args.lr, eval_batches=args.eval_batches, progress=not args.quiet)
     if args.finetune_steps > 0:

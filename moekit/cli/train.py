@@ -12,7 +12,9 @@ from __future__ import annotations
 
 def _train(args) -> int:
     from ..train.lm import inspect_checkpoint, resolve_run_config, train_lm
+    from .paths import out_dir
 
+    out_dir(args.out)
     if args.resume:
         _check_resume_flags(args)
         cfg = None
@@ -66,7 +68,11 @@ def _check_resume_flags(args) -> None:
 
 def _inspect(args) -> int:
     from ..train.lm import inspect_checkpoint
+    from .paths import out_file, positive
 
+    positive(args.batches, "--batches")
+    if args.heatmap:
+        out_file(args.heatmap, "--heatmap", example="expert_load.png")
     report = inspect_checkpoint(args.checkpoint, heatmap=args.heatmap, batches=args.batches)
     p = report["params"]
     print(f"checkpoint: {report['checkpoint']}")

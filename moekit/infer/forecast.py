@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..hf.timemoe import load_forecaster
 
 __all__ = ["CsvForecast", "forecast_csv", "load_forecaster", "plot_forecast"]
@@ -75,14 +75,19 @@ def forecast_csv(model_path: str | Path, csv_path: str | Path, horizon: int, con
 def _write_forecast(path: Path, date_name: str, channels: list[str], stamps: list[str], values_HC) -> Path:
     import csv
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([date_name, *channels])
-        for stamp, row in zip(stamps, values_HC):
-            w.writerow([stamp, *(f"{v:.6g}" for v in row)])
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([date_name, *channels])
+            for stamp, row in zip(stamps, values_HC):
+                w.writerow([stamp, *(f"{v:.6g}" for v in row)])
+        tmp.replace(path)
+    except OSError as e:
+        if tmp.is_file():
+            tmp.unlink()
+        raise ConfigError(f"cannot write the forecast to {path}: {e.strerror or e}") from None
     return path
 
 
