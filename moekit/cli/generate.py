@@ -38,10 +38,11 @@ def sampling_settings(args) -> dict:
 def _generate(args) -> int:
     from ..infer.engine import Engine, check_settings
 
-    settings = check_settings(**sampling_settings(args))
-    if args.expert_budget is None and (args.prefetch or args.cache or args.pregate or args.slow_tier or args.low_bit_fallback):
-        from ..errors import ConfigError
+    from ..errors import ConfigError
 
+    settings = check_settings(**sampling_settings(args))
+    _read_prompt(args)
+    if args.expert_budget is None and (args.prefetch or args.cache or args.pregate or args.slow_tier or args.low_bit_fallback):
         raise ConfigError("--prefetch, --cache, --pregate, --slow-tier and --low-bit-fallback need --expert-budget "
                           "(e.g. --expert-budget 25%)")
     lazy = args.expert_budget is not None and (args.slow_tier or "disk") == "disk"
@@ -63,6 +64,22 @@ def _generate(args) -> int:
     if args.stats:
         _print_stats(engine)
     return 0
+
+
+def _read_prompt(args) -> None:
+    """--prompt - reads the prompt from stdin (less one final newline); --system needs --chat."""
+    import sys
+
+    from ..errors import ConfigError
+
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system is the system message of a chat: add --chat (the model's chat template), or drop "
+                          "--system")
+    if args.prompt == "-":
+        text = sys.stdin.read()
+        args.prompt = text[:-1] if text.endswith("\n") else text
+        if not args.prompt:
+            raise ConfigError("--prompt -: the prompt read from stdin is empty")
 
 
 def offload_options(args, policy) -> dict:
@@ -99,7 +116,7 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a Hugging Face model directory or a moekit checkpoint",
                        formatter_class=_LibraryDefaults)
     p.add_argument("model", help="a GGUF file, a Hugging Face model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, Granite-MoE, PhiMoE, GPT-OSS) or a moekit run/checkpoint")
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--prompt", required=True, help="the text to continue; - reads it from stdin")
     p.add_argument("--max-new-tokens", type=int, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, help="0 = greedy")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (0 = all)")
@@ -113,7 +130,7 @@ def _add_generate(sub) -> None:
                    "so far (as OpenAI; -2..2 there, 0 = off)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
-    p.add_argument("--system", help="a system message for --chat")
+    p.add_argument("--system", help="a system message (with --chat only)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto (config.json's)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quantize", choices=["int8", "int4"],

@@ -35,7 +35,7 @@ import torch
 
 from ..models.decoder import DecoderLM
 from ..errors import ConfigError
-from .sampling import Penalties, SamplingConfig, make_generator, next_tokens
+from .sampling import Penalties, SamplingConfig, make_generator, next_tokens, sampling_config
 
 # on_token(sequence index, token id, newly decoded text): text may be "" while a multi-byte character is
 # incomplete; a last call with token id None flushes text held back at the end.
@@ -236,11 +236,12 @@ class Engine:
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, chat: bool = False,
                  system: str | None = None, on_token: TokenCallback | None = None, group_ids=None,
                  new_token_groups=None, **settings) -> list[Completion]:
-        """Continue each prompt (text, or lists of token ids); settings are SamplingConfig fields.
+        """Continue each prompt (text, or lists of token ids); settings are SamplingConfig fields (or OpenAI's
+        names stop and max_tokens).
 
         group_ids / new_token_groups: the routers' group ids, as in `generate_ids`.
         """
-        cfg = SamplingConfig(**settings)
+        cfg = sampling_config(**settings)
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -416,7 +417,8 @@ class _Sequence:
         self.tokenizer = tokenizer
         self.stop_strings = stop_strings
         self.ids: list[int] = []
-        self.text = ""  # text emitted so far (complete characters only)
+        self.text = ""  # text decoded so far (complete characters only)
+        self.sent = 0  # characters of text given to on_token (the rest could still start a stop string)
         self.done = False
         self.cut = False  # a stop string ended the text
         self.finish_reason = "length"
@@ -429,26 +431,43 @@ class _Sequence:
         if not needs_text:
             return
         full = self.tokenizer.decode(self.ids)
-        new = ""
         if not full.endswith("\ufffd"):  # else an incomplete multi-byte character: wait for its next token
             cut = self._stop_at(full)
             if cut is not None:
                 full = full[:cut]
                 self.done, self.cut, self.finish_reason = True, True, "stop"
-            new = full[len(self.text):] if full.startswith(self.text) else ""
+            if not full.startswith(self.text):  # (a decoding that changed earlier text: send only what follows)
+                self.sent = len(full)
             self.text = full
         if on_token is not None:
-            on_token(self.index, tok, new)
+            on_token(self.index, tok, self._unsent(final=self.cut))
 
     def flush(self, on_token: TokenCallback | None) -> None:
-        """Emit text held back while waiting for the rest of a character (none after a stop string)."""
-        if self.cut:
-            return
-        full = self.tokenizer.decode(self.ids)
-        if full.startswith(self.text) and len(full) > len(self.text):
-            rest, self.text = full[len(self.text):], full
-            if on_token is not None:
-                on_token(self.index, None, rest)
+        """Emit text held back: the rest of a character, or an end that could have begun a stop string."""
+        if not self.cut:
+            full = self.tokenizer.decode(self.ids)
+            if full.startswith(self.text) and len(full) > len(self.text):
+                self.text = full
+        rest = self._unsent(final=True)
+        if rest and on_token is not None:
+            on_token(self.index, None, rest)
+
+    def _unsent(self, final: bool) -> str:
+        """Text not given to on_token yet, less (unless final) an end that could be the start of a stop string."""
+        end = len(self.text) if final else len(self.text) - self._could_start_a_stop()
+        new = self.text[self.sent:end] if end > self.sent else ""
+        self.sent += len(new)
+        return new
+
+    def _could_start_a_stop(self) -> int:
+        """Characters at the end of the text that are the start of some stop string."""
+        best = 0
+        for s in self.stop_strings:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
 
     def _stop_at(self, full: str) -> int | None:
         if not self.stop_strings:
@@ -468,10 +487,7 @@ class _Sequence:
 
 def check_settings(**settings) -> SamplingConfig:
     """Validate generation settings without running anything (the CLI checks before loading a model)."""
-    try:
-        return SamplingConfig(**settings)
-    except TypeError as e:
-        raise ConfigError(f"unknown generation setting: {e}") from None
+    return sampling_config(**settings)
 
 
 __all__ = ["Engine", "Completion", "SamplingConfig", "check_settings"]

@@ -15,7 +15,7 @@ Shape legend: B batch, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -47,6 +47,24 @@ class SamplingConfig:
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+ALIASES = {"stop": "stop_strings", "max_tokens": "max_new_tokens"}  # OpenAI's names
+
+
+def sampling_config(**settings) -> SamplingConfig:
+    """A SamplingConfig from keyword settings, OpenAI's names (stop, max_tokens) included; one message otherwise."""
+    known = [f.name for f in fields(SamplingConfig)]
+    given, keys = {}, {}
+    for key, value in settings.items():
+        name = ALIASES.get(key, key)
+        if name not in known:
+            raise ConfigError(f"unknown generation setting {key!r}: the settings are {', '.join(known)} "
+                              f"(OpenAI's {' and '.join(ALIASES)} are accepted for {' and '.join(ALIASES.values())})")
+        if name in given:
+            raise ConfigError(f"{keys[name]} and {key} are the same setting ({name}): give one of them")
+        given[name], keys[name] = value, key
+    return SamplingConfig(**given)
 
 
 def validate(c: SamplingConfig) -> None:
