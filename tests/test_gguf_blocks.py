@@ -12,6 +12,7 @@ process (peak memory of a load).
 import multiprocessing
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,6 +264,31 @@ def _wide_model() -> DecoderLM:
             if p.dim() == 1:
                 p.normal_(1.0, 0.2)
     return model
+
+
+Q4_K_M = Path(__file__).parent / "data" / "tiny-mixtral-Q4_K_M.gguf"  # made by tests/data/make_q4km.py (llama.cpp's quantizer)
+
+
+def test_llama_cpp_q4_k_m_file_runs_in_its_blocks():
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(Q4_K_M)).tensors}
+    assert {"Q4_K", "Q6_K"} <= set(types.values()) <= {"Q4_K", "Q6_K", "F32"}
+    engine = Engine.load(Q4_K_M)
+    model = engine.model
+    for i, layer in enumerate(model.layers):
+        assert layer.mlp.experts.qtypes == tuple(types[f"blk.{i}.{w}.weight"] for w in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+        assert layer.self_attn.v_proj.qtype == types[f"blk.{i}.attn_v.weight"]
+    assert model.lm_head.qtype == types["output.weight"] == "Q6_K"
+    assert resident_block_bytes(model) == block_bytes(Q4_K_M)
+    fp32 = G.load(Q4_K_M, blocks=False)
+    want, auto = logits(fp32), logits(model)
+    assert (auto - want).abs().max() <= 5e-2 * want.abs().max()  # native: int8 activations (dequant elsewhere)
+    tokens = engine.generate([[1, 2, 3]], max_new_tokens=8, temperature=0)[0].token_ids
+    assert len(tokens) == 8
+    lazy = Engine.load(Q4_K_M, expert_budget="50%")
+    assert lazy.generate([[1, 2, 3]], max_new_tokens=8, temperature=0)[0].token_ids == tokens
+    lazy.offloader.close()
+    set_kernel(model, "dequant")
+    assert torch.equal(logits(model), want)
 
 
 # ---------------------------------------------------------------- memory
