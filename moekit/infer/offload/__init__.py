@@ -17,8 +17,10 @@ layer's stacked experts are replaced by a small stack of fast *slots*
 - `CudaHostTier` (CUDA): pinned host memory, copied to the device slots on a
   copy stream, ordered by events (see prefetch.CudaTransferQueue).
 
-- `GGUFTier`: a GGUF file's memory map, one expert's block dequantized by
-  gguf when it is loaded into a slot (Engine.load("x.gguf", expert_budget=...)).
+- `GGUFTier`: a GGUF file's memory map, one expert's blocks copied as they
+  are into GGUFExperts slots when it is loaded into a slot (Engine.load("x.gguf",
+  expert_budget=...); dequantized by gguf into full-precision slots when the
+  model was loaded dequantized, e.g. to requantize it).
 
 Quantized experts (int8 / int4, moekit.quantize) are offloaded quantized:
 every tier holds their codes and scales (LayerShape.parts()), the slots are
