@@ -32,13 +32,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, interleaved_times, machine_info, markdown_table, median, paired_ratio, target, write_results  # noqa: E402
 
-from moekit.moe import quant_kernels  # noqa: E402
+from _cpu_bench import bandwidth_gbs  # noqa: E402
+
+from moekit.moe import native, quant_kernels  # noqa: E402
 from moekit.moe.quant_format import QuantSpec, dequantize, quantize  # noqa: E402
 from moekit.moe.quantized import NUMBA_MAX_ROWS  # noqa: E402
 
 SIZE = 4096
 COPIES = 4  # distinct matrices cycled through (4 x 10 MB int4 > the L3 cache)
-ROWS = (1, 8, 32, 64)  # 64: auto's limit (NUMBA_MAX_ROWS) for both widths
+ROWS = (1, 8, 32, 64, 512)  # 64: auto's limit (NUMBA_MAX_ROWS, NATIVE_MAX_ROWS); 512: a long prompt's prefill
 THREADS = (1, 2)
 SPECS = {"int8": QuantSpec(8), "int4-g32": QuantSpec(4, 32), "int4-g32-zp": QuantSpec(4, 32, symmetric=False)}
 
@@ -61,9 +63,17 @@ def peers(x: torch.Tensor, ws: list[torch.Tensor], stored: dict) -> dict:
             x, t["q"], t["scale"], t.get("zero"), spec, [(nxt(name), 0, N)]))
     for name in ("int8", "int4-g32"):
         spec, t = stored[name]
+        for isa in native.supported_isas() if N == 1 else native.supported_isas()[-1:]:  # every build at one row
+            records = [native.moekit_weight(t["q"][i : i + 1], t["scale"][i : i + 1], None, spec) for i in range(COPIES)]
+            fns[f"native {isa} {name}"] = (lambda name=name, isa=isa, records=records: _native_call(isa, x, records[nxt(f"n{isa}{name}")]))
         fns[f"dequant {name}"] = (lambda name=name, spec=spec, t=t: F.linear(
             x, dequantize({k: v[nxt("dq" + name)] for k, v in t.items()}, spec)))
     return fns
+
+
+def _native_call(isa: str, x: torch.Tensor, record: tuple) -> torch.Tensor:
+    with native.force_isa(isa):
+        return native.matmul(x, record, None)
 
 
 def run(reps: int, seconds: float, size: int = SIZE) -> dict:
@@ -79,6 +89,8 @@ def run(reps: int, seconds: float, size: int = SIZE) -> dict:
             for n in ROWS:
                 x = torch.randn(n, size)
                 fns = peers(x, ws, stored)
+                if n > 64:  # numba's kernels are for decoding (auto never runs them here)
+                    fns = {k: f for k, f in fns.items() if not k.startswith("numba")}
                 for fn in fns.values():  # compile (numba) and warm caches outside the timing
                     fn()
                 times = interleaved_times(fns, reps, warmup=2, deadline=time.perf_counter() + deadline_each)
@@ -89,6 +101,30 @@ def run(reps: int, seconds: float, size: int = SIZE) -> dict:
     finally:
         torch.set_num_threads(old)
     return {"rows": rows_out}
+
+
+def native_gbs(rows, kernel: str, size: int) -> float:
+    """Weight bytes read per second by `kernel` at 1 row, 1 thread (int8: codes + a scale per row; int4-g32: + a scale per 32)."""
+    nbytes = size * size + 4 * size if kernel.endswith("int8") else size * size // 2 + 4 * size * size // 32
+    return nbytes / (_get(rows, 1, 1, kernel, "median_ms") / 1000) / 1e9
+
+
+def native_targets(rows, copy_gbs: float, size: int) -> list[dict]:
+    """The issue-23 kernel goals: share of the measured copy bandwidth, and native against numba and dequant."""
+    if not native.AVAILABLE:
+        return []
+    best = native.supported_isas()[-1]
+    out = [target(f"native {best} int8, 1 row, 1 thread: weight GB/s / copy GB/s", native_gbs(rows, f"native {best} int8", size) / copy_gbs, 1.0),
+           target(f"native {best} int4-g32, 1 row, 1 thread: weight GB/s / copy GB/s", native_gbs(rows, f"native {best} int4-g32", size) / copy_gbs, 0.8)]
+    if "avx2" in native.supported_isas():
+        out.append(target("native avx2 int8, 1 row, 1 thread: weight GB/s / copy GB/s", native_gbs(rows, "native avx2 int8", size) / copy_gbs, 0.8))
+    for name in ("int8", "int4-g32"):
+        out.append(target(f"native {best} {name} / numba {name} speedup, 1 row, 1 thread",
+                          _get(rows, 1, 1, f"numba {name}", "median_ms") / _get(rows, 1, 1, f"native {best} {name}", "median_ms"), 1.0))
+        for n in (64, 512):
+            out.append(target(f"native {best} {name} / dequant {name} speedup, {n} rows, 2 threads",
+                              _get(rows, 2, n, f"dequant {name}", "median_ms") / _get(rows, 2, n, f"native {best} {name}", "median_ms"), 1.0))
+    return out
 
 
 def _get(rows, threads, n, kernel, key="speedup_vs_fp32"):
@@ -107,6 +143,7 @@ def main() -> None:
         args.reps, args.seconds = 3, 5
     size = 1024 if args.quick else SIZE
     res = run(args.reps, args.seconds, size)
+    res["copy_bandwidth_gbs"] = {t: round(bandwidth_gbs(t), 2) for t in THREADS}
     rows = res["rows"]
     targets = [
         target("numba int8 / fp32 F.linear speedup, 1 row, 2 threads", _get(rows, 2, 1, "numba int8"), 1.5),
@@ -121,6 +158,7 @@ def main() -> None:
         target(f"numba int4-g32 / dequant int4-g32 speedup at {NUMBA_MAX_ROWS[4]} rows (auto's limit), 2 threads",
                _get(rows, 2, NUMBA_MAX_ROWS[4], "dequant int4-g32", "median_ms")
                / _get(rows, 2, NUMBA_MAX_ROWS[4], "numba int4-g32", "median_ms"), 1.0),
+        *native_targets(rows, res["copy_bandwidth_gbs"][1], size),
     ]
     result = {"targets": targets, "machine": machine_info(), "command": command_line(), "size": [size, size], "copies": COPIES,
               "numba": quant_kernels.numba.__version__, "auto_numba_max_rows": {str(k): v for k, v in NUMBA_MAX_ROWS.items()}, **res}

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason="the C extension mo
 
 ISAS = ["generic", "avx2", "avxvnni", "avx512vnni"]
 SPECS = [QuantSpec(8), QuantSpec(4, 32), QuantSpec(4, 64, symmetric=False), QuantSpec(4, 128)]
-GROUPS = np.array([[2, 0, 2], [0, 2, 3], [1, 6, 1]])  # (expert, first row, rows); row 5 is in no group
-E, O, N = 3, 37, 7
+GROUPS = np.array([[2, 0, 2], [0, 2, 5], [1, 8, 1]])  # (expert, first row, rows): 5 rows = 4 together + 1; row 7 in none
+E, O, N = 3, 37, 9
 
 
 def _isa(name):
@@ -84,7 +84,7 @@ def test_moekit_formats_equal_the_dequantized_reference(isa, spec):
     with _isa(isa):
         got = native.matmul(x, native.moekit_weight(parts["q"], parts["scale"], parts.get("zero"), spec), GROUPS)
     _close(got, _reference(x, dequantize(parts, spec)))
-    assert (got[5] == 0).all()  # a row in no group is left zero
+    assert (got[7] == 0).all()  # a row in no group is left zero
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -162,7 +162,7 @@ def test_quantized_modules_run_native_and_equal_the_reference():
     spec = QuantSpec(8)
     experts = Experts(4, 64, 96, activation="swiglu", kernel="loop")
     qe = QuantizedExperts(experts, spec)
-    x, rows = torch.randn(5, 64), torch.tensor([2, 0, 3, 0])
+    x, rows = torch.randn(7, 64), torch.tensor([2, 0, 5, 0])
     assert qe.kernel_for(x, rows) == "native"
     with torch.no_grad():
         torch.testing.assert_close(qe(x, rows), _experts_reference(qe, x), atol=1e-4, rtol=1e-4)
@@ -173,9 +173,9 @@ def test_quantized_modules_run_native_and_equal_the_reference():
 
 
 def _experts_reference(qe, x):
-    """Experts 0 (rows 0-1) and 2 (rows 2-4), dequantized, with the kernel's roundings of both matmuls' inputs."""
+    """Experts 0 (rows 0-1) and 2 (rows 2-6), dequantized, with the kernel's roundings of both matmuls' inputs."""
     out = []
-    for e, rows in ((0, x[:2]), (2, x[2:])):
+    for e, rows in ((0, x[:2]), (2, x[2:])):  # expert 2's 5 rows: four share each decoded block, then one
         h = F.linear(fake_quant_rows(rows), qe.dequantized("w_in_EHD", e))
         out.append(F.linear(fake_quant_rows(F.silu(h[:, :96]) * h[:, 96:]), qe.dequantized("w_out_EDF", e)))
     return torch.cat(out)

@@ -1,9 +1,15 @@
-/* One weight row times one quantized activation row, per weight format, for one ISA (see _qdot_ops.h).
+/* Weight rows times quantized activation rows, per weight format, for one ISA (see _qdot_ops.h).
  *
- * Included by _qdot.c once per ISA with QD_ISA and QD_SFX set; defines qd_rows_<SFX>, which runs output
+ * Included by each _qdot_isa_*.c with QD_ISA and QD_SFX set; defines qd_rows_<SFX>, which runs output
  * rows [o0, o1) of expert e against activation rows [r0, r0 + nr). Activations arrive quantized per
  * 32-value block (int8 codes, one fp32 scale per block, int32 sums per 16 codes); each block's integer dot
- * product is exact, then scaled in fp32, as llama.cpp does. Formats (qd_fmt in _qdot.c):
+ * product is exact, then scaled in fp32, as llama.cpp does.
+ *
+ * Every format is read through one block decoder, `blk_<fmt>(row, b)`, which gives block b's 32 codes
+ * (signed for I8 / Q8_0, else unsigned), their scale (one, or one per 16 codes for Q6_K) and the constant
+ * the unsigned codes' offset costs per unit of activation sum (zero point x scale, or Q4_K's min). One
+ * loop template runs a decoder: four activation rows share each decoded block (prefill), a single row
+ * keeps two accumulators (decode). Formats (qd_fmt in _qdot.h):
  *   I8    moekit int8: int8 codes, one fp32 scale per row
  *   I4    moekit int4: column 2j in the low nibble and 2j+1 in the high one, fp32 scale (and uint8 zero,
  *         else 8) per group of 32/64/128; its activations come with each block's evens first, then odds
@@ -14,58 +20,38 @@
 #define QD_CAT(a, b) QD_CAT2(a, b)
 #define FN(name) QD_CAT(name, QD_SFX)
 
-static inline float FN(dot_i8)(const uint8_t *w, float sw, const qd_xrow *x, int nb) {
-    VF acc = v_zero();
-    for (int b = 0; b < nb; b++)
-        acc = v_fma1(v_dot_ss(v_load(w + 32 * b), v_load(x->q + 32 * b)), x->d[b], acc);
-    return v_hsum(acc) * sw;
+typedef struct { V u; float sw_lo, sw_hi, c_lo, c_hi; } qd_blk;  /* one decoded block of 32 weights */
+typedef struct { const uint8_t *row; const float *sc; const uint8_t *zp; int gshift; float sw; } qd_wrow;
+
+static inline qd_blk qd_blk_of(V u, float sw, float c) { qd_blk k = {u, sw, sw, c, c}; return k; }
+
+static inline qd_blk FN(blk_i8)(const qd_wrow *w, int b) { return qd_blk_of(v_load(w->row + 32 * b), w->sw, 0.f); }
+
+static inline qd_blk FN(blk_i4)(const qd_wrow *w, int b) {
+    int g = b >> w->gshift;
+    float s = w->sc[g];
+    return qd_blk_of(v_nibbles(w->row + 16 * b), s, s * (float)(w->zp ? w->zp[g] : 8));
 }
 
-static inline float FN(dot_i4)(const uint8_t *w, const float *sc, const uint8_t *zp, int gshift, const qd_xrow *x, int nb) {
-    VF acc = v_zero();
-    float corr = 0.f;
-    for (int b = 0; b < nb; b++) {
-        int g = b >> gshift;
-        float s = sc[g] * x->d[b];
-        acc = v_fma1(v_dot_us(v_nibbles(w + 16 * b), v_load(x->q + 32 * b)), s, acc);
-        corr += s * (float)(zp ? zp[g] : 8) * (float)(x->s16[2 * b] + x->s16[2 * b + 1]);
-    }
-    return v_hsum(acc) - corr;
+static inline qd_blk FN(blk_q8_0)(const qd_wrow *w, int b) {
+    const uint8_t *blk = w->row + 34 * b;
+    uint16_t h; memcpy(&h, blk, 2);
+    return qd_blk_of(v_load(blk + 2), qd_half(h), 0.f);
 }
 
-static inline float FN(dot_q8_0)(const uint8_t *w, const qd_xrow *x, int nb) {
-    VF acc = v_zero();
-    for (int b = 0; b < nb; b++, w += 34) {
-        uint16_t h; memcpy(&h, w, 2);
-        acc = v_fma1(v_dot_ss(v_load(w + 2), v_load(x->q + 32 * b)), qd_half(h) * x->d[b], acc);
-    }
-    return v_hsum(acc);
+static inline qd_blk FN(blk_q4_0)(const qd_wrow *w, int b) {
+    const uint8_t *blk = w->row + 18 * b;
+    uint16_t h; memcpy(&h, blk, 2);
+    float d = qd_half(h);
+    return qd_blk_of(v_nibbles(blk + 2), d, 8.f * d);
 }
 
-static inline float FN(dot_q4_0)(const uint8_t *w, const qd_xrow *x, int nb) {
-    VF acc = v_zero();
-    float corr = 0.f;
-    for (int b = 0; b < nb; b++, w += 18) {
-        uint16_t h; memcpy(&h, w, 2);
-        float s = qd_half(h) * x->d[b];
-        acc = v_fma1(v_dot_us(v_nibbles(w + 2), v_load(x->q + 32 * b)), s, acc);
-        corr += 8.f * s * (float)(x->s16[2 * b] + x->s16[2 * b + 1]);
-    }
-    return v_hsum(acc) - corr;
-}
-
-static inline float FN(dot_q5_0)(const uint8_t *w, const qd_xrow *x, int nb) {
-    VF acc = v_zero();
-    float corr = 0.f;
-    for (int b = 0; b < nb; b++, w += 22) {
-        uint16_t h; uint32_t qh;
-        memcpy(&h, w, 2); memcpy(&qh, w + 2, 4);
-        float s = qd_half(h) * x->d[b];
-        V u = v_or(v_nibbles(w + 6), v_bits32(qh, 0x10));
-        acc = v_fma1(v_dot_us(u, v_load(x->q + 32 * b)), s, acc);
-        corr += 16.f * s * (float)(x->s16[2 * b] + x->s16[2 * b + 1]);
-    }
-    return v_hsum(acc) - corr;
+static inline qd_blk FN(blk_q5_0)(const qd_wrow *w, int b) {
+    const uint8_t *blk = w->row + 22 * b;
+    uint16_t h; uint32_t qh;
+    memcpy(&h, blk, 2); memcpy(&qh, blk + 2, 4);
+    float d = qd_half(h);
+    return qd_blk_of(v_or(v_nibbles(blk + 6), v_bits32(qh, 0x10)), d, 16.f * d);
 }
 
 static inline void qd_scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
@@ -73,74 +59,93 @@ static inline void qd_scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
     else { *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
 }
 
-static inline float FN(dot_q4_k)(const uint8_t *w, const qd_xrow *x, int nsb) {
-    VF acc = v_zero();
-    float corr = 0.f;
-    for (int sb = 0; sb < nsb; sb++, w += 144) {
-        uint16_t h0, h1; memcpy(&h0, w, 2); memcpy(&h1, w + 2, 2);
-        float d = qd_half(h0), dmin = qd_half(h1);
-        for (int c = 0; c < 4; c++) {
-            V v = v_load(w + 16 + 32 * c);
-            V part[2] = {v_and(v, 15), v_srl(v, 4)};
-            for (int k = 0; k < 2; k++) {
-                int sc, m, b = 8 * sb + 2 * c + k;
-                qd_scale_min_k4(2 * c + k, w + 4, &sc, &m);
-                acc = v_fma1(v_dot_us(part[k], v_load(x->q + 32 * b)), d * (float)sc * x->d[b], acc);
-                corr += dmin * (float)m * x->d[b] * (float)(x->s16[2 * b] + x->s16[2 * b + 1]);
-            }
-        }
-    }
-    return v_hsum(acc) - corr;
+static inline qd_blk FN(blk_q4_k)(const qd_wrow *w, int b) {  /* sub-block j of 8: nibbles of 32 bytes, low for even j */
+    const uint8_t *blk = w->row + 144 * (b >> 3);
+    int j = b & 7, sc, m;
+    uint16_t h0, h1; memcpy(&h0, blk, 2); memcpy(&h1, blk + 2, 2);
+    qd_scale_min_k4(j, blk + 4, &sc, &m);
+    V v = v_load(blk + 16 + 32 * (j >> 1));
+    return qd_blk_of(j & 1 ? v_srl(v, 4) : v_and(v, 15), qd_half(h0) * (float)sc, qd_half(h1) * (float)m);
 }
 
-static inline float FN(dot_q6_k)(const uint8_t *w, const qd_xrow *x, int nsb) {
-    VF acc = v_zero();
-    float corr = 0.f;
-    for (int sb = 0; sb < nsb; sb++, w += 210) {
-        uint16_t h; memcpy(&h, w + 208, 2);
-        float d = qd_half(h);
-        for (int half = 0; half < 2; half++) {
-            const uint8_t *ql = w + 64 * half, *qh = w + 128 + 32 * half;
-            const int8_t *sc = (const int8_t *)(w + 192) + 8 * half;
-            V q1 = v_load(ql), q2 = v_load(ql + 32), hv = v_load(qh);
-            V u[4] = {v_or(v_and(q1, 15), v_sll(v_and(hv, 3), 4)), v_or(v_and(q2, 15), v_sll(v_and(v_srl(hv, 2), 3), 4)),
-                      v_or(v_srl(q1, 4), v_sll(v_and(v_srl(hv, 4), 3), 4)), v_or(v_srl(q2, 4), v_sll(v_srl(hv, 6), 4))};
-            for (int k = 0; k < 4; k++) {
-                int b = 8 * sb + 4 * half + k;
-                float f = d * x->d[b], lo = f * (float)sc[2 * k], hi = f * (float)sc[2 * k + 1];
-                acc = v_fma2(v_dot_us(u[k], v_load(x->q + 32 * b)), lo, hi, acc);
-                corr += 32.f * (lo * (float)x->s16[2 * b] + hi * (float)x->s16[2 * b + 1]);
-            }
-        }
-    }
-    return v_hsum(acc) - corr;
+static inline qd_blk FN(blk_q6_k)(const qd_wrow *w, int b) {  /* block k of a 128-value half: 4 low bits + 2 high */
+    const uint8_t *blk = w->row + 210 * (b >> 3);
+    int half = (b >> 2) & 1, k = b & 3;
+    uint16_t h; memcpy(&h, blk + 208, 2);
+    float d = qd_half(h);
+    const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half;
+    V q = v_load(blk + 64 * half + 32 * (k & 1));
+    q = k & 2 ? v_srl(q, 4) : v_and(q, 15);
+    V hi = v_and(v_srl(v_load(blk + 128 + 32 * half), 2 * k), 3);
+    qd_blk out = {v_or(q, v_sll(hi, 4)), d * (float)sc[2 * k], d * (float)sc[2 * k + 1], 0.f, 0.f};
+    out.c_lo = 32.f * out.sw_lo; out.c_hi = 32.f * out.sw_hi;
+    return out;
 }
 
-static inline float FN(dot)(const qd_wmat *m, int e, int o, const qd_xrow *x) {
-    const uint8_t *row = m->w + (int64_t)e * m->expert_bytes + (int64_t)o * m->row_bytes;
-    int nb = m->in / 32;
-    switch (m->fmt) {
-    case QF_I8: return FN(dot_i8)(row, m->scale[(int64_t)e * m->scale_expert + (int64_t)o * m->scale_row], x, nb);
-    case QF_I4: {
-        int64_t at = (int64_t)e * m->scale_expert + (int64_t)o * m->scale_row;
-        return FN(dot_i4)(row, m->scale + at, m->zero ? m->zero + at : NULL, m->gshift, x, nb);
-    }
-    case QF_Q8_0: return FN(dot_q8_0)(row, x, nb);
-    case QF_Q4_0: return FN(dot_q4_0)(row, x, nb);
-    case QF_Q5_0: return FN(dot_q5_0)(row, x, nb);
-    case QF_Q4_K: return FN(dot_q4_k)(row, x, nb / 8);
-    default: return FN(dot_q6_k)(row, x, nb / 8);
-    }
+/* acc += this block's scaled dot product with activation row x; corr += what the codes' offset added */
+#define QD_ACC(k, x, b, acc, corr, SIGNED, SPLIT) {                                               \
+        float dx_ = (x).d[b];                                                                    \
+        V xv_ = v_load((x).q + 32 * (b));                                                        \
+        VI p_ = SIGNED ? v_dot_ss((k).u, xv_) : v_dot_us((k).u, xv_);                            \
+        acc = SPLIT ? v_fma2(p_, dx_ * (k).sw_lo, dx_ * (k).sw_hi, acc) : v_fma1(p_, dx_ * (k).sw_lo, acc); \
+        if (!SIGNED) corr += dx_ * ((k).c_lo * (float)(x).s16[2 * (b)] + (k).c_hi * (float)(x).s16[2 * (b) + 1]); }
+
+#define QD_ROWS_KERNEL(NAME, DECODE, SIGNED, SPLIT)                                               \
+static void FN(NAME)(const qd_wrow *w, int nb, const qd_xq *xq, int r0, int nr, float *out, int64_t ldo, int o) { \
+    int r = r0;                                                                                  \
+    for (; r + 4 <= r0 + nr; r += 4) {  /* four activation rows share each decoded block */      \
+        VF acc[4] = {v_zero(), v_zero(), v_zero(), v_zero()};                                    \
+        float corr[4] = {0.f, 0.f, 0.f, 0.f};                                                    \
+        qd_xrow x[4] = {qd_row_of(xq, r), qd_row_of(xq, r + 1), qd_row_of(xq, r + 2), qd_row_of(xq, r + 3)}; \
+        for (int b = 0; b < nb; b++) {                                                           \
+            qd_blk k = DECODE(w, b);                                                             \
+            for (int i = 0; i < 4; i++) QD_ACC(k, x[i], b, acc[i], corr[i], SIGNED, SPLIT)       \
+        }                                                                                        \
+        for (int i = 0; i < 4; i++) out[(int64_t)(r + i) * ldo + o] = v_hsum(acc[i]) - corr[i];  \
+    }                                                                                            \
+    for (; r < r0 + nr; r++) {  /* one row: two accumulators (even and odd blocks), two chains, not one */ \
+        VF a0 = v_zero(), a1 = v_zero();                                                         \
+        float c0 = 0.f, c1 = 0.f;                                                                \
+        qd_xrow x = qd_row_of(xq, r);                                                            \
+        int b = 0;                                                                               \
+        for (; b + 1 < nb; b += 2) {                                                             \
+            qd_blk k0 = DECODE(w, b), k1 = DECODE(w, b + 1);                                     \
+            QD_ACC(k0, x, b, a0, c0, SIGNED, SPLIT)                                              \
+            QD_ACC(k1, x, b + 1, a1, c1, SIGNED, SPLIT)                                          \
+        }                                                                                        \
+        if (b < nb) { qd_blk k0 = DECODE(w, b); QD_ACC(k0, x, b, a0, c0, SIGNED, SPLIT) }         \
+        out[(int64_t)r * ldo + o] = v_hsum(a0) + v_hsum(a1) - c0 - c1;                           \
+    }                                                                                            \
 }
+
+QD_ROWS_KERNEL(rows_i8, FN(blk_i8), 1, 0)
+QD_ROWS_KERNEL(rows_i4, FN(blk_i4), 0, 0)
+QD_ROWS_KERNEL(rows_q8_0, FN(blk_q8_0), 1, 0)
+QD_ROWS_KERNEL(rows_q4_0, FN(blk_q4_0), 0, 0)
+QD_ROWS_KERNEL(rows_q5_0, FN(blk_q5_0), 0, 0)
+QD_ROWS_KERNEL(rows_q4_k, FN(blk_q4_k), 0, 0)
+QD_ROWS_KERNEL(rows_q6_k, FN(blk_q6_k), 0, 1)
 
 void FN(qd_rows)(const qd_wmat *m, int e, int o0, int o1, const qd_xq *xq, int r0, int nr, float *out, int64_t ldo) {
-    for (int o = o0; o < o1; o++)
-        for (int r = r0; r < r0 + nr; r++) {
-            qd_xrow x = qd_row_of(xq, r);
-            out[(int64_t)r * ldo + o] = FN(dot)(m, e, o, &x);
+    int nb = m->in / 32;
+    for (int o = o0; o < o1; o++) {
+        int64_t at = (int64_t)e * m->scale_expert + (int64_t)o * m->scale_row;
+        qd_wrow w = {m->w + (int64_t)e * m->expert_bytes + (int64_t)o * m->row_bytes, m->scale ? m->scale + at : NULL,
+                     m->zero ? m->zero + at : NULL, m->gshift, m->fmt == QF_I8 ? m->scale[at] : 0.f};
+        switch (m->fmt) {
+        case QF_I8: FN(rows_i8)(&w, nb, xq, r0, nr, out, ldo, o); break;
+        case QF_I4: FN(rows_i4)(&w, nb, xq, r0, nr, out, ldo, o); break;
+        case QF_Q8_0: FN(rows_q8_0)(&w, nb, xq, r0, nr, out, ldo, o); break;
+        case QF_Q4_0: FN(rows_q4_0)(&w, nb, xq, r0, nr, out, ldo, o); break;
+        case QF_Q5_0: FN(rows_q5_0)(&w, nb, xq, r0, nr, out, ldo, o); break;
+        case QF_Q4_K: FN(rows_q4_k)(&w, nb, xq, r0, nr, out, ldo, o); break;
+        default: FN(rows_q6_k)(&w, nb, xq, r0, nr, out, ldo, o); break;
         }
+    }
 }
 
+#undef QD_ACC
+#undef QD_ROWS_KERNEL
 #undef FN
 #undef QD_CAT
 #undef QD_CAT2

@@ -109,19 +109,31 @@ def gguf_weight(w_EOB: torch.Tensor, qtype: str, in_features: int) -> tuple:
     return (_FMT[qtype], in_features, O, w_EOB.data_ptr(), B, O * B, 0, 0, 0, 0, 0)
 
 
+_ALL_ROWS: dict[int, np.ndarray] = {}
+
+
 def _prepare(x_NI: torch.Tensor, groups_A3) -> tuple[torch.Tensor, np.ndarray]:
     want = torch.get_num_threads()
     if _threads[0] != want:
         _qdot.set_threads(want)
         _threads[0] = want
     x = (x_NI.detach() if x_NI.requires_grad else x_NI).float().contiguous()
+    if groups_A3 is None:  # every row through expert 0 (one Linear)
+        N = x.shape[0]
+        groups = _ALL_ROWS.get(N)
+        if groups is None:
+            groups = _ALL_ROWS[N] = np.array([[0, 0, N]], dtype=np.int64)
+        return x, groups
     return x, np.ascontiguousarray(np.asarray(groups_A3, dtype=np.int64).reshape(-1, 3))
 
 
 def matmul(x_NI: torch.Tensor, weight: tuple, groups_A3) -> torch.Tensor:
-    """[N, O] fp32: rows of each (e, start, count) group times expert e's weight (other rows zero)."""
+    """[N, O] fp32: rows of each (e, start, count) group times expert e's weight (other rows zero).
+
+    groups_A3 None: all rows, expert 0 (a single Linear).
+    """
     x, groups = _prepare(x_NI, groups_A3)
-    out = torch.zeros(x.shape[0], weight[2])
+    out = torch.empty(x.shape[0], weight[2]) if groups_A3 is None else torch.zeros(x.shape[0], weight[2])
     if groups.shape[0] and x.shape[0]:
         _qdot.matmul(weight, x.data_ptr(), x.shape[0], groups.ctypes.data, groups.shape[0], out.data_ptr())
     return out

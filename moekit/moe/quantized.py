@@ -98,6 +98,16 @@ class _QuantizedWeights(nn.Module):
     def _zero(self, name: str) -> torch.Tensor | None:
         return getattr(self, f"{name}_zero") if self.spec.has_zero else None
 
+    def _native_weight(self, name: str) -> tuple:
+        """native's record of weight `name`, kept while its codes stay where they are (a decode step makes dozens)."""
+        q = self._buffers[f"{name}_q"]
+        cache = self.__dict__.setdefault("_native_records", {})
+        hit = cache.get(name)
+        if hit is None or hit[0] != q.data_ptr():
+            p = self._parts(name)
+            hit = cache[name] = (q.data_ptr(), native.moekit_weight(q, p["scale"], p.get("zero"), self.spec))
+        return hit[1]
+
 
 class QuantizedExperts(_QuantizedWeights):
     """E expert MLPs with weight-only quantized stacked weights; built from a resident `Experts`."""
@@ -185,9 +195,7 @@ class QuantizedExperts(_QuantizedWeights):
 
     def _native(self, x_ND, groups) -> torch.Tensor:
         """One call for every active expert (gate, up, activation, down); two around a Python activation otherwise."""
-        p_in, p_out = self._parts("w_in_EHD"), self._parts("w_out_EDF")
-        w_in = native.moekit_weight(p_in["q"], p_in["scale"], p_in.get("zero"), self.spec)
-        w_out = native.moekit_weight(p_out["q"], p_out["scale"], p_out.get("zero"), self.spec)
+        w_in, w_out = self._native_weight("w_in_EHD"), self._native_weight("w_out_EDF")
         if self.activation in native.ACTIVATIONS:
             return native.moe(x_ND, w_in, w_out, groups, self.activation)
         return native.matmul(activate(native.matmul(x_ND, w_in, groups), self.activation), w_out, groups)
@@ -211,17 +219,20 @@ class QuantizedLinear(_QuantizedWeights):
         lead = x.shape[:-1]
         x_NI = x.reshape(-1, self.in_features)
         N = x_NI.shape[0]
-        p = self._parts("weight")
         name = resolve_kernel(self.kernel, N, self.spec, (self.in_features,), x.device)
         if name == "native":
-            y = native.matmul(x_NI, native.moekit_weight(p["q"], p["scale"], p.get("zero"), self.spec), ((0, 0, N),))
-        elif name == "numba":
+            return self._add_bias(native.matmul(x_NI, self._native_weight("weight"), None), x.dtype).view(*lead, self.out_features)
+        p = self._parts("weight")
+        if name == "numba":
             y = quant_kernels.quantized_matmul(x_NI, p["q"], p["scale"], p.get("zero"), self.spec, ((0, 0, N),))
         else:
             y = F.linear(x_NI.float(), dequantize(p, self.spec)[0])
+        return self._add_bias(y, x.dtype).view(*lead, self.out_features)
+
+    def _add_bias(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(x.dtype).view(*lead, self.out_features)
+        return y if y.dtype == dtype else y.to(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}, kernel={self.kernel}"
