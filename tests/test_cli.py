@@ -93,3 +93,33 @@ def test_key_value_overrides_are_taken_anywhere_on_the_line(capsys):
         with pytest.raises(SystemExit) as e:
             parse(parser, argv)
         assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_every_option_of_every_command_has_a_help_text():
+    import argparse
+
+    from moekit.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings[0] if a.option_strings else a.dest}" for name, p in sub.choices.items()
+               for a in p._actions if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert missing == []
+
+
+def test_train_summary_lines_dense_run_and_resume(tmp_path, capsys):
+    from moekit.cli.main import main
+
+    data = tmp_path / "data.txt"
+    data.write_text("def add(a, b):\n    return a + b\n" * 200)
+    run = tmp_path / "run"
+    fast = ["--quiet", "--no-sample", "train.eval_every=2", "train.save_every=2", "train.eval_batches=1",
+            "train.seq_len=32", "train.batch_size=2", "train.device=cpu"]
+    assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(run), "model.ffn=dense",
+                 "train.steps=2", *fast]) == 0
+    out = capsys.readouterr().out
+    assert "trained 2 steps in" in out and "resumed" not in out
+    assert "heatmap" not in out  # a dense model has no expert load (it printed "expert-load heatmap: None")
+    assert main(["train", "--out", str(run), "--resume", "train.steps=3", "--quiet", "--no-sample"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 1 step in" in out and "(resumed at step 2; the run has trained 3 steps in all)" in out
+    assert f"checkpoint: {run / 'step-00000003'}" in out

@@ -220,3 +220,11 @@ def test_an_output_that_cannot_be_written_is_one_message(trained, tmp_path, caps
     code, err = run_cli(["forecast", "--model", model, "--csv", str(data), "--horizon", "5", "--out", str(out)], capsys)
     assert code == 2 and "No space left on device" in err and str(out) in err
     assert list(tmp_path.iterdir()) == []  # neither the forecast nor its temporary file
+
+
+def test_resuming_a_finished_forecaster_names_its_checkpoint(trained, capsys):
+    d, _ = trained
+    assert main(["train-forecaster", "--out", str(d / "run"), "--resume", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint: None" not in out and f"checkpoint: {d / 'run' / 'step-00000004'}" in out
+    assert "trained 0 steps in" in out and "(resumed at step 4; the run has trained 4 steps in all)" in out

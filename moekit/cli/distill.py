@@ -34,8 +34,10 @@ def _distill(args) -> int:
     if result.interrupted:
         print(f"interrupted at step {result.step}; saved {result.checkpoint} (continue with --resume)")
         return 130
-    print(f"\ndistilled {result.step} steps in {summary['seconds'] / 60:.1f} min on {summary['source']} "
-          f"(KD for the first {summary['kd_steps']} steps, teacher {summary['distill'].teacher})")
+    from .train import steps_done, steps_in_all
+
+    print(f"\ndistilled {steps_done(result)} in {summary['seconds'] / 60:.1f} min on {summary['source']} "
+          f"(KD for the first {summary['kd_steps']} steps, teacher {summary['distill'].teacher}){steps_in_all(result)}")
     if result.last_eval:
         print(f"validation loss {result.last_eval['val_loss']:.4f}")
     print(f"checkpoint: {result.checkpoint}")

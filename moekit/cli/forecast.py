@@ -43,8 +43,10 @@ def _train(args) -> int:
     if result.interrupted:
         print(f"interrupted at step {result.step}; saved {result.checkpoint} (continue with --resume)")
         return 130
-    print(f"trained {result.step} steps in {summary['seconds'] / 60:.1f} min on {', '.join(summary['datasets'])} "
-          f"({summary['points']:,} train points)")
+    from .train import steps_done, steps_in_all
+
+    print(f"trained {steps_done(result)} in {summary['seconds'] / 60:.1f} min on {', '.join(summary['datasets'])} "
+          f"({summary['points']:,} train points){steps_in_all(result)}")
     print(f"parameters: {summary['parameters']:,} total, {summary['active_parameters']:,} active per time point")
     if result.last_eval:
         print(f"validation Huber loss {result.last_eval['val_huber']:.4f}")

@@ -54,7 +54,9 @@ def add_parsers(sub) -> None:
     """Register moefy on the `moekit` subparsers."""
     p = sub.add_parser("moefy", help="convert a dense model into an MoE (upcycle, cluster = MoEfication, readme = Read-ME)")
     p.add_argument("src", help="a moekit checkpoint, or a Hugging Face llama / mistral / qwen2 / bert directory")
-    p.add_argument("--method", required=True, choices=("upcycle", "cluster", "readme"))
+    p.add_argument("--method", required=True, choices=("upcycle", "cluster", "readme"),
+                   help="upcycle (every expert a copy of the dense FFN), cluster (MoEfication: experts are slices of the "
+                        "dense FFN's neurons) or readme (Read-ME: slices found on calibration text, needs --calib)")
     p.add_argument("--experts", type=int, required=True, help="number of experts E")
     p.add_argument("--top-k", type=int, required=True, help="experts per token (1 <= K <= E)")
     p.add_argument("--shared-fraction", type=float, default=0.0,
@@ -65,7 +67,8 @@ def add_parsers(sub) -> None:
                    help="per-layer routers, or one Read-ME router over token ids shared by all layers")
     p.add_argument("--rounds", type=int, default=2, help="decoupled router: distillation / expert-tuning rounds")
     p.add_argument("--router-steps", type=int, default=50, help="decoupled router: steps per phase")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the clustering, the router fit and the random calibration text "
+                   "used without --calib (default 0)")
     p.set_defaults(handler=_moefy)
 
 

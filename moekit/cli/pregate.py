@@ -33,16 +33,16 @@ def add_parsers(sub) -> None:
     p.add_argument("checkpoint", help="a moekit run directory or one of its step-* checkpoints")
     p.add_argument("--out", required=True, help="directory for the heads (pregate.safetensors, pregate.json)")
     p.add_argument("--steps", type=int, default=200, help="distillation steps on the training corpus (default 200)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step, for the heads and --finetune-steps (default 16)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the heads (default 3e-3)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches for recall and loss (default 8)")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="also fine-tune the pre-gated model (block i+1 routed at block i) for this many steps; 0 = skip")
-    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--finetune-lr", type=float, default=1e-3, help="learning rate for --finetune-steps (default 1e-3)")
     p.add_argument("--finetune-control", action="store_true",
                    help="also fine-tune the original model the same way (not saved), to separate pre-gating from more training")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_pregate)
 
 

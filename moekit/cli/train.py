@@ -29,7 +29,7 @@ def _train(args) -> int:
         print(f"interrupted at step {result.step}; saved {result.checkpoint} (continue with --resume)")
         return 130
     minutes = summary["seconds"] / 60
-    print(f"\ntrained {result.step} steps in {minutes:.1f} min on {summary['source']}")
+    print(f"\ntrained {steps_done(result)} in {minutes:.1f} min on {summary['source']}{steps_in_all(result)}")
     if result.last_eval:
         print(f"validation loss {result.last_eval['val_loss']:.4f}")
     print(f"checkpoint: {result.checkpoint}")
@@ -40,9 +40,21 @@ def _train(args) -> int:
         print(f"\n--- sample (prompt {args.sample_prompt!r}) ---\n{args.sample_prompt}{text}\n---")
     report = inspect_checkpoint(result.checkpoint, heatmap=f"{args.out}/expert_load.png")
     print(f"\nrouting on validation text:\n{report['summary']}")
-    print(f"expert-load heatmap: {report['heatmap']}")
+    if report["heatmap"]:  # (a dense model has no expert load)
+        print(f"expert-load heatmap: {report['heatmap']}")
     _print_tasks(report)
     return 0
+
+
+def steps_done(result) -> str:
+    """The steps this invocation ran ("trained N steps"): a resumed run counts from where it resumed."""
+    n = result.step - result.start_step
+    return f"{n} step{'' if n == 1 else 's'}"
+
+
+def steps_in_all(result) -> str:
+    """For a resumed run, where it resumed and the steps it has in all; else nothing."""
+    return f" (resumed at step {result.start_step}; the run has trained {result.step} steps in all)" if result.start_step else ""
 
 
 def _print_tasks(report: dict) -> None:

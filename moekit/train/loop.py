@@ -140,9 +140,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 class FitResult:
     step: int
     interrupted: bool
-    checkpoint: Path | None
+    checkpoint: Path | None  # the latest: a resumed run's is the one it resumed from until it saves (a finished run saves none)
     last_metrics: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
+    start_step: int = 0  # the step this call began at (> 0 when it resumed a run)
 
 
 class _StopRequest:
@@ -201,7 +202,7 @@ def fit(
         run.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, step)
     forward_model = torch.compile(model) if cfg.compile else model
-    result = FitResult(step=step, interrupted=False, checkpoint=None)
+    result = FitResult(step=step, interrupted=False, checkpoint=resolve_checkpoint(run) if resume else None, start_step=step)
     save = _Saver(run, model, optimizer, cfg, config_dict, tokenizer, parallel)
     bar = _progress_bar(cfg.steps, step, progress and main)
     stopping = False
