@@ -252,3 +252,20 @@ def test_readme_torchrun_command(tmp_path, capsys):
     commands = [c for c in readme_commands() if kind(c) == "torchrun"]
     assert commands
     run_in_order(commands, tmp_path, capsys)
+
+
+def test_every_name_the_readme_uses_in_code_is_importable_from_where_it_says():
+    """`from moekit... import NAMES` lines, and names used in inline code without an import, resolve."""
+    import importlib
+    import importlib.util
+
+    text = README.read_text()
+    imports = re.findall(r"from (moekit[\w.]*) import ([\w, ]+)", text)
+    assert imports
+    for module, names in imports:
+        for name in (n.strip() for n in names.split(",")):
+            found = hasattr(importlib.import_module(module), name) or importlib.util.find_spec(f"{module}.{name}")
+            assert found, f"README: from {module} import {name}"
+    imported = {n.strip() for _, names in imports for n in names.split(",")}
+    for name in ("apply_expert_parallel", "init_expert_parallel"):  # used in README's inline code
+        assert name not in text or name in imported, f"README uses {name} without saying where it lives"
