@@ -198,3 +198,10 @@ def test_serve_on_port_0_prints_the_real_port_and_a_bad_host_is_one_message(tmp_
             proc.communicate()
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "ClientDisconnect" not in err, err
+
+
+def test_penalties_out_of_range_are_400_naming_the_field(app):
+    bad = [({**OK, "presence_penalty": 2.5}, "presence_penalty"), ({**OK, "frequency_penalty": -3}, "frequency_penalty"),
+           ({**OK, "repetition_penalty": 0}, "repetition_penalty"), ({**OK, "presence_penalty": "1"}, "presence_penalty")]
+    for (body, param), r in zip(bad, post_all(app, [(C, raw(b)) for b, _ in bad])):
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
