@@ -12,7 +12,8 @@ from moekit.models.decoder import DecoderLM, ModelConfig
 from moekit.errors import ConfigError
 from moekit.moe.experts import Experts
 from moekit.infer import Engine, SamplingConfig
-from moekit.infer.engine import _Sequence, check_settings
+from moekit.infer.engine import check_settings
+from moekit.infer.sequence import SequenceState
 from moekit.infer.sampling import _top_p, next_tokens
 from moekit.moe.layers import MoELayer
 
@@ -215,11 +216,11 @@ def test_streaming_callback_sees_every_token_and_the_whole_text(engine):
 def test_incomplete_characters_are_held_back_until_complete():
     tok = Tokenizer.byte_level()
     events = []
-    seq = _Sequence(0, 1, tok, [])
+    seq = SequenceState(0, 1, tok, [])
     for b in "é!".encode():
         seq.add(b, set(), True, lambda i, t, text: events.append(text))
     assert events == ["", "é", "!"] and seq.result().text == "é!"
-    seq = _Sequence(0, 1, tok, [])
+    seq = SequenceState(0, 1, tok, [])
     seq.add("é".encode()[0], set(), True, lambda i, t, text: events.append(text))
     events.clear()
     seq.flush(lambda i, t, text: events.append((t, text)))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,10 +35,8 @@ import torch
 from ..models.decoder import DecoderLM
 from ..errors import ConfigError
 from .sampling import Penalties, SamplingConfig, make_generator, next_tokens, sampling_config
-
-# on_token(sequence index, token id, newly decoded text): text may be "" while a multi-byte character is
-# incomplete; a last call with token id None flushes text held back at the end.
-TokenCallback = Callable[[int, int | None, str], None]
+from .sequence import Completion, SequenceState, TokenCallback
+from .threads import ThreadTuner
 
 
 def _is_moefy_dir(p: Path) -> bool:
@@ -81,16 +78,6 @@ def _load_quantized(load: Callable[[bool], DecoderLM], path: Path, options: dict
     return model
 
 
-@dataclass
-class Completion:
-    """One generated continuation."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (a stop id or string) | "length" (token budget or context full)
-    prompt_tokens: int
-
-
 class Engine:
     """Batched generation from a DecoderLM and (optionally) its tokenizer."""
 
@@ -109,6 +96,7 @@ class Engine:
         self.path: Path | None = None  # where the model was loaded from (the disk tier of `offload` reads it)
         self.offloader = None  # set by `offload`
         self.last_stats: dict = {}  # timing (and offloading statistics) of the latest generate call
+        self.adapt_threads = True  # CPU decode: each step's thread count follows measured step times (threads.py)
 
     # ------------------------------------------------------------ construction
 
@@ -282,7 +270,7 @@ class Engine:
         needs_text = bool(cfg.stop_strings) or on_token is not None
         if needs_text:
             self._need_tokenizer()
-        seqs = [_Sequence(i, n, self.tokenizer, cfg.stop_strings) for i, n in enumerate(lens)]
+        seqs = [SequenceState(i, n, self.tokenizer, cfg.stop_strings) for i, n in enumerate(lens)]
         generator = None if cfg.greedy else make_generator(cfg.seed, self.device)
         penalties = Penalties(cfg, prompt_ids) if cfg.penalized else None
 
@@ -296,18 +284,9 @@ class Engine:
             self.offloader.reset_stats()
         started = time.perf_counter()
         logits_BV = self._step(ids_BP, positions_BP, mask_BK, cache, 0, groups_BP)
-        prefilled, decode_steps = time.perf_counter(), 0
-        pos_B1 = positions_BP[:, -1:]
-        for step in range(budget):
-            tok_B = next_tokens(logits_BV, cfg, generator, penalties)
-            for seq, tok in zip(seqs, tok_B.tolist()):
-                if not seq.done:
-                    seq.add(tok, stop_ids, needs_text, on_token)
-            if step == budget - 1 or all(s.done for s in seqs):
-                break
-            pos_B1 = pos_B1 + 1
-            logits_BV = self._step(tok_B[:, None], pos_B1, mask_BK, cache, P + step, groups_B1)
-            decode_steps += 1
+        prefilled = time.perf_counter()
+        decode_steps = self._decode(logits_BV, seqs, (cfg, generator, penalties, stop_ids, needs_text, on_token),
+                                    (positions_BP[:, -1:], mask_BK, cache, P, groups_B1), budget)
         decode_s = time.perf_counter() - prefilled
         self.last_stats = {
             "prompt_tokens": sum(lens), "new_tokens": sum(len(s.ids) for s in seqs),
@@ -319,6 +298,35 @@ class Engine:
             for seq in seqs:
                 seq.flush(on_token)
         return [s.result() for s in seqs]
+
+    def _decode(self, logits_BV, seqs, sampling, state, budget: int) -> int:
+        """Sample, emit and step until every sequence stops or the budget ends; returns the steps run.
+
+        On the CPU a ThreadTuner picks each step's thread count from measured step times (adapt_threads).
+        """
+        cfg, generator, penalties, stop_ids, needs_text, on_token = sampling
+        pos_B1, mask_BK, cache, P, groups_B1 = state
+        tuner = ThreadTuner() if self.adapt_threads and self.device.type == "cpu" else None
+        steps = 0
+        try:
+            for step in range(budget):
+                tok_B = next_tokens(logits_BV, cfg, generator, penalties)
+                for seq, tok in zip(seqs, tok_B.tolist()):
+                    if not seq.done:
+                        seq.add(tok, stop_ids, needs_text, on_token)
+                if step == budget - 1 or all(s.done for s in seqs):
+                    break
+                pos_B1 = pos_B1 + 1
+                if tuner is not None:
+                    tuner.before()
+                logits_BV = self._step(tok_B[:, None], pos_B1, mask_BK, cache, P + step, groups_B1)
+                if tuner is not None:
+                    tuner.after()
+                steps += 1
+        finally:
+            if tuner is not None:
+                tuner.restore()
+        return steps
 
     def check_prompts(self, prompt_ids: list[list[int]]) -> list[int]:
         """Prompt lengths, after checking each prompt is non-empty, fits the context and uses known ids."""
@@ -403,86 +411,6 @@ def _place(model, device: torch.device, dtype: torch.dtype) -> None:
         for name, buf in module._buffers.items():
             if buf is not None and not buf.is_meta:  # (a lazily loaded quantized checkpoint's experts stay on meta)
                 module._buffers[name] = buf.to(device)
-
-
-# ---------------------------------------------------------------- per-sequence bookkeeping
-
-
-class _Sequence:
-    """Generated ids of one sequence, its decoded text, and whether (and why) it stopped."""
-
-    def __init__(self, index: int, prompt_tokens: int, tokenizer, stop_strings: list[str]) -> None:
-        self.index = index
-        self.prompt_tokens = prompt_tokens
-        self.tokenizer = tokenizer
-        self.stop_strings = stop_strings
-        self.ids: list[int] = []
-        self.text = ""  # text decoded so far (complete characters only)
-        self.sent = 0  # characters of text given to on_token (the rest could still start a stop string)
-        self.done = False
-        self.cut = False  # a stop string ended the text
-        self.finish_reason = "length"
-
-    def add(self, tok: int, stop_ids: set[int], needs_text: bool, on_token: TokenCallback | None) -> None:
-        if tok in stop_ids:
-            self.done, self.finish_reason = True, "stop"
-            return
-        self.ids.append(tok)
-        if not needs_text:
-            return
-        full = self.tokenizer.decode(self.ids)
-        if not full.endswith("\ufffd"):  # else an incomplete multi-byte character: wait for its next token
-            cut = self._stop_at(full)
-            if cut is not None:
-                full = full[:cut]
-                self.done, self.cut, self.finish_reason = True, True, "stop"
-            if not full.startswith(self.text):  # (a decoding that changed earlier text: send only what follows)
-                self.sent = len(full)
-            self.text = full
-        if on_token is not None:
-            on_token(self.index, tok, self._unsent(final=self.cut))
-
-    def flush(self, on_token: TokenCallback | None) -> None:
-        """Emit text held back: the rest of a character, or an end that could have begun a stop string."""
-        if not self.cut:
-            full = self.tokenizer.decode(self.ids)
-            if full.startswith(self.text) and len(full) > len(self.text):
-                self.text = full
-        rest = self._unsent(final=True)
-        if rest and on_token is not None:
-            on_token(self.index, None, rest)
-
-    def _unsent(self, final: bool) -> str:
-        """Text not given to on_token yet, less (unless final) an end that could be the start of a stop string."""
-        end = len(self.text) if final else len(self.text) - self._could_start_a_stop()
-        new = self.text[self.sent:end] if end > self.sent else ""
-        self.sent += len(new)
-        return new
-
-    def _could_start_a_stop(self) -> int:
-        """Characters at the end of the text that are the start of some stop string."""
-        best = 0
-        for s in self.stop_strings:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-    def _stop_at(self, full: str) -> int | None:
-        if not self.stop_strings:
-            return None
-        longest = max(len(s) for s in self.stop_strings)
-        lo = max(0, len(self.text) - longest)  # a stop string may straddle the last emitted text
-        hits = [i for i in (full.find(s, lo) for s in self.stop_strings) if i >= 0]
-        return min(hits) if hits else None
-
-    def result(self) -> Completion:
-        if self.tokenizer is None:
-            text = ""
-        else:
-            text = self.text if self.cut else self.tokenizer.decode(self.ids)
-        return Completion(text, list(self.ids), self.finish_reason, self.prompt_tokens)
 
 
 def check_settings(**settings) -> SamplingConfig:

@@ -21,7 +21,7 @@ rows 0..n-1 of the cache: a leaving row is replaced by the last one.
 Each request has its own `SamplingConfig` and, when sampling, its own seeded
 generator, so a seeded request gives the same tokens alone or in a batch.
 Stopping (stop ids, stop strings, the token budget) uses the engine's
-`_Sequence` bookkeeping; finish reasons are "stop", "length" or "cancelled".
+`SequenceState` bookkeeping; finish reasons are "stop", "length" or "cancelled".
 
 Known routes: when the model routes ahead (it offers `route_ahead`, as a
 Read-ME model's decoupled router does: every token's experts follow from
@@ -57,7 +57,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MoekitError
-from .engine import Completion, _Sequence
+from .engine import Completion
+from .sequence import SequenceState
 from .expert_batching import Pending, expert_aware_pick, fifo_pick, plan_steps
 from .sampling import Penalties, SamplingConfig, make_generator, next_tokens
 from .serve_stats import ServeStats
@@ -100,7 +101,7 @@ class Request:
 class _Row:
     """A running request: its sequence bookkeeping, generator, next input token and position."""
 
-    def __init__(self, request: Request, seq: _Sequence, generator, budget: int) -> None:
+    def __init__(self, request: Request, seq: SequenceState, generator, budget: int) -> None:
         self.request, self.seq, self.generator, self.budget = request, seq, generator, budget
         self.penalties = Penalties(request.cfg, [request.prompt_ids]) if request.cfg.penalized else None
         self.next_token = 0
@@ -223,7 +224,7 @@ class Scheduler:
                     break
                 group.append(self.waiting.popleft())
         for request in [r for r in group if r.cancelled]:
-            self._emit_done(request, _Sequence(0, len(request.prompt_ids), self.engine.tokenizer, []), "cancelled")
+            self._emit_done(request, SequenceState(0, len(request.prompt_ids), self.engine.tokenizer, []), "cancelled")
         group = [r for r in group if not r.cancelled]
         if group:
             self._prefill(group)
@@ -254,7 +255,7 @@ class Scheduler:
         for b, (r, L) in enumerate(zip(group, lens)):
             cfg = r.cfg
             generator = None if cfg.greedy else make_generator(cfg.seed, dev)
-            seq = _Sequence(0, L, self.engine.tokenizer, cfg.stop_strings)
+            seq = SequenceState(0, L, self.engine.tokenizer, cfg.stop_strings)
             row = _Row(r, seq, generator, min(cfg.max_new_tokens, self.max_len - L))
             row.router_cache, row.arrival, row.ready_at = caches[b], self.now, self.now
             self.rows.append(row)
@@ -386,7 +387,7 @@ class Scheduler:
             self.cursor = 0
         self._emit_done(row.request, row.seq, reason, row.emitted)
 
-    def _emit_done(self, request: Request, seq: _Sequence, reason: str, emitted: int = 0) -> None:
+    def _emit_done(self, request: Request, seq: SequenceState, reason: str, emitted: int = 0) -> None:
         if reason != "cancelled" and seq.tokenizer is not None:
             seq.flush(None)
         request.finish_reason = reason
