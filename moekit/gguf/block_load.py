@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .arch import is_qk, permute_qk
 from .blocks import dequantize, is_block_type
 from .storage import GGUFExperts, GGUFLinear
@@ -64,6 +64,8 @@ def swap_block_modules(model, layers: dict, linears: dict, experts_on_meta: bool
     for i, types in layers.items():
         mlp = model.get_submodule(f"layers.{i}.mlp")
         old = mlp.experts
+        if getattr(old, "b_in_EH", None) is not None:
+            raise ConfigError(f"MoE layer {i}'s experts carry biases, which GGUF block experts do not hold")
         E, _, D = old.w_in_EHD.shape
         mlp.experts = GGUFExperts(E, D, old.w_out_EDF.shape[2], types, old.activation, "auto",
                                   "meta" if experts_on_meta else "cpu")
