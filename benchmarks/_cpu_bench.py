@@ -24,8 +24,14 @@ from pathlib import Path
 import torch
 
 CACHE = Path(os.environ.get("MOEKIT_BENCH_CACHE", "/tmp/moekit_bench_cache"))
-LLAMA_BUILD_FLAGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF "
-                     "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+_LLAMA_COMMON = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                 "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")  # the VM traps AMX: always off
+# the two llama.cpp builds the benchmark runs: the best this CPU runs (AVX-512 + VNNI), installed in the venv
+# (pyproject's bench extra), and the AVX2 one a laptop without AVX-512 runs, installed with pip --target DIR
+LLAMA_BUILD_FLAGS = {
+    "llama.cpp": _LLAMA_COMMON + " -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON",
+    "llama.cpp-avx2": _LLAMA_COMMON + " -DGGML_AVX512=OFF",
+}
 _COMMON = dict(max_position_embeddings=1024, eos_token_id=None, bos_token_id=None, pad_token_id=0,
                num_local_experts=8, num_experts_per_tok=2)
 # HF Mixtral configurations. tiny and 1b have 16 experts (top-2) so that a 12.5% expert budget (2 experts
@@ -41,8 +47,10 @@ MODELS = {
 }
 # moekit's widths and the GGUF type llama.cpp runs at the same width; moekit quantizes every weight
 # the GGUF writer quantizes (scope="all": experts, attention, head; routers and norms stay fp32)
+# "q4_k_m": both sides run the same Q4_K_M file (llama.cpp's own quantizer on moekit's F32 export); moekit
+# keeps its Q4_K / Q6_K (and Q5_0 / Q8_0 fallback) blocks as they are (moekit.gguf)
 WIDTHS = {"fp32": ("F32", None), "int8": ("Q8_0", dict(bits=8, scope="all")),
-          "int4": ("Q4_0", dict(bits=4, group_size=32, scope="all"))}
+          "int4": ("Q4_0", dict(bits=4, group_size=32, scope="all")), "q4_k_m": ("Q4_K_M", "gguf")}
 
 
 def _key(name: str) -> str:
@@ -73,10 +81,53 @@ def gguf_path(name: str, gguf_type: str, model=None) -> Path:
     from moekit.infer import Engine
 
     path = CACHE / _key(name) / f"model-{gguf_type}.gguf"
-    if not path.is_file():
-        model = model if model is not None else Engine.load(model_dir(name)).model
-        G.save(model, path, Tokenizer.byte_level(), dtype=gguf_type)
+    if path.is_file():
+        return path
+    if gguf_type == "Q4_K_M":  # llama.cpp's quantizer on the F32 export (needs the bench extra's llama-cpp-python)
+        llama_quantize(gguf_path(name, "F32", model), path, "Q4_K_M")
+        return path
+    model = model if model is not None else Engine.load(model_dir(name)).model
+    G.save(model, path, Tokenizer.byte_level(), dtype=gguf_type)
     return path
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize), writing through a temporary file."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    tmp = dst.with_suffix(".tmp")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize {src} -> {ftype} failed")
+    tmp.replace(dst)
+
+
+def _spin() -> None:  # pragma: no cover - runs in a child process until killed
+    while True:
+        pass
+
+
+class BusyLoops:
+    """`with BusyLoops(k):` k processes each spinning `while True: pass` (another program taking a core)."""
+
+    def __init__(self, k: int):
+        self.k, self.procs = k, []
+
+    def __enter__(self):
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=_spin, daemon=True) for _ in range(self.k)]
+        for p in self.procs:
+            p.start()
+        time.sleep(0.5)  # (let them start spinning)
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+            p.join(timeout=10)
 
 
 def memory_status() -> dict:
@@ -107,7 +158,8 @@ def bandwidth_gbs(threads: int, mb: int = 512, reps: int = 5) -> float:
 
 
 BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1 + 4 / 4096, "int4": 0.5 + 4 / 32,  # moekit (int8: one fp32 scale per row)
-                    "F32": 4.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}  # GGUF blocks of 32: fp16 scale + codes
+                    "F32": 4.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32,  # GGUF blocks of 32: fp16 scale + codes
+                    "q4_k_m": 144 / 256, "Q4_K_M": 144 / 256}  # mostly Q4_K (some Q6_K: 210 / 256): a lower bound
 
 
 def active_bytes(name: str, width: str) -> float:

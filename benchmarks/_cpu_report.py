@@ -16,26 +16,59 @@ def _ratio(s: dict) -> str:
     return f"{s['median']:.2f} [{s['q1']:.2f}, {s['q3']:.2f}]"
 
 
+PEER = "llama.cpp"
+
+
+def _peers(result: dict) -> list[str]:
+    return list(result["peers"])
+
+
 def speed_table(result: dict) -> str:
     rows = []
+    peers = _peers(result)
     for b in result["widths"]:
         for c in b["cells"]:
-            mk, ll = c["moekit"], c["llama.cpp"]
-            prefill = [f"{_f(median(mk[k]), 0)} / {_f(median(ll[k]), 0)} ({_ratio(c[k + '_ratio'])})"
-                       for k in sorted((k for k in mk if k.startswith("prefill")), key=lambda k: int(k[7:]))]
-            rows.append([b["model"], f"{b['width']} / {b['gguf_type']}", c["threads"], _f(median(mk["decode"])),
-                         _f(median(ll["decode"])), _ratio(c["decode_ratio"]), *prefill, f"{c['greedy_agreement']:.2f}"])
+            mk = c["moekit"]
+            lengths = sorted(int(k[7:]) for k in mk if k.startswith("prefill"))
+            for peer in peers:
+                suffix = "" if peer == PEER else f"_vs_{peer}"
+                ll = c[peer]
+                prefill = [f"{_f(median(mk[f'prefill{n}']), 0)} / {_f(median(ll[f'prefill{n}']), 0)} ({_ratio(c[f'prefill{n}_ratio{suffix}'])})"
+                           for n in lengths]
+                rows.append([b["model"], f"{b['width']} / {b['gguf_type']}", c["threads"], peer, _f(median(mk["decode"])),
+                             _f(median(ll["decode"])), _ratio(c["decode_ratio" + suffix]), *prefill])
     lengths = sorted(int(k[7:]) for k in result["widths"][0]["cells"][0]["moekit"] if k.startswith("prefill"))
-    header = ["model", "moekit / GGUF", "threads", "moekit decode tok/s", "llama.cpp decode tok/s",
-              "decode ratio [q1, q3]", *[f"prefill {n} tok/s moekit / llama.cpp (ratio)" for n in lengths],
-              "greedy agreement"]
+    header = ["model", "moekit / GGUF", "threads", "peer", "moekit decode tok/s", "peer decode tok/s",
+              "decode ratio [q1, q3]", *[f"prefill {n} tok/s moekit / peer (ratio)" for n in lengths]]
     return markdown_table(header, rows)
+
+
+def busy_table(result: dict) -> str:
+    """Decode with 1 or 2 spinning processes beside both sides (2 threads, each side's default)."""
+    rows = []
+    for b in result["widths"]:
+        quiet = next(c for c in b["cells"] if c["threads"] == 2)
+        for bc in b["busy"]:
+            mk, ll = median(bc["moekit"]["decode"]), median(bc[PEER]["decode"])
+            rows.append([b["model"], f"{b['width']} / {b['gguf_type']}", bc["busy_processes"], _f(mk), _f(ll),
+                         _ratio(bc["decode_ratio"]), f"{mk / median(quiet['moekit']['decode']):.2f}",
+                         f"{ll / median(quiet[PEER]['decode']):.2f}"])
+    return markdown_table(["model", "format", "busy processes", "moekit decode tok/s", f"{PEER} decode tok/s", "ratio [q1, q3]",
+                           "moekit kept (of its quiet 2-thread speed)", f"{PEER} kept"], rows)
+
+
+def logits_table(result: dict) -> str:
+    rows = [[b["model"], b["gguf_type"], f"{b['logits']['top1_agreement']:.3f}", f"{b['logits']['min_top1_agreement_at_a_position']:.2f}",
+             f"{b['logits']['mean_cosine']:.4f}", f"{b['logits']['min_cosine']:.4f}", b["logits"]["positions"]]
+            for b in result["widths"] if b.get("logits")]
+    return markdown_table(["model", "file", "top-1 agreement", "lowest at one position (over prompts)", "mean cosine",
+                           "min cosine", "positions"], rows)
 
 
 def memory_table(result: dict) -> str:
     rows = []
     for b in result["widths"]:
-        for side in ("moekit", "llama.cpp"):
+        for side in b["memory"]:
             m, r = b["memory"][side], b["ready"][side]
             rows.append([b["model"], b["width"] if side == "moekit" else b["gguf_type"], side, _f(r.get("load_s", 0), 2),
                          _f(r["after_load"]["VmRSS"], 0), _f(m["VmRSS"], 0), _f(m["VmHWM"], 0)])
@@ -49,13 +82,13 @@ def floor_table(result: dict) -> str:
         for c in b["cells"]:
             bw = result["copy_bandwidth_gbs"][c["threads"]] * 1e9
             cells = []
-            for side in ("moekit", "llama.cpp"):
+            for side in ("moekit", PEER):
                 floor = bw / b["active_bytes"][side]
                 cells += [f"{b['active_bytes'][side] / 1e6:.1f}", _f(floor), f"{median(c[side]['decode']) / floor:.0%}"]
             rows.append([b["model"], f"{b['width']} / {b['gguf_type']}", c["threads"],
                          _f(result["copy_bandwidth_gbs"][c["threads"]]), *cells])
     return markdown_table(["model", "width", "threads", "copy GB/s", "moekit MB/token", "moekit floor tok/s", "moekit % of floor",
-                           "llama.cpp MB/token", "llama.cpp floor tok/s", "llama.cpp % of floor"], rows)
+                           f"{PEER} MB/token", f"{PEER} floor tok/s", f"{PEER} % of floor"], rows)
 
 
 def quality_table(q: dict) -> str:
@@ -77,7 +110,7 @@ def misses(result: dict) -> str:
             if c["decode_ratio"]["median"] >= 1.0:
                 continue
             bw = result["copy_bandwidth_gbs"][c["threads"]] * 1e9
-            pct = {s: median(c[s]["decode"]) * b["active_bytes"][s] / bw for s in ("moekit", "llama.cpp")}
+            pct = {s: median(c[s]["decode"]) * b["active_bytes"][s] / bw for s in ("moekit", PEER)}
             if min(pct.values()) > 0.7:
                 bound = "both sides are near the memory floor, so the gap is the bytes per token"
             else:
@@ -90,27 +123,36 @@ def misses(result: dict) -> str:
     return "\n".join(lines) or "- every decode target is met."
 
 
+def peers_text(result: dict) -> str:
+    return " ".join(f"{peer}: llama-cpp-python {p.get('llama_cpp_python')}, built from source with CMAKE_ARGS=`{p['build_cmake_args']}` "
+                    f"(it reports `{p.get('system_info')}`)." for peer, p in result["peers"].items())
+
+
 def markdown(result: dict) -> str:
     q = result["quality"]
     tgt = markdown_table(["target", "value", "goal", "met"],
                          [[t["name"], t["value"], f"{t['direction']} {t['goal']}", t["met"]] for t in result["targets"]])
-    head = ("# moekit vs llama.cpp on CPU: batch-1 decode, prefill, memory, quality"
+    head = ("# moekit vs llama.cpp on CPU: batch-1 decode, prefill, under load, memory, quality"
             + (" (QUICK smoke run: tiny model, 1 round; not a measurement)" if result["quick"] else ""))
     return "\n\n".join([
         head,
         f"Command: `{result['command']}` ({result['seconds']} s). Machine: {result['machine']['cpu']}, "
         f"{result['machine']['cores']} cores, load average {result['machine']['load_average_1m']} at the end "
-        "(other jobs may have shared it; ratios are paired per round, which cancels most of the drift). "
-        f"llama-cpp-python {result['llama_cpp_python']}, built from source with CMAKE_ARGS=`{result['llama_cpp_build_cmake_args']}` "
-        f"(the VM traps AMX; llama.cpp reports `{result.get('llama_cpp_system_info', '?')}`). Both sides read the same random weights: moekit from the HF directory (quantized at load, "
-        "scope all), llama.cpp from moekit's GGUF export at the matched type. "
-        f"{result['rounds']} rounds, {result['new_tokens']} new tokens per decode measurement.",
+        "(ratios are paired per round, which cancels most of the drift). The VM traps AMX, so every build has it off. "
+        + peers_text(result) + f" moekit's native kernels run their `{result.get('native_isa')}` build. "
+        "Both sides read the same random weights: moekit from the HF directory (quantized at load, scope all) or the "
+        "Q4_K_M file itself, llama.cpp from moekit's GGUF export at the matched type (Q4_K_M: llama.cpp's own quantizer "
+        f"on the F32 export). {result['rounds']} rounds, {result['new_tokens']} new tokens per decode measurement.",
         tgt,
-        "## Speed (medians; ratios are moekit / llama.cpp, paired per round, with quartiles)",
+        "## Speed (medians; ratios are moekit / peer, paired per round, with quartiles)",
         speed_table(result),
+        "## Under load: 1 or 2 other processes spinning beside both sides (2 threads, the default)",
+        busy_table(result),
         "## Weight-read floor (active bytes per token / copy bandwidth)",
         floor_table(result),
         "What bounds the missed decode targets (measured):\n" + misses(result),
+        "## Logits on the Q4_K_M file (both sides read the same blocks; llama.cpp rounds activations to int8 blocks too)",
+        logits_table(result),
         "## Memory (each side in its own child process)",
         memory_table(result),
         f"## Quality: tiny preset trained {q['steps']} steps on real text ({q['eval_batches']} validation batches)",

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..moe import native
 from ..moe.experts import activate, bmm_experts, choose_kernel, grouped_mm_experts, loop_experts
+from ..moe.quantized import NATIVE_MAX_ROWS
 from .blocks import BLOCK_TYPES, dequantize, row_bytes
 
 GGUF_KERNELS = ("auto", "native", "dequant")
@@ -54,12 +55,15 @@ def _check_type(qtype: str, where: str) -> None:
         raise ConfigError(f"{where}: GGUF type {qtype!r} has no block path; moekit runs {', '.join(BLOCK_TYPES)} as blocks")
 
 
-def resolve_kernel(name: str, qtypes, device: torch.device) -> str:
-    """The kernel a call runs: `auto` -> native on CPU when it runs every type, else dequant."""
+def resolve_kernel(name: str, qtypes, device: torch.device, most_rows: int = 1) -> str:
+    """The kernel a call runs: `auto` -> native on CPU when it runs every type and rows are few
+    (NATIVE_MAX_ROWS, as for moekit's own int8/int4: above it the dequantized weight's BLAS matmul,
+    reused across rows, wins), else dequant; `native` where it cannot run -> dequant."""
     _check_kernel(name)
+    runs = device.type == "cpu" and all(native.supports(q) for q in qtypes)
     if name == "auto":
-        name = "native" if device.type == "cpu" and all(native.supports(q) for q in qtypes) else "dequant"
-    return name
+        name = "native" if runs and most_rows <= NATIVE_MAX_ROWS else "dequant"
+    return name if name != "native" or runs else "dequant"
 
 
 def _groups(rows_E: torch.Tensor) -> np.ndarray:
@@ -127,7 +131,8 @@ class GGUFExperts(nn.Module):
 
     def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
         """`kernel` (or the module's) with `auto` resolved (native or dequant)."""
-        return resolve_kernel(kernel or self.kernel, self.qtypes, x.device)
+        most = int(counts_E.max()) if counts_E is not None and counts_E.numel() else x.shape[0]
+        return resolve_kernel(kernel or self.kernel, self.qtypes, x.device, most)
 
     def forward(self, x_ND: torch.Tensor, rows_E: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
         """x_ND holds rows_E[e] consecutive rows per expert; returns [N, D] in x's dtype."""
@@ -201,7 +206,7 @@ class GGUFLinear(nn.Module):
         lead = x.shape[:-1]
         x_NI = x.reshape(-1, self.in_features).float()
         bias = None if self.bias is None else self.bias.float()
-        if resolve_kernel(self.kernel, (self.qtype,), x.device) == "native":
+        if resolve_kernel(self.kernel, (self.qtype,), x.device, x_NI.shape[0]) == "native":
             groups = np.array([[0, 0, x_NI.shape[0]]], dtype=np.int64)
             y = native.gguf_matmul(x_NI.contiguous(), self.weight_OB, self.qtype, groups)
             y = y if bias is None else y + bias
