@@ -57,6 +57,20 @@ def busy_table(result: dict) -> str:
                            "moekit kept (of its quiet 2-thread speed)", f"{PEER} kept"], rows)
 
 
+def overhead_table(result: dict) -> str:
+    """moekit's decode step split: inside the native kernels, and everything else (Python, torch ops, dispatch)."""
+    rows = []
+    for b in result["widths"]:
+        for c in b["cells"]:
+            mk = c["moekit"]
+            if not mk.get("kernel_ms") or median(mk["kernel_ms"]) == 0:
+                continue
+            step, kern = median(mk["step_ms"]), median(mk["kernel_ms"])
+            rows.append([b["model"], b["width"], c["threads"], f"{step:.2f}", f"{kern:.2f}", f"{step - kern:.2f}", f"{(step - kern) / step:.0%}"])
+    return markdown_table(["model", "format", "threads", "decode step ms", "inside the native kernels ms", "outside ms",
+                           "outside share"], rows)
+
+
 def logits_table(result: dict) -> str:
     rows = [[b["model"], b["gguf_type"], f"{b['logits']['top1_agreement']:.3f}", f"{b['logits']['min_top1_agreement_at_a_position']:.2f}",
              f"{b['logits']['mean_cosine']:.4f}", f"{b['logits']['min_cosine']:.4f}", b["logits"]["positions"]]
@@ -148,6 +162,8 @@ def markdown(result: dict) -> str:
         speed_table(result),
         "## Under load: 1 or 2 other processes spinning beside both sides (2 threads, the default)",
         busy_table(result),
+        "## Where a moekit decode step goes (quantized formats: time inside the native kernels, and the rest)",
+        overhead_table(result),
         "## Weight-read floor (active bytes per token / copy bandwidth)",
         floor_table(result),
         "What bounds the missed decode targets (measured):\n" + misses(result),

@@ -72,19 +72,38 @@ def moekit_side(name: str, width: str, _site=None):
         if options:
             engine = Engine(quantize_model(engine.model, **options))
     load_s = time.perf_counter() - started
+    steps = _time_steps(engine)
 
     @torch.inference_mode()
     def handle(kind: str, threads: int, prompt: list[int], new_tokens: int) -> dict:
         torch.set_num_threads(threads)
         if kind == "logits":
             return {"logits": engine.model(torch.tensor([prompt])).logits[0].float().numpy()}
+        steps.clear()
         out = engine.generate_ids([prompt], SamplingConfig(max_new_tokens=new_tokens, stop_token_ids=[]))[0].token_ids
-        st = engine.last_stats
-        return {"prefill_s": st["prefill_s"], "decode_s": st["decode_s"], "steps": len(out) - 1, "tokens": out}
+        st, decode = engine.last_stats, steps[1:]  # steps[0]: the prefill
+        return {"prefill_s": st["prefill_s"], "decode_s": st["decode_s"], "steps": len(out) - 1, "tokens": out,
+                "step_s": sum(a for a, _ in decode), "kernel_s": sum(b for _, b in decode)}
 
     from moekit.moe import native
 
     return {"load_s": load_s, "native_isa": native.isa()}, handle
+
+
+def _time_steps(engine) -> list:
+    """Wraps the engine's model step: each call's (seconds, seconds inside the native kernels) goes to the list."""
+    from moekit.moe import native
+
+    log, step = [], engine._step
+
+    def timed(*args, **kwargs):
+        k0, t0 = native.kernel_time()[1], time.perf_counter()
+        out = step(*args, **kwargs)
+        log.append((time.perf_counter() - t0, native.kernel_time()[1] - k0))
+        return out
+
+    engine._step = timed
+    return log
 
 
 def llama_side(name: str, width: str, site: str | None = None):
@@ -166,6 +185,9 @@ def time_cell(workers: dict, threads: int, rounds: int, ps: dict, new_tokens: in
             w, rec = workers[side], runs[side]
             got = w.call("run", threads, ps[short], new_tokens)
             rec["decode"].append(got["steps"] / got["decode_s"])
+            if "kernel_s" in got:  # moekit: per decode step, time in its model step and inside the native kernels
+                rec.setdefault("step_ms", []).append(1000 * got["step_s"] / max(got["steps"], 1))
+                rec.setdefault("kernel_ms", []).append(1000 * got["kernel_s"] / max(got["steps"], 1))
             rec[f"prefill{short}"].append(short / got["prefill_s"])
             rec["tokens"] = rec["tokens"] or got["tokens"]
             if prefill and long_ != short:

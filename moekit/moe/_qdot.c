@@ -43,20 +43,25 @@ static void detect_isa(void) {
 
 /* ------------------------------------------------------------------ activations */
 
-static void quantize_row(const float *x, int in, int perm, int8_t *q, float *d, int32_t *s16) {
-    for (int b = 0; b < in / 32; b++) {
+/* Row x [in] to int8 per 32-value block. perm (moekit int4): each pair of blocks is stored as its 32 even
+ * columns then its 32 odd ones (a last odd block as its 16 evens then 16 odds), the nibble order of the codes. */
+static void quantize_row(const float *x, int in, int perm, int8_t *q, float *d, float *ds, float *ds16) {
+    int nb = in / 32;
+    for (int b = 0; b < nb; b++) {
         const float *xb = x + 32 * b;
         float amax = 0.f;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
         float id = amax > 0.f ? 127.f / amax : 0.f;
         d[b] = amax / 127.f;
-        int8_t *qb = q + 32 * b;
-        for (int j = 0; j < 32; j++) qb[perm ? (j & 1) * 16 + j / 2 : j] = (int8_t)lrintf(xb[j] * id);
-        for (int k = 0; k < 2; k++) {
-            int32_t s = 0;
-            for (int j = 16 * k; j < 16 * k + 16; j++) s += qb[j];
-            s16[2 * b + k] = s;
+        int32_t s[2] = {0, 0};
+        int pair = perm && (b | 1) < nb, base = pair ? 64 * (b >> 1) : 32 * b, off = pair ? 16 * (b & 1) : 0;
+        for (int j = 0; j < 32; j++) {
+            int8_t v = (int8_t)lrintf(xb[j] * id);
+            s[j >> 4] += v;
+            q[perm ? base + (j & 1) * (pair ? 32 : 16) + off + j / 2 : 32 * b + j] = v;
         }
+        ds16[2 * b] = d[b] * (float)s[0]; ds16[2 * b + 1] = d[b] * (float)s[1];
+        ds[b] = d[b] * (float)(s[0] + s[1]);
     }
 }
 
@@ -64,22 +69,27 @@ static int xq_alloc(qd_xq *xq, int n, int in) {
     xq->in = in;
     xq->q = malloc((size_t)n * in + 64);
     xq->d = malloc(sizeof(float) * ((size_t)n * in / 32 + 1));
-    xq->s16 = malloc(sizeof(int32_t) * ((size_t)n * in / 16 + 1));
-    return xq->q && xq->d && xq->s16;
+    xq->ds = malloc(sizeof(float) * ((size_t)n * in / 32 + 1));
+    xq->ds16 = malloc(sizeof(float) * ((size_t)n * in / 16 + 1));
+    return xq->q && xq->d && xq->ds && xq->ds16;
 }
 
-static void xq_free(qd_xq *xq) { free(xq->q); free(xq->d); free(xq->s16); }
+static void xq_free(qd_xq *xq) { free(xq->q); free(xq->d); free(xq->ds); free(xq->ds16); }
 
 static void quantize_rows(const float *x, int n, int64_t ld, const qd_wmat *m, qd_xq *xq) {
     for (int r = 0; r < n; r++)
-        quantize_row(x + (int64_t)r * ld, m->in, m->fmt == QF_I4, xq->q + (int64_t)r * m->in,
-                     xq->d + (int64_t)r * (m->in / 32), xq->s16 + (int64_t)r * (m->in / 16));
+        quantize_row(x + (int64_t)r * ld, m->in, m->fmt == QF_I4, xq->q + (int64_t)r * m->in, xq->d + (int64_t)r * (m->in / 32),
+                     xq->ds + (int64_t)r * (m->in / 32), xq->ds16 + (int64_t)r * (m->in / 16));
 }
 
 /* ------------------------------------------------------------------ the thread pool */
 
+static double now_ns(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec * 1e9 + ts.tv_nsec; }
+
 #define QD_MAX_THREADS 64
-#define QD_SPIN 20000 /* pause loops (~tens of microseconds) before a worker sleeps */
+#define QD_SPIN_NS 30000.0 /* a worker spins this long for the next job, then sleeps: a decode step's Python
+                             between two calls is longer, and a spinning worker takes the core torch's own
+                             threads (or another program) need */
 
 typedef struct {            /* one parallel matmul: tasks are (group, chunk of output rows) */
     const qd_wmat *m; const qd_xq *xq; const int64_t *groups; float *out; int64_t ldo;
@@ -110,11 +120,12 @@ static void *worker_main(void *arg) {
     int id = (int)(intptr_t)arg;
     unsigned seen = atomic_load(&pool.gen);
     for (;;) {
-        int spins = 0;
-        while (atomic_load(&pool.gen) == seen && spins < QD_SPIN) { spins++;
+        double until = now_ns() + QD_SPIN_NS;
+        for (int spins = 1; atomic_load(&pool.gen) == seen; spins++) {
 #ifdef QD_X86
             __builtin_ia32_pause();
 #endif
+            if ((spins & 63) == 0 && now_ns() > until) break;
         }
         if (atomic_load(&pool.gen) == seen) {
             pthread_mutex_lock(&pool.mu);
@@ -160,7 +171,6 @@ static void run_job(qd_job *j) {
 static double cost_ewma[48][QD_MAX_THREADS + 1]; /* ns per weight byte, by log2(bytes) bucket and thread count */
 static unsigned calls_in[48];
 
-static double now_ns(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec * 1e9 + ts.tv_nsec; }
 
 static int pick_threads(int bucket) {
     int limit = pool.limit, best = limit;
@@ -211,14 +221,18 @@ static int parse_wmat(PyObject *t, qd_wmat *m) {
     return 1;
 }
 
+static double kernel_ns; static long long kernel_calls;  /* time inside matmul / moe calls (GIL released) */
+
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     PyObject *wt; qd_wmat m; unsigned long long x, groups, out; int n, A;
     if (!PyArg_ParseTuple(args, "OKiKiK", &wt, &x, &n, &groups, &A, &out) || !parse_wmat(wt, &m)) return NULL;
     qd_xq xq;
     if (!xq_alloc(&xq, n, m.in)) { xq_free(&xq); return PyErr_NoMemory(); }
     Py_BEGIN_ALLOW_THREADS
+    double t0 = now_ns();
     quantize_rows((const float *)(uintptr_t)x, n, m.in, &m, &xq);
     parallel_rows(&m, &xq, (const int64_t *)(uintptr_t)groups, A, (float *)(uintptr_t)out, m.out);
+    kernel_ns += now_ns() - t0; kernel_calls++;
     Py_END_ALLOW_THREADS
     xq_free(&xq);
     Py_RETURN_NONE;
@@ -251,11 +265,13 @@ static PyObject *py_moe(PyObject *self, PyObject *args) {
     if (ok) {
         const int64_t *g = (const int64_t *)(uintptr_t)groups;
         Py_BEGIN_ALLOW_THREADS
+        double t0 = now_ns();
         quantize_rows((const float *)(uintptr_t)x, n, mi.in, &mi, &xq);
         parallel_rows(&mi, &xq, g, A, h, mi.out);
         activate(act, h, n, F, a);
         quantize_rows(a, n, F, &mo, &aq);
         parallel_rows(&mo, &aq, g, A, (float *)(uintptr_t)out, mo.out);
+        kernel_ns += now_ns() - t0; kernel_calls++;
         Py_END_ALLOW_THREADS
     }
     xq_free(&xq); xq_free(&aq); free(h); free(a);
@@ -303,6 +319,10 @@ static PyObject *py_thread_costs(PyObject *self, PyObject *args) {  /* {bucket: 
     return out;
 }
 
+static PyObject *py_kernel_time(PyObject *self, PyObject *args) {  /* (calls, seconds) inside the kernels so far */
+    return Py_BuildValue("(Ld)", kernel_calls, kernel_ns / 1e9);
+}
+
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(wmat, x_ptr, N, groups_ptr, A, out_ptr)"},
     {"moe", py_moe, METH_VARARGS, "moe(act, wmat_in, wmat_out, x_ptr, N, groups_ptr, A, out_ptr)"},
@@ -310,6 +330,7 @@ static PyMethodDef methods[] = {
     {"supported", py_supported, METH_NOARGS, "the instruction sets this CPU runs"},
     {"set_isa", py_set_isa, METH_VARARGS, "force an instruction set (tests force 'generic')"},
     {"set_threads", py_set_threads, METH_VARARGS, "the most threads a call may use"},
+    {"kernel_time", py_kernel_time, METH_NOARGS, "(calls, seconds) spent inside matmul and moe calls since import"},
     {"thread_costs", py_thread_costs, METH_NOARGS, "measured ns per weight byte by size bucket and thread count"},
     {NULL, NULL, 0, NULL}};
 

@@ -30,14 +30,16 @@ typedef struct {            /* E stacked [O, in] weights in one format */
 typedef struct {            /* N activation rows quantized per 32-value block */
     int8_t *q;              /* [N, in] codes (I4: each block's even columns, then its odd ones) */
     float *d;               /* [N, in / 32] block scales */
-    int32_t *s16;           /* [N, in / 16] sums of 16 consecutive codes */
+    float *ds;              /* [N, in / 32] block scale x the block's code sum (what an offset of 1 in the codes adds) */
+    float *ds16;            /* [N, in / 16] the same per 16 codes (Q6_K's half-block scales) */
     int in;
 } qd_xq;
 
-typedef struct { const int8_t *q; const float *d; const int32_t *s16; } qd_xrow;
+typedef struct { const int8_t *q; const float *d, *ds, *ds16; } qd_xrow;
 
 static inline qd_xrow qd_row_of(const qd_xq *xq, int r) {
-    qd_xrow x = {xq->q + (int64_t)r * xq->in, xq->d + (int64_t)r * (xq->in / 32), xq->s16 + (int64_t)r * (xq->in / 16)};
+    qd_xrow x = {xq->q + (int64_t)r * xq->in, xq->d + (int64_t)r * (xq->in / 32), xq->ds + (int64_t)r * (xq->in / 32),
+                 xq->ds16 + (int64_t)r * (xq->in / 16)};
     return x;
 }
 

@@ -3,7 +3,8 @@
  * Included by each _qdot_isa_*.c with QD_ISA and QD_SFX set; defines qd_rows_<SFX>, which runs output
  * rows [o0, o1) of expert e against activation rows [r0, r0 + nr). Activations arrive quantized per
  * 32-value block (int8 codes, one fp32 scale per block, int32 sums per 16 codes); each block's integer dot
- * product is exact, then scaled in fp32, as llama.cpp does.
+ * product is exact, then scaled in fp32, as llama.cpp does (the activations' block scale times code sum, per
+ * 32 and per 16 codes, comes precomputed for the unsigned formats' offset).
  *
  * Every format is read through one block decoder, `blk_<fmt>(row, b)`, which gives block b's 32 codes
  * (signed for I8 / Q8_0, else unsigned), their scale (one, or one per 16 codes for Q6_K) and the constant
@@ -12,7 +13,7 @@
  * keeps two accumulators (decode). Formats (qd_fmt in _qdot.h):
  *   I8    moekit int8: int8 codes, one fp32 scale per row
  *   I4    moekit int4: column 2j in the low nibble and 2j+1 in the high one, fp32 scale (and uint8 zero,
- *         else 8) per group of 32/64/128; its activations come with each block's evens first, then odds
+ *         else 8) per group of 32/64/128; read two blocks a step (rows_i4), its activations permuted to match
  *   Q8_0, Q4_0, Q5_0 (blocks of 32) and Q4_K, Q6_K (super-blocks of 256): GGUF's own bytes, as in ggml.
  */
 
@@ -88,7 +89,7 @@ static inline qd_blk FN(blk_q6_k)(const qd_wrow *w, int b) {  /* block k of a 12
         V xv_ = v_load((x).q + 32 * (b));                                                        \
         VI p_ = SIGNED ? v_dot_ss((k).u, xv_) : v_dot_us((k).u, xv_);                            \
         acc = SPLIT ? v_fma2(p_, dx_ * (k).sw_lo, dx_ * (k).sw_hi, acc) : v_fma1(p_, dx_ * (k).sw_lo, acc); \
-        if (!SIGNED) corr += dx_ * ((k).c_lo * (float)(x).s16[2 * (b)] + (k).c_hi * (float)(x).s16[2 * (b) + 1]); }
+        if (!SIGNED) corr += SPLIT ? (k).c_lo * (x).ds16[2 * (b)] + (k).c_hi * (x).ds16[2 * (b) + 1] : (k).c_lo * (x).ds[b]; }
 
 #define QD_ROWS_KERNEL(NAME, DECODE, SIGNED, SPLIT)                                               \
 static void FN(NAME)(const qd_wrow *w, int nb, const qd_xq *xq, int r0, int nr, float *out, int64_t ldo, int o) { \
@@ -118,8 +119,42 @@ static void FN(NAME)(const qd_wrow *w, int nb, const qd_xq *xq, int r0, int nr, 
     }                                                                                            \
 }
 
+/* moekit int4 reads two blocks (32 bytes) a step: low nibbles are block 2p's and 2p+1's even columns, high
+ * nibbles their odd ones, so its activations come pair by pair as [32 evens | 32 odds] (a last odd block as
+ * [16 evens | 16 odds]); one pair of dot products fills lanes 0-3 with block 2p and 4-7 with block 2p+1. */
+#define I4_PAIR(w, x, p, acc, corr) {                                                             \
+        V v_ = v_load((w)->row + 32 * (p));                                                      \
+        int b_ = 2 * (p), g0_ = b_ >> (w)->gshift, g1_ = (b_ + 1) >> (w)->gshift;                \
+        float s0_ = (w)->sc[g0_], s1_ = (w)->sc[g1_];                                            \
+        VI p_ = v_dot_us2(v_and(v_, 15), v_load((x).q + 64 * (p)), v_srl(v_, 4), v_load((x).q + 64 * (p) + 32)); \
+        acc = v_fma2(p_, (x).d[b_] * s0_, (x).d[b_ + 1] * s1_, acc);                             \
+        corr += s0_ * (float)((w)->zp ? (w)->zp[g0_] : 8) * (x).ds[b_]                           \
+              + s1_ * (float)((w)->zp ? (w)->zp[g1_] : 8) * (x).ds[b_ + 1]; }
+
+static void FN(rows_i4)(const qd_wrow *w, int nb, const qd_xq *xq, int r0, int nr, float *out, int64_t ldo, int o) {
+    int np = nb / 2, r = r0;
+    for (; r + 4 <= r0 + nr; r += 4) {  /* four activation rows share each pair of decoded blocks */
+        VF acc[4] = {v_zero(), v_zero(), v_zero(), v_zero()};
+        float corr[4] = {0.f, 0.f, 0.f, 0.f};
+        qd_xrow x[4] = {qd_row_of(xq, r), qd_row_of(xq, r + 1), qd_row_of(xq, r + 2), qd_row_of(xq, r + 3)};
+        for (int p = 0; p < np; p++)
+            for (int i = 0; i < 4; i++) I4_PAIR(w, x[i], p, acc[i], corr[i])
+        if (nb & 1) { qd_blk k = FN(blk_i4)(w, nb - 1); for (int i = 0; i < 4; i++) QD_ACC(k, x[i], nb - 1, acc[i], corr[i], 0, 0) }
+        for (int i = 0; i < 4; i++) out[(int64_t)(r + i) * ldo + o] = v_hsum(acc[i]) - corr[i];
+    }
+    for (; r < r0 + nr; r++) {
+        VF a0 = v_zero(), a1 = v_zero();
+        float c0 = 0.f, c1 = 0.f;
+        qd_xrow x = qd_row_of(xq, r);
+        int p = 0;
+        for (; p + 1 < np; p += 2) { I4_PAIR(w, x, p, a0, c0) I4_PAIR(w, x, p + 1, a1, c1) }
+        if (p < np) I4_PAIR(w, x, p, a0, c0)
+        if (nb & 1) { qd_blk k = FN(blk_i4)(w, nb - 1); QD_ACC(k, x, nb - 1, a1, c1, 0, 0) }
+        out[(int64_t)r * ldo + o] = v_hsum(a0) + v_hsum(a1) - c0 - c1;
+    }
+}
+
 QD_ROWS_KERNEL(rows_i8, FN(blk_i8), 1, 0)
-QD_ROWS_KERNEL(rows_i4, FN(blk_i4), 0, 0)
 QD_ROWS_KERNEL(rows_q8_0, FN(blk_q8_0), 1, 0)
 QD_ROWS_KERNEL(rows_q4_0, FN(blk_q4_0), 0, 0)
 QD_ROWS_KERNEL(rows_q5_0, FN(blk_q5_0), 0, 0)
@@ -145,6 +180,7 @@ void FN(qd_rows)(const qd_wmat *m, int e, int o0, int o1, const qd_xq *xq, int r
 }
 
 #undef QD_ACC
+#undef I4_PAIR
 #undef QD_ROWS_KERNEL
 #undef FN
 #undef QD_CAT

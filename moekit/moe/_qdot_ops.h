@@ -30,6 +30,11 @@ static inline VI v_dot_us(V u, V s) {  /* lane k = sum of 4 products u * (int8)s
     VI r; for (int k = 0; k < 8; k++) { int32_t acc = 0;
         for (int j = 4 * k; j < 4 * k + 4; j++) acc += (int32_t)u.b[j] * (int8_t)s.b[j]; r.i[k] = acc; } return r;
 }
+static inline VI v_dot_us2(V u1, V s1, V u2, V s2) {  /* v_dot_us(u1, s1) + v_dot_us(u2, s2) */
+    VI a = v_dot_us(u1, s1), b = v_dot_us(u2, s2);
+    for (int k = 0; k < 8; k++) a.i[k] += b.i[k];
+    return a;
+}
 static inline VI v_dot_ss(V w, V s) {
     VI r; for (int k = 0; k < 8; k++) { int32_t acc = 0;
         for (int j = 4 * k; j < 4 * k + 4; j++) acc += (int32_t)(int8_t)w.b[j] * (int8_t)s.b[j]; r.i[k] = acc; } return r;
@@ -73,10 +78,15 @@ static inline V v_bits32(uint32_t bits, uint8_t value) {
 }
 #if QD_ISA == QD_VNNI
 static inline VI v_dot_us(V u, V s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+static inline VI v_dot_us2(V u1, V s1, V u2, V s2) { return _mm256_dpbusd_epi32(v_dot_us(u1, s1), u2, s2); }
 #elif QD_ISA == QD_AVXVNNI
 static inline VI v_dot_us(V u, V s) { return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s); }
+static inline VI v_dot_us2(V u1, V s1, V u2, V s2) { return _mm256_dpbusd_avx_epi32(v_dot_us(u1, s1), u2, s2); }
 #else
 static inline VI v_dot_us(V u, V s) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); }
+static inline VI v_dot_us2(V u1, V s1, V u2, V s2) {  /* codes <= 15: two maddubs sums fit int16 (4 x 15 x 128) */
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2)), _mm256_set1_epi16(1));
+}
 #endif
 static inline VI v_dot_ss(V w, V s) { return v_dot_us(_mm256_sign_epi8(w, w), _mm256_sign_epi8(s, w)); }
 static inline VF v_zero(void) { return _mm256_setzero_ps(); }

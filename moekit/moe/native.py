@@ -161,6 +161,11 @@ def gguf_experts(x_ND, w_in_EHB, qtype_in, w_out_EDB, qtype_out, groups_A3, acti
     return moe(x_ND, gguf_weight(w_in_EHB, qtype_in, D), gguf_weight(w_out_EDB, qtype_out, F), groups_A3, activation)
 
 
+def kernel_time() -> tuple[int, float]:
+    """(calls, seconds) spent inside the kernels since import: a decode step's time less this is its overhead."""
+    return _qdot.kernel_time() if AVAILABLE else (0, 0.0)
+
+
 def thread_costs() -> dict:
     """Measured ns per weight byte, by log2(weight bytes) bucket, at 1..limit threads (what the adaptation sees)."""
     return _qdot.thread_costs() if AVAILABLE else {}
