@@ -229,14 +229,14 @@ def retyped(src, dst, kinds: dict, rng) -> None:
 def test_mixed_k_quant_file_blocks_fallback_types_and_offloading(tmp_path):
     src = G.save(_wide_model(), tmp_path / "f32.gguf", Tokenizer.byte_level())
     kinds = {"ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q6_K", "ffn_down_exps": "Q5_0", "attn_q": "Q4_K",
-             "attn_v": "Q5_K", "output": "Q6_K", "token_embd": "Q4_K"}
+             "attn_v": "Q4_1", "output": "Q6_K", "token_embd": "Q4_K"}
     retyped(src, tmp_path / "k.gguf", kinds, np.random.default_rng(0))
     engine = Engine.load(tmp_path / "k.gguf")
     model = engine.model
     experts = model.layers[0].mlp.experts
     assert experts.qtypes == ("Q4_K", "Q6_K", "Q5_0") and not experts.fused
     assert isinstance(model.layers[0].self_attn.q_proj, GGUFLinear) and isinstance(model.lm_head, GGUFLinear)
-    assert isinstance(model.layers[0].self_attn.v_proj, torch.nn.Linear)  # Q5_K: no block path, dequantized by gguf-py
+    assert isinstance(model.layers[0].self_attn.v_proj, torch.nn.Linear)  # Q4_1: no block path, dequantized by gguf-py
     fp32 = G.load(tmp_path / "k.gguf", blocks=False)
     assert torch.equal(model.embed_tokens.weight, fp32.embed_tokens.weight)
     set_kernel(model, "dequant")
@@ -374,7 +374,7 @@ def test_unknown_type_truncated_blocks_and_bad_storages_one_message_each(tmp_pat
     src = G.save(make_model(), tmp_path / "f32.gguf", Tokenizer.byte_level())
     retyped(src, tmp_path / "q81.gguf", {"attn_v": "Q8_1"}, np.random.default_rng(0))
     with pytest.raises(G.UnsupportedGGUFError, match=r"blk.0.attn_v.weight is stored as GGUF type Q8_1, which moekit cannot "
-                                                     r"run: it runs Q8_0, Q4_0, Q5_0, Q4_K, Q6_K in block form"):
+                                                     r"run: it runs Q8_0, Q4_0, Q5_0, Q4_K, Q6_K, Q5_K in block form"):
         Engine.load(tmp_path / "q81.gguf")
     run = subprocess.run([sys.executable, "-m", "moekit", "generate", str(tmp_path / "q81.gguf"), "--prompt", "x"],
                          capture_output=True, text=True)
@@ -390,8 +390,8 @@ def test_unknown_type_truncated_blocks_and_bad_storages_one_message_each(tmp_pat
         GGUFExperts(2, 32, 32, ("Q8_0",) * 3, activation="clamped_swiglu")
     with pytest.raises(ConfigError, match="kernel='numba' is unknown for GGUF block weights: accepted values are auto, native, dequant"):
         GGUFLinear(32, 4, "Q8_0", kernel="numba")
-    with pytest.raises(ConfigError, match="GGUF type 'Q5_K' has no block path; moekit runs Q8_0, Q4_0, Q5_0, Q4_K, Q6_K"):
-        GGUFLinear(256, 4, "Q5_K")
+    with pytest.raises(ConfigError, match="GGUF type 'Q4_1' has no block path; moekit runs Q8_0, Q4_0, Q5_0, Q4_K, Q6_K, Q5_K"):
+        GGUFLinear(256, 4, "Q4_1")
 
 
 def _truncated_after_open(path, cut) -> None:

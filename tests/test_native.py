@@ -50,10 +50,10 @@ def _close(got, want):
 
 def _random_k_blocks(qtype, rows, width, rng):
     """Random but valid Q4_K / Q6_K super-blocks (gguf-py cannot quantize to them): any codes, small finite scales."""
-    size = {"Q4_K": 144, "Q6_K": 210}[qtype]
+    size = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[qtype]
     b = rng.integers(0, 256, (rows, width // 256, size), dtype=np.uint8)
     half = lambda: (rng.random(b.shape[:2]) * 0.01 + 1e-3).astype(np.float16).view(np.uint8).reshape(*b.shape[:2], 2)  # noqa: E731
-    if qtype == "Q4_K":
+    if qtype in ("Q4_K", "Q5_K"):
         b[..., 0:2], b[..., 2:4] = half(), half()
     else:
         b[..., 208:210] = half()
@@ -66,7 +66,7 @@ def _gguf_weight(qtype, I, rng):
     from gguf.quants import quantize as gguf_quantize
 
     kind = GGMLQuantizationType[qtype]
-    if qtype in ("Q4_K", "Q6_K"):
+    if qtype in ("Q4_K", "Q5_K", "Q6_K"):
         blocks = _random_k_blocks(qtype, E * O, I, rng).reshape(E, O, -1)
     else:
         blocks = gguf_quantize(rng.standard_normal((E, O, I)).astype(np.float32), kind)
@@ -98,7 +98,7 @@ def test_gguf_block_formats_equal_gguf_py_dequantize(isa, qtype):
     _close(got, _reference(x, W))
 
 
-@pytest.mark.parametrize("qtype", ["int8", "int4-g32", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["int8", "int4-g32", "Q4_K", "Q5_K", "Q6_K"])
 def test_every_instruction_set_gives_the_forced_portable_result(qtype):
     rng = np.random.default_rng(2)
     x = torch.from_numpy(rng.standard_normal((N, 512)).astype(np.float32))

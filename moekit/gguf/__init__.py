@@ -1,7 +1,7 @@
 """GGUF in and out (llama.cpp's file format), through the `gguf` package from PyPI.
 
 - `moekit.gguf.load(path)` / `load_tokenizer(path)`: a GGUF MoE file (llama with experts = Mixtral's
-  layout, qwen2moe, qwen3moe, olmoe) as a DecoderLM (reader.py). Q8_0, Q4_0, Q5_0, Q4_K and Q6_K weights stay
+  layout, qwen2moe, qwen3moe, olmoe) as a DecoderLM (reader.py). Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K weights stay
   in their blocks (blocks.py: the formats; storage.py: `GGUFExperts`, `GGUFLinear`; block_load.py: reading
   them), resident at their file size; other types gguf dequantizes are read as floats (blocks=False: all);
 - `moekit.gguf.save(model, path, tokenizer, dtype="F32"|"F16"|"Q8_0"|"Q4_0")`, `convert(src, out)`:

@@ -5,7 +5,7 @@
 (-> a `GGUFExperts`), and the attention projections, shared-expert MLPs and an untied output head
 (-> a `GGUFLinear`). Everything else is read as floats by reader.py: F32/F16/BF16 tensors, norms and
 routers, the token embedding (a lookup table: dequantized), and tensors of quantized types with no block
-path here (Q5_K, Q3_K, IQ*, ...: dequantized to fp32 by gguf-py, as before).
+path here (Q4_1, Q3_K, IQ*, ...: dequantized to fp32 by gguf-py, as before).
 
 `swap_block_modules(model, ...)` puts the storages into a model built with those weights left on the meta
 device (no fp32 copy of them is ever allocated); `read_blocks(...)` copies each tensor's bytes from the

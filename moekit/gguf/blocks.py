@@ -10,6 +10,8 @@ ggml-quants layout, "file order"). The types moekit keeps in block form (`BLOCK_
   (w = d * (q - 16));
 - Q4_K: 256 weights in 144 bytes: d, dmin, 12 bytes of eight packed 6-bit (scale, min) pairs, 128 bytes
   of nibbles (w = d * scale_j * q - dmin * min_j per 32-weight sub-block j);
+- Q5_K: 256 weights in 176 bytes: d, dmin, Q4_K's 12 scale bytes, 32 bytes of fifth bits (bit j of byte l:
+  weight l of sub-block j), 128 bytes of nibbles as Q4_K's;
 - Q6_K: 256 weights in 210 bytes: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, sixteen int8
   scales, d (w = d * scale_j * (q - 32) per 16-weight sub-block j).
 
@@ -26,7 +28,8 @@ from __future__ import annotations
 import torch
 
 # qtype name -> (weights per block, bytes per block); the order is moekit.moe.native.GGUF_TYPES'
-BLOCK_TYPES = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q5_0": (32, 22), "Q4_K": (256, 144), "Q6_K": (256, 210)}
+BLOCK_TYPES = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q5_0": (32, 22), "Q4_K": (256, 144), "Q6_K": (256, 210),
+               "Q5_K": (256, 176)}
 FLOAT_TYPES = ("F32", "F16", "BF16")  # read as floats (not blocks)
 
 
@@ -103,6 +106,16 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     return (d * q - dm).reshape(n, 256)
 
 
+def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    d = (_f16(blocks, 0) * sc.float()).reshape(n, 8, 1)
+    dm = (_f16(blocks, 2) * mn.float()).reshape(n, 8, 1)
+    low = _nibbles(blocks[:, 48:].reshape(n * 4, 32)).reshape(n, 8, 32)
+    high = (blocks[:, 16:48].reshape(n, 1, 32) >> _BITS8.to(blocks.device).reshape(1, 8, 1)) & 1  # bit j: sub-block j
+    return (d * (low | (high << 4)).float() - dm).reshape(n, 256)
+
+
 _PAIRS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
 
 
@@ -116,4 +129,4 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return (d * q).reshape(n, 256)
 
 
-_DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q5_0": _q5_0, "Q4_K": _q4_k, "Q6_K": _q6_k}
+_DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q5_0": _q5_0, "Q4_K": _q4_k, "Q6_K": _q6_k, "Q5_K": _q5_k}

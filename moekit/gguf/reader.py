@@ -5,10 +5,10 @@ handed to `moekit.hf.model_config_from_hf`, so the same checks and refusals appl
 directory; llama.cpp's fixed choices (top-k renormalisation per arch) are what the config says.
 
 Weights (`load(path, blocks=True)`, the default): tensors in a block type moekit runs (Q8_0, Q4_0, Q5_0,
-Q4_K, Q6_K: blocks.py) stay in it, resident at their file size: the routed experts as a `GGUFExperts`,
+Q4_K, Q5_K, Q6_K: blocks.py) stay in it, resident at their file size: the routed experts as a `GGUFExperts`,
 attention / shared-expert / head matrices as `GGUFLinear` (storage.py; which ones and how they are read:
 block_load.py). F32/F16/BF16 tensors, norms, routers and the token embedding are floats; a tensor of a
-quantized type with no block path here (Q5_K, Q3_K, IQ4_NL, ...) is dequantized to fp32 by gguf-py
+quantized type with no block path here (Q4_1, Q3_K, IQ4_NL, ...) is dequantized to fp32 by gguf-py
 (`gguf.quants.dequantize`), as is every tensor with blocks=False. A type gguf-py cannot dequantize
 either is one UnsupportedGGUFError naming the types moekit runs; a file cut short is one CheckpointError
 naming the tensor. Q/K rows of the "llama" arch are put back in Hugging Face order. The tokenizer: a
@@ -180,7 +180,7 @@ def dequantize_expert(t, expert: int) -> torch.Tensor:
 def load(path: str | Path, dtype=None, device=None, experts: bool = True, blocks: bool = True):
     """A GGUF MoE file (llama with experts, qwen2moe, qwen3moe, olmoe) as an eval-mode DecoderLM.
 
-    blocks=True: tensors in a block type moekit runs (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K) stay in it, resident at
+    blocks=True: tensors in a block type moekit runs (Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K) stay in it, resident at
     their file size (GGUFExperts / GGUFLinear, block_load.py); blocks=False: every tensor dequantized to
     floats in `dtype` (what requantizing at load, moekit.quantize, starts from).
     experts=False: the routed experts' weights are not read (they stay on the meta device).

@@ -214,7 +214,7 @@ static int parse_wmat(PyObject *t, qd_wmat *m) {
                           &scale, &m->scale_row, &m->scale_expert, &zero, &m->gshift))
         return 0;
     m->w = (const uint8_t *)(uintptr_t)w; m->scale = (const float *)(uintptr_t)scale; m->zero = (const uint8_t *)(uintptr_t)zero;
-    if (m->fmt < QF_I8 || m->fmt > QF_Q6_K || m->in % (m->fmt >= QF_Q4_K ? 256 : 32)) {
+    if (m->fmt < QF_I8 || m->fmt > QF_Q5_K || m->in % (m->fmt >= QF_Q4_K ? 256 : 32)) {
         PyErr_Format(PyExc_ValueError, "weight format %d with input width %d is not one the kernels run", m->fmt, m->in);
         return 0;
     }

@@ -15,7 +15,7 @@
 #define QD_AVXVNNI 2
 #define QD_VNNI 3
 
-enum qd_fmt { QF_I8 = 0, QF_I4 = 1, QF_Q8_0 = 2, QF_Q4_0 = 3, QF_Q5_0 = 4, QF_Q4_K = 5, QF_Q6_K = 6 };
+enum qd_fmt { QF_I8 = 0, QF_I4 = 1, QF_Q8_0 = 2, QF_Q4_0 = 3, QF_Q5_0 = 4, QF_Q4_K = 5, QF_Q6_K = 6, QF_Q5_K = 7 };
 
 typedef struct {            /* E stacked [O, in] weights in one format */
     int fmt, in, out;       /* format, input width (a multiple of 32; 256 for the K formats), output rows */

@@ -14,7 +14,7 @@
  *   I8    moekit int8: int8 codes, one fp32 scale per row
  *   I4    moekit int4: column 2j in the low nibble and 2j+1 in the high one, fp32 scale (and uint8 zero,
  *         else 8) per group of 32/64/128; read two blocks a step (rows_i4), its activations permuted to match
- *   Q8_0, Q4_0, Q5_0 (blocks of 32) and Q4_K, Q6_K (super-blocks of 256): GGUF's own bytes, as in ggml.
+ *   Q8_0, Q4_0, Q5_0 (blocks of 32) and Q4_K, Q5_K, Q6_K (super-blocks of 256): GGUF's own bytes, as in ggml.
  */
 
 #define QD_CAT2(a, b) a##_##b
@@ -67,6 +67,17 @@ static inline qd_blk FN(blk_q4_k)(const qd_wrow *w, int b) {  /* sub-block j of 
     qd_scale_min_k4(j, blk + 4, &sc, &m);
     V v = v_load(blk + 16 + 32 * (j >> 1));
     return qd_blk_of(j & 1 ? v_srl(v, 4) : v_and(v, 15), qd_half(h0) * (float)sc, qd_half(h1) * (float)m);
+}
+
+static inline qd_blk FN(blk_q5_k)(const qd_wrow *w, int b) {  /* Q4_K's nibbles and scales, fifth bit j of qh[l] */
+    const uint8_t *blk = w->row + 176 * (b >> 3);
+    int j = b & 7, sc, m;
+    uint16_t h0, h1; memcpy(&h0, blk, 2); memcpy(&h1, blk + 2, 2);
+    qd_scale_min_k4(j, blk + 4, &sc, &m);
+    V v = v_load(blk + 48 + 32 * (j >> 1));
+    V low = j & 1 ? v_srl(v, 4) : v_and(v, 15);
+    V high = v_sll(v_and(v_srl(v_load(blk + 16), j), 1), 4);
+    return qd_blk_of(v_or(low, high), qd_half(h0) * (float)sc, qd_half(h1) * (float)m);
 }
 
 static inline qd_blk FN(blk_q6_k)(const qd_wrow *w, int b) {  /* block k of a 128-value half: 4 low bits + 2 high */
@@ -159,6 +170,7 @@ QD_ROWS_KERNEL(rows_q8_0, FN(blk_q8_0), 1, 0)
 QD_ROWS_KERNEL(rows_q4_0, FN(blk_q4_0), 0, 0)
 QD_ROWS_KERNEL(rows_q5_0, FN(blk_q5_0), 0, 0)
 QD_ROWS_KERNEL(rows_q4_k, FN(blk_q4_k), 0, 0)
+QD_ROWS_KERNEL(rows_q5_k, FN(blk_q5_k), 0, 0)
 QD_ROWS_KERNEL(rows_q6_k, FN(blk_q6_k), 0, 1)
 
 void FN(qd_rows)(const qd_wmat *m, int e, int o0, int o1, const qd_xq *xq, int r0, int nr, float *out, int64_t ldo) {
@@ -174,6 +186,7 @@ void FN(qd_rows)(const qd_wmat *m, int e, int o0, int o1, const qd_xq *xq, int r
         case QF_Q4_0: FN(rows_q4_0)(&w, nb, xq, r0, nr, out, ldo, o); break;
         case QF_Q5_0: FN(rows_q5_0)(&w, nb, xq, r0, nr, out, ldo, o); break;
         case QF_Q4_K: FN(rows_q4_k)(&w, nb, xq, r0, nr, out, ldo, o); break;
+        case QF_Q5_K: FN(rows_q5_k)(&w, nb, xq, r0, nr, out, ldo, o); break;
         default: FN(rows_q6_k)(&w, nb, xq, r0, nr, out, ldo, o); break;
         }
     }

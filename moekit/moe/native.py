@@ -3,7 +3,7 @@
 The extension quantizes each activation row to int8 per 32-value block and takes integer dot products
 with the weights' own codes (AVX-512 VNNI, AVX-VNNI, AVX2 or plain C, chosen at run time by CPU
 features; `MOEKIT_ISA=generic` or `force_isa` picks one). Weights are read in their stored layout:
-moekit's int8 / int4 (quant_format.py) and GGUF's Q8_0, Q4_0, Q5_0, Q4_K and Q6_K blocks. Results differ
+moekit's int8 / int4 (quant_format.py) and GGUF's Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K blocks. Results differ
 from dequantize-then-fp32 by the activations' int8 rounding (about 0.4% of a block's largest value),
 as llama.cpp's do.
 
@@ -38,9 +38,10 @@ except ImportError:  # no compiler at install time: the numba / dequantize kerne
     _qdot = None
 
 AVAILABLE = _qdot is not None
-GGUF_TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K")
-_FMT = {"int8": 0, "int4": 1, "Q8_0": 2, "Q4_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6}
-GGUF_BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q5_0": (32, 22), "Q4_K": (256, 144), "Q6_K": (256, 210)}  # (values, bytes)
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K", "Q5_K")
+_FMT = {"int8": 0, "int4": 1, "Q8_0": 2, "Q4_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6, "Q5_K": 7}
+GGUF_BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q5_0": (32, 22), "Q4_K": (256, 144), "Q6_K": (256, 210),
+               "Q5_K": (256, 176)}  # (values, bytes)
 ACTIVATIONS = ("swiglu", "gelu")
 _threads = [0]
 
