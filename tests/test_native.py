@@ -204,3 +204,23 @@ def test_widths_the_kernels_cannot_run_are_refused_or_passed_by():
     blocks = torch.zeros(1, 4, 34 * 3, dtype=torch.uint8)
     with pytest.raises(ValueError, match="Q8_0 rows of 64 values take 68 bytes, not 102"):
         native.gguf_matmul(torch.zeros(1, 64), blocks, "Q8_0", [(0, 0, 1)])
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_fp32_experts_native_path_equals_loop(activation):
+    from moekit.moe.experts import Experts
+
+    if native.isa() in ("none", "generic"):
+        pytest.skip("auto picks native only where a vector build runs")
+    torch.manual_seed(6)
+    experts = Experts(4, 64, 80, activation=activation, kernel="loop")
+    x, rows = torch.randn(3, 64), torch.tensor([1, 0, 1, 1])
+    with torch.no_grad():
+        assert experts.kernel_for(x, rows, kernel="auto") == "native"  # decoding: one row per active expert
+        want = experts(x, rows, kernel="loop")
+        got = experts(x, rows, kernel="native")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # fp32 throughout: only the summation order differs
+    assert experts.kernel_for(x.requires_grad_(), rows, kernel="native") == "loop"  # training: no backward here
+    biased = Experts(4, 64, 80, activation="swiglu", kernel="loop", bias=True)
+    with torch.no_grad():
+        assert biased.kernel_for(x.detach(), rows, kernel="native") == "loop"  # biases: not this kernel's

@@ -36,13 +36,13 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..moe import native
-from ..moe.experts import activate, bmm_experts, choose_kernel, grouped_mm_experts, loop_experts
+from ..moe.experts import activate, bmm_experts, choose_kernel, grouped_mm_experts, loop_experts, native_experts, native_fits
 from ..moe.quantized import NATIVE_MAX_ROWS
 from .blocks import BLOCK_TYPES, dequantize, row_bytes
 
 GGUF_KERNELS = ("auto", "native", "dequant")
 GGUF_ACTIVATIONS = ("swiglu", "gelu")
-_FLOAT_KERNELS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "bmm": bmm_experts}
+_FLOAT_KERNELS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "bmm": bmm_experts, "native": native_experts}
 
 
 def _check_kernel(name: str) -> None:
@@ -159,8 +159,10 @@ class GGUFExperts(nn.Module):
         for i, e in enumerate(active):
             w_in_AHD[i], w_out_ADF[i] = self.dequantized(e)
         x, counts_A = x_ND.float(), rows_E[active]
-        fn = _FLOAT_KERNELS[choose_kernel(x, w_in_AHD, w_out_ADF, counts_A)]
-        return fn(x, counts_A, w_in_AHD, w_out_ADF, self.activation)
+        name = choose_kernel(x, w_in_AHD, w_out_ADF, counts_A, allow_native=True)  # the fp32 model's own choice
+        if name == "native" and not native_fits(x, w_in_AHD, w_out_ADF, self.activation):
+            name = "loop"
+        return _FLOAT_KERNELS[name](x, counts_A, w_in_AHD, w_out_ADF, self.activation)
 
     def _native(self, x_ND: torch.Tensor, rows_E: torch.Tensor) -> torch.Tensor:
         groups, x = _groups(rows_E), x_ND.float().contiguous()

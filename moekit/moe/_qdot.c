@@ -7,6 +7,7 @@
  * others, and a per-call measure of cost per weight byte at each thread count that picks the count
  * (explored now and then): decode adapts to another process taking a core. Two entry points:
  *   matmul(wmat, x_ptr, N, groups_ptr, A, out_ptr)      y[rows] = x[rows] @ W_e^T per (e, start, count)
+ *       (F32 weights: plain fp32 dot products, the fp32 experts' decode path; every other format rounds x)
  *   moe(act, wmat_in, wmat_out, x_ptr, N, groups_ptr, A, out_ptr)   one MoE layer's active experts:
  *       h = x W_in^T, a = act(h) ("swiglu": silu(gate) * up over [gate | up]; "gelu": erf GELU), y = a W_out^T
  * Pointers are raw addresses of contiguous CPU tensors (moekit/moe/native.py checks them).
@@ -77,6 +78,8 @@ static int xq_alloc(qd_xq *xq, int n, int in) {
 static void xq_free(qd_xq *xq) { free(xq->q); free(xq->d); free(xq->ds); free(xq->ds16); }
 
 static void quantize_rows(const float *x, int n, int64_t ld, const qd_wmat *m, qd_xq *xq) {
+    xq->xf = x;  /* (F32 weights read the activations as they are: rows of `in` floats, ld == in) */
+    if (m->fmt == QF_F32) return;
     for (int r = 0; r < n; r++)
         quantize_row(x + (int64_t)r * ld, m->in, m->fmt == QF_I4, xq->q + (int64_t)r * m->in, xq->d + (int64_t)r * (m->in / 32),
                      xq->ds + (int64_t)r * (m->in / 32), xq->ds16 + (int64_t)r * (m->in / 16));
@@ -87,9 +90,10 @@ static void quantize_rows(const float *x, int n, int64_t ld, const qd_wmat *m, q
 static double now_ns(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec * 1e9 + ts.tv_nsec; }
 
 #define QD_MAX_THREADS 64
-#define QD_SPIN_NS 30000.0 /* a worker spins this long for the next job, then sleeps: a decode step's Python
-                             between two calls is longer, and a spinning worker takes the core torch's own
-                             threads (or another program) need */
+#define QD_SPIN_NS 300000.0 /* a worker spins this long for the next job, then sleeps: long enough to span the
+                              Python between a decode step's calls (waking a sleeping thread costs tens of
+                              microseconds on a VM, at every call); when another program wants the core, the
+                              engine's ThreadTuner drops to one thread and the workers go to sleep */
 
 typedef struct {            /* one parallel matmul: tasks are (group, chunk of output rows) */
     const qd_wmat *m; const qd_xq *xq; const int64_t *groups; float *out; int64_t ldo;
@@ -214,7 +218,7 @@ static int parse_wmat(PyObject *t, qd_wmat *m) {
                           &scale, &m->scale_row, &m->scale_expert, &zero, &m->gshift))
         return 0;
     m->w = (const uint8_t *)(uintptr_t)w; m->scale = (const float *)(uintptr_t)scale; m->zero = (const uint8_t *)(uintptr_t)zero;
-    if (m->fmt < QF_I8 || m->fmt > QF_Q5_K || m->in % (m->fmt >= QF_Q4_K ? 256 : 32)) {
+    if (m->fmt < QF_I8 || m->fmt > QF_F32 || (m->fmt != QF_F32 && m->in % (m->fmt >= QF_Q4_K ? 256 : 32))) {
         PyErr_Format(PyExc_ValueError, "weight format %d with input width %d is not one the kernels run", m->fmt, m->in);
         return 0;
     }

@@ -15,7 +15,8 @@
 #define QD_AVXVNNI 2
 #define QD_VNNI 3
 
-enum qd_fmt { QF_I8 = 0, QF_I4 = 1, QF_Q8_0 = 2, QF_Q4_0 = 3, QF_Q5_0 = 4, QF_Q4_K = 5, QF_Q6_K = 6, QF_Q5_K = 7 };
+enum qd_fmt { QF_I8 = 0, QF_I4 = 1, QF_Q8_0 = 2, QF_Q4_0 = 3, QF_Q5_0 = 4, QF_Q4_K = 5, QF_Q6_K = 6, QF_Q5_K = 7,
+              QF_F32 = 8 /* fp32 rows times fp32 activations (no rounding): the fp32 experts' decode path */ };
 
 typedef struct {            /* E stacked [O, in] weights in one format */
     int fmt, in, out;       /* format, input width (a multiple of 32; 256 for the K formats), output rows */
@@ -32,6 +33,7 @@ typedef struct {            /* N activation rows quantized per 32-value block */
     float *d;               /* [N, in / 32] block scales */
     float *ds;              /* [N, in / 32] block scale x the block's code sum (what an offset of 1 in the codes adds) */
     float *ds16;            /* [N, in / 16] the same per 16 codes (Q6_K's half-block scales) */
+    const float *xf;        /* F32 weights: the activations themselves, [N, in] (nothing quantized) */
     int in;
 } qd_xq;
 

@@ -6,15 +6,17 @@
  * product is exact, then scaled in fp32, as llama.cpp does (the activations' block scale times code sum, per
  * 32 and per 16 codes, comes precomputed for the unsigned formats' offset).
  *
- * Every format is read through one block decoder, `blk_<fmt>(row, b)`, which gives block b's 32 codes
+ * The 32-value formats are read through one block decoder, `blk_<fmt>(row, b)`, which gives block b's 32 codes
  * (signed for I8 / Q8_0, else unsigned), their scale (one, or one per 16 codes for Q6_K) and the constant
  * the unsigned codes' offset costs per unit of activation sum (zero point x scale, or Q4_K's min). One
  * loop template runs a decoder: four activation rows share each decoded block (prefill), a single row
- * keeps two accumulators (decode). Formats (qd_fmt in _qdot.h):
+ * keeps two accumulators (decode). The K formats go a super-block (256 weights) at a time, its scales decoded
+ * once (QD_K_KERNEL); moekit int4 two blocks at a time (rows_i4). Formats (qd_fmt in _qdot.h):
  *   I8    moekit int8: int8 codes, one fp32 scale per row
  *   I4    moekit int4: column 2j in the low nibble and 2j+1 in the high one, fp32 scale (and uint8 zero,
  *         else 8) per group of 32/64/128; read two blocks a step (rows_i4), its activations permuted to match
  *   Q8_0, Q4_0, Q5_0 (blocks of 32) and Q4_K, Q5_K, Q6_K (super-blocks of 256): GGUF's own bytes, as in ggml.
+ *   F32   plain fp32 rows times the fp32 activations (dot_f32; nothing is rounded).
  */
 
 #define QD_CAT2(a, b) a##_##b
@@ -58,40 +60,6 @@ static inline qd_blk FN(blk_q5_0)(const qd_wrow *w, int b) {
 static inline void qd_scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
     if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
     else { *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
-}
-
-static inline qd_blk FN(blk_q4_k)(const qd_wrow *w, int b) {  /* sub-block j of 8: nibbles of 32 bytes, low for even j */
-    const uint8_t *blk = w->row + 144 * (b >> 3);
-    int j = b & 7, sc, m;
-    uint16_t h0, h1; memcpy(&h0, blk, 2); memcpy(&h1, blk + 2, 2);
-    qd_scale_min_k4(j, blk + 4, &sc, &m);
-    V v = v_load(blk + 16 + 32 * (j >> 1));
-    return qd_blk_of(j & 1 ? v_srl(v, 4) : v_and(v, 15), qd_half(h0) * (float)sc, qd_half(h1) * (float)m);
-}
-
-static inline qd_blk FN(blk_q5_k)(const qd_wrow *w, int b) {  /* Q4_K's nibbles and scales, fifth bit j of qh[l] */
-    const uint8_t *blk = w->row + 176 * (b >> 3);
-    int j = b & 7, sc, m;
-    uint16_t h0, h1; memcpy(&h0, blk, 2); memcpy(&h1, blk + 2, 2);
-    qd_scale_min_k4(j, blk + 4, &sc, &m);
-    V v = v_load(blk + 48 + 32 * (j >> 1));
-    V low = j & 1 ? v_srl(v, 4) : v_and(v, 15);
-    V high = v_sll(v_and(v_srl(v_load(blk + 16), j), 1), 4);
-    return qd_blk_of(v_or(low, high), qd_half(h0) * (float)sc, qd_half(h1) * (float)m);
-}
-
-static inline qd_blk FN(blk_q6_k)(const qd_wrow *w, int b) {  /* block k of a 128-value half: 4 low bits + 2 high */
-    const uint8_t *blk = w->row + 210 * (b >> 3);
-    int half = (b >> 2) & 1, k = b & 3;
-    uint16_t h; memcpy(&h, blk + 208, 2);
-    float d = qd_half(h);
-    const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half;
-    V q = v_load(blk + 64 * half + 32 * (k & 1));
-    q = k & 2 ? v_srl(q, 4) : v_and(q, 15);
-    V hi = v_and(v_srl(v_load(blk + 128 + 32 * half), 2 * k), 3);
-    qd_blk out = {v_or(q, v_sll(hi, 4)), d * (float)sc[2 * k], d * (float)sc[2 * k + 1], 0.f, 0.f};
-    out.c_lo = 32.f * out.sw_lo; out.c_hi = 32.f * out.sw_hi;
-    return out;
 }
 
 /* acc += this block's scaled dot product with activation row x; corr += what the codes' offset added */
@@ -165,16 +133,110 @@ static void FN(rows_i4)(const qd_wrow *w, int nb, const qd_xq *xq, int r0, int n
     }
 }
 
+/* The K formats a super-block (256 weights) a step: its scales and mins decoded once, shared by the rows;
+ * two accumulators (a sub-block pair's low and high nibbles) so no one chain of multiply-adds bounds it. */
+typedef struct { float d[8], m[8]; } qd_ksc;
+
+static inline void FN(k_scales)(const uint8_t *blk, qd_ksc *k) {  /* Q4_K / Q5_K: d x scale_j, dmin x min_j */
+    uint16_t h0, h1; memcpy(&h0, blk, 2); memcpy(&h1, blk + 2, 2);
+    float d = qd_half(h0), dmin = qd_half(h1);
+    for (int j = 0; j < 8; j++) { int sc, m; qd_scale_min_k4(j, blk + 4, &sc, &m); k->d[j] = d * (float)sc; k->m[j] = dmin * (float)m; }
+}
+
+#define QK_PAIR(lo, hi, x, b, k, c, acc0, acc1, corr) {                                           \
+        acc0 = v_fma1(v_dot_us(lo, v_load((x).q + 32 * (b))), (x).d[b] * (k).d[2 * (c)], acc0);     \
+        acc1 = v_fma1(v_dot_us(hi, v_load((x).q + 32 * ((b) + 1))), (x).d[(b) + 1] * (k).d[2 * (c) + 1], acc1); \
+        corr += (k).m[2 * (c)] * (x).ds[b] + (k).m[2 * (c) + 1] * (x).ds[(b) + 1]; }
+
+static inline void FN(sb_q4_k)(const uint8_t *blk, const qd_ksc *k, const qd_xrow *x, int sb, VF *a0, VF *a1, float *corr) {
+    for (int c = 0; c < 4; c++) {
+        V v = v_load(blk + 16 + 32 * c);
+        QK_PAIR(v_and(v, 15), v_srl(v, 4), *x, 8 * sb + 2 * c, *k, c, *a0, *a1, *corr)
+    }
+}
+
+static inline void FN(sb_q5_k)(const uint8_t *blk, const qd_ksc *k, const qd_xrow *x, int sb, VF *a0, VF *a1, float *corr) {
+    V qh = v_load(blk + 16);
+    for (int c = 0; c < 4; c++) {
+        V v = v_load(blk + 48 + 32 * c);
+        V lo = v_or(v_and(v, 15), v_sll(v_and(v_srl(qh, 2 * c), 1), 4));
+        V hi = v_or(v_srl(v, 4), v_sll(v_and(v_srl(qh, 2 * c + 1), 1), 4));
+        QK_PAIR(lo, hi, *x, 8 * sb + 2 * c, *k, c, *a0, *a1, *corr)
+    }
+}
+
+static inline void FN(sb_q6_k)(const uint8_t *blk, const qd_ksc *unused, const qd_xrow *x, int sb, VF *a0, VF *a1, float *corr) {
+    uint16_t h; memcpy(&h, blk + 208, 2);
+    float d = qd_half(h);
+    (void)unused;
+    for (int half = 0; half < 2; half++) {
+        const uint8_t *ql = blk + 64 * half;
+        const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half;
+        V q1 = v_load(ql), q2 = v_load(ql + 32), hv = v_load(blk + 128 + 32 * half);
+        V u[4] = {v_or(v_and(q1, 15), v_sll(v_and(hv, 3), 4)), v_or(v_and(q2, 15), v_sll(v_and(v_srl(hv, 2), 3), 4)),
+                  v_or(v_srl(q1, 4), v_sll(v_and(v_srl(hv, 4), 3), 4)), v_or(v_srl(q2, 4), v_sll(v_srl(hv, 6), 4))};
+        for (int k = 0; k < 4; k++) {
+            int b = 8 * sb + 4 * half + k;
+            float f = d * x->d[b], lo = f * (float)sc[2 * k], hi = f * (float)sc[2 * k + 1];
+            VF *acc = k & 1 ? a1 : a0;
+            *acc = v_fma2(v_dot_us(u[k], v_load(x->q + 32 * b)), lo, hi, *acc);
+            *corr += 32.f * d * ((float)sc[2 * k] * x->ds16[2 * b] + (float)sc[2 * k + 1] * x->ds16[2 * b + 1]);
+        }
+    }
+}
+
+#define QD_K_KERNEL(NAME, SB, SIZE, SCALES)                                                       \
+static void FN(NAME)(const qd_wrow *w, int nb, const qd_xq *xq, int r0, int nr, float *out, int64_t ldo, int o) { \
+    int nsb = nb / 8;                                                                            \
+    for (int r = r0; r < r0 + nr; r += 4) {  /* up to four activation rows share each super-block's scales */ \
+        int n = r0 + nr - r < 4 ? r0 + nr - r : 4;                                                \
+        VF a0[4], a1[4];                                                                         \
+        float corr[4] = {0.f, 0.f, 0.f, 0.f};                                                    \
+        qd_xrow x[4];                                                                            \
+        for (int i = 0; i < n; i++) { a0[i] = v_zero(); a1[i] = v_zero(); x[i] = qd_row_of(xq, r + i); } \
+        for (int sb = 0; sb < nsb; sb++) {                                                       \
+            const uint8_t *blk = w->row + (SIZE) * sb;                                           \
+            qd_ksc k;                                                                            \
+            if (SCALES) FN(k_scales)(blk, &k);                                                   \
+            for (int i = 0; i < n; i++) SB(blk, &k, &x[i], sb, &a0[i], &a1[i], &corr[i]);        \
+        }                                                                                        \
+        for (int i = 0; i < n; i++) out[(int64_t)(r + i) * ldo + o] = v_hsum(a0[i]) + v_hsum(a1[i]) - corr[i]; \
+    }                                                                                            \
+}
+
+QD_K_KERNEL(rows_q4_k, FN(sb_q4_k), 144, 1)
+QD_K_KERNEL(rows_q5_k, FN(sb_q5_k), 176, 1)
+QD_K_KERNEL(rows_q6_k, FN(sb_q6_k), 210, 0)
+
 QD_ROWS_KERNEL(rows_i8, FN(blk_i8), 1, 0)
 QD_ROWS_KERNEL(rows_q8_0, FN(blk_q8_0), 1, 0)
 QD_ROWS_KERNEL(rows_q4_0, FN(blk_q4_0), 0, 0)
 QD_ROWS_KERNEL(rows_q5_0, FN(blk_q5_0), 0, 0)
-QD_ROWS_KERNEL(rows_q4_k, FN(blk_q4_k), 0, 0)
-QD_ROWS_KERNEL(rows_q5_k, FN(blk_q5_k), 0, 0)
-QD_ROWS_KERNEL(rows_q6_k, FN(blk_q6_k), 0, 1)
+
+
+static inline float FN(dot_f32)(const float *w, const float *x, int n) {  /* four chains of 8-float FMAs */
+    VF a0 = v_zero(), a1 = v_zero(), a2 = v_zero(), a3 = v_zero();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = v_fmaf(v_loadf(w + i), v_loadf(x + i), a0);
+        a1 = v_fmaf(v_loadf(w + i + 8), v_loadf(x + i + 8), a1);
+        a2 = v_fmaf(v_loadf(w + i + 16), v_loadf(x + i + 16), a2);
+        a3 = v_fmaf(v_loadf(w + i + 24), v_loadf(x + i + 24), a3);
+    }
+    float s = v_hsum(a0) + v_hsum(a1) + v_hsum(a2) + v_hsum(a3);
+    for (; i < n; i++) s += w[i] * x[i];
+    return s;
+}
 
 void FN(qd_rows)(const qd_wmat *m, int e, int o0, int o1, const qd_xq *xq, int r0, int nr, float *out, int64_t ldo) {
     int nb = m->in / 32;
+    if (m->fmt == QF_F32) {
+        for (int o = o0; o < o1; o++) {
+            const float *row = (const float *)(m->w + (int64_t)e * m->expert_bytes + (int64_t)o * m->row_bytes);
+            for (int r = r0; r < r0 + nr; r++) out[(int64_t)r * ldo + o] = FN(dot_f32)(row, xq->xf + (int64_t)r * m->in, m->in);
+        }
+        return;
+    }
     for (int o = o0; o < o1; o++) {
         int64_t at = (int64_t)e * m->scale_expert + (int64_t)o * m->scale_row;
         qd_wrow w = {m->w + (int64_t)e * m->expert_bytes + (int64_t)o * m->row_bytes, m->scale ? m->scale + at : NULL,
@@ -193,6 +255,8 @@ void FN(qd_rows)(const qd_wmat *m, int e, int o0, int o1, const qd_xq *xq, int r
 }
 
 #undef QD_ACC
+#undef QK_PAIR
+#undef QD_K_KERNEL
 #undef I4_PAIR
 #undef QD_ROWS_KERNEL
 #undef FN

@@ -45,6 +45,8 @@ static inline VF v_fma2(VI a, float lo, float hi, VF acc) {  /* lanes 0-3 scaled
     for (int k = 0; k < 8; k++) acc.f[k] += (float)a.i[k] * (k < 4 ? lo : hi); return acc;
 }
 static inline float v_hsum(VF a) { float s = 0.f; for (int k = 0; k < 8; k++) s += a.f[k]; return s; }
+static inline VF v_loadf(const float *p) { VF r; memcpy(r.f, p, 32); return r; }
+static inline VF v_fmaf(VF a, VF b, VF acc) { for (int k = 0; k < 8; k++) acc.f[k] += a.f[k] * b.f[k]; return acc; }
 static inline float qd_half(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 0x3ff, bits;
     if (exp == 0) {
@@ -101,5 +103,7 @@ static inline float v_hsum(VF a) {
     return _mm_cvtss_f32(s);
 }
 static inline float qd_half(uint16_t h) { return _cvtsh_ss(h); }
+static inline VF v_loadf(const float *p) { return _mm256_loadu_ps(p); }
+static inline VF v_fmaf(VF a, VF b, VF acc) { return _mm256_fmadd_ps(a, b, acc); }
 
 #endif

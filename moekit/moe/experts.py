@@ -12,11 +12,16 @@ expert (see dispatch.py):
   CPU each thread then multiplies whole experts on its own, which beats
   splitting every small per-expert matmul across threads. Input that is
   already padded (every expert the same row count) is used in place.
+- `native`: inference only, CPU, fp32, SwiGLU or GELU without biases: the
+  compiled kernels' fp32 path (moekit.moe.native: plain fp32 dot products,
+  nothing rounded), every active expert's gate, up, activation and down in
+  one call.
 - `auto`: grouped_mm on GPUs where it is native. On CPU in training: bmm for
   near-even loads, grouped_mm once padding would exceed 1.5x the rows (skewed
   loads), loop where neither applies and padding would exceed 8x. At inference
-  (no gradients): loop when every expert has one row (decoding a token; only
-  the chosen experts' weights are read), else grouped_mm.
+  (no gradients): when every expert has one row (decoding a token; only the
+  chosen experts' weights are read) `native` where its vector build runs and
+  the weights allow, else loop; more rows, grouped_mm.
 
 `grouped_mm` and `bmm` run the whole expert MLP as one autograd Function
 (`_ExpertMLP`): no autograd graph inside, backward keeps only x, the
@@ -38,8 +43,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..errors import ConfigError
+from . import native
 
-KERNELS = ("auto", "loop", "grouped_mm", "bmm")
+KERNELS = ("auto", "loop", "grouped_mm", "bmm", "native")
 GLU_ACTIVATIONS = ("swiglu", "clamped_swiglu")  # w_in holds the gate rows, then the up rows (H = 2F)
 
 # `auto` pads for bmm while padded rows are at most this many times the real ones.
@@ -121,12 +127,14 @@ class Experts(nn.Module):
         if name not in KERNELS:
             raise ValueError(f"kernel={name!r} is unknown: accepted values are {', '.join(KERNELS)}")
         if name == "auto":
-            name = choose_kernel(x, self.w_in_EHD, self.w_out_EDF, counts_E)
+            name = choose_kernel(x, self.w_in_EHD, self.w_out_EDF, counts_E, allow_native=True)
+        if name == "native" and not native_fits(x, self.w_in_EHD, self.w_out_EDF, self.activation, self.b_in_EH):
+            name = "loop"
         return name
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
         name = self.kernel_for(x_ND, counts_E, kernel)
-        fn = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "bmm": bmm_experts}[name]
+        fn = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "bmm": bmm_experts, "native": native_experts}[name]
         if self.b_in_EH is None:
             return fn(x_ND, counts_E, self.w_in_EHD, self.w_out_EDF, self._act)
         return fn(x_ND, counts_E, self.w_in_EHD, self.w_out_EDF, self._act, self.b_in_EH, self.b_out_ED)
@@ -184,6 +192,23 @@ def _loop_active(x_ND, counts_E, w_in_EHD, w_out_EDF, activation, b_in_EH=None, 
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+def native_fits(x_ND, w_in_EHD, w_out_EDF, activation, b_in_EH=None) -> bool:
+    """Whether the `native` kernel runs these experts: inference on the CPU, fp32, SwiGLU / GELU, no biases."""
+    return (native.isa() not in ("none", "generic") and activation in native.ACTIVATIONS and b_in_EH is None
+            and x_ND.device.type == "cpu" and w_in_EHD.dtype == torch.float32 and x_ND.dtype == torch.float32
+            and w_in_EHD.is_contiguous() and w_out_EDF.is_contiguous() and not _needs_grad(x_ND, w_in_EHD, w_out_EDF))
+
+
+def native_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
+    """The compiled kernels' fp32 path: every active expert in one call (inference only: no backward)."""
+    groups, start = [], 0
+    for e, count in enumerate(counts_E.tolist()):
+        if count:
+            groups.append((e, start, count))
+        start += count
+    return native.moe(x_ND, native.f32_weight(w_in_EHD), native.f32_weight(w_out_EDF), groups, activation)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -237,7 +262,7 @@ def bmm_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation, b_in_EH=None, b
 
 
 def choose_kernel(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor,
-                  counts_E: torch.Tensor | None = None) -> str:
+                  counts_E: torch.Tensor | None = None, allow_native: bool = False) -> str:
     """The kernel `auto` runs for these rows (x lends dtype, device and, without counts, the row count).
 
     Where torch._grouped_mm is a native GPU kernel it wins. Elsewhere one
@@ -260,7 +285,7 @@ def choose_kernel(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.T
         # Inference reads weights more than it multiplies: one row per active expert (decoding a token)
         # is a matmul pair per chosen expert; more rows, one grouped call that reads only the active experts.
         if most <= 1:
-            return "loop"
+            return "native" if allow_native and native_fits(x_ND, w_in_EHD, w_out_EDF, "swiglu") else "loop"
         if grouped:
             return "grouped_mm"
     padded_rows = E * most if N else 0

@@ -11,7 +11,8 @@ as llama.cpp's do.
   absent and callers use the numba or dequantize kernels).
 - `isa()`, `supported_isas()`, `force_isa(name)` (a context manager; tests force "generic"), `off()`
   (a context manager: kernel choice passes these kernels by).
-- `moekit_weight(q, scale, zero, spec)` / `gguf_weight(w_EOB, qtype, in_features)`: the kernel's
+- `moekit_weight(q, scale, zero, spec)` / `gguf_weight(w_EOB, qtype, in_features)` / `f32_weight(w_EOI)`
+  (fp32 weights, fp32 activations, nothing rounded: the fp32 experts' decode path): the kernel's
   description of a stacked weight [E, O, ...] (pointers into the tensors: keep them alive).
 - `matmul(x_NI, weight, groups_A3)`: y[rows] = x[rows] @ W_e^T for each (e, start, count); [N, O] fp32.
 - `moe(x_ND, w_in, w_out, groups_A3, activation)`: one call for all of an MoE layer's active experts
@@ -39,7 +40,7 @@ except ImportError:  # no compiler at install time: the numba / dequantize kerne
 
 AVAILABLE = _qdot is not None
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K", "Q5_K")
-_FMT = {"int8": 0, "int4": 1, "Q8_0": 2, "Q4_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6, "Q5_K": 7}
+_FMT = {"int8": 0, "int4": 1, "Q8_0": 2, "Q4_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6, "Q5_K": 7, "F32": 8}
 GGUF_BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q5_0": (32, 22), "Q4_K": (256, 144), "Q6_K": (256, 210),
                "Q5_K": (256, 176)}  # (values, bytes)
 ACTIVATIONS = ("swiglu", "gelu")
@@ -99,6 +100,12 @@ def moekit_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     groups = scale.shape[-1]
     return (_FMT["int4"], 2 * X, O, q.data_ptr(), X, O * X, scale.data_ptr(), groups, O * groups,
             zero.data_ptr() if zero is not None else 0, (spec.group_size // 32).bit_length() - 1)
+
+
+def f32_weight(w_EOI: torch.Tensor) -> tuple:
+    """The kernel's record of a contiguous fp32 stacked weight [E, O, I] (plain dot products: nothing rounded)."""
+    E, O, I = w_EOI.shape
+    return (_FMT["F32"], I, O, w_EOI.data_ptr(), 4 * I, 4 * O * I, 0, 0, 0, 0, 0)
 
 
 def gguf_weight(w_EOB: torch.Tensor, qtype: str, in_features: int) -> tuple:
