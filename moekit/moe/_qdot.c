@@ -308,7 +308,7 @@ static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
     n = n < 1 ? 1 : n > QD_MAX_THREADS ? QD_MAX_THREADS : n;
-    if (n != pool.limit) { memset(cost_ewma, 0, sizeof cost_ewma); pool.limit = n; }
+    pool.limit = n;  /* (the measured costs are per thread count: they stay valid when the limit moves) */
     Py_RETURN_NONE;
 }
 
