@@ -40,7 +40,7 @@ from moekit.moe.quantized import NUMBA_MAX_ROWS  # noqa: E402
 
 SIZE = 4096
 COPIES = 4  # distinct matrices cycled through (4 x 10 MB int4 > the L3 cache)
-ROWS = (1, 8, 32, 64, 512)  # 64: auto's limit (NUMBA_MAX_ROWS, NATIVE_MAX_ROWS); 512: a long prompt's prefill
+ROWS = (1, 8, 32, 64, 512)  # 64: numba's limit under auto (NUMBA_MAX_ROWS); 512: a long prompt's prefill
 THREADS = (1, 2)
 SPECS = {"int8": QuantSpec(8), "int4-g32": QuantSpec(4, 32), "int4-g32-zp": QuantSpec(4, 32, symmetric=False)}
 
@@ -103,6 +103,22 @@ def run(reps: int, seconds: float, size: int = SIZE) -> dict:
     return {"rows": rows_out}
 
 
+def read_gbs(mb: int = 512, reps: int = 5) -> float:
+    """GB/s one thread reads (a large fp32 tensor's sum: bytes read, nothing written): the bound a GEMV can reach."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.ones(mb * 2**20 // 4)
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            a.sum()
+            best = min(best, time.perf_counter() - t)
+        return a.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(old)
+
+
 def native_gbs(rows, kernel: str, size: int) -> float:
     """Weight bytes read per second by `kernel` at 1 row, 1 thread (int8: codes + a scale per row; int4-g32: + a scale per 32)."""
     nbytes = size * size + 4 * size if kernel.endswith("int8") else size * size // 2 + 4 * size * size // 32
@@ -144,6 +160,7 @@ def main() -> None:
     size = 1024 if args.quick else SIZE
     res = run(args.reps, args.seconds, size)
     res["copy_bandwidth_gbs"] = {t: round(bandwidth_gbs(t), 2) for t in THREADS}
+    res["read_bandwidth_gbs_1_thread"] = round(read_gbs(), 2)
     rows = res["rows"]
     targets = [
         target("numba int8 / fp32 F.linear speedup, 1 row, 2 threads", _get(rows, 2, 1, "numba int8"), 1.5),
@@ -186,6 +203,13 @@ nibbles by mask and shift on int32 lanes, convert, scale, accumulate lane-wise, 
 at the end). int4-g32 takes {_get(rows, 2, 1, "numba int4-g32", "median_ms")} ms against int8's
 {_get(rows, 2, 1, "numba int8", "median_ms")} ms at 1 row, 2 threads. The kernel before this one (a 256-entry
 nibble table, a gather, and one reduction per group of 32) took 5-10x int8's time.
+
+Native kernels (the C extension; every instruction-set build at 1 row): weight GB/s at 1 row, 1 thread,
+against the copy bandwidth (read + write bytes counted, {result['copy_bandwidth_gbs'][1]} GB/s) and against what one thread
+reads when it only reads (a large fp32 sum: {result['read_bandwidth_gbs_1_thread']} GB/s): int8 (best build)
+{native_gbs(rows, f"native {native.supported_isas()[-1]} int8", size):.1f} GB/s, int4-g32
+{native_gbs(rows, f"native {native.supported_isas()[-1]} int4-g32", size):.1f} GB/s, AVX2 int8
+{native_gbs(rows, "native avx2 int8", size) if "avx2" in native.supported_isas() else float("nan"):.1f} GB/s.
 
 {NOTE}
 `dequant` pays a full dequantization of the 4096x4096 weight per call, then a BLAS matmul that is

@@ -224,3 +224,33 @@ def test_fp32_experts_native_path_equals_loop(activation):
     biased = Experts(4, 64, 80, activation="swiglu", kernel="loop", bias=True)
     with torch.no_grad():
         assert biased.kernel_for(x.detach(), rows, kernel="native") == "loop"  # biases: not this kernel's
+
+
+@pytest.mark.parametrize("kernel", ["dequant", "numba", "native"])
+def test_quantized_gpt_oss_experts_keep_their_biases_and_clamped_activation(kernel):
+    """GPT-OSS experts (clamped SwiGLU with biases) quantized: every kernel equals the dequantized fp32 experts."""
+    from moekit.moe import quant_kernels
+    from moekit.moe.experts import Experts, loop_experts
+    from moekit.moe.quantized import QuantizedExperts
+
+    if kernel == "numba" and not quant_kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    torch.manual_seed(7)
+    experts = Experts(4, 64, 32, activation="clamped_swiglu", bias=True, kernel="loop")
+    with torch.no_grad():
+        experts.b_in_EH.normal_()
+        experts.b_out_ED.normal_()
+    spec = QuantSpec(8)
+    qe = QuantizedExperts(experts, spec, kernel=kernel)
+    x, rows = torch.randn(5, 64), torch.tensor([2, 0, 3, 0])
+    w_in = torch.stack([qe.dequantized("w_in_EHD", e) for e in range(4)])
+    w_out = torch.stack([qe.dequantized("w_out_EDF", e) for e in range(4)])
+    with torch.no_grad():
+        got = qe(x, rows)
+        if kernel == "native":  # the native matmuls round their inputs to int8 blocks; biases and activation in fp32
+            want = torch.cat([F.linear(fake_quant_rows(experts._act(F.linear(fake_quant_rows(xs), w_in[e], experts.b_in_EH[e]))),
+                                       w_out[e], experts.b_out_ED[e]) for e, xs in ((0, x[:2]), (2, x[2:]))])
+        else:
+            want = loop_experts(x, rows, w_in, w_out, experts._act, experts.b_in_EH, experts.b_out_ED)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - loop_experts(x, rows, w_in, w_out, "swiglu")).abs().max() > 1e-2  # biases and the clamp matter here

@@ -149,7 +149,7 @@ def test_quantized_linear_numba_equals_dequant_and_a_linear_of_the_dequantized_w
         close(ql(x), y_ref)
 
 
-def test_auto_picks_native_or_numba_for_few_rows_and_dequant_for_many():
+def test_auto_picks_native_at_any_row_count_else_numba_for_few_rows_and_dequant_for_many():
     from moekit.moe import native
 
     qe = QuantizedExperts(_experts(), QuantSpec(4, 32))
@@ -157,7 +157,9 @@ def test_auto_picks_native_or_numba_for_few_rows_and_dequant_for_many():
     few = qe.kernel_for(x, torch.tensor([1, 0, 1, 0]))
     vector = native.isa() not in ("generic", "none")  # the compiled kernels, where a vector build runs here
     assert few == ("native" if vector else "numba" if quant_kernels.AVAILABLE else "dequant")
-    assert qe.kernel_for(x, torch.tensor([500, 0, 1, 0])) == "dequant"
+    assert qe.kernel_for(x, torch.tensor([500, 0, 1, 0])) == ("native" if vector else "dequant")  # (quant_kernels.md: 512 rows)
+    with native.off():
+        assert qe.kernel_for(x, torch.tensor([500, 0, 1, 0])) == "dequant"
     with pytest.raises(ConfigError, match="accepted values are auto, dequant, numba, native"):
         qe.kernel_for(x, None, kernel="bmm")
 

@@ -57,8 +57,7 @@ def _check_type(qtype: str, where: str) -> None:
 
 def resolve_kernel(name: str, qtypes, device: torch.device, most_rows: int = 1) -> str:
     """The kernel a call runs: `auto` -> native on CPU when it runs every type and rows are few
-    (NATIVE_MAX_ROWS, as for moekit's own int8/int4: above it the dequantized weight's BLAS matmul,
-    reused across rows, wins), else dequant; `native` where it cannot run -> dequant."""
+    (NATIVE_MAX_ROWS, as for moekit's own int8/int4), else dequant; `native` where it cannot run -> dequant."""
     _check_kernel(name)
     runs = device.type == "cpu" and all(native.supports(q) for q in qtypes)
     if name == "auto":

@@ -24,12 +24,12 @@ Kernels, by name (the module's `kernel` attribute, or `kernel=` per call):
 - `numba`: quant_kernels.quantized_matmul, reading the codes directly with
   fp32 activations, all active experts in one parallel call per matmul (CPU
   only: elsewhere, and where numba is not installed, `dequant` runs instead).
-- `auto`: while every matrix sees at most NATIVE_MAX_ROWS rows, `native` where
-  its vector kernels run (the plain-C build is slower than numba), else
-  `numba` up to NUMBA_MAX_ROWS[bits] rows; otherwise `dequant`, whose fp32
-  BLAS matmul wins once rows are many (prefill) because the dequantized
-  weight is then reused across rows. The row limits come from
-  benchmarks/quant_kernels.py (see its results).
+- `auto`: `native` where its vector kernels run (the plain-C build is slower
+  than numba), at any row count (NATIVE_MAX_ROWS: it beats dequantize-then-
+  BLAS even at 512 rows); else `numba` up to NUMBA_MAX_ROWS[bits] rows;
+  otherwise `dequant`, whose fp32 BLAS matmul wins once rows are many
+  because the dequantized weight is then reused across rows. The row limits
+  come from benchmarks/quant_kernels.py (see its results).
 
 Not here: the format (quant_format.py), the kernels (quant_kernels.py),
 choosing which modules to quantize (moekit.quantize).
@@ -52,7 +52,9 @@ QUANT_KERNELS = ("auto", "dequant", "numba", "native")
 # `auto` uses the numba kernel up to this many rows per matrix, by bit width (the int4 kernel does more
 # work per weight than the int8 one); measured in benchmarks/results/quant_kernels.md.
 NUMBA_MAX_ROWS = {8: 64, 4: 64}  # numba beats dequant at every measured row count up to 64, int4 included (quant_kernels.md)
-NATIVE_MAX_ROWS = 64
+# native at every row count: at 512 rows it still beats dequantize-then-BLAS 1.64x (int8) and 1.52x (int4), which
+# pays a full dequantization of each weight per call (benchmarks/results/quant_kernels.md, 4096x4096, 2 threads)
+NATIVE_MAX_ROWS = 1 << 30
 
 
 def _check_kernel(name: str) -> None:
@@ -114,7 +116,10 @@ class QuantizedExperts(_QuantizedWeights):
 
     def __init__(self, experts, spec: QuantSpec, kernel: str = "auto"):
         super().__init__(spec, kernel)
-        self.activation = experts.activation
+        self.activation = experts._act  # a name, or GPT-OSS's clamped SwiGLU (a callable holding its limit)
+        biased = experts.b_in_EH is not None  # GPT-OSS's expert biases, kept in fp32 beside the codes (None: no state)
+        self.register_buffer("b_in_EH", experts.b_in_EH.detach().float().clone() if biased else None)
+        self.register_buffer("b_out_ED", experts.b_out_ED.detach().float().clone() if biased else None)
         E, H, D = experts.w_in_EHD.shape
         F_ = experts.w_out_EDF.shape[2]
         check_width(spec, D, f"the experts' w_in [{E}, {H}, {D}]")
@@ -178,27 +183,42 @@ class QuantizedExperts(_QuantizedWeights):
         """Expert e's fp32 weight `name` (w_in_EHD or w_out_EDF), dequantized."""
         return dequantize({k: v[e] for k, v in self._parts(name).items()}, self.spec)
 
+    def _bias(self, name: str, e: int) -> torch.Tensor | None:
+        b = self._buffers.get(name)
+        return None if b is None else b[e]
+
+    def _biased(self, y_NX: torch.Tensor, name: str, groups) -> torch.Tensor:
+        """y with each group's rows plus its expert's bias `name` (GPT-OSS), or y as it is."""
+        b = self._buffers.get(name)
+        if b is not None:
+            for e, start, count in groups:
+                y_NX[start : start + count] += b[e]
+        return y_NX
+
     def _dequant(self, x_ND, groups) -> torch.Tensor:
         x = x_ND.float()
         out_ND = x.new_zeros(x.shape[0], self._shape[2])
         for e, start, count in groups:
-            h = F.linear(x[start : start + count], self.dequantized("w_in_EHD", e))
-            out_ND[start : start + count] = F.linear(activate(h, self.activation), self.dequantized("w_out_EDF", e))
+            h = F.linear(x[start : start + count], self.dequantized("w_in_EHD", e), self._bias("b_in_EH", e))
+            out_ND[start : start + count] = F.linear(activate(h, self.activation), self.dequantized("w_out_EDF", e),
+                                                     self._bias("b_out_ED", e))
         return out_ND
 
     def _numba(self, x_ND, groups) -> torch.Tensor:
         mm = quant_kernels.quantized_matmul
         p_in, p_out = self._parts("w_in_EHD"), self._parts("w_out_EDF")
-        h = mm(x_ND, p_in["q"], p_in["scale"], p_in.get("zero"), self.spec, groups)
-        return mm(activate(h, self.activation), p_out["q"], p_out["scale"], p_out.get("zero"), self.spec, groups)
+        h = self._biased(mm(x_ND, p_in["q"], p_in["scale"], p_in.get("zero"), self.spec, groups), "b_in_EH", groups)
+        y = mm(activate(h, self.activation), p_out["q"], p_out["scale"], p_out.get("zero"), self.spec, groups)
+        return self._biased(y, "b_out_ED", groups)
 
 
     def _native(self, x_ND, groups) -> torch.Tensor:
         """One call for every active expert (gate, up, activation, down); two around a Python activation otherwise."""
         w_in, w_out = self._native_weight("w_in_EHD"), self._native_weight("w_out_EDF")
-        if self.activation in native.ACTIVATIONS:
+        if self.activation in native.ACTIVATIONS and self.b_in_EH is None:
             return native.moe(x_ND, w_in, w_out, groups, self.activation)
-        return native.matmul(activate(native.matmul(x_ND, w_in, groups), self.activation), w_out, groups)
+        h = self._biased(native.matmul(x_ND, w_in, groups), "b_in_EH", groups)
+        return self._biased(native.matmul(activate(h, self.activation), w_out, groups), "b_out_ED", groups)
 
 
 class QuantizedLinear(_QuantizedWeights):
