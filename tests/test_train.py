@@ -282,15 +282,16 @@ def test_resume_before_the_first_checkpoint_says_to_start_again(tmp_path, capsys
 
 
 def test_after_training_sample_is_the_engines_generation(tmp_path, text_file, capsys):
-    # Oracle: the generation engine run on the saved checkpoint with the library's default settings.
+    # Oracle: the generation engine run on the saved checkpoint with the sampling settings the header states.
     from moekit.infer import Engine
 
     run = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--data", str(text_file), "--quiet", "--out", str(run),
                  *MICRO, "train.steps=3", "train.eval_every=0"]) == 0
     out = capsys.readouterr().out
-    expected = Engine.load(run).generate(["def "])[0].text
-    assert f"--- sample (prompt 'def ') ---\ndef {expected}\n---" in out
+    expected = Engine.load(run).generate(["def "], temperature=0.7, top_p=0.95, repetition_penalty=1.1, seed=0)[0].text
+    header = "--- sample (prompt 'def '; temperature 0.7, top-p 0.95, repetition penalty 1.1, seed 0) ---"
+    assert f"{header}\ndef {expected}\n---" in out
 
 
 def test_dense_model_trains_and_evaluates_without_an_expert_load_map(tmp_path, text_file):

@@ -36,14 +36,19 @@ def _train(args) -> int:
     if not args.no_sample and summary["config"].data.kind == "text":  # a math_tasks run reports exact match instead
         from ..infer import Engine
 
-        text = Engine(summary["model"], summary["tokenizer"]).generate([args.sample_prompt])[0].text
-        print(f"\n--- sample (prompt {args.sample_prompt!r}) ---\n{args.sample_prompt}{text}\n---")
+        text = Engine(summary["model"], summary["tokenizer"]).generate([args.sample_prompt], **SAMPLE)[0].text
+        print(f"\n--- sample (prompt {args.sample_prompt!r}; {SAMPLE_TEXT}) ---\n{args.sample_prompt}{text}\n---")
     report = inspect_checkpoint(result.checkpoint, heatmap=f"{args.out}/expert_load.png")
     print(f"\nrouting on validation text:\n{report['summary']}")
     if report["heatmap"]:  # (a dense model has no expert load)
         print(f"expert-load heatmap: {report['heatmap']}")
     _print_tasks(report)
     return 0
+
+
+# the sample after training: greedy decoding of a small model loops on its likeliest phrase, so it is sampled
+SAMPLE = {"temperature": 0.7, "top_p": 0.95, "repetition_penalty": 1.1, "seed": 0}
+SAMPLE_TEXT = "temperature 0.7, top-p 0.95, repetition penalty 1.1, seed 0"
 
 
 def steps_done(result) -> str:
