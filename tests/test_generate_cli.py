@@ -152,3 +152,12 @@ def test_subprocess_end_to_end_no_traceback(hf_dir):
     good = subprocess.run([sys.executable, "-m", "moekit", "generate", str(hf_dir), "--prompt", "ab", "--max-new-tokens", "5"],
                           capture_output=True, text=True, timeout=300)
     assert good.returncode == 0 and good.stdout.startswith("ab"), good.stderr
+
+
+def test_generate_says_when_the_context_clips_max_new_tokens(hf_dir, capsys):
+    code, out, err = run_cli(capsys, "generate", hf_dir, "--prompt", "abc", "--max-new-tokens", "1000", "--temperature", "0")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--max-new-tokens 1000" in lines[0] and "at most 61 new tokens" in lines[0], err
+    code, out, err = run_cli(capsys, "generate", hf_dir, "--prompt", "abc", "--max-new-tokens", "4", "--temperature", "0")
+    assert code == 0 and err == ""

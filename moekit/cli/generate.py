@@ -51,6 +51,7 @@ def _generate(args) -> int:
                          **(offload_options(args, "lru" if args.cache == "belady" else args.cache) if lazy else {}))
     prompt = engine.encode(args.prompt, chat=args.chat, system=args.system)
     engine.check_prompts([prompt])
+    _note_clipped(engine, prompt, settings)
     if args.expert_budget is not None:
         _offload(engine, args, prompt, settings)
     if not args.chat:
@@ -64,6 +65,18 @@ def _generate(args) -> int:
     if args.stats:
         _print_stats(engine)
     return 0
+
+
+def _note_clipped(engine, prompt, settings) -> None:
+    """One stderr line when --max-new-tokens asks for more than the context leaves after the prompt."""
+    import sys
+
+    context = engine.model.cfg.max_seq_len
+    room = context - len(prompt)
+    if settings.max_new_tokens > room:
+        print(f"note: --max-new-tokens {settings.max_new_tokens} is more than the context leaves: the prompt has "
+              f"{len(prompt)} tokens and the context is {context}, so at most {room} new tokens",
+              file=sys.stderr, flush=True)
 
 
 def _read_prompt(args) -> None:
