@@ -28,7 +28,7 @@ from moekit.models.decoder import DecoderLM, ModelConfig  # noqa: E402
 from moekit.moe.experts import Experts  # noqa: E402
 
 from hf_helpers import (PROMPTS, cached_decode_against_full_forward, export_round_trip, family_fixture,  # noqa: E402
-                        greedy_against_generate, logit_gap, tiny_hf)
+                        greedy_against_generate, logit_gap, moekit_logits, padded, tiny_hf)
 
 VOCAB = 97
 FAMILIES = {
@@ -281,3 +281,29 @@ def test_moekit_model_exports_to_transformers_with_the_same_logits(family, tmp_p
     assert json.loads((out / "config.json").read_text())["model_type"] == family
     ref = AutoModelForCausalLM.from_pretrained(out).eval()
     assert logit_gap(ref, model, [p + [40, 41, 42] for p in PROMPTS]) <= 1e-4
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_gpt_oss_generates_and_equals_its_hand_quantized_twin(tmp_path, quantize):
+    """Issue 22's crash: quantized GPT-OSS experts dropped their biases and called the activation's name.
+
+    Oracle: the fp32 model with its expert weights quantized and dequantized by quant_format's reference
+    (biases and the clamped SwiGLU untouched); the kernels add only their activation rounding (native).
+    """
+    from moekit.moe.quant_format import QuantSpec, dequantize, quantize as quantize_weight
+
+    ref = build_hf("gpt_oss", intermediate_size=32, hidden_size=64, head_dim=16)  # int4 groups of 32: D, F % 32 == 0
+    ref.save_pretrained(tmp_path)
+    quant = Engine.load(tmp_path, quantize=quantize)
+    out = quant.generate([[5, 6, 7, 8]], max_new_tokens=6, temperature=0)[0]
+    assert len(out.token_ids) == 6
+    fp32, twin = Engine.load(tmp_path).model, Engine.load(tmp_path).model
+    spec = QuantSpec(8) if quantize == "int8" else QuantSpec(4, 32)
+    with torch.no_grad():
+        for layer in twin.layers:
+            for p in (layer.mlp.experts.w_in_EHD, layer.mlp.experts.w_out_EDF):
+                p.copy_(dequantize(quantize_weight(p, spec), spec))
+    ids, mask = padded(PROMPTS)
+    got, want, base = (moekit_logits(m, ids, mask)[mask.bool()] for m in (quant.model, twin, fp32))
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # the native kernels round activations to int8 blocks
+    assert (want - base).abs().max() > 1e-3 * base.abs().max()  # and the weights really are quantized
