@@ -38,7 +38,7 @@ import torch
 from safetensors import torch as safetensors_torch
 
 from .errors import CheckpointError, ConfigError
-from .fileio import TMP_PREFIX, atomic_directory, fsync_dir, read_json
+from .fileio import TMP_PREFIX, atomic_directory, fsync_dir, honour_umask, read_json
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -134,6 +134,7 @@ def _write_latest(run: Path, name: str) -> None:
             f.write(name + "\n")
             f.flush()
             os.fsync(f.fileno())
+        honour_umask(tmp_name)
         os.replace(tmp_name, run / LATEST_FILE)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -180,6 +181,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
         meta[ALIASES_KEY] = json.dumps(aliases)
     # Looked up at call time (not imported by name) so tests can inject a failing writer.
     safetensors_torch.save_file(stored, str(path), metadata=meta)
+    honour_umask(path)  # safetensors writes 0600
 
 
 def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -33,12 +33,40 @@ def atomic_directory(final: Path, *, prefix: str | None = None, fsync: bool = Fa
     tmp = Path(tempfile.mkdtemp(prefix=prefix or f"{TMP_PREFIX}{final.name}-", dir=final.parent))
     try:
         yield tmp
+        honour_umask_tree(tmp)  # mkdtemp makes it 0700 (and some writers 0600 files): the modes mkdir/open give
         if fsync:
             fsync_tree(tmp)
         (move or _replace_empty)(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where there is one; else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give a file made by tempfile.mkstemp (0600) the mode a plain open() would have given it (0666 less the umask)."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def honour_umask_tree(directory: Path) -> None:
+    """`directory` and every directory below it 0777 less the umask, every file 0666 less the umask."""
+    mask = current_umask()
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _replace_empty(tmp: Path, final: Path) -> None:

@@ -305,3 +305,31 @@ def test_read_json_and_config_load_json_name_a_missing_or_broken_file(tmp_path):
         read_json(tmp_path / "bad.json", CheckpointError, missing="absent")
     (tmp_path / "ok.json").write_text(json.dumps({"num_experts": 4}))
     assert load_json(MoEConfig, tmp_path / "ok.json").num_experts == 4
+
+
+@pytest.mark.parametrize("umask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_saved_checkpoints_honour_the_umask(tmp_path, umask, dir_mode, file_mode):
+    old = os.umask(umask)
+    try:
+        path = _save(tmp_path / "run", 1, tokenizer=FakeTokenizer())
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == dir_mode
+    files = [*path.iterdir(), tmp_path / "run" / "latest"]
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: file_mode for f in files}
+
+
+def test_atomic_directory_output_honours_the_umask(tmp_path):
+    """Every saver's directory (HF, moefy, quantized) and its 0600 files (as safetensors writes) get the umask's modes."""
+    from moekit.fileio import atomic_directory
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "w.bin").write_bytes(b"x")
+            (tmp / "sub" / "w.bin").chmod(0o600)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [tmp_path / "out", *(tmp_path / "out").rglob("*")]}
+    assert modes == {"out": 0o755, "sub": 0o755, "w.bin": 0o644}

@@ -198,9 +198,12 @@ def save_hf(model: TimeMoE, path: str | Path) -> Path:
     """Write the model as a Time-MoE Hugging Face directory (config.json + model.safetensors)."""
     from safetensors.torch import save_file
 
+    from ..fileio import honour_umask
+
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     save_file(state_to_hf(model.state_dict(), model.cfg), str(d / "model.safetensors"), metadata={"format": "pt"})
+    honour_umask(d / "model.safetensors")  # safetensors writes 0600
     (d / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2) + "\n")
     return d
 
