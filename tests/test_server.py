@@ -201,6 +201,7 @@ MALFORMED = [
     (CH, {**OKC, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     (CH, {**OKC, "messages": "hi"}, 400, "messages"),
     (CH, {**OKC, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    (CH, {**OKC, "messages": [{"role": "user"}]}, 400, "messages[0].content"),  # issue 22: was answered 200
     (CH, {**OKC, "messages": [{"content": "x"}]}, 400, "messages[0].role"),
     (CH, {**OKC, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
      "messages[0].content"),

@@ -161,7 +161,7 @@ class TextPart(_Strict):
 
 class Message(_Strict):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = Field(default=None, validate_default=True)
     name: str | None = None
 
     @field_validator("role")
@@ -169,6 +169,16 @@ class Message(_Strict):
     def _role(cls, v):
         if v not in ROLES:
             raise ValueError(f"unknown role {v!r}: accepted roles are {', '.join(ROLES)}")
+        return v
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v, info):
+        """As OpenAI's API: only an assistant message may come without content."""
+        role = info.data.get("role")
+        if v is None and role is not None and role != "assistant":
+            raise ValueError(f"a {role!r} message needs content (a string or a list of text parts); "
+                             "only an assistant message may leave it out")
         return v
 
     @property
