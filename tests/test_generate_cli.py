@@ -161,3 +161,20 @@ def test_generate_says_when_the_context_clips_max_new_tokens(hf_dir, capsys):
     assert len(lines) == 1 and "--max-new-tokens 1000" in lines[0] and "at most 61 new tokens" in lines[0], err
     code, out, err = run_cli(capsys, "generate", hf_dir, "--prompt", "abc", "--max-new-tokens", "4", "--temperature", "0")
     assert code == 0 and err == ""
+
+
+def test_generate_chat_on_a_moekit_checkpoint_uses_the_servers_fallback_format(trained_run, capsys):
+    from moekit.server.generation import build_prompts
+    from moekit.server.schemas import ChatCompletionRequest
+
+    code, out, err = run_cli(capsys, "generate", trained_run, "--chat", "--prompt", "hi", "--max-new-tokens", "2",
+                             "--system", "be brief", "--temperature", "0")
+    assert code == 0 and err == "", err
+    engine = Engine.load(trained_run)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    served, stops = build_prompts(engine, ChatCompletionRequest(model="m", messages=messages))
+    assert engine.encode("hi", chat=True, system="be brief") == served[0]
+    assert engine.tokenizer.decode(served[0]).endswith("System: be brief\n\nUser: hi\n\nAssistant:")
+    assert engine.chat_stops() == stops == ["\n\nUser:"]
+    expected = engine.generate(["hi"], chat=True, system="be brief", max_new_tokens=2, temperature=0)[0].text
+    assert out == expected + "\n"

@@ -50,6 +50,8 @@ def _generate(args) -> int:
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                          **(offload_options(args, "lru" if args.cache == "belady" else args.cache) if lazy else {}))
     prompt = engine.encode(args.prompt, chat=args.chat, system=args.system)
+    if args.chat:
+        settings.stop_strings = [*settings.stop_strings, *engine.chat_stops()]  # as the server's chat endpoint
     engine.check_prompts([prompt])
     _note_clipped(engine, prompt, settings)
     if args.expert_budget is not None:

@@ -4,7 +4,15 @@
 tokenizer_config.json's entry, named or not), `render_chat` applies it to
 {role, content} messages the way transformers does (sandboxed jinja2),
 `special_tokens` gives the bos/eos/pad/unk strings templates refer to, and
-`stop_token_ids` the end-of-sequence ids generation stops at.
+`stop_token_ids` the end-of-sequence ids generation stops at. `chat_prompt` is
+how both `moekit generate --chat` and the server's chat endpoint turn messages
+into prompt text: the model's template, or (a model without one: every moekit
+checkpoint) the fallback format of `fallback_chat`::
+
+    System: {system content}\n\nUser: {user content}\n\nAssistant: {assistant content}\n\nAssistant:
+
+i.e. each message as "{Role}: {content}" separated by a blank line, ending
+with "Assistant:"; generation then also stops at FALLBACK_STOP ("\n\nUser:").
 
 Not here: reading the files themselves (moekit.hf.load: `tokenizer_config`,
 `stored_eos_token_id`, `load_tokenizer`), writing them (moekit.hf.save),
@@ -21,6 +29,24 @@ from ..errors import ConfigError
 from ..hf.reader import stored_eos_token_id, tokenizer_config
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+FALLBACK_STOP = "\n\nUser:"
+FALLBACK_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+
+
+def fallback_chat(messages: list[dict]) -> str:
+    """The documented chat format for models without a template ({role, content} messages)."""
+    return "\n\n".join(f"{FALLBACK_ROLES[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
+
+
+def chat_prompt(messages: list[dict], template: str | None, tokens: dict[str, str]) -> tuple[str, bool, list[str]]:
+    """(prompt text, whether the tokenizer adds its special tokens, extra stop strings) of a chat.
+
+    With a template: the template's text (it holds its own special tokens). Without: the fallback format,
+    special tokens added as for a plain prompt, and FALLBACK_STOP to end the assistant's turn.
+    """
+    if template:
+        return render_chat(template, messages, add_generation_prompt=True, **tokens), False, []
+    return fallback_chat(messages), True, [FALLBACK_STOP]
 
 
 def load_chat_template(path: str | Path) -> str | None:

@@ -82,7 +82,8 @@ class Engine:
     """Batched generation from a DecoderLM and (optionally) its tokenizer."""
 
     def __init__(self, model: DecoderLM, tokenizer=None, stop_token_ids: Sequence[int] | None = None,
-                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None) -> None:
+                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None,
+                 chat_fallback: bool = False) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         if stop_token_ids is None:
@@ -91,6 +92,7 @@ class Engine:
         self.stop_token_ids = list(stop_token_ids)
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})
+        self.chat_fallback = chat_fallback  # chat without a template: the fallback format (chat.py; moekit checkpoints)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.path: Path | None = None  # where the model was loaded from (the disk tier of `offload` reads it)
@@ -156,7 +158,7 @@ class Engine:
                 return model
 
             model = _load_quantized(load, p, options, lazy)
-            engine = cls(model, tokenizers[-1])
+            engine = cls(model, tokenizers[-1], chat_fallback=True)  # no chat template: chat as the server does
         engine.path = p
         if lazy:
             engine.offload(expert_budget, **offload_options)
@@ -212,14 +214,20 @@ class Engine:
         if not isinstance(prompt, str):
             raise ConfigError(f"a prompt must be a string, got {type(prompt).__name__}")
         if chat:
-            if not self.chat_template:
+            if not self.chat_template and not self.chat_fallback:
                 raise ConfigError("this model has no chat template (tokenizer_config.json has no 'chat_template'): drop --chat")
-            from .chat import render_chat
+            from .chat import chat_prompt
 
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            text = render_chat(self.chat_template, messages, add_generation_prompt=True, **self.special_tokens)
-            return tok.backend.encode(text, add_special_tokens=False).ids
+            text, special, _ = chat_prompt(messages, self.chat_template, self.special_tokens)
+            return tok.backend.encode(text, add_special_tokens=special).ids
         return tok.backend.encode(prompt, add_special_tokens=True).ids
+
+    def chat_stops(self) -> list[str]:
+        """Stop strings a chat prompt of `encode` adds (the fallback format's end of the assistant's turn)."""
+        from .chat import FALLBACK_STOP
+
+        return [] if self.chat_template else [FALLBACK_STOP]
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, chat: bool = False,
                  system: str | None = None, on_token: TokenCallback | None = None, group_ids=None,
@@ -230,6 +238,8 @@ class Engine:
         group_ids / new_token_groups: the routers' group ids, as in `generate_ids`.
         """
         cfg = sampling_config(**settings)
+        if chat and not self.chat_template:
+            cfg.stop_strings = [*cfg.stop_strings, *self.chat_stops()]
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)

@@ -7,12 +7,10 @@ token limit, naming the field at fault. `Job` submits one scheduler `Request`
 per choice and turns the scheduler thread's events into an asyncio stream;
 `complete` gathers them into an OpenAI response; streaming.py streams them.
 
-Fallback chat format (moekit checkpoints have no chat template)::
-
-    System: {system content}\\n\\nUser: {user content}\\n\\nAssistant: {assistant content}\\n\\nAssistant:
-
-i.e. each message as "{Role}: {content}" separated by a blank line, ending
-with "Assistant:"; generation also stops at "\\n\\nUser:".
+Chat prompts come from `moekit.infer.chat.chat_prompt` (as `moekit generate
+--chat` builds them): the model's template, else the fallback format documented
+there (moekit checkpoints have no chat template), which also stops at
+"\\n\\nUser:".
 
 Not here: HTTP routing and auth (app.py), SSE framing (streaming.py).
 """
@@ -25,18 +23,21 @@ import uuid
 from dataclasses import dataclass
 
 from ..errors import MoekitError
+from ..infer import chat
+from ..infer.chat import FALLBACK_STOP
 from ..infer.sampling import SamplingConfig
 from ..infer.scheduler import QueueFullError, Request, ShuttingDownError
 from .errors import APIError
 from .schemas import ChatCompletionRequest
 
-FALLBACK_STOP = "\n\nUser:"
-
 
 def fallback_chat(messages) -> str:
-    """The documented chat format for models without a template."""
-    names = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-    return "\n\n".join(f"{names[m.role]}: {m.text}" for m in messages) + "\n\nAssistant:"
+    """The documented chat format (moekit.infer.chat's) of a request's messages, for models without a template."""
+    return chat.fallback_chat(_as_dicts(messages))
+
+
+def _as_dicts(messages) -> list[dict]:
+    return [{"role": m.role, "content": m.text} for m in messages]
 
 
 def max_prompt_chars(engine) -> int | None:
@@ -66,16 +67,11 @@ def build_prompts(engine, body, max_chars: int | None = None) -> tuple[list[list
         if tok is None:
             raise APIError(400, "this model has no tokenizer: chat needs one", param="messages")
         _check_size(sum(len(m.text) for m in body.messages), max_chars, "messages", engine)
-        if engine.chat_template:
-            from ..infer.chat import render_chat
-
-            messages = [{"role": m.role, "content": m.text} for m in body.messages]
-            try:
-                text = render_chat(engine.chat_template, messages, add_generation_prompt=True, **engine.special_tokens)
-            except MoekitError as e:
-                raise APIError(400, str(e), param="messages") from None
-            return [tok.backend.encode(text, add_special_tokens=False).ids], []
-        return [tok.backend.encode(fallback_chat(body.messages), add_special_tokens=True).ids], [FALLBACK_STOP]
+        try:
+            text, special, stops = chat.chat_prompt(_as_dicts(body.messages), engine.chat_template, engine.special_tokens)
+        except MoekitError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return [tok.backend.encode(text, add_special_tokens=special).ids], stops
     prompts = body.prompts
     if prompts and isinstance(prompts[0], str):
         if tok is None:
