@@ -173,6 +173,12 @@ def test_inspect_reports_parameters_and_load(trained, capsys, tmp_path):
     assert heatmap.stat().st_size > 1000
 
 
+def test_inspect_says_how_many_batches_its_validation_loss_used(trained, capsys):
+    assert main(["inspect", str(trained), "--batches", "3"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("validation loss"))
+    assert line.endswith("(3 batches; training evaluated 1)"), line
+
+
 def test_checkpoint_from_another_config_names_the_tensor(trained, capsys, tmp_path):
     import shutil
 

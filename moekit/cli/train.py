@@ -95,7 +95,8 @@ def _inspect(args) -> int:
     print(f"checkpoint: {report['checkpoint']}")
     print(f"parameters: {p['total']:,} total, {p['active']:,} active per token")
     print(parameter_table(report["param_rows"]))
-    print(f"validation loss: {report['val_loss']:.4f}")
+    n, trained = report["batches"], report["train_eval_batches"]
+    print(f"validation loss: {report['val_loss']:.4f} ({n} batch{'es' * (n != 1)}; training evaluated {trained})")
     print(report["summary"])
     if report["heatmap"]:
         print(f"expert-load heatmap: {report['heatmap']}")

@@ -349,17 +349,19 @@ def inspect_checkpoint(path: str | Path, heatmap: str | Path | None = None, batc
     """Parameter counts and expert load on the run's validation text; writes the heatmap."""
     model, tokenizer, cfg = load_lm(path)
     counts = count_parameters(model)
+    # the validation loss is over `batches` batches; training's (metrics.jsonl) over train.eval_batches
+    head = {"params": counts, "param_rows": parameter_rows(model), "batches": batches,
+            "train_eval_batches": cfg.train.eval_batches}
     if cfg.data.kind == "math_tasks":
         from .multitask import inspect_tasks
 
-        tasks = inspect_tasks(model, cfg, resolve_checkpoint(path), heatmap, batches)
-        return {"params": counts, "param_rows": parameter_rows(model), **tasks}
+        return {**head, **inspect_tasks(model, cfg, resolve_checkpoint(path), heatmap, batches)}
     data = prepare_data(replace(cfg.data, max_bytes=min(cfg.data.max_bytes, 1_000_000)), cfg.train.seq_len, tokenizer)
     result = evaluate(model, data.val, cfg.train, cfg.model, batches)
     tracker: LoadTracker = result["tracker"]
     ckpt_dir = resolve_checkpoint(path)
     plot = tracker.plot(heatmap or ckpt_dir / "expert_load.png", f"expert load, {ckpt_dir.name}") if tracker.counts else None
-    return {"params": counts, "param_rows": parameter_rows(model), "val_loss": result["val_loss"], "layers": tracker.summary_rows(),
+    return {**head, "val_loss": result["val_loss"], "layers": tracker.summary_rows(),
             "summary": tracker.summary(), "heatmap": plot, "checkpoint": ckpt_dir}
 
 
