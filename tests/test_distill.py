@@ -122,3 +122,12 @@ def test_resume_of_a_training_run_or_with_new_kd_settings_is_refused(tmp_path, c
     err = cli_error(capsys, ["distill", "--out", str(teacher), "--resume", "--kd-stop", "0.2"])
     assert "--kd-stop cannot be combined with --resume" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in teacher.iterdir()) == before
+
+
+def test_too_small_corpus_is_refused_before_the_run_folder_exists(tmp_path, capsys, teacher):
+    small = tmp_path / "small.txt"
+    small.write_text("def f():\n    pass\n")
+    err = cli_error(capsys, ["distill", str(teacher), *STUDENT, "--student", "tiny", "--data", str(small),
+                             "--out", str(tmp_path / "out")])
+    assert len(err.splitlines()) == 1 and f"the corpus {small} is too small" in err, err
+    assert not (tmp_path / "out").exists()

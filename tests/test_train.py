@@ -157,6 +157,14 @@ def test_empty_data_file_is_named(tmp_path, capsys):
     assert str(empty) in err
 
 
+def test_too_small_corpus_is_refused_before_the_run_folder_exists(tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("def f():\n    pass\n")
+    err = cli_error(capsys, ["train", "--preset", "tiny", "--data", str(small), "--out", str(tmp_path / "run")])
+    assert len(err.splitlines()) == 1 and f"the corpus {small} is too small" in err and "needs at least 65" in err, err
+    assert not (tmp_path / "run").exists()  # no run folder holding an empty metrics.jsonl
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, text_file):
     run = tmp_path_factory.mktemp("trained") / "run"

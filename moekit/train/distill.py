@@ -34,7 +34,7 @@ from ..data.text import Tokenizer, batch_at
 from ..errors import CheckpointError, ConfigError, MoekitError
 from ..models.build import build_model
 from ..models.decoder import lm_loss
-from .lm import RunConfig, evaluate, load_lm, prepare_data, resume_run_config
+from .lm import RunConfig, check_corpus_size, evaluate, load_lm, prepare_data, resume_run_config
 from .loop import fit, resolve_device
 
 
@@ -123,6 +123,7 @@ def distill_lm(teacher: str | Path | None, cfg: RunConfig | None, out_dir: str |
     check_student(cfg, teacher_cfg, tokenizer)
     tc = cfg.train
     data = prepare_data(cfg.data, tc.seq_len, tokenizer)
+    check_corpus_size(data, tc.seq_len)  # before the run directory exists
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
     torch.manual_seed(tc.seed)
     student = build_model(cfg.model)

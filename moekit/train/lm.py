@@ -21,7 +21,7 @@ from ..config import MoEConfig, _check_choice, _check_int, apply_overrides, from
 from ..data.text import Tokenizer, batch_at, encode_corpus, load_corpus
 from ..models.build import build_model, load_model
 from ..models.decoder import DecoderLM, ModelConfig, count_parameters, lm_loss
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..moe.stats import LoadTracker
 from .loop import TrainConfig, fit
 from .multitask import MathTasksConfig
@@ -187,6 +187,7 @@ def _run_data(cfg: RunConfig, tokenizer: Tokenizer | None) -> tuple[RunConfig, L
         cfg = replace(cfg, model=with_task_groups(cfg.model, cfg.data.math.tasks))
     else:
         data = prepare_data(cfg.data, cfg.train.seq_len, tokenizer)
+        check_corpus_size(data, cfg.train.seq_len)  # before the run directory exists: a refusal leaves nothing on disk
     return replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size, **data.model_overrides)), data
 
 
@@ -250,6 +251,18 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
         "seconds": time.perf_counter() - started, "source": data.source,
         "is_main": parallel is None or parallel.is_main,
     }
+
+
+def check_corpus_size(data: LMData, seq_len: int) -> None:
+    """Refuse a corpus whose training or validation split is shorter than one window of seq_len + 1 tokens."""
+    if data.suite is not None:  # math_tasks: generated rows, no corpus
+        return
+    need = seq_len + 1
+    train, val = data.train.numel(), data.val.numel()
+    if min(train, val) < need:
+        raise DataError(f"the corpus {data.source} is too small: {train + val} tokens ({train} for training, {val} "
+                        f"for validation), and train.seq_len={seq_len} needs at least {need} in each; use more data "
+                        f"or a shorter train.seq_len")
 
 
 def _save_data_files(data: LMData, out: Path, parallel) -> None:
