@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..errors import MoekitError
-from ..infer import chat
+from ..infer import chat as chat_format  # (not `chat`: the name of a flag below)
 from ..infer.chat import FALLBACK_STOP
 from ..infer.sampling import SamplingConfig
 from ..infer.scheduler import QueueFullError, Request, ShuttingDownError
@@ -33,7 +33,7 @@ from .schemas import ChatCompletionRequest
 
 def fallback_chat(messages) -> str:
     """The documented chat format (moekit.infer.chat's) of a request's messages, for models without a template."""
-    return chat.fallback_chat(_as_dicts(messages))
+    return chat_format.fallback_chat(_as_dicts(messages))
 
 
 def _as_dicts(messages) -> list[dict]:
@@ -68,7 +68,8 @@ def build_prompts(engine, body, max_chars: int | None = None) -> tuple[list[list
             raise APIError(400, "this model has no tokenizer: chat needs one", param="messages")
         _check_size(sum(len(m.text) for m in body.messages), max_chars, "messages", engine)
         try:
-            text, special, stops = chat.chat_prompt(_as_dicts(body.messages), engine.chat_template, engine.special_tokens)
+            text, special, stops = chat_format.chat_prompt(_as_dicts(body.messages), engine.chat_template,
+                                                           engine.special_tokens)
         except MoekitError as e:
             raise APIError(400, str(e), param="messages") from None
         return [tok.backend.encode(text, add_special_tokens=special).ids], stops
