@@ -193,6 +193,9 @@ def test_cli_pregate(checkpoint, tmp_path, text_file, capsys):
     assert "next-gate recall" in text and "pre-gated model: validation loss" in text and "--prefetch pregate" in text
     assert main(["pregate", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    before = (out / "pregate.safetensors").read_bytes()
+    assert main(["pregate", str(checkpoint), "--out", str(out), "--steps", "1", "--quiet"]) == 2  # issue 25: was overwritten
+    assert "already holds pre-gate heads" in capsys.readouterr().err and (out / "pregate.safetensors").read_bytes() == before
     dense = write_checkpoint(tmp_path / "dense", text_file, model_config(ffn="dense"))
     assert main(["pregate", str(dense), "--out", str(tmp_path / "h2"), "--steps", "1"]) == 2
     assert "no MoE layers" in capsys.readouterr().err

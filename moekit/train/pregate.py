@@ -173,6 +173,8 @@ def train_pregate(
         raise ConfigError(f"lr={lr} is invalid: it must be > 0")
     started = time.perf_counter()
     model, tokenizer, cfg = load_lm(checkpoint)
+    if (Path(out_dir) / "pregate.safetensors").exists():  # (as convert, quantize and moefy refuse to overwrite)
+        raise ConfigError(f"{out_dir} already holds pre-gate heads (pregate.safetensors): give a new directory or delete them")
     seq_len = min(seq_len, cfg.model.max_seq_len)
     data = prepare_data(cfg.data, seq_len, tokenizer)
     heads, report = distill_pregate(
