@@ -89,6 +89,13 @@ def test_generate_and_convert_a_trained_moekit_checkpoint(trained_run, tmp_path,
         torch.testing.assert_close(ref(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
     code, out2, err = run_cli(capsys, "generate", tmp_path / "hf", "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0")
     assert code == 0 and out2 == out_text(trained_run, capsys), err
+    # issue 25: the export carries the chat format the checkpoint is served with (oracle: the server's fallback)
+    from moekit.infer.chat import fallback_chat, load_chat_template, render_chat
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "def f"}]
+    assert render_chat(load_chat_template(tmp_path / "hf"), messages) == fallback_chat(messages)
+    assert ref.config is not None and "chat_template" in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
 
 
 def out_text(run, capsys):

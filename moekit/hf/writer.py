@@ -249,9 +249,18 @@ def _write_tokenizer(d: Path, tokenizer, chat_template: str | None) -> None:
     (d / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tok_cfg, indent=2) + "\n")
 
 
+# The chat format moekit checkpoints are served with (moekit.infer.chat.fallback_chat), as a Jinja template
+# for transformers and other tools: "Role: content" turns joined by blank lines, then "Assistant:".
+FALLBACK_CHAT_TEMPLATE = (
+    "{% set names = {'system': 'System', 'developer': 'System', 'user': 'User', 'assistant': 'Assistant'} %}"
+    "{% for m in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}{{ names[m['role']] + ': ' + m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
+)
+
+
 def convert(checkpoint: str | Path, out_dir: str | Path, arch: str = "auto") -> Path:
-    """A moekit run/checkpoint directory written as a Hugging Face model directory."""
+    """A moekit run/checkpoint directory written as a Hugging Face model directory (with its chat format)."""
     from ..models.build import load_model
 
     model, tokenizer, _ = load_model(checkpoint)
-    return save(model, out_dir, arch=arch, tokenizer=tokenizer)
+    return save(model, out_dir, arch=arch, tokenizer=tokenizer, chat_template=FALLBACK_CHAT_TEMPLATE)
