@@ -104,3 +104,26 @@ def test_bad_requests():
         convert(dense, method="readme", experts=4, top_k=1)
     with pytest.raises(MoefyError, match="already has MoE"):
         convert(convert(dense, method="upcycle", experts=2, top_k=1), method="upcycle", experts=2, top_k=1)
+
+
+def test_save_copies_a_moekit_runs_tokenizer_from_its_checkpoint(tmp_path):
+    """Issue 25: moefy.save(..., source=RUN_DIR) copied no tokenizer (it lives in the run's step-* checkpoint)."""
+    import warnings
+
+    from moekit import moefy
+    from moekit.checkpoints import resolve_checkpoint
+    from moekit.models.build import load_model
+    from moekit.train.lm import resolve_run_config, train_lm
+
+    (tmp_path / "data.txt").write_text("def add(a, b):\n    return a + b\n" * 200)
+    cfg = resolve_run_config("tiny", overrides=["train.steps=1", "train.eval_every=0", "train.save_every=1", "train.seq_len=32",
+                                                "train.device=cpu", "model.ffn=dense"], data=str(tmp_path / "data.txt"))
+    run = tmp_path / "run"
+    train_lm(cfg, run, progress=False)
+    moe = moefy.convert(load_model(run)[0], method="upcycle", experts=4, top_k=2)
+    out = moefy.save(moe, tmp_path / "out", source=run)
+    assert (out / "tokenizer.json").read_bytes() == (resolve_checkpoint(run) / "tokenizer.json").read_bytes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        moefy.save(moe, tmp_path / "out2", source=tmp_path)  # no tokenizer anywhere: said, not silent
+    assert any("holds no tokenizer" in str(w.message) for w in caught)

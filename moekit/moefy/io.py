@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 
@@ -184,10 +185,28 @@ def save(model, out: str | Path, source: str | Path | None = None) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MoefyError(f"output {out} already exists and is not empty: choose a new directory")
     manifest = manifest_of(model)
+    files = _tokenizer_files(source) if source is not None else []
     with atomic_directory(out, prefix=f".{out.name}-") as tmp:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         save_tensors(tmp / WEIGHTS, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
-        for name in TOKENIZER_FILES if source is not None else ():
-            if (Path(source) / name).is_file():
-                shutil.copy2(Path(source) / name, tmp / name)
+        for f in files:
+            shutil.copy2(f, tmp / f.name)
     return out
+
+
+def _tokenizer_files(source: str | Path) -> list[Path]:
+    """The tokenizer files of `source`: a directory holding them, or a moekit run (its latest checkpoint's)."""
+    d = Path(source)
+    found = [d / name for name in TOKENIZER_FILES if (d / name).is_file()]
+    if not found and d.is_dir() and not (d / WEIGHTS).is_file():
+        try:  # a moekit run directory keeps its tokenizer in each step-* checkpoint
+            from ..checkpoints import resolve_checkpoint
+
+            ck = resolve_checkpoint(d)
+            found = [ck / name for name in TOKENIZER_FILES if (ck / name).is_file()]
+        except CheckpointError:
+            pass
+    if not found:  # (said, not silent: the output then takes token ids only)
+        warnings.warn(f"source {d} holds no tokenizer ({', '.join(TOKENIZER_FILES)}), nor does a checkpoint in it: "
+                      "the moefy output has none", stacklevel=3)
+    return found
