@@ -185,3 +185,29 @@ def test_generate_chat_on_a_moekit_checkpoint_uses_the_servers_fallback_format(t
     assert engine.chat_stops() == stops == ["\n\nUser:"]
     expected = engine.generate(["hi"], chat=True, system="be brief", max_new_tokens=2, temperature=0)[0].text
     assert out == expected + "\n"
+
+
+def test_generate_without_a_prompt_is_a_chat_with_history(trained_run, capsys, monkeypatch):
+    """Issue 25: an interactive chat. Oracle: the engine on chat_prompt's text of the same conversation."""
+    import io
+
+    from moekit.infer import Engine
+    from moekit.infer.chat import chat_prompt
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhow are you\n/reset\nbye\n"))
+    code, out, err = run_cli(capsys, "generate", trained_run, "--max-new-tokens", "4", "--temperature", "0", "--system", "be brief")
+    assert code == 0, err
+    engine = Engine.load(trained_run)
+
+    def reply(*turns):
+        messages = [{"role": "system", "content": "be brief"}] + [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        text, special, stops = chat_prompt(messages, engine.chat_template, engine.special_tokens)
+        ids = engine.tokenizer.backend.encode(text, add_special_tokens=special).ids
+        return engine.generate([ids], max_new_tokens=4, temperature=0, stop=stops)[0].text
+
+    first = reply("hi")
+    second = reply("hi", first, "how are you")  # the history goes back to the model
+    third = reply("bye")  # after /reset
+    assert out == f"{first}\n{second}\n{third}\n"
+    assert "history cleared" in err and "/exit" in err

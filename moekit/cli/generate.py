@@ -41,6 +41,8 @@ def _generate(args) -> int:
     from ..errors import ConfigError
 
     settings = check_settings(**sampling_settings(args))
+    if args.prompt is None and args.cache == "belady":
+        raise ConfigError("--cache belady replays the prompt to learn the future: give --prompt (it has no chat mode)")
     _read_prompt(args)
     if args.expert_budget is None and (args.prefetch or args.cache or args.pregate or args.slow_tier or args.low_bit_fallback):
         raise ConfigError("--prefetch, --cache, --pregate, --slow-tier and --low-bit-fallback need --expert-budget "
@@ -49,6 +51,13 @@ def _generate(args) -> int:
     # With a disk tier the experts are never read into memory: they go from the checkpoint straight into fast slots.
     engine = Engine.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                          **(offload_options(args, "lru" if args.cache == "belady" else args.cache) if lazy else {}))
+    if args.prompt is None:  # no --prompt: an interactive chat (chat_repl.py)
+        from .chat_repl import chat_repl
+
+        if args.expert_budget is not None and engine.offloader is None:
+            options = offload_options(args, args.cache)
+            engine.offload(options.pop("expert_budget"), **options)
+        return chat_repl(engine, settings, args.system)
     prompt = engine.encode(args.prompt, chat=args.chat, system=args.system)
     if args.chat:
         settings.stop_strings = [*settings.stop_strings, *engine.chat_stops()]  # as the server's chat endpoint
@@ -87,7 +96,7 @@ def _read_prompt(args) -> None:
 
     from ..errors import ConfigError
 
-    if args.system is not None and not args.chat:
+    if args.system is not None and not args.chat and args.prompt is not None:  # (no --prompt: a chat, --system fits)
         raise ConfigError("--system is the system message of a chat: add --chat (the model's chat template), or drop "
                           "--system")
     if args.prompt == "-":
@@ -131,7 +140,8 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a Hugging Face model directory or a moekit checkpoint",
                        formatter_class=_LibraryDefaults)
     p.add_argument("model", help="a GGUF file, a Hugging Face model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, Granite-MoE, PhiMoE, GPT-OSS) or a moekit run/checkpoint")
-    p.add_argument("--prompt", required=True, help="the text to continue; - reads it from stdin")
+    p.add_argument("--prompt", help="the text to continue; - reads it from stdin; left out: an interactive chat "
+                                     "(one line a turn, with history, the chat template; /reset, /exit)")
     p.add_argument("--max-new-tokens", type=int, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, help="0 = greedy")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (0 = all)")
