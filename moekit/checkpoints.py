@@ -43,6 +43,7 @@ from .fileio import TMP_PREFIX, atomic_directory, fsync_dir, honour_umask, read_
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 CONFIG_FILE = "config.json"
+MOEFY_MANIFEST = "moefy.json"  # what a moefy output holds instead (moekit.moefy.io.MANIFEST): named in refusals
 TRAINER_STATE_FILE = "trainer_state.json"
 TOKENIZER_FILE = "tokenizer.json"
 LATEST_FILE = "latest"
@@ -393,6 +394,10 @@ def load_checkpoint(path: str | Path, optimizer: bool = True, skip: Callable[[st
     unread (lazy loading reads the experts later, straight into their fast slots).
     """
     directory = resolve_checkpoint(path)
+    if not (directory / CONFIG_FILE).is_file() and (directory / MOEFY_MANIFEST).is_file():
+        raise CheckpointError(f"{directory} is a moefy output (a converted model, {MOEFY_MANIFEST}), not a moekit run or "
+                              "checkpoint: moefy outputs run in `moekit generate`, `moekit serve` and Engine.load; this "
+                              "command takes moekit runs and checkpoints")
     config = _read_json(directory / CONFIG_FILE, required=True)
     model_state, _ = load_tensors(directory / MODEL_FILE, skip)
     optimizer_state = None

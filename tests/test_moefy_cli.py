@@ -55,6 +55,12 @@ def test_readme_and_upcycle_from_the_command_line(llama_dir, calib_files, tmp_pa
     ids = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(moefy.load(up)(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+    # issue 25: commands that take moekit runs refused a moefy output with "config.json is missing"; now they name it
+    for argv in (["inspect", up], ["convert", "--to", "hf", up, tmp_path / "hf"], ["quantize", up, "--bits", "8", "--out", tmp_path / "q"],
+                 ["pregate", up, "--out", tmp_path / "p"]):
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code == 2 and "is a moefy output" in err and "moekit generate" in err and "Traceback" not in err, (argv, err)
 
 
 @pytest.mark.parametrize("args,message", [
