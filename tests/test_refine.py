@@ -120,3 +120,33 @@ def test_a_task_the_model_was_not_trained_on(run, stub, capsys):
     err = capsys.readouterr().err
     assert "task 'comparison' is not one this model was trained on: it knows arithmetic" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_few_shot_examples_are_fitted_to_the_served_context():
+    """Issue 25: refine against a small served model failed (548-token prompt, 512 context). Oracle: a mock endpoint
+    that refuses, as moekit serve does (400, context_length_exceeded), any request holding more than 2 examples."""
+    import httpx
+
+    from moekit.data.mathtasks import Problem
+    from moekit.infer.refine import ContextLengthError, refine
+
+    seen = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        shots = body["messages"][-1]["content"].count("\nAnswer: ")
+        seen.append(shots)
+        if shots > 2:
+            return httpx.Response(400, json={"error": {"message": "this model's maximum context length is 512 tokens",
+                                                       "type": "invalid_request_error", "param": "messages",
+                                                       "code": "context_length_exceeded"}})
+        return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": "Answer: 7"}}]})
+
+    examples = {"arithmetic": [Problem("arithmetic", f"{i}+1=", str(i + 1)) for i in range(5)]}
+    out = refine([Problem("arithmetic", "3+4=", "7")], ["6"], examples, "http://stub/v1", "m",
+                 transport=httpx.MockTransport(handler))
+    assert out[0].answer == "7" and seen == [5, 4, 3, 2]  # one example fewer each time, until it fits
+    never = httpx.MockTransport(lambda r: httpx.Response(400, json={"error": {"code": "context_length_exceeded",
+                                                                              "message": "too long"}}))
+    with pytest.raises(ContextLengthError, match="even without solved examples"):
+        refine([Problem("arithmetic", "3+4=", "7")], ["6"], examples, "http://stub/v1", "m", transport=never)

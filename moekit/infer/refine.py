@@ -61,6 +61,8 @@ def chat_completion(client, endpoint: str, model: str, messages: list[dict], api
     except httpx.HTTPError as e:
         raise EndpointError(f"endpoint {url} cannot be reached ({type(e).__name__}: {e}): is the server running, "
                             f"and is the URL its OpenAI-compatible base (ending in /v1)?") from None
+    if response.status_code == 400 and _too_long(response):
+        raise ContextLengthError(f"endpoint {url}: the request does not fit the model's context: {response.text[:200]!r}")
     if response.status_code != 200:
         raise EndpointError(f"endpoint {url} answered HTTP {response.status_code}: {response.text[:200]!r}")
     try:
@@ -70,9 +72,37 @@ def chat_completion(client, endpoint: str, model: str, messages: list[dict], api
                             f"choices[0].message.content): {response.text[:200]!r}") from None
 
 
+class ContextLengthError(EndpointError):
+    """The endpoint said the request is longer than its model's context (OpenAI's context_length_exceeded)."""
+
+
+def _too_long(response) -> bool:
+    try:
+        error = response.json().get("error") or {}
+    except (ValueError, AttributeError):
+        return False
+    return error.get("code") == "context_length_exceeded" or "context length" in str(error.get("message", ""))
+
+
+def _fitted(client, endpoint, model, problem, draft, shots, api_key) -> str:
+    """The reply to the problem with as many of its solved examples as the served model's context holds."""
+    for k in range(len(shots), -1, -1):  # fewer examples each time the endpoint says the request is too long
+        try:
+            return chat_completion(client, endpoint, model, build_messages(problem.prompt, draft, shots[:k]), api_key)
+        except ContextLengthError:
+            if k == 0:
+                raise ContextLengthError(f"endpoint {endpoint}: even without solved examples, problem {problem.prompt!r} "
+                                         "does not fit the served model's context") from None
+    raise AssertionError("unreachable")
+
+
 def refine(problems: list[Problem], drafts: list[str], examples: dict[str, list[Problem]], endpoint: str, model: str,
            api_key: str | None = None, timeout: float = 60.0, transport=None) -> list[Refined]:
-    """Send each problem's draft with its task's solved examples; keep the endpoint's corrected answer."""
+    """Send each problem's draft with its task's solved examples; keep the endpoint's corrected answer.
+
+    A request the served model's context cannot hold (HTTP 400, context_length_exceeded) is sent again with
+    one solved example fewer, down to none: the few-shot prompt fits the model it is served to.
+    """
     try:
         import httpx
     except ImportError:
@@ -83,8 +113,7 @@ def refine(problems: list[Problem], drafts: list[str], examples: dict[str, list[
     out = []
     with httpx.Client(timeout=timeout, transport=transport) as client:
         for problem, draft in zip(problems, drafts):
-            messages = build_messages(problem.prompt, draft, examples.get(problem.task, []))
-            reply = chat_completion(client, endpoint, model, messages, api_key)
+            reply = _fitted(client, endpoint, model, problem, draft, examples.get(problem.task, []), api_key)
             out.append(Refined(problem, draft, answer_from_reply(reply) or draft, reply))
     return out
 
