@@ -173,3 +173,15 @@ def test_unfit_model_is_refused_and_nothing_written(tmp_path):
     with pytest.raises(Exception, match="gguf dtype='Q5_K' is unknown"):
         G.save(make_model("olmoe"), tmp_path / "y.gguf", dtype="Q5_K")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_saved_gguf_file_honours_the_umask(tmp_path):
+    """Issue 25: files were written 0600 (tempfile.mkstemp's mode) under umask 022."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = G.save(make_model("mixtral"), tmp_path / "m.gguf", Tokenizer.byte_level())
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..fileio import honour_umask
 from ..hf.writer import fit_problems, unexportable
 from .arch import FAMILY_TO_ARCH, KEEP_F32, NORM_TOPK, UnsupportedGGUFError, is_qk, permute_qk, tensor_plan
 
@@ -158,6 +159,7 @@ def save(model, path: str | Path, tokenizer=None, dtype: str = "F32", arch: str 
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        honour_umask(tmp)  # (mkstemp made it 0600)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
