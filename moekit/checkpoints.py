@@ -355,6 +355,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise _pickle_refused(p)
         if p.name == MODEL_FILE or p.name == LATEST_FILE:
             return resolve_checkpoint(p.parent)
+        if _is_gguf(p):
+            raise CheckpointError(f"{p} is a GGUF file: this command takes moekit runs and checkpoints; GGUF files run in "
+                                  "`moekit generate` and `moekit serve` (and Engine.load)")
         raise CheckpointError(f"{p} is a file: give a run directory or a checkpoint directory (holding {MODEL_FILE})")
     if (p / MODEL_FILE).is_file():
         return p
@@ -367,9 +370,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     pickles = [q.name for q in p.iterdir() if q.is_file() and q.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise _pickle_refused(p / pickles[0])
+    if (p / CONFIG_FILE).is_file() and "model_type" in (p / CONFIG_FILE).read_text(errors="replace"):
+        raise CheckpointError(f"{p} is a Hugging Face model directory, not a moekit run or checkpoint: it runs in "
+                              "`moekit generate` and `moekit serve` (and Engine.load); `moekit quantize` and "
+                              "`moekit moefy` take it too")
     raise CheckpointError(
         f"{p} is neither a checkpoint directory (holding {MODEL_FILE}) nor a run directory (holding a {LATEST_FILE} file)"
     )
+
+
+def _is_gguf(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _follow_latest(run: Path) -> Path:

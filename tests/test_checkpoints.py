@@ -333,3 +333,17 @@ def test_atomic_directory_output_honours_the_umask(tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in [tmp_path / "out", *(tmp_path / "out").rglob("*")]}
     assert modes == {"out": 0o755, "sub": 0o755, "w.bin": 0o644}
+
+
+def test_a_gguf_file_or_a_hugging_face_directory_is_named_as_one(tmp_path):
+    """Issue 25: commands taking moekit runs refused other model formats without naming them."""
+    from moekit.checkpoints import resolve_checkpoint
+
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF" + bytes(16))
+    with pytest.raises(CheckpointError, match="is a GGUF file: this command takes moekit runs.*moekit generate"):
+        resolve_checkpoint(gguf_file)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "mixtral"}')
+    with pytest.raises(CheckpointError, match="is a Hugging Face model directory, not a moekit run.*moekit generate"):
+        resolve_checkpoint(tmp_path / "hf")
