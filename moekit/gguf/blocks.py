@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import torch
 
-# qtype name -> (weights per block, bytes per block); the order is moekit.moe.native.GGUF_TYPES'
-BLOCK_TYPES = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q5_0": (32, 22), "Q4_K": (256, 144), "Q6_K": (256, 210),
-               "Q5_K": (256, 176)}
+from ..moe.native import GGUF_BLOCKS
+
+# qtype name -> (weights per block, bytes per block): the block formats the native kernels read, one table
+BLOCK_TYPES = GGUF_BLOCKS
 FLOAT_TYPES = ("F32", "F16", "BF16")  # read as floats (not blocks)
 
 

@@ -29,15 +29,14 @@ kernels (moekit.moe.native), offloading's slots (moekit.infer.offload builds the
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..moe import native
-from ..moe.experts import activate, bmm_experts, choose_kernel, grouped_mm_experts, loop_experts, native_experts, native_fits
-from ..moe.quantized import NATIVE_MAX_ROWS
+from ..moe.experts import activate, bmm_experts, choose_kernel, grouped_mm_experts, loop_experts, native_experts
+from ..moe.quantized import NATIVE_MAX_ROWS, StackedShape
 from .blocks import BLOCK_TYPES, dequantize, row_bytes
 
 GGUF_KERNELS = ("auto", "native", "dequant")
@@ -65,18 +64,11 @@ def resolve_kernel(name: str, qtypes, device: torch.device, most_rows: int = 1) 
     return name if name != "native" or runs else "dequant"
 
 
-def _groups(rows_E: torch.Tensor) -> np.ndarray:
-    """(expert, first row, rows) of each expert with rows, as native's groups_A3 (int64 [A, 3])."""
-    counts = rows_E.tolist()
-    starts = np.cumsum([0] + counts[:-1])
-    return np.array([(e, s, c) for e, (s, c) in enumerate(zip(starts, counts)) if c], dtype=np.int64).reshape(-1, 3)
-
-
 def _blocks(shape, device) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.uint8, device=device) if str(device) != "meta" else torch.empty(shape, dtype=torch.uint8, device="meta")
 
 
-class GGUFExperts(nn.Module):
+class GGUFExperts(StackedShape, nn.Module):
     """E expert MLPs whose stacked weights are GGUF blocks (see the module docstring); zero-filled when built."""
 
     quantized_weights = True  # its `num_weights` are buffers, not parameters (for parameter counts)
@@ -114,20 +106,6 @@ class GGUFExperts(nn.Module):
         fused = activation != "swiglu" or qtypes[0] == qtypes[1]
         return ("w_in_EHB", "w_out_EDB") if fused else ("w_gate_EFB", "w_up_EFB", "w_out_EDB")
 
-    @property
-    def num_experts(self) -> int:
-        return self._shape[0]
-
-    @property
-    def shape_EHDF(self) -> tuple[int, int, int, int]:
-        """(experts, w_in rows H, hidden D, expert width F) of the weights the blocks stand for."""
-        return self._shape
-
-    @property
-    def num_weights(self) -> int:
-        E, H, D, F_ = self._shape
-        return E * (H * D + D * F_)
-
     def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
         """`kernel` (or the module's) with `auto` resolved (native or dequant)."""
         most = int(counts_E.max()) if counts_E is not None and counts_E.numel() else x.shape[0]
@@ -158,13 +136,11 @@ class GGUFExperts(nn.Module):
         for i, e in enumerate(active):
             w_in_AHD[i], w_out_ADF[i] = self.dequantized(e)
         x, counts_A = x_ND.float(), rows_E[active]
-        name = choose_kernel(x, w_in_AHD, w_out_ADF, counts_A, allow_native=True)  # the fp32 model's own choice
-        if name == "native" and not native_fits(x, w_in_AHD, w_out_ADF, self.activation):
-            name = "loop"
+        name = choose_kernel(x, w_in_AHD, w_out_ADF, counts_A, self.activation)  # the fp32 model's own choice
         return _FLOAT_KERNELS[name](x, counts_A, w_in_AHD, w_out_ADF, self.activation)
 
     def _native(self, x_ND: torch.Tensor, rows_E: torch.Tensor) -> torch.Tensor:
-        groups, x = _groups(rows_E), x_ND.float().contiguous()
+        groups, x = native.groups_of(rows_E), x_ND.float().contiguous()
         gate, up, down = self.qtypes
         if self.fused:
             y = native.gguf_experts(x, self.w_in_EHB, gate, self.w_out_EDB, down, groups, self.activation)
@@ -208,8 +184,7 @@ class GGUFLinear(nn.Module):
         x_NI = x.reshape(-1, self.in_features).float()
         bias = None if self.bias is None else self.bias.float()
         if resolve_kernel(self.kernel, (self.qtype,), x.device, x_NI.shape[0]) == "native":
-            groups = np.array([[0, 0, x_NI.shape[0]]], dtype=np.int64)
-            y = native.gguf_matmul(x_NI.contiguous(), self.weight_OB, self.qtype, groups)
+            y = native.gguf_matmul(x_NI.contiguous(), self.weight_OB, self.qtype, None)  # None: every row
             y = y if bias is None else y + bias
         else:
             y = F.linear(x_NI, self.dequantized(), bias)  # (as nn.Linear: the same arithmetic as the dequantized model)

@@ -194,9 +194,9 @@ static void record_cost(int bucket, int t, double ns, double bytes) {
 static int bucket_of(double bytes) { int b = 0; while (bytes > 1.0 && b < 47) { bytes /= 2; b++; } return b; }
 
 static void parallel_rows(const qd_wmat *m, const qd_xq *xq, const int64_t *groups, int A, float *out, int64_t ldo) {
-    int64_t rows_total = 0;
-    for (int a = 0; a < A; a++) rows_total += groups[3 * a + 2] > 0 ? 1 : 0;
-    double bytes = (double)rows_total * m->out * m->row_bytes;
+    int64_t active = 0;  /* experts with rows: each one's whole weight is read once */
+    for (int a = 0; a < A; a++) active += groups[3 * a + 2] > 0 ? 1 : 0;
+    double bytes = (double)active * m->out * m->row_bytes;
     int chunk = (int)(32768 / (m->row_bytes > 0 ? m->row_bytes : 1));
     chunk = chunk < 4 ? 4 : chunk;
     qd_job j = {m, xq, groups, out, ldo, chunk, (m->out + chunk - 1) / chunk, 0, 1};
@@ -312,17 +312,6 @@ static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_thread_costs(PyObject *self, PyObject *args) {  /* {bucket: [ns/byte at 1..limit threads]} */
-    PyObject *out = PyDict_New();
-    for (int b = 0; b < 48; b++) {
-        if (!calls_in[b]) continue;
-        PyObject *row = PyList_New(pool.limit);
-        for (int t = 1; t <= pool.limit; t++) PyList_SET_ITEM(row, t - 1, PyFloat_FromDouble(cost_ewma[b][t]));
-        PyObject *k = PyLong_FromLong(b); PyDict_SetItem(out, k, row); Py_DECREF(k); Py_DECREF(row);
-    }
-    return out;
-}
-
 static PyObject *py_kernel_time(PyObject *self, PyObject *args) {  /* (calls, seconds) inside the kernels so far */
     return Py_BuildValue("(Ld)", kernel_calls, kernel_ns / 1e9);
 }
@@ -335,7 +324,6 @@ static PyMethodDef methods[] = {
     {"set_isa", py_set_isa, METH_VARARGS, "force an instruction set (tests force 'generic')"},
     {"set_threads", py_set_threads, METH_VARARGS, "the most threads a call may use"},
     {"kernel_time", py_kernel_time, METH_NOARGS, "(calls, seconds) spent inside matmul and moe calls since import"},
-    {"thread_costs", py_thread_costs, METH_NOARGS, "measured ns per weight byte by size bucket and thread count"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qdot", "moekit's integer-dot quantized kernels", -1, methods};

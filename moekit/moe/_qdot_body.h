@@ -2,13 +2,13 @@
  *
  * Included by each _qdot_isa_*.c with QD_ISA and QD_SFX set; defines qd_rows_<SFX>, which runs output
  * rows [o0, o1) of expert e against activation rows [r0, r0 + nr). Activations arrive quantized per
- * 32-value block (int8 codes, one fp32 scale per block, int32 sums per 16 codes); each block's integer dot
+ * 32-value block (int8 codes, one fp32 scale per block); each block's integer dot
  * product is exact, then scaled in fp32, as llama.cpp does (the activations' block scale times code sum, per
  * 32 and per 16 codes, comes precomputed for the unsigned formats' offset).
  *
  * The 32-value formats are read through one block decoder, `blk_<fmt>(row, b)`, which gives block b's 32 codes
- * (signed for I8 / Q8_0, else unsigned), their scale (one, or one per 16 codes for Q6_K) and the constant
- * the unsigned codes' offset costs per unit of activation sum (zero point x scale, or Q4_K's min). One
+ * (signed for I8 / Q8_0, else unsigned), their scale and the constant the unsigned codes' offset costs per
+ * unit of activation sum (zero point x scale). One
  * loop template runs a decoder: four activation rows share each decoded block (prefill), a single row
  * keeps two accumulators (decode). The K formats go a super-block (256 weights) at a time, its scales decoded
  * once (QD_K_KERNEL); moekit int4 two blocks at a time (rows_i4). Formats (qd_fmt in _qdot.h):
@@ -23,10 +23,10 @@
 #define QD_CAT(a, b) QD_CAT2(a, b)
 #define FN(name) QD_CAT(name, QD_SFX)
 
-typedef struct { V u; float sw_lo, sw_hi, c_lo, c_hi; } qd_blk;  /* one decoded block of 32 weights */
+typedef struct { V u; float sw, c; } qd_blk;  /* one decoded block of 32 weights: codes, scale, offset cost */
 typedef struct { const uint8_t *row; const float *sc; const uint8_t *zp; int gshift; float sw; } qd_wrow;
 
-static inline qd_blk qd_blk_of(V u, float sw, float c) { qd_blk k = {u, sw, sw, c, c}; return k; }
+static inline qd_blk qd_blk_of(V u, float sw, float c) { qd_blk k = {u, sw, c}; return k; }
 
 static inline qd_blk FN(blk_i8)(const qd_wrow *w, int b) { return qd_blk_of(v_load(w->row + 32 * b), w->sw, 0.f); }
 
@@ -63,14 +63,12 @@ static inline void qd_scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
 }
 
 /* acc += this block's scaled dot product with activation row x; corr += what the codes' offset added */
-#define QD_ACC(k, x, b, acc, corr, SIGNED, SPLIT) {                                               \
-        float dx_ = (x).d[b];                                                                    \
+#define QD_ACC(k, x, b, acc, corr, SIGNED) {                                                      \
         V xv_ = v_load((x).q + 32 * (b));                                                        \
-        VI p_ = SIGNED ? v_dot_ss((k).u, xv_) : v_dot_us((k).u, xv_);                            \
-        acc = SPLIT ? v_fma2(p_, dx_ * (k).sw_lo, dx_ * (k).sw_hi, acc) : v_fma1(p_, dx_ * (k).sw_lo, acc); \
-        if (!SIGNED) corr += SPLIT ? (k).c_lo * (x).ds16[2 * (b)] + (k).c_hi * (x).ds16[2 * (b) + 1] : (k).c_lo * (x).ds[b]; }
+        acc = v_fma1(SIGNED ? v_dot_ss((k).u, xv_) : v_dot_us((k).u, xv_), (x).d[b] * (k).sw, acc); \
+        if (!SIGNED) corr += (k).c * (x).ds[b]; }
 
-#define QD_ROWS_KERNEL(NAME, DECODE, SIGNED, SPLIT)                                               \
+#define QD_ROWS_KERNEL(NAME, DECODE, SIGNED)                                               \
 static void FN(NAME)(const qd_wrow *w, int nb, const qd_xq *xq, int r0, int nr, float *out, int64_t ldo, int o) { \
     int r = r0;                                                                                  \
     for (; r + 4 <= r0 + nr; r += 4) {  /* four activation rows share each decoded block */      \
@@ -79,7 +77,7 @@ static void FN(NAME)(const qd_wrow *w, int nb, const qd_xq *xq, int r0, int nr, 
         qd_xrow x[4] = {qd_row_of(xq, r), qd_row_of(xq, r + 1), qd_row_of(xq, r + 2), qd_row_of(xq, r + 3)}; \
         for (int b = 0; b < nb; b++) {                                                           \
             qd_blk k = DECODE(w, b);                                                             \
-            for (int i = 0; i < 4; i++) QD_ACC(k, x[i], b, acc[i], corr[i], SIGNED, SPLIT)       \
+            for (int i = 0; i < 4; i++) QD_ACC(k, x[i], b, acc[i], corr[i], SIGNED)       \
         }                                                                                        \
         for (int i = 0; i < 4; i++) out[(int64_t)(r + i) * ldo + o] = v_hsum(acc[i]) - corr[i];  \
     }                                                                                            \
@@ -90,10 +88,10 @@ static void FN(NAME)(const qd_wrow *w, int nb, const qd_xq *xq, int r0, int nr, 
         int b = 0;                                                                               \
         for (; b + 1 < nb; b += 2) {                                                             \
             qd_blk k0 = DECODE(w, b), k1 = DECODE(w, b + 1);                                     \
-            QD_ACC(k0, x, b, a0, c0, SIGNED, SPLIT)                                              \
-            QD_ACC(k1, x, b + 1, a1, c1, SIGNED, SPLIT)                                          \
+            QD_ACC(k0, x, b, a0, c0, SIGNED)                                              \
+            QD_ACC(k1, x, b + 1, a1, c1, SIGNED)                                          \
         }                                                                                        \
-        if (b < nb) { qd_blk k0 = DECODE(w, b); QD_ACC(k0, x, b, a0, c0, SIGNED, SPLIT) }         \
+        if (b < nb) { qd_blk k0 = DECODE(w, b); QD_ACC(k0, x, b, a0, c0, SIGNED) }         \
         out[(int64_t)r * ldo + o] = v_hsum(a0) + v_hsum(a1) - c0 - c1;                           \
     }                                                                                            \
 }
@@ -118,7 +116,7 @@ static void FN(rows_i4)(const qd_wrow *w, int nb, const qd_xq *xq, int r0, int n
         qd_xrow x[4] = {qd_row_of(xq, r), qd_row_of(xq, r + 1), qd_row_of(xq, r + 2), qd_row_of(xq, r + 3)};
         for (int p = 0; p < np; p++)
             for (int i = 0; i < 4; i++) I4_PAIR(w, x[i], p, acc[i], corr[i])
-        if (nb & 1) { qd_blk k = FN(blk_i4)(w, nb - 1); for (int i = 0; i < 4; i++) QD_ACC(k, x[i], nb - 1, acc[i], corr[i], 0, 0) }
+        if (nb & 1) { qd_blk k = FN(blk_i4)(w, nb - 1); for (int i = 0; i < 4; i++) QD_ACC(k, x[i], nb - 1, acc[i], corr[i], 0) }
         for (int i = 0; i < 4; i++) out[(int64_t)(r + i) * ldo + o] = v_hsum(acc[i]) - corr[i];
     }
     for (; r < r0 + nr; r++) {
@@ -128,7 +126,7 @@ static void FN(rows_i4)(const qd_wrow *w, int nb, const qd_xq *xq, int r0, int n
         int p = 0;
         for (; p + 1 < np; p += 2) { I4_PAIR(w, x, p, a0, c0) I4_PAIR(w, x, p + 1, a1, c1) }
         if (p < np) I4_PAIR(w, x, p, a0, c0)
-        if (nb & 1) { qd_blk k = FN(blk_i4)(w, nb - 1); QD_ACC(k, x, nb - 1, a1, c1, 0, 0) }
+        if (nb & 1) { qd_blk k = FN(blk_i4)(w, nb - 1); QD_ACC(k, x, nb - 1, a1, c1, 0) }
         out[(int64_t)r * ldo + o] = v_hsum(a0) + v_hsum(a1) - c0 - c1;
     }
 }
@@ -208,10 +206,10 @@ QD_K_KERNEL(rows_q4_k, FN(sb_q4_k), 144, 1)
 QD_K_KERNEL(rows_q5_k, FN(sb_q5_k), 176, 1)
 QD_K_KERNEL(rows_q6_k, FN(sb_q6_k), 210, 0)
 
-QD_ROWS_KERNEL(rows_i8, FN(blk_i8), 1, 0)
-QD_ROWS_KERNEL(rows_q8_0, FN(blk_q8_0), 1, 0)
-QD_ROWS_KERNEL(rows_q4_0, FN(blk_q4_0), 0, 0)
-QD_ROWS_KERNEL(rows_q5_0, FN(blk_q5_0), 0, 0)
+QD_ROWS_KERNEL(rows_i8, FN(blk_i8), 1)
+QD_ROWS_KERNEL(rows_q8_0, FN(blk_q8_0), 1)
+QD_ROWS_KERNEL(rows_q4_0, FN(blk_q4_0), 0)
+QD_ROWS_KERNEL(rows_q5_0, FN(blk_q5_0), 0)
 
 
 static inline float FN(dot_f32)(const float *w, const float *x, int n) {  /* four chains of 8-float FMAs */

@@ -127,7 +127,7 @@ class Experts(nn.Module):
         if name not in KERNELS:
             raise ValueError(f"kernel={name!r} is unknown: accepted values are {', '.join(KERNELS)}")
         if name == "auto":
-            name = choose_kernel(x, self.w_in_EHD, self.w_out_EDF, counts_E, allow_native=True)
+            return choose_kernel(x, self.w_in_EHD, self.w_out_EDF, counts_E, self.activation, self.b_in_EH)
         if name == "native" and not native_fits(x, self.w_in_EHD, self.w_out_EDF, self.activation, self.b_in_EH):
             name = "loop"
         return name
@@ -201,11 +201,7 @@ def native_fits(x_ND, w_in_EHD, w_out_EDF, activation, b_in_EH=None) -> bool:
 
 def native_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation) -> torch.Tensor:
     """The compiled kernels' fp32 path: every active expert in one call (inference only: no backward)."""
-    groups, start = [], 0
-    for e, count in enumerate(counts_E.tolist()):
-        if count:
-            groups.append((e, start, count))
-        start += count
+    groups = native.groups_of(counts_E)
     return native.moe(x_ND, native.f32_weight(w_in_EHD), native.f32_weight(w_out_EDF), groups, activation)
 
 
@@ -262,7 +258,7 @@ def bmm_experts(x_ND, counts_E, w_in_EHD, w_out_EDF, activation, b_in_EH=None, b
 
 
 def choose_kernel(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor,
-                  counts_E: torch.Tensor | None = None, allow_native: bool = False) -> str:
+                  counts_E: torch.Tensor | None = None, activation=None, b_in_EH=None) -> str:
     """The kernel `auto` runs for these rows (x lends dtype, device and, without counts, the row count).
 
     Where torch._grouped_mm is a native GPU kernel it wins. Elsewhere one
@@ -285,7 +281,8 @@ def choose_kernel(x_ND: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.T
         # Inference reads weights more than it multiplies: one row per active expert (decoding a token)
         # is a matmul pair per chosen expert; more rows, one grouped call that reads only the active experts.
         if most <= 1:
-            return "native" if allow_native and native_fits(x_ND, w_in_EHD, w_out_EDF, "swiglu") else "loop"
+            # (native: for callers that name the activation, and only where it runs those experts)
+            return "native" if activation is not None and native_fits(x_ND, w_in_EHD, w_out_EDF, activation, b_in_EH) else "loop"
         if grouped:
             return "grouped_mm"
     padded_rows = E * most if N else 0

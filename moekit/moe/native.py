@@ -14,6 +14,7 @@ as llama.cpp's do.
 - `moekit_weight(q, scale, zero, spec)` / `gguf_weight(w_EOB, qtype, in_features)` / `f32_weight(w_EOI)`
   (fp32 weights, fp32 activations, nothing rounded: the fp32 experts' decode path): the kernel's
   description of a stacked weight [E, O, ...] (pointers into the tensors: keep them alive).
+- `groups_of(rows_E)`: the (expert, first row, rows) groups of rows grouped by expert.
 - `matmul(x_NI, weight, groups_A3)`: y[rows] = x[rows] @ W_e^T for each (e, start, count); [N, O] fp32.
 - `moe(x_ND, w_in, w_out, groups_A3, activation)`: one call for all of an MoE layer's active experts
   (w_in holds [gate | up] rows for "swiglu"; "gelu" is erf GELU); [N, D] fp32.
@@ -39,10 +40,10 @@ except ImportError:  # no compiler at install time: the numba / dequantize kerne
     _qdot = None
 
 AVAILABLE = _qdot is not None
-GGUF_TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K", "Q5_K")
 _FMT = {"int8": 0, "int4": 1, "Q8_0": 2, "Q4_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6, "Q5_K": 7, "F32": 8}
 GGUF_BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q5_0": (32, 22), "Q4_K": (256, 144), "Q6_K": (256, 210),
                "Q5_K": (256, 176)}  # (values, bytes)
+GGUF_TYPES = tuple(GGUF_BLOCKS)
 ACTIVATIONS = ("swiglu", "gelu")
 _threads = [0]
 
@@ -90,6 +91,16 @@ def supports(qtype: str) -> bool:
 def fits(spec, in_features: int) -> bool:
     """Whether the kernels run a moekit weight of this spec and input width (whole 32-value blocks)."""
     return AVAILABLE and not _off[0] and in_features % 32 == 0 and (spec.bits == 8 or spec.group_size % 32 == 0)
+
+
+def groups_of(rows_E: torch.Tensor) -> np.ndarray:
+    """(expert, first row, rows) of every expert with rows, for rows grouped by expert: int64 [A, 3]."""
+    out, start = [], 0
+    for e, count in enumerate(rows_E.tolist()):
+        if count:
+            out.append((e, start, count))
+        start += count
+    return np.array(out, dtype=np.int64).reshape(-1, 3)
 
 
 def moekit_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec) -> tuple:
@@ -172,8 +183,3 @@ def gguf_experts(x_ND, w_in_EHB, qtype_in, w_out_EDB, qtype_out, groups_A3, acti
 def kernel_time() -> tuple[int, float]:
     """(calls, seconds) spent inside the kernels since import: a decode step's time less this is its overhead."""
     return _qdot.kernel_time() if AVAILABLE else (0, 0.0)
-
-
-def thread_costs() -> dict:
-    """Measured ns per weight byte, by log2(weight bytes) bucket, at 1..limit threads (what the adaptation sees)."""
-    return _qdot.thread_costs() if AVAILABLE else {}

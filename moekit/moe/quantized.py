@@ -111,7 +111,28 @@ class _QuantizedWeights(nn.Module):
         return hit[1]
 
 
-class QuantizedExperts(_QuantizedWeights):
+class StackedShape:
+    """`num_experts`, `shape_EHDF` and `num_weights` of an experts storage that keeps its shape in `_shape`
+    (E, H, D, F): the weights its codes or blocks stand for, counted as Experts counts its floats."""
+
+    _shape: tuple[int, int, int, int]
+
+    @property
+    def num_experts(self) -> int:
+        return self._shape[0]
+
+    @property
+    def shape_EHDF(self) -> tuple[int, int, int, int]:
+        """(experts, w_in rows H, hidden D, expert width F)."""
+        return self._shape
+
+    @property
+    def num_weights(self) -> int:
+        E, H, D, F_ = self._shape
+        return E * (H * D + D * F_)
+
+
+class QuantizedExperts(StackedShape, _QuantizedWeights):
     """E expert MLPs with weight-only quantized stacked weights; built from a resident `Experts`."""
 
     def __init__(self, experts, spec: QuantSpec, kernel: str = "auto"):
@@ -147,21 +168,6 @@ class QuantizedExperts(_QuantizedWeights):
             buf.zero_()
         return module
 
-    @property
-    def num_experts(self) -> int:
-        return self._shape[0]
-
-    @property
-    def shape_EHDF(self) -> tuple[int, int, int, int]:
-        """(experts, w_in rows H, hidden D, expert width F) of the weights the codes stand for."""
-        return self._shape
-
-    @property
-    def num_weights(self) -> int:
-        """Weights the codes stand for (as Experts.num_weights counts its floats)."""
-        E, H, D, F_ = self._shape
-        return E * (H * D + D * F_)
-
     def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
         """`kernel` (or the module's) with `auto` resolved; x lends its row count when counts are absent."""
         most = int(counts_E.max()) if counts_E is not None and counts_E.numel() else x.shape[0]
@@ -171,13 +177,8 @@ class QuantizedExperts(_QuantizedWeights):
     def forward(self, x_ND: torch.Tensor, rows_E: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
         """x_ND holds rows_E[e] consecutive rows per expert; returns [N, D] in x's dtype."""
         name = self.kernel_for(x_ND, rows_E, kernel)
-        groups, start = [], 0
-        for e, count in enumerate(rows_E.tolist()):
-            if count:
-                groups.append((e, start, count))
-            start += count
         fn = {"numba": self._numba, "native": self._native}.get(name, self._dequant)
-        return fn(x_ND, groups).to(x_ND.dtype)
+        return fn(x_ND, native.groups_of(rows_E)).to(x_ND.dtype)
 
     def dequantized(self, name: str, e: int) -> torch.Tensor:
         """Expert e's fp32 weight `name` (w_in_EHD or w_out_EDF), dequantized."""
