@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache_rows import RowCache, check_cache_write
 from .errors import ConfigError
 
 QK_NORMS = ("none", "head", "full")
@@ -93,19 +94,7 @@ def apply_rotary(
 # ---------------------------------------------------------------- KV cache
 
 
-def check_cache_write(start: int, t: int, batch: int, max_len: int, batch_size: int) -> None:
-    """A ConfigError unless writing t positions of `batch` rows at `start` fits a cache of max_len x batch_size."""
-    end = start + t
-    if start < 0 or end > max_len:
-        raise ConfigError(
-            f"KV cache overflow: writing {t} position(s) at start={start} needs {end}, "
-            f"but the cache holds max_len={max_len}"
-        )
-    if batch > batch_size:
-        raise ConfigError(f"KV cache batch overflow: got batch {batch}, the cache holds batch_size={batch_size}")
-
-
-class KVCache:
+class KVCache(RowCache):
     """Preallocated key/value buffers, one pair per layer, each [B, Hkv, max_len, d].
 
     `update` writes new keys/values at an explicit `start` and returns views of
@@ -153,9 +142,8 @@ class KVCache:
         self.lengths[layer_idx] = end
         return keys[:batch, :, :end], values[:batch, :, :end]
 
-    def reset(self) -> None:
-        """Forget every position; buffers are reused, not zeroed (nothing reads past `lengths`)."""
-        self.lengths = [0] * self.num_layers
+    def layer_buffers(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer_idx], self.values[layer_idx]
 
 
 # ---------------------------------------------------------------- attention

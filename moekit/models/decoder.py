@@ -250,9 +250,7 @@ class Block(nn.Module):
             depth_aux.append(aux)
         keys_BK = chosen_BT
         if kv_cache is not None:  # which cached keys this layer computed for: kept beside the cache
-            history = kv_cache.depth_keys.setdefault(layer_idx, torch.zeros(B, kv_cache.max_len, dtype=torch.bool, device=x.device))
-            history[:, cache_start: cache_start + T] = chosen_BT
-            keys_BK = history[:, : cache_start + T]
+            keys_BK = kv_cache.update_depth(layer_idx, chosen_BT, cache_start)  # the cache's DepthHistory (cache_rows.py)
         start = cache_start if kv_cache is not None else 0
         depth_mask = causal_mask(T, start + T, start, ~keys_BK)
         depth_mask = depth_mask & mask if mask is not None else depth_mask
@@ -377,8 +375,7 @@ class DecoderLM(nn.Module):
                 batch_size, cfg.num_layers, cfg.num_kv_heads, max_len or cfg.max_seq_len,
                 cfg.head_dim or cfg.hidden_size // cfg.num_heads, dtype or p.dtype, device or p.device,
             )
-        cache.depth_keys = {}  # mixture-of-depths layers: which cached positions each computed for
-        return cache
+        return cache  # (mixture-of-depths choices live in the cache's own DepthHistory: moekit.cache_rows)
 
 
 def _mean_aux(routings: list[Routing | None]) -> dict[str, torch.Tensor]:

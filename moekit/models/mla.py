@@ -170,16 +170,24 @@ class LatentKVCache(KVCache):
 
     Same bookkeeping as `KVCache` (explicit `start`, `lengths`, `length`,
     `reset`); `update` writes one latent tensor instead of a key/value pair.
+    Its rows move through the same row interface (moekit.cache_rows) over its one buffer per layer.
     """
+
+    time_dim = 1
 
     def __init__(self, batch_size: int, num_layers: int, max_len: int, latent_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         self.batch_size = batch_size
         self.max_len = max_len
         self.latents = [torch.zeros(batch_size, max_len, latent_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.keys = self.latents  # `num_layers` counts these
-        self.values = []
         self.lengths = [0] * num_layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.latents)
+
+    def layer_buffers(self, layer_idx: int) -> tuple[torch.Tensor]:
+        return (self.latents[layer_idx],)
 
     def update(self, layer_idx: int, latent_BTl: torch.Tensor, start: int) -> torch.Tensor:  # type: ignore[override]
         """Write latents at [start:start+T] of layer `layer_idx`; return a view of [:start+T]."""
