@@ -16,7 +16,7 @@ docs/scaling.md).
 Modules: groups (layout, torchrun start-up, timeouts, ParallelError, failing-
 clearly collectives), collectives (differentiable all-to-all and all-reduce),
 dispatcher (AllToAllDispatcher, traffic counts, which tensors are sharded),
-training (batch slices, gradients, metrics), state (gather / re-shard
+training (batch slices, gradients, metrics; SingleProcess, the one-process stand-in), state (gather / re-shard
 checkpoints), transform (apply_expert_parallel), expert_parallel (the
 ExpertParallel handle, init_expert_parallel).
 
@@ -35,10 +35,11 @@ from .groups import (
     check_layout,
     default_backend,
 )
+from .training import SingleProcess
 from .transform import apply_expert_parallel
 
 __all__ = [
-    "AllToAllDispatcher", "DEFAULT_TIMEOUT_S", "ExpertParallel", "Layout", "ParallelError", "ProcessGroups",
+    "AllToAllDispatcher", "DEFAULT_TIMEOUT_S", "ExpertParallel", "Layout", "ParallelError", "ProcessGroups", "SingleProcess",
     "TIMEOUT_ENV", "Traffic", "apply_expert_parallel", "check_experts", "check_layout", "default_backend",
     "expert_shards", "init_expert_parallel", "moe_layers", "sharded_state_keys",
 ]

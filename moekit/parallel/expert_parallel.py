@@ -36,6 +36,8 @@ def init_expert_parallel(ep_size: int, timeout_s: float | None = None, backend: 
 class ExpertParallel(ProcessGroups):
     """The process groups of an EP x DP run and the collectives training needs (see the module docstring)."""
 
+    sharded = True  # each rank's model holds its experts only (training.SingleProcess: False)
+
     def __enter__(self) -> "ExpertParallel":
         return self
 

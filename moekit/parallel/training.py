@@ -7,8 +7,12 @@ and divided by W (each shard already holds the gradient of all tokens of its
 EP group), so the step equals one process on the whole batch. Every function
 takes the run's process groups (`parallel`) and is collective.
 
+`SingleProcess` is the one-process stand-in with the same attributes and
+methods the training loop calls on `ExpertParallel` (rank 0 of 1, identity
+slices, no reductions, plain state dicts), so the loop has one path.
+
 Not here: the training loop (moekit.train calls these through
-`ExpertParallel`), the optimizer state (state.py).
+`ExpertParallel` or `SingleProcess`), the optimizer state (state.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..checkpoints import load_model_state
 from ..errors import ConfigError
 from .dispatcher import expert_shards
 from .groups import ProcessGroups
@@ -118,4 +123,65 @@ def clip_grad_norm_(parallel: ProcessGroups, model: nn.Module, max_norm: float) 
         p.grad.detach().mul_(coef.to(p.grad.dtype))
     return total
 
-# ------------------------------------------------ layout-free state
+
+class SingleProcess:
+    """One process training alone: what `ExpertParallel` offers the loop, as identities and no-ops.
+
+    Rank 0 of a world of 1, the main process, experts not sharded; the device
+    is the current CUDA device when there is one, else the CPU.
+    """
+
+    rank, world_size, ep_size, dp_size, ep_rank = 0, 1, 1, 1, 0
+    is_main = True
+    sharded = False  # the model holds every expert (ExpertParallel: True)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def __repr__(self) -> str:
+        return "SingleProcess()"
+
+    def __enter__(self) -> "SingleProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    # ------------------------------------------------ what ExpertParallel does over the ranks, for one rank
+
+    def shard_batch(self, batch: Any) -> Any:
+        return batch
+
+    def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return dict(metrics)
+
+    def mean_over_ranks(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def any_rank(self, flag: bool) -> bool:
+        return bool(flag)
+
+    def check_same(self, value: Any, what: str = "config") -> None:
+        pass
+
+    def sum_load(self, tracker) -> None:
+        pass
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        pass
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    def full_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_model_state(self, model: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
+        load_model_state(model, full_state)
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, full_state: dict) -> None:
+        optimizer.load_state_dict(full_state)

@@ -1,4 +1,4 @@
-"""The training loop shared by every moekit model, and the language-model recipe.
+"""The training loop shared by every moekit model.
 
 `fit` is model-agnostic: it takes a model, a `batch_fn(step)` that is a pure
 function of the step (so a resume needs no data-loader state), and a
@@ -9,8 +9,10 @@ parameters' device; under expert parallelism with NCCL each rank takes
 cuda:LOCAL_RANK), a progress bar, metrics as JSONL, atomic checkpoints that resume bit for bit, and a
 Ctrl-C that saves before it exits.
 
-`train_lm` is the recipe behind `moekit train`: corpus, tokenizer, DecoderLM,
-evaluation with expert-load heatmaps. Time-MoE reuses `fit` with its own recipe.
+One process or many run the same code: without expert parallelism the loop
+holds a `moekit.parallel.SingleProcess`, whose batch, gradient and state calls
+are identities. Not here: the recipes that call `fit` (recipes.py: one per
+`data.kind`, e.g. lm.py's text recipe, multitask.py's math tasks, forecaster.py).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import checkpoint_name, load_checkpoint, load_model_state, resolve_checkpoint, save_checkpoint
+from ..checkpoints import checkpoint_name, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..config import _check_choice, _check_int, from_dict, to_dict
 from ..errors import CheckpointError, ConfigError
+from ..parallel.training import SingleProcess
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -96,8 +99,7 @@ def resolve_device(name: str, parallel: Any = None) -> torch.device:
                           "use train.device=cpu or train.device=auto")
     if name == "cpu" or not cuda:
         return torch.device("cpu")
-    if parallel is None:
-        return torch.device("cuda", torch.cuda.current_device())
+    parallel = parallel if parallel is not None else SingleProcess()
     if parallel.device.type != "cuda":
         if name == "cuda":
             raise ConfigError("train.device='cuda' under expert parallelism needs the NCCL backend, but this run's "
@@ -190,25 +192,25 @@ def fit(
     `parallel`: a `moekit.parallel.ExpertParallel` for a model already passed
     through `apply_expert_parallel`. Each rank then takes its slice of every
     batch, gradients are reduced over the ranks, and rank 0 alone writes the
-    log and the (gathered, layout-free) checkpoints; eval_fn runs on every rank.
+    log and the (gathered, layout-free) checkpoints; eval_fn runs on every rank. None: `SingleProcess()`.
     """
-    run, main = Path(run_dir), parallel is None or parallel.is_main
+    parallel = parallel if parallel is not None else SingleProcess()
+    run, main = Path(run_dir), parallel.is_main
     torch.manual_seed(cfg.seed)
     model.to(resolve_device(cfg.device, parallel))
     optimizer = make_optimizer(model, cfg)
     step = _resume(model, optimizer, run, parallel) if resume else 0
-    metrics_path = run / "metrics.jsonl"
     if main:
         run.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, step)
+        _truncate_metrics(run / "metrics.jsonl", step)
     forward_model = torch.compile(model) if cfg.compile else model
     result = FitResult(step=step, interrupted=False, checkpoint=resolve_checkpoint(run) if resume else None, start_step=step)
     save = _Saver(run, model, optimizer, cfg, config_dict, tokenizer, parallel)
     bar = _progress_bar(cfg.steps, step, progress and main)
     stopping = False
-    with _StopRequest() as stop, open(metrics_path if main else os.devnull, "a") as log:
+    with _StopRequest() as stop, open(run / "metrics.jsonl" if main else os.devnull, "a") as log:
         # with several ranks a Ctrl-C seen by any of them stops all of them at the same step
-        while step < cfg.steps and not (stopping := parallel.any_rank(stop.requested) if parallel is not None else stop.requested):
+        while step < cfg.steps and not (stopping := parallel.any_rank(stop.requested)):
             t0 = time.perf_counter()
             metrics = _train_step(forward_model, model, optimizer, cfg, step, batch_fn, loss_fn, parallel)
             step += 1
@@ -259,14 +261,11 @@ class _Saver:
         device = next(self.model.parameters()).device
         if device.type == "cuda":
             state["cuda_rng"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
-        parallel = self.parallel
-        if parallel is None:
-            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
-        else:  # every rank takes part in gathering the experts; rank 0 writes
-            model_state = parallel.full_state_dict(self.model)
-            optimizer_state = parallel.full_optimizer_state(self.model, self.optimizer)
-            if not parallel.is_main:
-                return self.run / checkpoint_name(step)
+        parallel = self.parallel  # every rank takes part in gathering the experts; rank 0 writes
+        model_state = parallel.full_state_dict(self.model)
+        optimizer_state = parallel.full_optimizer_state(self.model, self.optimizer)
+        if not parallel.is_main:
+            return self.run / checkpoint_name(step)
         if device.type != "cpu":  # checkpoints hold CPU tensors, whatever the training device
             model_state, optimizer_state = to_device(model_state, _CPU), to_device(optimizer_state, _CPU)
         return save_checkpoint(
@@ -275,7 +274,7 @@ class _Saver:
         )
 
 
-def _train_step(forward_model, model, optimizer, cfg, step, batch_fn, loss_fn, parallel=None) -> dict:
+def _train_step(forward_model, model, optimizer, cfg, step, batch_fn, loss_fn, parallel) -> dict:
     model.train()
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
@@ -283,39 +282,27 @@ def _train_step(forward_model, model, optimizer, cfg, step, batch_fn, loss_fn, p
     device = next(model.parameters()).device  # autocast follows the parameters, not what the machine has
     for micro in range(cfg.grad_accum):
         batch = batch_fn(step * cfg.grad_accum + micro)
-        if parallel is not None:
-            batch = parallel.shard_batch(batch)
-        batch = to_device(batch, device)
+        batch = to_device(parallel.shard_batch(batch), device)
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
             loss, metrics = loss_fn(forward_model, batch)
         (loss / cfg.grad_accum).backward()
         for name, value in {"loss": float(loss.detach()), **metrics}.items():
             totals[name] = totals.get(name, 0.0) + value / cfg.grad_accum
-    if parallel is not None:
-        parallel.reduce_gradients(model)
-        totals = parallel.mean_metrics(totals)
+    parallel.reduce_gradients(model)
+    totals = parallel.mean_metrics(totals)
     if cfg.grad_clip > 0:
-        if parallel is not None:
-            totals["grad_norm"] = float(parallel.clip_grad_norm_(model, cfg.grad_clip))
-        else:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        totals["grad_norm"] = float(parallel.clip_grad_norm_(model, cfg.grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return totals
 
 
-def _resume(model, optimizer, run: Path, parallel=None) -> int:
+def _resume(model, optimizer, run: Path, parallel) -> int:
     ckpt = load_checkpoint(resolve_checkpoint(run))
-    if parallel is not None:  # checkpoints hold every expert; keep this rank's
-        parallel.load_model_state(model, ckpt.model_state)
-    else:
-        load_model_state(model, ckpt.model_state)
+    parallel.load_model_state(model, ckpt.model_state)  # checkpoints hold every expert; a shard keeps its own
     if ckpt.optimizer_state is None:
         raise CheckpointError(f"checkpoint {ckpt.dir} has no optimizer state, so training cannot resume from it")
-    if parallel is not None:
-        parallel.load_optimizer_state(model, optimizer, ckpt.optimizer_state)
-    else:
-        optimizer.load_state_dict(ckpt.optimizer_state)
+    parallel.load_optimizer_state(model, optimizer, ckpt.optimizer_state)
     state = ckpt.trainer_state
     if "rng" in state:
         torch.set_rng_state(_bytes_tensor(state["rng"]))
