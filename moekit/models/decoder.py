@@ -11,7 +11,12 @@ LayerNorm, biases, attention sinks, sliding-window layers and scaled RoPE are
 ModelConfig fields); module names follow theirs
 (`embed_tokens`, `layers.i.self_attn`, `mlp`, `lm_head`) so weights map 1:1.
 
-Not here: training (train.py), generation loops (infer/), HF conversion (hf.py).
+One forward serves training and generation: it builds a per-forward context
+(blocks.ForwardCtx: rotary tables, padding mask, cache, group ids) once and
+runs every block as `x = block(x, ctx)`; Mixture-of-Depths layers are
+blocks.MoDBlock.
+
+Not here: the blocks (blocks.py), training (train/), generation loops (infer/), HF conversion (hf/).
 
 Shape legend: B batch, T new tokens, K keys (cache included), D hidden, V vocab.
 """
@@ -26,11 +31,12 @@ import torch.nn.functional as F
 
 from ..config import MoEConfig, _check_choice, _check_int
 from ..errors import ConfigError
-from ..moe.layers import DepthRouter, MoELayer, ResidualMoE, pyramid_schedule
-from ..modules import NORMS, Attention, KVCache, build_mlp, build_norm, causal_mask
+from ..moe.layers import MoELayer, ResidualMoE, pyramid_schedule
+from ..modules import NORMS, KVCache, build_norm, causal_mask
 from ..rope import build_rotary
 from ..moe.routing import Routing
-from .mla import LatentKVCache, MLAConfig, MLARotaryEmbedding, MLAttention
+from .blocks import Block, ForwardCtx, MoDBlock, build_attention, build_block  # noqa: F401 (Block, MoDBlock, build_attention: re-exported)
+from .mla import LatentKVCache, MLAConfig, MLARotaryEmbedding
 
 FFN_KINDS = ("dense", "moe", "residual_moe")
 ATTENTION_KINDS = ("gqa", "mla")  # grouped-query (modules.Attention) | multi-head latent (models/mla.py, DeepSeek)
@@ -214,72 +220,6 @@ class DecoderOutput:
     routings: list[Routing | None]  # one per layer; None for dense layers
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.input_layernorm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = build_attention(cfg, layer_idx)
-        self.post_attention_layernorm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        self.residual_multiplier = cfg.residual_multiplier
-        self.is_moe = cfg.is_moe_layer(layer_idx)
-        if not self.is_moe:
-            self.mlp = build_mlp(cfg.moe.activation, cfg.hidden_size, cfg.dense_hidden)
-        elif cfg.ffn == "residual_moe":
-            self.mlp = ResidualMoE(cfg.moe_for_layer(layer_idx), cfg.dense_hidden)
-        else:
-            self.mlp = MoELayer(cfg.moe_for_layer(layer_idx))
-        self.depth_router = DepthRouter(cfg.hidden_size, cfg.mod_capacity, cfg.mod_predictor_hidden) \
-            if layer_idx in cfg.mod_layers else None
-
-    def forward(self, x, cos, sin, mask, kv_cache, layer_idx, cache_start, group_ids, causal=None, depth_aux=None):
-        """(new x, routing or None); a mixture-of-depths block appends its losses to `depth_aux`."""
-        if self.depth_router is not None:
-            return self._forward_depth(x, cos, sin, mask, kv_cache, layer_idx, cache_start, group_ids, causal, depth_aux)
-        m = self.residual_multiplier
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_idx, cache_start)
-        x = x + (attn * m if m != 1.0 else attn)
-        h = self.post_attention_layernorm(x)
-        out, routing = self.mlp(h, group_ids, causal) if self.is_moe else (self.mlp(h), None)
-        return x + (out * m if m != 1.0 else out), routing
-
-    def _forward_depth(self, x, cos, sin, mask, kv_cache, layer_idx, cache_start, group_ids, causal, depth_aux):
-        """Mixture-of-depths: chosen tokens attend among the chosen (by a key mask) and alone pass the FFN."""
-        B, T, D = x.shape
-        chosen_BT, w_BT, aux = self.depth_router(x, causal)
-        if depth_aux is not None:
-            depth_aux.append(aux)
-        keys_BK = chosen_BT
-        if kv_cache is not None:  # which cached keys this layer computed for: kept beside the cache
-            keys_BK = kv_cache.update_depth(layer_idx, chosen_BT, cache_start)  # the cache's DepthHistory (cache_rows.py)
-        start = cache_start if kv_cache is not None else 0
-        depth_mask = causal_mask(T, start + T, start, ~keys_BK)
-        depth_mask = depth_mask & mask if mask is not None else depth_mask
-        m = self.residual_multiplier
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, depth_mask, kv_cache, layer_idx, cache_start)
-        h_ND = (x + (attn * m if m != 1.0 else attn)).reshape(-1, D)
-        idx_N = chosen_BT.reshape(-1).nonzero().squeeze(-1)
-        h_1ND = h_ND[idx_N][None]
-        groups_N = group_ids[idx_N] if group_ids is not None and group_ids.numel() == B * T else group_ids
-        normed = self.post_attention_layernorm(h_1ND)
-        out, routing = self.mlp(normed, groups_N, causal) if self.is_moe else (self.mlp(normed), None)
-        new_ND = h_1ND[0] + (out[0] * m if m != 1.0 else out[0])
-        x_ND = x.reshape(-1, D)
-        x_sel = x_ND[idx_N]
-        y_ND = x_ND.index_copy(0, idx_N, x_sel + w_BT.reshape(-1)[idx_N, None].to(x.dtype) * (new_ND - x_sel))
-        return y_ND.view(B, T, D), routing
-
-
-def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    """The attention module `cfg.attention` names, for layer `layer_idx` (sliding window or full)."""
-    if cfg.attention == "mla":
-        return MLAttention(cfg.hidden_size, cfg.num_heads, cfg.mla)
-    return Attention(
-        cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim or None,
-        qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
-        scale=cfg.attention_multiplier or None, sinks=cfg.attention_sinks, sliding_window=cfg.window_for_layer(layer_idx),
-    )
-
-
 def build_lm_rotary(cfg: ModelConfig) -> nn.Module:
     """The RoPE tables of `cfg.attention`: over the head (gqa, scaled as rope_scaling says) or MLA's (YaRN over qk_rope_head_dim)."""
     if cfg.attention == "mla":
@@ -292,7 +232,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(build_block(cfg, i) for i in range(cfg.num_layers))
         self.norm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
@@ -323,30 +263,37 @@ class DecoderLM(nn.Module):
         decode: one new token per sequence at cache_start). last_only=True computes
         the logits of the last position alone ([B, 1, V]), all that sampling needs.
         """
-        B, T = input_ids_BT.shape
+        T = input_ids_BT.shape[1]
         if cache_start + T > self.cfg.max_seq_len:
             raise ConfigError(f"sequence of {cache_start + T} tokens is longer than the model's context max_seq_len={self.cfg.max_seq_len}")
-        if positions_BT is None:
-            positions_BT = torch.arange(cache_start, cache_start + T, device=input_ids_BT.device).expand(B, T)
         x = self.embed_tokens(input_ids_BT)
         if self.cfg.embedding_multiplier != 1.0:
             x = x * self.cfg.embedding_multiplier
-        cos, sin = self.rotary(positions_BT, x.dtype)
-        mask = None
-        if attention_mask_BK is not None:
-            padding = attention_mask_BK[:, : cache_start + T] == 0
-            mask = causal_mask(T, cache_start + T, cache_start, padding) if bool(padding.any()) else None
-        group_ids = self._group_ids(input_ids_BT, group_ids_BT)
-        routings, depth_aux = [], []
-        for i, layer in enumerate(self.layers):
-            x, routing = layer(x, cos, sin, mask, kv_cache, i, cache_start, group_ids, causal_routing, depth_aux)
-            routings.append(routing)
+        ctx = self.forward_ctx(input_ids_BT, x.dtype, attention_mask_BK, positions_BT, kv_cache, cache_start,
+                               group_ids_BT, causal_routing)
+        for layer in self.layers:
+            x = layer(x, ctx)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         if self.cfg.logits_scaling != 1.0:
             logits = logits / self.cfg.logits_scaling
-        return DecoderOutput(logits, {**_mean_aux(routings), **_mean_dicts(depth_aux)}, routings)
+        return DecoderOutput(logits, {**_mean_aux(ctx.routings), **_mean_dicts(ctx.aux)}, ctx.routings)
+
+    def forward_ctx(self, ids_BT: torch.Tensor, dtype: torch.dtype, attention_mask_BK: torch.Tensor | None = None,
+                    positions_BT: torch.Tensor | None = None, kv_cache: KVCache | None = None, cache_start: int = 0,
+                    group_ids_BT: torch.Tensor | None = None, causal: bool | None = None) -> ForwardCtx:
+        """What every block of this forward reads (blocks.ForwardCtx): rotary tables, padding mask, cache, group ids."""
+        B, T = ids_BT.shape
+        if positions_BT is None:
+            positions_BT = torch.arange(cache_start, cache_start + T, device=ids_BT.device).expand(B, T)
+        cos, sin = self.rotary(positions_BT, dtype)
+        mask = None
+        if attention_mask_BK is not None:
+            padding = attention_mask_BK[:, : cache_start + T] == 0
+            mask = causal_mask(T, cache_start + T, cache_start, padding) if bool(padding.any()) else None
+        return ForwardCtx(cos, sin, mask, kv_cache, cache_start, self._group_ids(ids_BT, group_ids_BT), causal,
+                          routings=[None] * len(self.layers))
 
     def _group_ids(self, ids_BT: torch.Tensor, group_ids_BT: torch.Tensor | None) -> torch.Tensor | None:
         """Flat group ids `group_ids_T` for the routers: given, else from the token ranges, else None."""

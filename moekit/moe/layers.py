@@ -11,7 +11,8 @@ Time-MoE, models loaded from Hugging Face). Variants wrap or extend it:
 - `MixtureOfDepths`: only the top-capacity tokens of a sequence pass through
   a block, the others skip it; a causal predictor replaces the (non-causal)
   top-k choice at inference. `DepthRouter` is the same choice for the
-  decoder's blocks (`ModelConfig.mod_layers`), which run it with masks.
+  decoder's Mixture-of-Depths blocks (models/blocks.py `MoDBlock`,
+  `ModelConfig.mod_layers`).
 
 Every forward returns `(output, routing)`: losses travel with the routing
 record, nothing is stored on the module.
@@ -164,7 +165,7 @@ class MixtureOfDepths(nn.Module):
 
 
 class DepthRouter(nn.Module):
-    """Mixture-of-Depths' choice for a decoder block (models/decoder.py runs the block on the chosen tokens).
+    """Mixture-of-Depths' choice for a decoder block (models/blocks.py's MoDBlock runs the block on the chosen tokens).
 
     Non-causal (training): each sequence's top ceil(capacity * T) tokens by a linear score. Causal
     (default: not training): a small predictor on the detached input, trained with BCE to tell
