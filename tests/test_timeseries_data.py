@@ -56,11 +56,22 @@ def test_non_numeric_columns_are_named_and_skipped(tmp_path):
 
 
 def test_missing_values_filled_with_count(tmp_path):
-    p = write(tmp_path, "date,a,b\n2020-01-01,,1\n2020-01-02,2,NaN\n2020-01-03,,3\n2020-01-04,4,\n")
-    with pytest.warns(DataWarning, match="filled 4 missing value"):
-        s = read_csv(p)
-    np.testing.assert_array_equal(s.values_TC[:, 0], [2, 2, 2, 4])  # back fill at the start, forward fill after
-    np.testing.assert_array_equal(s.values_TC[:, 1], [1, 1, 3, 3])
+    # a: missing at the start (nearest value) and inside (linear interpolation); b: missing at the end
+    rows = ["date,a,b"] + [f"2020-01-{d:02d},{a},{b}" for d, a, b in zip(
+        range(1, 16), ["", 2, 3, "", "", 9, 10, 11, 12, 13, 14, 15, 16, 17, 18],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, "NaN"])]
+    with pytest.warns(DataWarning, match=r"filled 4 missing value\(s\) in a \(3\), b \(1\) by linear interpolation"):
+        s = read_csv(write(tmp_path, "\n".join(rows) + "\n"))
+    np.testing.assert_array_equal(s.values_TC[:6, 0], [2, 2, 3, 5, 7, 9])  # 3 -> 9 over three steps; 20% filled
+    np.testing.assert_array_equal(s.values_TC[-3:, 1], [13, 14, 14])
+
+
+def test_a_column_missing_past_the_stated_fraction_is_refused_naming_it(tmp_path):
+    p = write(tmp_path, "date,a,b\n2020-01-01,,1\n2020-01-02,2,2\n2020-01-03,,3\n2020-01-04,4,4\n")
+    with pytest.raises(DataError, match=r"column 'a' is 50% missing \(2 of 4 cells\), more than the 20%"):
+        read_csv(p)
+    s = read_csv(p, channels="b")  # leaving it out with --columns works
+    assert s.channels == ["b"]
 
 
 def test_no_numeric_column_is_one_clear_error(tmp_path):
@@ -198,14 +209,14 @@ def test_pandas_reader_keeps_the_repairs_and_errors(tmp_path):
     with pytest.warns(DataWarning, match="filled 1 missing value"):
         s = read_csv(p)
     assert s.channels == ["a", "b"] and s.length == 3
-    np.testing.assert_array_equal(s.values_TC, [[1, 2], [3, 2], [5, 6]])
+    np.testing.assert_array_equal(s.values_TC, [[1, 2], [3, 4], [5, 6]])  # b: halfway between 2 and 6
     with pytest.raises(DataError, match="is empty"):
         read_csv(write(tmp_path, "", "blank.csv"))
     with pytest.raises(DataError, match="not a readable CSV file"):
         read_csv(write(tmp_path, "date,a\n2020-01-01,1\n2020-01-02,2,3\n", "long.csv"))
-    bad = tmp_path / "latin1.csv"
-    bad.write_bytes("date,caf\xe9\n2020-01-01,1\n".encode("latin-1"))
-    with pytest.raises(DataError, match="not a UTF-8 text CSV file"):
+    bad = tmp_path / "bin.csv"
+    bad.write_bytes(b"PK\x03\x04\x00\x00binary")
+    with pytest.raises(DataError, match="not a text CSV file"):
         read_csv(bad)
 
 
@@ -220,3 +231,163 @@ def test_real_ett_timestamps_hourly_and_15_minute():
     assert m.values_TC.shape == (69680, 7)
     assert m.timestamps[1] == np.datetime64("2016-07-01T00:15:00") and m.frequency() == np.timedelta64(900, "s")
     assert m.future_timestamps(1) == [str(m.timestamps[-1] + np.timedelta64(15, "m")).replace("T", " ")]
+
+
+# ---------------------------------------------------------------- any CSV a user has (issue 24)
+
+
+def daily(n: int, start: str = "2021-01-01") -> list[str]:
+    return [str(np.datetime64(start) + np.timedelta64(i, "D")) for i in range(n)]
+
+
+def test_tab_and_semicolon_separated_files_are_read(tmp_path):
+    tab = write(tmp_path, "date\ta\tb\n2021-01-01\t1.5\t10\n2021-01-02\t2.5\t20\n", "tab.tsv")
+    s = read_csv(tab)
+    assert s.channels == ["a", "b"]
+    np.testing.assert_array_equal(s.values_TC, [[1.5, 10], [2.5, 20]])
+    # semicolon files often write decimals with a comma
+    semi = write(tmp_path, "date;a;b\n2021-01-01;1,5;10\n2021-01-02;-2,25;20\n", "semi.csv")
+    s = read_csv(semi)
+    assert s.channels == ["a", "b"] and s.frequency() == np.timedelta64(1, "D")
+    np.testing.assert_array_equal(s.values_TC, [[1.5, 10], [-2.25, 20]])
+
+
+def test_a_header_that_is_not_utf8_is_read_as_windows_1252_with_a_warning(tmp_path):
+    p = tmp_path / "latin1.csv"
+    p.write_bytes("date;caf\xe9;d\xfcnn\n2020-01-01;1;2\n2020-01-02;3;4\n".encode("latin-1"))
+    with pytest.warns(DataWarning, match=r"latin1.csv is not UTF-8 \(first non-UTF-8 byte on line 1\): read as Windows-1252"):
+        s = read_csv(p)
+    assert s.channels == ["café", "dünn"]
+    np.testing.assert_array_equal(s.values_TC, [[1, 2], [3, 4]])
+    u16 = tmp_path / "u16.csv"
+    u16.write_bytes("date,x\n2020-01-01,5\n2020-01-02,6\n".encode("utf-16"))
+    with pytest.warns(DataWarning, match="read as UTF-16"):
+        assert read_csv(u16).values_TC[:, 0].tolist() == [5, 6]
+    no_bom = tmp_path / "u16le.csv"
+    no_bom.write_bytes("date,x\n2020-01-01,5\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"not a text CSV file \(it holds NUL bytes.*accepted: UTF-8"):
+        read_csv(no_bom)
+
+
+def test_a_text_cell_in_a_numeric_column_is_missing_not_the_end_of_the_column(tmp_path):
+    rows = [f"{d},{v},{w},north" for d, v, w in zip(daily(10), [1, 2, "n/a?", 4, 5, 6, 7, 8, 9, 10],
+                                                   ["x", "y", "z", "q", 1, "w", "e", "r", "t", "u"])]
+    p = write(tmp_path, "date,load,mostly_text,site\n" + "\n".join(rows) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = read_csv(p)
+    messages = [str(w.message) for w in caught]
+    assert s.channels == ["load"]
+    np.testing.assert_array_equal(s.values_TC[:, 0], np.arange(1, 11))  # the cell between 2 and 4 is filled as 3
+    assert any("column 'load': 1 cell(s) that are not numbers read as missing (e.g. 'n/a?')" in m for m in messages)
+    assert any("skipped non-numeric column(s) mostly_text, site" in m for m in messages)
+    with pytest.raises(DataError, match=r"column 'mostly_text' is not numeric \(9 of 10 present cells are text"):
+        read_csv(p, channels=["load", "mostly_text"])
+
+
+def test_columns_option_chooses_the_channels_and_names_unknown_ones(tmp_path):
+    p = write(tmp_path, "date,a,b,c\n2021-01-01,1,2,3\n2021-01-02,4,5,6\n")
+    s = read_csv(p, channels="c,a")
+    assert s.channels == ["c", "a"]
+    np.testing.assert_array_equal(s.values_TC, [[3, 1], [6, 4]])
+    with pytest.raises(DataError, match=r"has no column\(s\) 'x', 'y'; its columns are a, b, c"):
+        read_csv(p, channels=["a", "x", "y"])
+    with pytest.raises(DataError, match="column 'date' holds the dates"):
+        read_csv(p, channels=["date"])
+
+
+def test_an_infinite_cell_is_missing_and_filled(tmp_path):
+    vals = [1, 2, 3, "inf", 5, 6, 7, 8, 9, 10]
+    p = write(tmp_path, "date,a,b\n" + "\n".join(f"{d},{v},{i}" for i, (d, v) in enumerate(zip(daily(10), vals))) + "\n")
+    with pytest.warns(DataWarning, match=r"column 'a': 1 infinite value\(s\) read as missing"):
+        s = read_csv(p)
+    assert np.isfinite(s.values_TC).all()
+    np.testing.assert_array_equal(s.values_TC[:, 0], np.arange(1, 11))  # 4 = halfway between 3 and 5
+    p2 = write(tmp_path, "date,a\n2021-01-01,1e400\n2021-01-02,-inf\n", "allinf.csv")
+    with pytest.raises(DataError, match=r"column 'a' is 100% missing"):
+        read_csv(p2)
+
+
+def test_constant_channels_are_kept_named_and_scale_to_zero(tmp_path):
+    p = write(tmp_path, "date,flat,v\n" + "\n".join(f"{d},3.5,{i}" for i, d in enumerate(daily(20))) + "\n")
+    with pytest.warns(DataWarning, match=r"constant column\(s\) flat \(always 3.5\) kept"):
+        s = read_csv(p)
+    prepared = prepare(s)
+    assert np.isfinite(prepared.scaled_TC).all()
+    np.testing.assert_array_equal(prepared.scaled_TC[:, 0], 0)  # (3.5 - 3.5) / 1: the std is clamped, not 0
+    np.testing.assert_allclose(prepared.scaler.inverse_transform(prepared.scaled_TC)[:, 0], 3.5)
+
+
+def test_prepare_refuses_non_finite_values():
+    from moekit.data.timeseries import Series
+
+    with pytest.raises(DataError, match=r"channel\(s\) b hold NaN or infinite"):
+        prepare(Series("x", np.array([[1, 2], [3, np.inf]] * 5, np.float32), ["a", "b"]))
+
+
+def test_newest_first_is_sorted_by_date(tmp_path):
+    days = daily(5)
+    p = write(tmp_path, "date,v\n" + "\n".join(f"{d},{i}" for i, d in reversed(list(enumerate(days)))) + "\n")
+    with pytest.warns(DataWarning, match=r"rows are newest first: reversed by date.*\('2021-01-05 00:00:00'\)"):
+        s = read_csv(p)
+    np.testing.assert_array_equal(s.values_TC[:, 0], [0, 1, 2, 3, 4])
+    assert s.timestamps[-1] == np.datetime64("2021-01-05") and s.future_timestamps(1) == ["2021-01-06"]
+    shuffled = write(tmp_path, "date,v\n2021-01-02,2\n2021-01-01,1\n2021-01-03,3\n", "shuffled.csv")
+    with pytest.warns(DataWarning, match="not in time order: sorted"):
+        np.testing.assert_array_equal(read_csv(shuffled).values_TC[:, 0], [1, 2, 3])
+
+
+def test_duplicated_timestamps_are_refused_naming_the_first(tmp_path):
+    p = write(tmp_path, "date,v\n2021-01-01,1\n2021-01-02,2\n2021-01-02,3\n2021-01-03,4\n2021-01-03,5\n")
+    with pytest.raises(DataError, match=r"duplicated timestamps: '2021-01-02 00:00:00' is on data rows 2, 3 "
+                                        r"\(1 more timestamp\(s\) repeat\)"):
+        read_csv(p)
+
+
+def test_irregular_steps_are_warned_and_the_most_common_step_continues(tmp_path):
+    stamps = ["2021-01-01 00:00", "2021-01-01 01:00", "2021-01-01 02:00", "2021-01-01 04:00", "2021-01-01 05:00"]
+    p = write(tmp_path, "time,v\n" + "\n".join(f"{t},{i}" for i, t in enumerate(stamps)) + "\n")
+    with pytest.warns(DataWarning, match=r"irregular steps between timestamps \(1 of 4 differ from the most common, "
+                                         r"1 hour\).*every 1 hour"):
+        s = read_csv(p)
+    assert s.future_timestamps(2) == ["2021-01-01 06:00", "2021-01-01 07:00"]
+
+
+def test_weekly_daily_and_monthly_timestamps_continue(tmp_path):
+    weeks = [str(np.datetime64("2020-01-05") + np.timedelta64(7 * i, "D")) for i in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # regular weekly data: no warning
+        s = read_csv(write(tmp_path, "week,v\n" + "\n".join(f"{w},{i}" for i, w in enumerate(weeks)) + "\n"))
+    assert s.frequency() == np.timedelta64(7, "D") and s.future_timestamps(2) == ["2020-02-16", "2020-02-23"]
+    s = read_csv(write(tmp_path, "date,v\n" + "\n".join(f"{d},{i}" for i, d in enumerate(daily(3))) + "\n", "d.csv"))
+    assert s.future_timestamps(1) == ["2021-01-04"]
+    months = ["2021-01-31", "2021-02-28", "2021-03-31", "2021-04-30"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # month ends are 28-31 days apart: regular, not irregular
+        s = read_csv(write(tmp_path, "date,v\n" + "\n".join(f"{m},{i}" for i, m in enumerate(months)) + "\n", "m.csv"))
+    assert s.month_step() == 1 and s.future_timestamps(2) == ["2021-05-31", "2021-06-30"]
+    firsts = ["2020-01-01", "2020-04-01", "2020-07-01"]
+    s = read_csv(write(tmp_path, "date,v\n" + "\n".join(f"{m},{i}" for i, m in enumerate(firsts)) + "\n", "q.csv"))
+    assert s.month_step() == 3 and s.future_timestamps(1) == ["2020-10-01"]
+
+
+def test_forecast_context_allows_short_series_down_to_the_minimum():
+    from moekit.data.timeseries import MIN_CONTEXT, forecast_context
+
+    assert MIN_CONTEXT == 4
+    assert forecast_context(5, 5) == 5 and forecast_context(5, None) == 5 and forecast_context(2000, None) == 512
+    with pytest.raises(DataError, match=r"has 3 time step\(s\): a forecast needs at least 4 points"):
+        forecast_context(3, None)
+    with pytest.raises(DataError, match=r"--context 3 is too short"):
+        forecast_context(10, 3)
+    with pytest.raises(DataError, match=r"has 10 time steps, fewer than --context 20: use --context 10 or less"):
+        forecast_context(10, 20)
+
+
+def test_window_errors_say_which_split_is_short_and_what_to_change():
+    # a 966-row weekly file, 70/10/20: train [0, 676); with context 512 only 164 rows can be targets
+    with pytest.raises(DataError, match=r"split \[0, 676\) holds 676 rows, of which 164 can be targets after the "
+                                        r"first context of 512: fewer than horizon = 192; use --context 484 or less"):
+        window_starts((0, 676), 512, 192)
+    with pytest.raises(DataError, match=r"split \[676, 773\) holds 97 rows, fewer than horizon = 192: use a shorter"):
+        window_starts((676, 773), 512, 192)

@@ -1,15 +1,17 @@
 """Time-series data: CSV reading, the standard splits, scaling, windows and mixtures.
 
-Holds what every forecasting command shares: `read_csv` (pandas' CSV reader;
-a date column plus numeric channels; missing values filled, non-numeric
-columns named and skipped), the long-horizon benchmark splits (`split_bounds`: ETTh 12/4/4
+Holds what every forecasting command shares: `read_csv` (any CSV a user has:
+a date column plus numeric channels, each problem named once by the rules of
+`moekit.data.ts_csv` and `moekit.data.dates`), `forecast_context` (how much
+history a forecast uses, at least `MIN_CONTEXT` points), the long-horizon benchmark splits (`split_bounds`: ETTh 12/4/4
 months, ETTm four times that, anything else 70/10/20), a per-channel
 `StandardScaler` fitted on the train split only, channel-independent evaluation
 windows (`window_starts`, `gather_windows`) and `TimeSeriesMixture`, which
 samples pre-training windows from several series as a pure function of the
 step (so a resumed run sees the same batches).
 
-Not here: date parsing and its ambiguity check (`moekit.data.dates`), models,
+Not here: date parsing, its ambiguity check and row order (`moekit.data.dates`);
+encodings, separators, numbers and gap filling (`moekit.data.ts_csv`); models,
 training loops, metrics (`moekit.infer.forecast_eval`).
 
 Shape suffixes: T time steps, C channels, N windows, L context, H horizon.
@@ -17,7 +19,6 @@ Shape suffixes: T time steps, C channels, N windows, L context, H horizon.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,16 +26,22 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .dates import date_readings, parse_dates
+from .dates import add_months, date_readings, month_step, parse_dates, time_order
+from .ts_csv import (
+    Column,
+    DataWarning,  # noqa: F401  (re-exported: the warning class of every repair)
+    choose_columns,
+    fill_missing,
+    name_constant,
+    numeric_columns,
+    read_cells,
+    warn,
+)
 
 DATE_NAMES = ("date", "datetime", "time", "timestamp", "ds")
-MISSING = {"", "nan", "na", "n/a", "null", "none", "?", "-"}
+MIN_CONTEXT = 4  # the fewest history points a forecast starts from (`--context` may go down to it)
 SPLIT_SCHEMES = ("auto", "etth", "ettm", "ratio")
 MIXTURES = ("size", "equal")  # how a mixture weighs its series: by points, or each series alike
-
-
-class DataWarning(UserWarning):
-    """Input data that was usable after a repair (filled gaps, skipped columns)."""
 
 
 @dataclass
@@ -66,13 +73,21 @@ class Series:
         step = values[np.argmax(counts)]
         return step if step > np.timedelta64(0, "s") else None
 
+    def month_step(self) -> int:
+        """Calendar months per step (1 monthly, 3 quarterly, 12 yearly), 0 for any other spacing."""
+        return month_step(self.timestamps) if self.timestamps is not None else 0
+
     def future_timestamps(self, horizon: int) -> list[str]:
         """`horizon` timestamps continuing the file at its frequency, formatted like the source."""
         step = self.frequency()
         if step is None:
             return [str(self.length + i) for i in range(horizon)]
         last = self.timestamps[-1]
-        stamps = [last + step * (i + 1) for i in range(horizon)]
+        months = self.month_step()
+        if months:  # monthly, quarterly, yearly: calendar months, not a fixed number of days
+            stamps = [add_months(last, months * (i + 1)) for i in range(horizon)]
+        else:
+            stamps = [last + step * (i + 1) for i in range(horizon)]
         fmt = self.date_format or "%Y-%m-%d %H:%M:%S"
         return [s.astype("datetime64[s]").astype(datetime).strftime(fmt) for s in stamps]
 
@@ -80,78 +95,53 @@ class Series:
 # ---------------------------------------------------------------- reading
 
 
-def read_csv(path: str | Path, *, date_column: str | None = None, channels: list[str] | None = None,
+def read_csv(path: str | Path, *, date_column: str | None = None, channels: list[str] | str | None = None,
              date_format: str | None = None, dayfirst: bool = False) -> Series:
-    """Read a CSV of a date column plus numeric channels (pandas' CSV reader and date parser).
+    """Read any CSV of a date column plus numeric channels (pandas' CSV reader and date parser).
+
+    The rules, each problem named once (see `moekit.data.ts_csv`): UTF-8, else
+    Windows-1252 / Latin-1 with a warning; comma, tab or semicolon separated;
+    text cells in a numeric column and ±inf read as missing, mostly-text columns
+    skipped; gaps filled by linear interpolation (nearest value at the ends) up
+    to 20% of a column, refused above; constant columns kept and named.
+    `channels` (a list or 'a,b,c') chooses the columns to forecast.
 
     The date column is `date_column`, else a column named like a date (date,
     time, timestamp, ...), else the first column if it parses as dates. Dates
     follow `date_format` (strftime codes) when given; else their format is
     inferred, and dates that read both month-first and day-first (03/04/2020)
-    are refused unless `dayfirst` says which. Other non-numeric columns are
-    skipped with a warning naming them; missing cells are forward-filled
-    (back-filled at the start) with a warning giving the count.
+    are refused unless `dayfirst` says which. Rows out of time order are sorted
+    (warned), duplicated timestamps refused, irregular steps warned.
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"CSV file {p} does not exist")
-    header, columns = _read_columns(p)
+    notes: list[str] = []
+    cells, sep = read_cells(p, notes)
+    header = list(cells.columns)
+    columns = {name: cells[name].tolist() for name in header}
     date_name = _find_date_column(header, columns, date_column, p)
     timestamps, fmt = (None, None)
     if date_name is not None:
         timestamps, fmt = parse_dates(columns[date_name], date_format, dayfirst, f"{p.name}: column {date_name!r}")
         if timestamps is None:
-            warnings.warn(f"{p.name}: column {date_name!r} does not parse as dates; timestamps are ignored", DataWarning)
-    wanted = [c for c in header if c != date_name]
-    if channels:
-        missing = [c for c in channels if c not in header]
-        if missing:
-            raise DataError(f"{p.name} has no column(s) {', '.join(missing)}; its columns are {', '.join(header)}")
-        wanted = list(channels)
-    numeric, skipped = {}, []
-    for name in wanted:
-        values = _parse_numeric(columns[name])
-        if values is None:
-            skipped.append(name)
-        else:
-            numeric[name] = values
+            warn(f"{p.name}: column {date_name!r} does not parse as dates; timestamps are ignored", notes)
+    wanted, explicit = choose_columns(header, date_name, channels, p.name)
+    numeric = numeric_columns(cells, wanted, explicit, sep, p.name, notes)
     if not numeric:
         raise DataError(
             f"{p.name} has no numeric column: expected a date column plus numeric channels, got columns "
             f"{', '.join(header)}"
         )
-    notes = []
-    if skipped:
-        notes.append(f"{p.name}: skipped non-numeric column(s) {', '.join(skipped)}")
-        warnings.warn(notes[-1], DataWarning)
+    if timestamps is not None:
+        order = time_order(timestamps, f"{p.name}: column {date_name!r}", notes)
+        if order is not None:
+            timestamps = timestamps[order]
+            numeric = {k: v[order] for k, v in numeric.items()}
+    fill_missing(numeric, p.name, notes)
+    name_constant(numeric, p.name, notes)
     values_TC = np.stack(list(numeric.values()), axis=1)
-    filled = _fill_missing(values_TC)
-    if filled:
-        notes.append(f"{p.name}: filled {filled} missing value(s) (forward fill, back fill at the start)")
-        warnings.warn(notes[-1], DataWarning)
     return Series(p.stem, values_TC.astype(np.float32), list(numeric), timestamps, date_name, fmt, notes)
-
-
-def _read_columns(p: Path) -> tuple[list[str], dict[str, list[str]]]:
-    """Header and stripped string cells per column; rows whose cells are all blank are dropped."""
-    import pandas as pd
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", pd.errors.ParserWarning)  # rows longer than the header
-            df = pd.read_csv(p, dtype=str, keep_default_na=False, index_col=False, encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise DataError(f"{p} is not a UTF-8 text CSV file") from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{p} is empty: expected a header row (a date column plus numeric channels)") from None
-    except (pd.errors.ParserError, pd.errors.ParserWarning) as e:
-        raise DataError(f"{p} is not a readable CSV file: {str(e).strip()}") from None
-    header = [str(h).strip() for h in df.columns]
-    cells = df.fillna("").apply(lambda col: col.str.strip())
-    cells = cells[(cells != "").any(axis=1)]
-    if cells.empty:
-        raise DataError(f"{p} has a header but no data rows")
-    return header, {name: cells.iloc[:, i].tolist() for i, name in enumerate(header)}
 
 
 def _find_date_column(header: list[str], columns: dict, date_column: str | None, p: Path) -> str | None:
@@ -163,45 +153,9 @@ def _find_date_column(header: list[str], columns: dict, date_column: str | None,
         if name.lower() in DATE_NAMES:
             return name
     first = header[0]
-    if _parse_numeric(columns[first]) is None and date_readings(columns[first][:50]):
+    if not Column(columns[first], decimal_comma=False).is_numeric() and date_readings(columns[first][:50]):
         return first
     return None
-
-
-def _parse_numeric(cells: list[str]) -> np.ndarray | None:
-    """Floats with NaN for missing cells, or None when any present cell is not a number."""
-    out = np.empty(len(cells), dtype=np.float64)
-    present = 0
-    for i, cell in enumerate(cells):
-        s = cell.strip()
-        if s.lower() in MISSING:
-            out[i] = np.nan
-            continue
-        try:
-            out[i] = float(s)
-        except ValueError:
-            return None
-        present += 1
-    return out if present else None
-
-
-def _fill_missing(values_TC: np.ndarray) -> int:
-    """Forward-fill NaNs in place per channel (back-fill leading ones); return how many were filled."""
-    nan_TC = np.isnan(values_TC)
-    count = int(nan_TC.sum())
-    if not count:
-        return 0
-    t = np.arange(values_TC.shape[0])
-    for c in range(values_TC.shape[1]):
-        col, nan = values_TC[:, c], nan_TC[:, c]
-        if not nan.any():
-            continue
-        last = np.where(~nan, t, 0)
-        np.maximum.accumulate(last, out=last)
-        first_valid = int(np.argmax(~nan))
-        col[:] = col[last]
-        col[:first_valid] = col[first_valid]
-    return count
 
 
 # ---------------------------------------------------------------- splits and scaling
@@ -299,6 +253,10 @@ class PreparedSeries:
 
 def prepare(series: Series, scheme: str = "auto") -> PreparedSeries:
     """Split, fit the scaler on the train split, and scale the whole series."""
+    bad = [c for c, ok in zip(series.channels, np.isfinite(series.values_TC).all(axis=0)) if not ok]
+    if bad:
+        raise DataError(f"{series.name}: channel(s) {', '.join(bad)} hold NaN or infinite values; read the file with "
+                        f"read_csv, which fills them, or fill them first")
     splits = split_bounds(series.length, series.name, scheme)
     start, end = splits.train
     scaler = StandardScaler().fit(series.values_TC[start:end])
@@ -321,6 +279,22 @@ def check_length(length: int, context: int, horizon: int, what: str = "the serie
         )
 
 
+def forecast_context(length: int, context: int | None, what: str = "the series", default: int = 512) -> int:
+    """The history a forecast uses: `context` (default: up to `default`), between MIN_CONTEXT and the series length."""
+    if context is not None and (isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 1):
+        raise DataError(f"--context {context} is invalid: it must be a positive integer (at least {MIN_CONTEXT})")
+    if length < MIN_CONTEXT:
+        raise DataError(f"{what} has {length} time step(s): a forecast needs at least {MIN_CONTEXT} points of history")
+    if context is None:
+        return min(default, length)
+    if context < MIN_CONTEXT:
+        raise DataError(f"--context {context} is too short: a forecast needs at least {MIN_CONTEXT} points of history")
+    if context > length:
+        raise DataError(f"{what} has {length} time steps, fewer than --context {context}: use --context {length} "
+                        f"or less")
+    return int(context)
+
+
 def window_starts(splits_range: tuple[int, int], context: int, horizon: int, stride: int = 1) -> np.ndarray:
     """First target index of each window whose targets lie inside [start, end) and context at >= 0."""
     if stride < 1:
@@ -328,10 +302,12 @@ def window_starts(splits_range: tuple[int, int], context: int, horizon: int, str
     start, end = splits_range
     first = max(start, context)
     if end - first < horizon:
-        raise DataError(
-            f"the split [{start}, {end}) holds {end - start} rows, fewer than horizon = {horizon} "
-            f"(with context = {context})"
-        )
+        held = f"the split [{start}, {end}) holds {end - start} rows"
+        if first > start and end - horizon >= MIN_CONTEXT:  # the context, not the split, leaves too few targets
+            raise DataError(f"{held}, of which {max(0, end - first)} can be targets after the first context of "
+                            f"{context}: fewer than horizon = {horizon}; use --context {end - horizon} or less, "
+                            f"or a shorter horizon")
+        raise DataError(f"{held}, fewer than horizon = {horizon}: use a shorter horizon")
     return np.arange(first, end - horizon + 1, stride)
 
 
