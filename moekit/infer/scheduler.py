@@ -39,6 +39,20 @@ the step's column; the others' key masks leave that column out, so every
 request still computes what it computes alone. `batching="fifo"` takes the
 longest-waiting rows instead (the baseline).
 
+The cache is driven only through its row interface (moekit.cache_rows: a
+view of some rows, move a row, compact a row), so every family's cache
+(K/V, MLA's latents, Mixture-of-Depths choices, a router cache) moves the
+same way. Group ids (a task, a modality): a request may carry one
+(`group_id`); its prompt and new tokens route with it, as
+`Engine.generate_ids(group_ids=[g])` routes them; without one a token's
+group comes from the model's token ranges.
+
+Faults stay with the requests they touch: an exception in a prefill fails
+that prefill's requests, in a decode forward the rows it decoded, in one
+row's sampling or bookkeeping that row alone. Each gets one "error" event
+("internal error: ...", its traceback logged), its row is freed, and every
+other request goes on.
+
 Not here: HTTP, request validation and text formatting (moekit.server), the
 one-shot batch loop (engine.py), sampling rules (sampling.py), routing
 statistics (moekit.moe.stats; gathered here through `ServeStats`).
@@ -48,6 +62,7 @@ Shape legend: B rows in the batch, L prompt length, M cache columns, V vocabular
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -59,6 +74,7 @@ import torch
 from ..errors import MoekitError
 from .engine import Completion
 from .sequence import SequenceState
+from .groups import check_group_id, prompt_groups, token_groups_of
 from .expert_batching import Pending, expert_aware_pick, fifo_pick, plan_steps
 from .sampling import Penalties, SamplingConfig, make_generator, next_tokens
 from .serve_stats import ServeStats
@@ -70,6 +86,7 @@ EventCallback = Callable[[str, object], None]
 
 PREFILL_TOKENS = 4096  # most padded prompt tokens prefilled in one forward pass
 PLAN_STEPS = 32  # known routes: coming steps planned for the lookahead cache
+log = logging.getLogger("moekit.scheduler")
 
 
 class QueueFullError(MoekitError):
@@ -87,6 +104,7 @@ class Request:
     prompt_ids: list[int]
     cfg: SamplingConfig
     on_event: EventCallback = lambda kind, payload: None
+    group_id: int | None = None  # the routers' group (task, modality) of every token; None: the model's token ranges
     cancelled: bool = False
     finish_reason: str | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -142,8 +160,9 @@ class Scheduler:
     # ------------------------------------------------------------ public, thread-safe
 
     def submit(self, request: Request) -> Request:
-        """Queue a request (its prompt is checked here); raises QueueFullError when the queue is full."""
+        """Queue a request (its prompt and group id are checked here); raises QueueFullError when the queue is full."""
         self.engine.check_prompts([request.prompt_ids])
+        check_group_id(self.model.cfg, request.group_id)
         with self._cond:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down: not accepting new requests")
@@ -188,8 +207,8 @@ class Scheduler:
                     return
             try:
                 self.step()
-            except Exception as e:  # noqa: BLE001 - a failed step must not kill the server: fail its requests
-                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 - a failed step outside a forward must not kill the server
+                self._fail_all(e)
             if self._stop:
                 self.step()  # deliver the cancellations
                 return
@@ -231,6 +250,26 @@ class Scheduler:
 
     def _prefill(self, group: list[Request]) -> None:
         """Left-padded prefill of the group into rows n.., each prompt ending just before the cursor."""
+        n, k = len(self.rows), len(group)
+        try:
+            logits_BV, caches = self._prefill_forward(group)
+        except Exception as e:  # noqa: BLE001 - the group's requests fail, the others go on
+            self.valid[n : n + k] = False
+            self._internal_error([(r, None) for r in group], e, "a prefill")
+            return
+        dev = self.engine.device
+        for b, r in enumerate(group):
+            cfg, L = r.cfg, len(r.prompt_ids)
+            generator = None if cfg.greedy else make_generator(cfg.seed, dev)
+            row = _Row(r, SequenceState(0, L, self.engine.tokenizer, cfg.stop_strings), generator,
+                       min(cfg.max_new_tokens, self.max_len - L))
+            row.router_cache, row.arrival, row.ready_at = caches[b], self.now, self.now
+            self.rows.append(row)
+        for b in reversed(range(k)):  # reversed: a finished row is replaced by the last one
+            self._sample_row(n + b, logits_BV[b : b + 1], None)
+
+    def _prefill_forward(self, group: list[Request]):
+        """The group's one forward pass into rows n..: (last logits [k, V], each request's router cache or None)."""
         lens = [len(r.prompt_ids) for r in group]
         P, n, k, dev = max(lens), len(self.rows), len(group), self.engine.device
         if self.cursor < P or self.cursor >= self.max_len:
@@ -246,52 +285,64 @@ class Scheduler:
         self.valid[n : n + k, start : self.cursor] = keep_BP
         positions = (keep_BP.long().cumsum(-1) - 1).clamp_min(0)
         mask = keep_BP if min(lens) < P else None
-        caches, group_ids = self._route_prompts(group, P) if self.route_ahead is not None else ([None] * k, None)
-        if group_ids is not None:
+        if self.route_ahead is not None:
+            caches, group_ids = self._route_prompts(group, P)
             self._publish([group_ids.unique().tolist()])
-        out = self.model(ids_BP, attention_mask_BK=mask, positions_BT=positions, kv_cache=_RowWriter(self.cache, n, k, start),
+        else:
+            caches, group_ids = [None] * k, prompt_groups(self.model.cfg, group, P, dev)
+        out = self.model(ids_BP, attention_mask_BK=mask, positions_BT=positions, kv_cache=self.cache.rows(slice(n, n + k), start),
                          cache_start=0, group_ids_BT=group_ids, last_only=True)
         self.stats.add_routings(out.routings, sum(lens), keep_BP.flatten())
-        for b, (r, L) in enumerate(zip(group, lens)):
-            cfg = r.cfg
-            generator = None if cfg.greedy else make_generator(cfg.seed, dev)
-            seq = SequenceState(0, L, self.engine.tokenizer, cfg.stop_strings)
-            row = _Row(r, seq, generator, min(cfg.max_new_tokens, self.max_len - L))
-            row.router_cache, row.arrival, row.ready_at = caches[b], self.now, self.now
-            self.rows.append(row)
-        logits_BV = out.logits[:, -1]
-        for b in reversed(range(k)):  # reversed: a finished row is replaced by the last one
-            row = self.rows[n + b]
-            self._take(n + b, next_tokens(logits_BV[b : b + 1], row.request.cfg, row.generator, row.penalties))
+        return out.logits[:, -1], caches
 
     def _decode(self) -> None:
         if self.cursor >= self.max_len:
             self._compact()
-        c, dev = self.cursor, self.engine.device
         chosen = self._choose()
+        try:
+            logits_BV, greedy = self._decode_forward(chosen)
+        except Exception as e:  # noqa: BLE001 - the rows of this step fail, the others go on
+            self._fail_rows(chosen, e, "a decode step")
+            return
+        for b in reversed(range(len(chosen))):  # reversed (chosen is ascending): _take may move the last row into row i
+            self._sample_row(chosen[b], logits_BV[b : b + 1], greedy[b : b + 1] if greedy is not None else None)
+
+    def _decode_forward(self, chosen: list[int]):
+        """One token for each chosen row at the cursor column: (logits [b, V], their argmax or None)."""
+        c, dev = self.cursor, self.engine.device
         rows = [self.rows[i] for i in chosen]
         everyone = len(chosen) == len(self.rows)
         idx = torch.tensor(chosen, dtype=torch.long, device=dev)
         ids_B1 = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=dev)
         pos_B1 = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=dev)
-        group_ids = torch.tensor([[r.experts] for r in rows], device=dev) if self.route_ahead is not None else None
+        if self.route_ahead is not None:
+            group_ids = torch.tensor([[r.experts] for r in rows], device=dev)
+        else:
+            group_ids = token_groups_of(self.model.cfg, [r.request.group_id for r in rows], [[r.next_token] for r in rows], dev)
         self.valid[idx, c] = True
         mask = self.valid[: len(rows), : c + 1] if everyone else self.valid[idx, : c + 1]
         out = self.model(ids_B1, attention_mask_BK=mask, positions_BT=pos_B1, cache_start=c, group_ids_BT=group_ids,
-                         kv_cache=self.cache if everyone else _SubsetWriter(self.cache, idx), last_only=True)
+                         kv_cache=self.cache if everyone else self.cache.rows(idx), last_only=True)
         self.cursor, self.now = c + 1, self.now + 1
+        for row in rows:
+            row.position += 1
+            row.ready_at = self.now
         self.stats.add_routings(out.routings, len(rows))
         self.stats.decode_step(len(rows))
         logits_BV = out.logits[:, -1]
-        greedy = logits_BV.argmax(-1) if any(r.request.cfg.greedy for r in rows) else None
-        for b in reversed(range(len(rows))):  # reversed (chosen is ascending): _take may move the last row into row i
-            i, row = chosen[b], rows[b]
-            row.position += 1
-            row.ready_at = self.now
+        return logits_BV, (logits_BV.argmax(-1) if any(r.request.cfg.greedy for r in rows) else None)
+
+    def _sample_row(self, i: int, logits_1V: torch.Tensor, greedy_1) -> None:
+        """Row i's next token from its logits (its own settings); a failure here fails row i alone."""
+        row = self.rows[i]
+        try:
             cfg = row.request.cfg
-            tok = (greedy[b : b + 1] if cfg.greedy and row.penalties is None
-                   else next_tokens(logits_BV[b : b + 1], cfg, row.generator, row.penalties))
+            tok = (greedy_1 if greedy_1 is not None and cfg.greedy and row.penalties is None
+                   else next_tokens(logits_1V, cfg, row.generator, row.penalties))
             self._take(i, tok)
+        except Exception as e:  # noqa: BLE001
+            if i < len(self.rows) and self.rows[i] is row:
+                self._fail_rows([i], e, "a row's sampling")
 
     # ------------------------------------------------------------ known routes
 
@@ -372,20 +423,22 @@ class Scheduler:
     # ------------------------------------------------------------ rows and the cache axis
 
     def _finish(self, i: int, reason: str) -> None:
+        row = self._remove(i)
+        self._emit_done(row.request, row.seq, reason, row.emitted)
+
+    def _remove(self, i: int) -> _Row:
+        """Take row i out: the last row moves into its place (cache rows included, through the row interface)."""
         row = self.rows[i]
         last = len(self.rows) - 1
         if i != last:
-            c = self.cursor
-            for keys, values in zip(self.cache.keys, self.cache.values):
-                keys[i, :, :c] = keys[last, :, :c]
-                values[i, :, :c] = values[last, :, :c]
+            self.cache.move_row(last, i, self.cursor)
             self.valid[i] = self.valid[last]
             self.rows[i] = self.rows[last]
         self.valid[last] = False
         self.rows.pop()
         if not self.rows:
             self.cursor = 0
-        self._emit_done(row.request, row.seq, reason, row.emitted)
+        return row
 
     def _emit_done(self, request: Request, seq: SequenceState, reason: str, emitted: int = 0) -> None:
         if reason != "cancelled" and seq.tokenizer is not None:
@@ -405,51 +458,40 @@ class Scheduler:
         for r in range(n):
             cols = self.valid[r].nonzero().flatten()
             dst = slice(new_cursor - len(cols), new_cursor)
-            for keys, values in zip(self.cache.keys, self.cache.values):
-                keys[r, :, dst] = keys[r][:, cols].clone()
-                values[r, :, dst] = values[r][:, cols].clone()
+            self.cache.compact(r, cols, new_cursor)
             self.valid[r] = False
             self.valid[r, dst] = True
         self.cursor = new_cursor
 
-    def _fail_all(self, message: str) -> None:
+    # ------------------------------------------------------------ faults
+
+    def _fail_rows(self, indices: list[int], error: BaseException, where: str) -> None:
+        """Rows `indices` fail with one internal error each (their rows freed); the others go on."""
+        removed = [self._remove(i) for i in sorted(indices, reverse=True)]
+        self._internal_error([(row.request, row) for row in removed], error, where)
+
+    def _internal_error(self, failed: list, error: BaseException, where: str) -> None:
+        """Log the traceback once, then send each (request, row or None) one "error" event."""
+        log.error("%s failed for %d request(s)", where, len(failed), exc_info=error)
+        message = f"internal error: {type(error).__name__}: {error}"
+        for request, _ in failed:
+            request.finish_reason = "error"
+            self.stats.finished(request, "error")
+            try:
+                request.on_event("error", message)
+            except Exception:  # noqa: BLE001 - a broken listener must not stop the others' errors
+                log.exception("delivering an error event failed")
+
+    def _fail_all(self, error: BaseException) -> None:
+        """A failure outside any forward (the step's own bookkeeping): every request fails, the cache starts over."""
         with self._cond:
             requests = [row.request for row in self.rows] + list(self.waiting)
             self.waiting.clear()
         self.rows.clear()
         self.valid.zero_()
         self.cursor = 0
-        for r in requests:
-            r.finish_reason = "error"
-            r.on_event("error", message)
+        self.cache.reset()
+        self._internal_error([(r, None) for r in requests], error, "a scheduler step")
 
 
-class _SubsetWriter:
-    """A KV-cache view for a decode step of some rows (`idx`): writes their column, returns their keys so far."""
-
-    def __init__(self, cache, idx: torch.Tensor) -> None:
-        self.cache, self.idx = cache, idx
-
-    def update(self, layer_idx: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, start: int):
-        end = start + k_BHTd.shape[2]
-        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        keys[self.idx, :, start:end] = k_BHTd
-        values[self.idx, :, start:end] = v_BHTd
-        return keys[self.idx, :, :end], values[self.idx, :, :end]
-
-
-class _RowWriter:
-    """A KV-cache view for a prefill: writes rows [row, row+count) of `cache` from column `offset`."""
-
-    def __init__(self, cache, row: int, count: int, offset: int) -> None:
-        self.cache, self.rows, self.offset = cache, slice(row, row + count), offset
-
-    def update(self, layer_idx: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, start: int):
-        a, b = self.offset + start, self.offset + start + k_BHTd.shape[2]
-        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        keys[self.rows, :, a:b] = k_BHTd
-        values[self.rows, :, a:b] = v_BHTd
-        return keys[self.rows, :, self.offset : b], values[self.rows, :, self.offset : b]
-
-
-__all__ = ["Scheduler", "Request", "QueueFullError", "ShuttingDownError"]
+__all__ = ["Scheduler", "Request", "QueueFullError", "ShuttingDownError", "check_group_id"]
