@@ -18,6 +18,8 @@ _EXPORTS = {
     "MixtureOfDepths": ".moe.layers",
     "pyramid_schedule": ".moe.layers",
     "Routing": ".moe.routing",
+    "load": ".infer.load",  # one loader for every format (Hugging Face, moekit run, GGUF, moefy)
+    "Loaded": ".infer.load",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

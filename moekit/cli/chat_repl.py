@@ -18,8 +18,8 @@ from ..errors import ConfigError
 HELP = "chat: one line a turn; /reset clears the history; /exit or Ctrl-D ends"
 
 
-def chat_repl(engine, settings, system: str | None, stdin=None) -> int:
-    """Read turns from stdin until its end or /exit; stream each reply; keep the history."""
+def chat_repl(engine, settings, system: str | None, stdin=None, group_ids=None) -> int:
+    """Read turns from stdin until its end or /exit; stream each reply; keep the history (group_ids: --task's id)."""
     if not (engine.chat_template or engine.chat_fallback):
         raise ConfigError("this model has no chat template (tokenizer_config.json has no 'chat_template'): give --prompt")
     stdin = stdin or sys.stdin
@@ -44,7 +44,7 @@ def chat_repl(engine, settings, system: str | None, stdin=None) -> int:
         turns = _fit(engine, head, turns, settings)
         if not turns:
             continue
-        reply = _reply(engine, _encode(engine, head + turns), settings)
+        reply = _reply(engine, _encode(engine, head + turns), settings, group_ids)
         turns.append({"role": "assistant", "content": reply})
 
 
@@ -70,10 +70,10 @@ def _fit(engine, head: list[dict], turns: list[dict], settings) -> list[dict]:
     return turns
 
 
-def _reply(engine, prompt: list[int], settings) -> str:
+def _reply(engine, prompt: list[int], settings, group_ids=None) -> str:
     def stream(index: int, token, text: str) -> None:
         print(text, end="", flush=True)
 
-    out = engine.generate_ids([prompt], settings, on_token=stream)[0]
+    out = engine.generate_ids([prompt], settings, on_token=stream, group_ids=group_ids)[0]
     print(flush=True)
     return out.text

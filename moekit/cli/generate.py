@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from .loading_flags import add_loading_flags
+
 HF_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe", "phimoe", "gpt_oss")  # = moekit.hf.SUPPORTED_MODEL_TYPES (not imported: torch)
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "presence_penalty",
                   "frequency_penalty")  # SamplingConfig fields; None = its default
@@ -36,46 +38,53 @@ def sampling_settings(args) -> dict:
 
 
 def _generate(args) -> int:
-    from ..infer.engine import Engine, check_settings
-
     from ..errors import ConfigError
+    from ..infer.engine import check_settings
+    from .loading_flags import check_loading_flags, engine_from_flags
 
     settings = check_settings(**sampling_settings(args))
     if args.prompt is None and args.cache == "belady":
         raise ConfigError("--cache belady replays the prompt to learn the future: give --prompt (it has no chat mode)")
+    check_loading_flags(args)
     _read_prompt(args)
-    if args.expert_budget is None and (args.prefetch or args.cache or args.pregate or args.slow_tier or args.low_bit_fallback):
-        raise ConfigError("--prefetch, --cache, --pregate, --slow-tier and --low-bit-fallback need --expert-budget "
-                          "(e.g. --expert-budget 25%)")
-    lazy = args.expert_budget is not None and (args.slow_tier or "disk") == "disk"
-    # With a disk tier the experts are never read into memory: they go from the checkpoint straight into fast slots.
-    engine = Engine.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                         **(offload_options(args, "lru" if args.cache == "belady" else args.cache) if lazy else {}))
+    engine = engine_from_flags(args)  # the same loading as `moekit serve` (loading_flags.py)
+    group = _task_group(engine, args.task)
     if args.prompt is None:  # no --prompt: an interactive chat (chat_repl.py)
         from .chat_repl import chat_repl
 
-        if args.expert_budget is not None and engine.offloader is None:
-            options = offload_options(args, args.cache)
-            engine.offload(options.pop("expert_budget"), **options)
-        return chat_repl(engine, settings, args.system)
+        return chat_repl(engine, settings, args.system, group_ids=group)
     prompt = engine.encode(args.prompt, chat=args.chat, system=args.system)
     if args.chat:
         settings.stop_strings = [*settings.stop_strings, *engine.chat_stops()]  # as the server's chat endpoint
     engine.check_prompts([prompt])
     _note_clipped(engine, prompt, settings)
-    if args.expert_budget is not None:
-        _offload(engine, args, prompt, settings)
+    if args.cache == "belady":
+        _belady(engine, args, prompt, settings, group)
     if not args.chat:
         print(args.prompt, end="", flush=True)
 
     def stream(index: int, token: int, text: str) -> None:
         print(text, end="", flush=True)
 
-    engine.generate_ids([prompt], settings, on_token=stream)
+    engine.generate_ids([prompt], settings, on_token=stream, group_ids=group)
     print()
     if args.stats:
         _print_stats(engine)
     return 0
+
+
+def _task_group(engine, task) -> int | None:
+    """--task's group id (a name of the run's tasks, or an id); one clear error when the model needs one and has none."""
+    if task is not None:
+        return engine.task_group(task)
+    if engine.needs_groups:
+        from ..errors import ConfigError
+
+        known = f" ({', '.join(engine.tasks)})" if engine.tasks else ""
+        raise ConfigError(f"this model routes every token by its task or group (moe.router="
+                          f"{engine.model.cfg.moe.router!r}): give --task NAME{known} or --task ID "
+                          f"(0..{engine.model.cfg.moe.num_groups - 1})")
+    return None
 
 
 def _note_clipped(engine, prompt, settings) -> None:
@@ -106,23 +115,12 @@ def _read_prompt(args) -> None:
             raise ConfigError("--prompt -: the prompt read from stdin is empty")
 
 
-def offload_options(args, policy) -> dict:
-    """Engine.load / Engine.offload options from the --expert-budget/--slow-tier/--prefetch/... flags."""
-    tier = args.slow_tier or ("cuda-host" if args.device and str(args.device).startswith("cuda") else "disk")
-    return dict(expert_budget=args.expert_budget, tier=tier, policy=policy or "lru", predictor=args.prefetch or "none",
-                pregate=args.pregate, link_bandwidth=args.link_bandwidth, link_latency=args.link_latency,
-                low_bit_fallback=getattr(args, "low_bit_fallback", False))  # (serve has no such flag)
-
-
-def _offload(engine, args, prompt, settings) -> None:
-    """Offload the engine's experts (unless loading did) as the flags say; Belady records its trace first."""
-    options = offload_options(args, "lru" if args.cache == "belady" else args.cache)
-    budget = options.pop("expert_budget")
-    offloader = engine.offloader or engine.offload(budget, **options)
-    if args.cache == "belady":
-        # Belady needs the future: a silent first pass (same prompt and seed, so the same tokens) records the routing.
-        engine.generate_ids([prompt], settings)
-        offloader.configure(budget, "belady", options["predictor"], trace=offloader.trace, pregate=args.pregate)
+def _belady(engine, args, prompt, settings, group) -> None:
+    """--cache belady needs the future: a silent first pass (same prompt and seed, so the same tokens) records the
+    routing, then the cache switches to Belady over it."""
+    offloader = engine.offloader
+    engine.generate_ids([prompt], settings, group_ids=group)
+    offloader.configure(args.expert_budget, "belady", args.prefetch or "none", trace=offloader.trace, pregate=args.pregate)
 
 
 def _print_stats(engine) -> None:
@@ -156,28 +154,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop when this text appears (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
     p.add_argument("--system", help="a system message (with --chat only)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto (config.json's)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="quantize the experts at load time: int8 (per channel) or int4 (group 32); see `moekit quantize`. "
-                        "With --expert-budget the experts are offloaded quantized (fewer bytes per miss)")
-    off = p.add_argument_group("expert offloading (run a model whose experts do not fit in fast memory)")
-    off.add_argument("--expert-budget", metavar="SIZE",
-                     help="fast memory for experts: bytes (300MB, 2GB) or a fraction of all experts (25%%); the rest stay in the slow tier")
-    off.add_argument("--prefetch", metavar="PREDICTOR",
-                     help="how the next layer's experts are predicted and fetched early: none (default), prefetch-all, next-gate, pregate, "
-                     "lookahead (known routes of a Read-ME model)")
-    off.add_argument("--cache", metavar="POLICY", help="expert cache policy: lru (default), lfu, lfru, belady (offline optimum; runs the prompt twice), "
-                     "lookahead (Belady over the routes known ahead)")
-    off.add_argument("--pregate", metavar="DIR", help="pre-gate heads trained by `moekit pregate` (for --prefetch pregate)")
-    off.add_argument("--slow-tier", metavar="TIER",
-                     help="where the experts live: disk (default on CPU: the checkpoint's safetensors), emulated (a link of "
-                          "--link-bandwidth/--link-latency), cuda-host (default on CUDA: pinned host memory)")
-    off.add_argument("--link-bandwidth", metavar="RATE", help="emulated link bandwidth, e.g. 2GB/s")
-    off.add_argument("--link-latency", metavar="TIME", default="0", help="emulated link latency per transfer, e.g. 50us (default 0)")
-    off.add_argument("--low-bit-fallback", action="store_true",
-                     help="keep an int4 copy of every expert in fast memory and compute a missed expert from it instead of "
-                          "waiting for its transfer (HOBBIT); the full copy loads in the background")
+    p.add_argument("--task", "--group-id", metavar="NAME|ID",
+                   help="the task (or group) every token is routed by, for a task-routed model (data.kind=math_tasks: "
+                        "one of the run's task names, or its id)")
+    add_loading_flags(p)  # --dtype, --device, --quantize, --expert-budget, ... (the same as `moekit serve`)
     p.add_argument("--stats", action="store_true", help="print decode speed and (when offloading) cache and transfer statistics")
     p.set_defaults(handler=_generate)
 

@@ -3,7 +3,8 @@
 Flags, their checks, and one uvicorn server; the model loads in the
 background (GET /health answers 503 until it is ready) with the same loading
 flags as `moekit generate` (--dtype, --device, --expert-budget, --cache,
---prefetch, --pregate, --slow-tier, ...). SIGTERM / Ctrl-C stop it
+--prefetch, --pregate, --slow-tier, --low-bit-fallback, ...: one group and one
+function from them to the engine, in loading_flags.py). SIGTERM / Ctrl-C stop it
 gracefully: no new connections, running requests get --shutdown-timeout
 seconds to finish, the rest are cancelled. Heavy imports (torch, fastapi,
 uvicorn) happen inside the handler.
@@ -18,6 +19,8 @@ import signal
 import socket
 import sys
 
+from .loading_flags import add_loading_flags, check_loading_flags
+
 
 def _check(args):
     from ..errors import ConfigError
@@ -30,8 +33,7 @@ def _check(args):
         raise ConfigError(f"--port {args.port} is invalid: it must be in 0..65535")
     if args.shutdown_timeout < 0:
         raise ConfigError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: it must be >= 0 seconds")
-    if args.expert_budget is None and (args.prefetch or args.cache or args.pregate or args.slow_tier):
-        raise ConfigError("--prefetch, --cache, --pregate and --slow-tier need --expert-budget (e.g. --expert-budget 25%)")
+    check_loading_flags(args)
     if args.cache == "belady":
         raise ConfigError("--cache belady needs the future routing, which a server does not know: use lru, lfu or lfru")
     if not os.path.exists(args.model):
@@ -46,17 +48,9 @@ def _check(args):
 
 def _loader(args):
     def load():
-        from ..infer.engine import Engine
+        from .loading_flags import engine_from_flags
 
-        from .generate import offload_options
-
-        options = offload_options(args, args.cache) if args.expert_budget is not None else {}
-        if options.get("tier") == "disk":  # lazily: the experts go from the checkpoint straight into fast slots
-            engine = Engine.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, **options)
-        else:
-            engine = Engine.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-            if options:
-                engine.offload(options.pop("expert_budget"), **options)
+        engine = engine_from_flags(args)  # the same loading as `moekit generate` (loading_flags.py)
         print(f"moekit serve: model loaded; serving {args.model_name or _default_name(args.model)}", flush=True)
         return engine
     return load
@@ -122,7 +116,8 @@ def _serve(args) -> int:
 def add_parsers(sub) -> None:
     """Register `serve` on the `moekit` subparsers."""
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (continuous batching)")
-    p.add_argument("model", help="a Hugging Face model directory or a moekit run/checkpoint (as `moekit generate` takes)")
+    p.add_argument("model", help="a GGUF file, a Hugging Face model directory, a moekit run/checkpoint or a moefy output "
+                                  "(as `moekit generate` takes)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--model-name", help="the model id clients send (default: the model directory's name)")
@@ -137,19 +132,7 @@ def add_parsers(sub) -> None:
                    help="seconds running requests get to finish on SIGTERM before they are cancelled (default 10)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto (config.json's)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--quantize", choices=["int8", "int4"],
-                   help="quantize the experts at load time: int8 (per channel) or int4 (group 32); see `moekit quantize`")
-    off = p.add_argument_group("expert offloading (as `moekit generate`)")
-    off.add_argument("--expert-budget", metavar="SIZE", help="fast memory for experts: bytes (300MB, 2GB) or a fraction (25%%)")
-    off.add_argument("--prefetch", metavar="PREDICTOR", help="none (default), prefetch-all, next-gate, pregate, lookahead (known routes)")
-    off.add_argument("--cache", metavar="POLICY", help="expert cache policy: lru (default), lfu, lfru, lookahead (Belady over "
-                     "the known routes of a Read-ME model)")
-    off.add_argument("--pregate", metavar="DIR", help="pre-gate heads trained by `moekit pregate` (for --prefetch pregate)")
-    off.add_argument("--slow-tier", metavar="TIER", help="disk (default on CPU), emulated, cuda-host (default on CUDA)")
-    off.add_argument("--link-bandwidth", metavar="RATE", help="emulated link bandwidth, e.g. 2GB/s")
-    off.add_argument("--link-latency", metavar="TIME", default="0", help="emulated link latency per transfer (default 0)")
+    add_loading_flags(p)  # --dtype, --device, --quantize, --expert-budget, ... (the same as `moekit generate`)
     p.set_defaults(handler=_serve)
 
 

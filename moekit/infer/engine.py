@@ -1,7 +1,7 @@
 """The generation engine: prefill and decode with a preallocated KV cache.
 
-`Engine` wraps a `DecoderLM` (loaded from a Hugging Face directory or a
-moekit checkpoint) and its tokenizer. `generate` takes a batch of prompts of
+`Engine` wraps a loaded model (`moekit.infer.load.load`'s `Loaded` record:
+a DecoderLM of any format and its tokenizer, or a bare DecoderLM). `generate` takes a batch of prompts of
 different lengths, left-pads them, prefills them in one forward pass and
 decodes one token per step for every sequence, with greedy, temperature,
 top-k and top-p sampling (seeded), repetition, presence and frequency
@@ -17,8 +17,8 @@ layers themselves: with no gradients (inference_mode) the routers skip their los
 experts' `auto` kernel visits only the chosen experts, RMSNorm is one fused
 op, and logits are computed for the last position only.
 
-Not here: sampling rules and setting checks (sampling.py), Hugging Face
-files (moekit.hf), moekit checkpoints (moekit.lm / moekit.checkpoints).
+Not here: loading any format (load.py), sampling rules and setting checks
+(sampling.py).
 
 Shape legend: B batch, P padded prompt length, T new tokens, D hidden,
 V vocabulary, K top-k, d head_dim.
@@ -27,76 +27,49 @@ V vocabulary, K top-k, d head_dim.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..models.decoder import DecoderLM
 from ..errors import ConfigError
+from .load import Loaded
 from .sampling import Penalties, SamplingConfig, make_generator, next_tokens, sampling_config
 from .sequence import Completion, SequenceState, TokenCallback
 from .threads import ThreadTuner
 
 
-def _is_moefy_dir(p: Path) -> bool:
-    from ..moefy.io import is_moefy_dir
-
-    return is_moefy_dir(p)
-
-
-def _quantized(model: DecoderLM, options: dict | None) -> DecoderLM:
-    """The model quantized at load time (options for moekit.quantize.quantize_model), or as it is."""
-    if options is None:
-        return model
-    from ..quantize import quantize_model
-
-    return quantize_model(model, **options)
-
-
-def _load_quantized(load: Callable[[bool], DecoderLM], path: Path, options: dict | None, lazy: bool,
-                    per_expert: bool = True) -> DecoderLM:
-    """`load(experts)`'s model, quantized at load time by `options` (None: as loaded).
-
-    Resident (not lazy) with options: the model is loaded without its routed experts, quantized (on the
-    meta device), then its experts are read one at a time and each quantized as it is read (offloading's
-    `load_experts`), so no full-precision copy of all experts ever exists. Experts the disk tier cannot
-    read as stored (FP8 blocks, MXFP4 or transposed tensors: per_expert=False from the caller, or an
-    OffloadError as the backstop): the whole model is loaded, then quantized.
-    """
-    if options is None or lazy or not per_expert:
-        return _quantized(load(not lazy), options)
-    from .offload import OffloadError
-    from .offload.transform import load_experts
-
-    model = _quantized(load(False), options)
-    try:
-        load_experts(model, path)
-    except OffloadError:
-        del model
-        return _quantized(load(True), options)
-    return model
-
-
 class Engine:
-    """Batched generation from a DecoderLM and (optionally) its tokenizer."""
+    """Batched generation from a loaded model (`moekit.infer.load.load`'s record, or a bare DecoderLM)."""
 
-    def __init__(self, model: DecoderLM, tokenizer=None, stop_token_ids: Sequence[int] | None = None,
+    def __init__(self, loaded: Loaded | DecoderLM, tokenizer=None, stop_token_ids: Sequence[int] | None = None,
                  chat_template: str | None = None, special_tokens: dict[str, str] | None = None,
                  chat_fallback: bool = False) -> None:
+        """Engine(load(path, ...)) takes the record as it is; Engine(model, tokenizer, ...) wraps a bare model
+        (the other arguments are the record's fields, for a model built or transformed in memory)."""
+        if not isinstance(loaded, Loaded):
+            loaded = Loaded(loaded, tokenizer, None if stop_token_ids is None else list(stop_token_ids),
+                            chat_template, dict(special_tokens or {}), chat_fallback)
+        elif tokenizer is not None or stop_token_ids is not None or chat_template or special_tokens or chat_fallback:
+            raise ConfigError("Engine(loaded) takes the loaded record as it is: give the tokenizer, stop ids and "
+                              "chat settings to Engine(model, ...) instead")
+        model = loaded.model
         self.model = model.eval()
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer = loaded.tokenizer
+        stop_token_ids = loaded.stop_token_ids
         if stop_token_ids is None:
             eos = getattr(tokenizer, "eos_id", None)
             stop_token_ids = [eos] if eos is not None else []
         self.stop_token_ids = list(stop_token_ids)
-        self.chat_template = chat_template
-        self.special_tokens = dict(special_tokens or {})
-        self.chat_fallback = chat_fallback  # chat without a template: the fallback format (chat.py; moekit checkpoints)
+        self.chat_template = loaded.chat_template
+        self.special_tokens = dict(loaded.special_tokens)
+        self.chat_fallback = loaded.chat_fallback  # chat without a template: the fallback format (chat.py; moekit checkpoints)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.path: Path | None = None  # where the model was loaded from (the disk tier of `offload` reads it)
-        self.offloader = None  # set by `offload`
+        self.path: Path | None = loaded.path  # where the model was loaded from (the disk tier of `offload` reads it)
+        self.tasks = loaded.tasks  # a multi-task run's task names: group_ids=index (see `task_id`)
+        self.offloader = loaded.offloader  # set by loading with an expert budget, or by `offload`
         self.last_stats: dict = {}  # timing (and offloading statistics) of the latest generate call
         self.adapt_threads = True  # CPU decode: each step's thread count follows measured step times (threads.py)
 
@@ -105,94 +78,45 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, dtype=None, device=None, expert_budget=None, quantize: str | None = None,
              **offload_options) -> "Engine":
-        """An engine for a Hugging Face model directory, a moekit run/checkpoint directory or a moefy output.
+        """An engine for a model of any format: `Engine(moekit.infer.load.load(path, ...))`.
 
-        expert_budget ("25%", 0.25, "2GB", bytes; None = all resident) loads lazily: the routed experts
-        are never read into memory; they stay in the checkpoint's own safetensors files (or the GGUF
-        file's memory map) and are read straight into the fast slots (see `offload`, which takes
-        `offload_options`: tier, policy, predictor, low_bit_fallback, spill_dir, ...).
-        quantize="int8" | "int4" (group 32, symmetric) quantizes the weights at load time
-        (moekit.quantize.quantize_model, experts only); a checkpoint written by `moekit quantize`
-        comes back quantized without it. With an expert budget too, the experts are offloaded
-        quantized: each is quantized as it is read and written to a spill file (the disk tier) one
-        at a time, so they never all exist in full precision. A GGUF file runs in its own block formats
-        (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K stay resident at their file size: moekit.gguf.storage; with an
-        expert budget the slots hold the blocks too); with quantize= it is dequantized with gguf's
-        routines instead, then requantized to moekit's format.
+        A Hugging Face model directory, a moekit run/checkpoint (quantized or pre-gated ones too), a GGUF
+        file or a moefy output. expert_budget ("25%", 0.25, "2GB", bytes; None = all resident) offloads the
+        experts (`offload_options`: tier, policy, predictor, low_bit_fallback, spill_dir, ...), lazily: they are
+        never read into memory, but go straight from the checkpoint's files (or the GGUF file's memory map)
+        into the fast slots, so the tier is the disk one (`moekit.infer.load.load` with lazy=None picks the
+        device's default tier, and loads whole for the others, as `moekit generate` and `serve` do). quantize="int8" | "int4"
+        quantizes the experts at load time. See `moekit.infer.load.load` for every option.
         """
-        from .. import hf
-        from .chat import load_chat_template, special_tokens, stop_token_ids
+        from .load import load
 
-        options = None
-        if quantize is not None:  # (moekit.quantize brings numba: 0.5 s and ~90 MB, only when asked for)
-            from ..quantize import load_time_options
+        return cls(load(path, dtype=dtype, device=device, quantize=quantize, expert_budget=expert_budget,
+                        lazy=True if expert_budget is not None else None, **offload_options))
 
-            options = load_time_options(quantize)  # a bad name is refused before anything is read
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"model path {p} does not exist: give a Hugging Face model directory or a moekit checkpoint")
-        if offload_options and expert_budget is None:
-            raise ConfigError(f"{', '.join(sorted(offload_options))} only apply with an expert budget (expert_budget=...)")
-        lazy = expert_budget is not None
-        if p.suffix == ".gguf" or p.is_file():  # --- GGUF (moekit.gguf): its block formats kept
-            engine = cls._load_gguf(p, dtype, device, options, lazy)
-        elif _is_moefy_dir(p):  # --- a moefy output: a converted decoder (a Read-ME model routes ahead)
-            engine = cls._load_moefy(p, dtype, device, options, lazy)
-        elif hf.is_hf_dir(p):
-            from ..hf.reader import experts_as_stored
+    def task_group(self, task: str | int) -> int:
+        """The group id of a task, by name (the task names a multi-task run was trained on) or by id.
 
-            per_expert = options is not None and not lazy and experts_as_stored(p)
-            model = _load_quantized(lambda experts: hf.load(p, dtype=dtype, device=device, experts=experts), p, options,
-                                    lazy, per_expert)
-            tokenizer = hf.load_tokenizer(p)
-            engine = cls(model, tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p), special_tokens(p))
-        else:
-            from ..models.build import load_model
+        One clear error for a model that routes by no group, an unknown name or an id out of range.
+        """
+        cfg = self.model.cfg
+        if not getattr(cfg, "routes_by_group", False):
+            raise ConfigError(f"this model does not route by task or group (moe.router={cfg.moe.router!r}): "
+                              f"it takes no task id")
+        G = cfg.moe.num_groups
+        names = f"a task name ({', '.join(self.tasks)}) or " if self.tasks else ""
+        if isinstance(task, str) and task in self.tasks:
+            return self.tasks.index(task)
+        if isinstance(task, str) and task.strip().lstrip("-").isdigit():
+            task = int(task)
+        if isinstance(task, int) and not isinstance(task, bool) and 0 <= task < G:
+            return task
+        raise ConfigError(f"task {task!r} is not one this model knows: give {names}an id in 0..{G - 1}")
 
-            tokenizers = []
-
-            def load(experts: bool) -> DecoderLM:
-                model, tokenizer, _ = load_model(p, experts=experts)  # a pre-gated model comes back with its routing applied
-                _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
-                tokenizers.append(tokenizer)
-                return model
-
-            model = _load_quantized(load, p, options, lazy)
-            engine = cls(model, tokenizers[-1], chat_fallback=True)  # no chat template: chat as the server does
-        engine.path = p
-        if lazy:
-            engine.offload(expert_budget, **offload_options)
-        return engine
-
-    @classmethod
-    def _load_moefy(cls, p: Path, dtype, device, options: dict | None, lazy: bool) -> "Engine":
-        """A directory written by `moekit moefy` (a converted decoder; experts left on meta when lazy)."""
-        from .. import hf
-        from ..moefy.io import load_generator
-        from .chat import load_chat_template, special_tokens, stop_token_ids
-
-        model, tokenizer = load_generator(p, experts=not lazy)
-        _place(model, hf.resolve_device(device), hf.resolve_dtype(dtype))
-        return cls(_quantized(model, options), tokenizer, stop_token_ids(p, tokenizer), load_chat_template(p),
-                   special_tokens(p))
-
-    @classmethod
-    def _load_gguf(cls, p: Path, dtype, device, options: dict | None, lazy: bool) -> "Engine":
-        """A GGUF file: its blocks kept as they are (experts too unless lazy: an expert budget), other tensors as floats.
-
-        quantize=: everything dequantized instead, and without a budget the experts requantized one at a time
-        (no full-precision copy of them)."""
-        from .. import gguf
-
-        if not gguf.is_gguf(p):
-            raise ConfigError(f"model path {p} is a file but not a GGUF file: give a .gguf file, a Hugging Face model directory or a moekit checkpoint")
-        per_expert = lazy or options is not None  # requantized: each expert dequantized, then quantized, as it is read
-        model = _quantized(gguf.load(p, dtype=dtype, device=device, experts=not per_expert, blocks=options is None), options)
-        if per_expert and not lazy:
-            from .offload.transform import load_experts
-
-            load_experts(model, p)
-        return cls(model, gguf.load_tokenizer(p))
+    @property
+    def needs_groups(self) -> bool:
+        """True when every prompt needs a group (task) id: the routers read one and no token ranges give it."""
+        cfg = self.model.cfg
+        return bool(getattr(cfg, "routes_by_group", False)) and not getattr(cfg, "group_of_token", None)
 
     def offload(self, budget, **options):
         """Keep only `budget` of the experts in fast memory, the rest in a slow tier; returns the Offloader.
@@ -408,19 +332,6 @@ def _per_request(groups, B: int, name: str) -> list[int] | None:
     if isinstance(groups, (list, tuple)) and len(groups) == B and all(isinstance(g, int) and not isinstance(g, bool) for g in groups):
         return list(groups)
     raise ConfigError(f"{name}={groups!r} is invalid: give an int, one int per prompt ({B}), or (group_ids) one list per prompt")
-
-
-def _place(model, device: torch.device, dtype: torch.dtype) -> None:
-    """Parameters to `device` and `dtype` (buffers stay: the rotary table is float32); meta ones change dtype only."""
-    for param in model.parameters():
-        if param.is_meta:
-            param.data = torch.empty_like(param, dtype=dtype)
-        else:
-            param.data = param.data.to(device=device, dtype=dtype)
-    for module in model.modules():
-        for name, buf in module._buffers.items():
-            if buf is not None and not buf.is_meta:  # (a lazily loaded quantized checkpoint's experts stay on meta)
-                module._buffers[name] = buf.to(device)
 
 
 def check_settings(**settings) -> SamplingConfig:
