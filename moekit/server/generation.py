@@ -26,6 +26,7 @@ from ..errors import MoekitError
 from ..infer import chat as chat_format  # (not `chat`: the name of a flag below)
 from ..infer.chat import FALLBACK_STOP
 from ..infer.sampling import SamplingConfig
+from ..infer.groups import check_group_id
 from ..infer.scheduler import QueueFullError, Request, ShuttingDownError
 from .errors import APIError
 from .schemas import ChatCompletionRequest
@@ -87,6 +88,7 @@ def build_prompts(engine, body, max_chars: int | None = None) -> tuple[list[list
 class Plan:
     prompt_ids: list[list[int]]
     cfgs: list[list[SamplingConfig]]  # per prompt, one per choice
+    group_id: int | None = None  # the routers' group of every token (models that route by task / modality)
 
 
 def plan(engine, body, limit: int, max_chars: int | None = None) -> Plan:
@@ -98,6 +100,10 @@ def plan(engine, body, limit: int, max_chars: int | None = None) -> Plan:
     if requested is not None and requested > limit:
         raise APIError(400, f"{token_field}={requested} is over this server's limit of {limit} tokens",
                        param=token_field, code="max_tokens_over_limit")
+    try:
+        check_group_id(engine.model.cfg, body.group_id)
+    except MoekitError as e:
+        raise APIError(400, str(e), param="group_id", code="invalid_value") from None
     prompt_ids, extra_stops = build_prompts(engine, body, max_chars)
     ctx = engine.model.cfg.max_seq_len
     cfgs = []
@@ -113,7 +119,7 @@ def plan(engine, body, limit: int, max_chars: int | None = None) -> Plan:
                                 f"{token_field}", param=token_field, code="context_length_exceeded")
         budget = requested if requested is not None else min(limit, ctx - len(ids))
         cfgs.append(body.sampling_configs(budget, extra_stops))
-    return Plan(prompt_ids, cfgs)
+    return Plan(prompt_ids, cfgs, body.group_id)
 
 
 class Job:
@@ -128,7 +134,7 @@ class Job:
         try:
             for ids, cfgs in zip(plan.prompt_ids, plan.cfgs):
                 for cfg in cfgs:
-                    r = Request(list(ids), cfg, self._bridge(len(self.requests)))
+                    r = Request(list(ids), cfg, self._bridge(len(self.requests)), group_id=plan.group_id)
                     self.requests.append(r)
                     scheduler.submit(r)
         except QueueFullError as e:
@@ -185,8 +191,8 @@ async def complete(job: Job, chat: bool, model_name: str, is_disconnected) -> di
                 if await is_disconnected():
                     raise asyncio.CancelledError from None
                 continue
-            if kind == "error":
-                raise APIError(500, str(payload), code="generation_failed")
+            if kind == "error":  # the scheduler's internal error (its traceback is in the server log)
+                raise APIError(500, str(payload), code="internal_error")
             if kind == "done":
                 if payload.finish_reason == "cancelled":
                     raise cancelled_error()

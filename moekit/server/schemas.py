@@ -8,7 +8,9 @@ fields moekit does not implement (`logprobs`, `echo`, `best_of`, `suffix`,
 `logit_bias`, tools) are accepted only at their "off" value. `top_k` and
 `repetition_penalty` are extensions (as in vLLM: top_k 0 or -1 = no limit;
 repetition_penalty as transformers'); presence and frequency penalties follow
-OpenAI (-2..2, over the generated tokens).
+OpenAI (-2..2, over the generated tokens). `group_id` is moekit's extension for
+models that route by group (a task id for `data.kind=math_tasks` models, a
+modality): an integer >= 0, checked against the model in generation.py.
 `sampling_config` turns a request into one `SamplingConfig` per choice
 (choice j of a seeded request uses seed + j).
 
@@ -62,6 +64,7 @@ class _Sampling(_Strict):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # an extension (as vLLM): transformers' rule
     logprobs: bool | int | None = None
     logit_bias: dict[str, float] | None = None
+    group_id: int | None = Field(default=None, ge=0)  # an extension: the routers' group (task, modality) of every token
 
     @field_validator("max_tokens")
     @classmethod

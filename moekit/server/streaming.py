@@ -58,7 +58,7 @@ async def stream_job(job: Job, chat: bool, model_name: str, include_usage: bool)
                     completion_tokens += len(payload.token_ids)
                     frames.append(chunk(index, None, payload.finish_reason))
                 else:
-                    raise APIError(500, str(payload), code="generation_failed")
+                    raise APIError(500, str(payload), code="internal_error")
             if frames:
                 yield "".join(frames)
         if include_usage:
