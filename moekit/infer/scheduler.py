@@ -66,8 +66,6 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -76,58 +74,13 @@ from .engine import Completion
 from .sequence import SequenceState
 from .groups import check_group_id, prompt_groups, token_groups_of
 from .expert_batching import Pending, expert_aware_pick, fifo_pick, plan_steps
-from .sampling import Penalties, SamplingConfig, make_generator, next_tokens
+from .sampling import make_generator, next_tokens
+from .serve_requests import EventCallback, QueueFullError, Request, ShuttingDownError, Row
 from .serve_stats import ServeStats
-
-# on_event(kind, payload): ("token", (token_id, new_text)) for each token, then ("done", Completion)
-# or ("error", message). Called from the scheduler's thread.
-EventCallback = Callable[[str, object], None]
-
 
 PREFILL_TOKENS = 4096  # most padded prompt tokens prefilled in one forward pass
 PLAN_STEPS = 32  # known routes: coming steps planned for the lookahead cache
 log = logging.getLogger("moekit.scheduler")
-
-
-class QueueFullError(MoekitError):
-    """The scheduler's waiting queue is full; try again later."""
-
-
-class ShuttingDownError(MoekitError):
-    """The scheduler no longer accepts requests."""
-
-
-@dataclass
-class Request:
-    """One generation request: prompt ids, its own settings, and where its events go."""
-
-    prompt_ids: list[int]
-    cfg: SamplingConfig
-    on_event: EventCallback = lambda kind, payload: None
-    group_id: int | None = None  # the routers' group (task, modality) of every token; None: the model's token ranges
-    cancelled: bool = False
-    finish_reason: str | None = None
-    submitted_at: float = field(default_factory=time.perf_counter)
-    last_token_at: float | None = None  # set by ServeStats: time to first token, inter-token latency
-    tokens: int = 0
-
-    def cancel(self) -> None:
-        """Ask the scheduler to drop this request (its slot is freed before the next step)."""
-        self.cancelled = True
-
-
-class _Row:
-    """A running request: its sequence bookkeeping, generator, next input token and position."""
-
-    def __init__(self, request: Request, seq: SequenceState, generator, budget: int) -> None:
-        self.request, self.seq, self.generator, self.budget = request, seq, generator, budget
-        self.penalties = Penalties(request.cfg, [request.prompt_ids]) if request.cfg.penalized else None
-        self.next_token = 0
-        self.emitted = 0  # characters of seq.text sent as "token" events
-        self.position = len(request.prompt_ids)
-        self.router_cache = None  # known routes: this row's own cache of the model's router
-        self.experts: tuple[int, ...] = ()  # known routes: the experts of next_token
-        self.arrival = self.ready_at = 0  # decode steps: when it joined, since when it has waited
 
 
 class Scheduler:
@@ -149,7 +102,7 @@ class Scheduler:
         self.cache = self.model.new_cache(max_batch, self.max_len)
         self.valid = torch.zeros(max_batch, self.max_len, dtype=torch.bool, device=engine.device)
         self.cursor = 0
-        self.rows: list[_Row] = []
+        self.rows: list[Row] = []
         self.waiting: deque[Request] = deque()
         self.stats = stats or ServeStats()
         self._cond = threading.Condition()
@@ -249,19 +202,25 @@ class Scheduler:
             self._prefill(group)
 
     def _prefill(self, group: list[Request]) -> None:
-        """Left-padded prefill of the group into rows n.., each prompt ending just before the cursor."""
+        """Left-padded prefill of the group into rows n.., each prompt ending just before the cursor.
+
+        If the group's forward fails, each request is prefilled alone, so only those that fail alone fail."""
         n, k = len(self.rows), len(group)
         try:
             logits_BV, caches = self._prefill_forward(group)
-        except Exception as e:  # noqa: BLE001 - the group's requests fail, the others go on
+        except Exception as e:  # noqa: BLE001 - the failing requests fail, the others go on
             self.valid[n : n + k] = False
-            self._internal_error([(r, None) for r in group], e, "a prefill")
+            if k == 1:
+                self._internal_error([(group[0], None)], e, "a prefill")
+            else:
+                for r in group:
+                    self._prefill([r])
             return
         dev = self.engine.device
         for b, r in enumerate(group):
             cfg, L = r.cfg, len(r.prompt_ids)
             generator = None if cfg.greedy else make_generator(cfg.seed, dev)
-            row = _Row(r, SequenceState(0, L, self.engine.tokenizer, cfg.stop_strings), generator,
+            row = Row(r, SequenceState(0, L, self.engine.tokenizer, cfg.stop_strings), generator,
                        min(cfg.max_new_tokens, self.max_len - L))
             row.router_cache, row.arrival, row.ready_at = caches[b], self.now, self.now
             self.rows.append(row)
@@ -296,20 +255,40 @@ class Scheduler:
         return out.logits[:, -1], caches
 
     def _decode(self) -> None:
+        """One token for the chosen rows; if their forward fails, each is run alone, and only those failing alone fail."""
         if self.cursor >= self.max_len:
             self._compact()
-        chosen = self._choose()
+        chosen, c = self._choose(), self.cursor
         try:
-            logits_BV, greedy = self._decode_forward(chosen)
-        except Exception as e:  # noqa: BLE001 - the rows of this step fail, the others go on
-            self._fail_rows(chosen, e, "a decode step")
-            return
-        for b in reversed(range(len(chosen))):  # reversed (chosen is ascending): _take may move the last row into row i
-            self._sample_row(chosen[b], logits_BV[b : b + 1], greedy[b : b + 1] if greedy is not None else None)
+            outcomes = [(chosen, self._decode_forward(chosen, c), None)]
+        except Exception as e:  # noqa: BLE001 - the failing rows fail, the others go on
+            outcomes = [(chosen, None, e)] if len(chosen) == 1 else [self._decode_alone(i, c) for i in chosen]
+        self.cursor, self.now = c + 1, self.now + 1
+        self.stats.decode_step(len(chosen))
+        sampled, failed = [], []
+        for indices, result, error in outcomes:
+            for b, i in enumerate(indices):
+                row = self.rows[i]
+                row.position, row.ready_at = row.position + 1, self.now
+                if error is not None:
+                    failed.append((row, error))
+                else:
+                    logits_BV, greedy = result
+                    sampled.append((row, logits_BV[b : b + 1], greedy[b : b + 1] if greedy is not None else None))
+        for row, error in failed:  # rows are found by identity: removing one moves the last row into its place
+            self._fail_rows([self.rows.index(row)], error, "a decode step")
+        for row, logits_1V, greedy_1 in sampled:
+            self._sample_row(self.rows.index(row), logits_1V, greedy_1)
 
-    def _decode_forward(self, chosen: list[int]):
-        """One token for each chosen row at the cursor column: (logits [b, V], their argmax or None)."""
-        c, dev = self.cursor, self.engine.device
+    def _decode_alone(self, i: int, c: int):
+        try:
+            return [i], self._decode_forward([i], c), None
+        except Exception as e:  # noqa: BLE001
+            return [i], None, e
+
+    def _decode_forward(self, chosen: list[int], c: int):
+        """One token for each chosen row at column c: (logits [b, V], their argmax or None)."""
+        dev = self.engine.device
         rows = [self.rows[i] for i in chosen]
         everyone = len(chosen) == len(self.rows)
         idx = torch.tensor(chosen, dtype=torch.long, device=dev)
@@ -323,12 +302,7 @@ class Scheduler:
         mask = self.valid[: len(rows), : c + 1] if everyone else self.valid[idx, : c + 1]
         out = self.model(ids_B1, attention_mask_BK=mask, positions_BT=pos_B1, cache_start=c, group_ids_BT=group_ids,
                          kv_cache=self.cache if everyone else self.cache.rows(idx), last_only=True)
-        self.cursor, self.now = c + 1, self.now + 1
-        for row in rows:
-            row.position += 1
-            row.ready_at = self.now
         self.stats.add_routings(out.routings, len(rows))
-        self.stats.decode_step(len(rows))
         logits_BV = out.logits[:, -1]
         return logits_BV, (logits_BV.argmax(-1) if any(r.request.cfg.greedy for r in rows) else None)
 
@@ -385,7 +359,7 @@ class Scheduler:
             rows.append(torch.cat([experts_LK[:1].expand(P - len(r.prompt_ids), -1), experts_LK]))
         return caches, torch.stack(rows)
 
-    def _route_next(self, row: _Row) -> None:
+    def _route_next(self, row: Row) -> None:
         """Route the row's next token ahead (its experts, from its own router cache)."""
         ids_11 = torch.tensor([[row.next_token]], dtype=torch.long, device=self.engine.device)
         row.experts = tuple(self.route_ahead(ids_11, row.router_cache, row.position)[0, 0].tolist())
@@ -412,7 +386,7 @@ class Scheduler:
                 self._route_next(row)
 
     @staticmethod
-    def _new_text(row: _Row) -> str:
+    def _new_text(row: Row) -> str:
         """Text not sent yet, holding back what could still become the start of a stop string."""
         stops = row.request.cfg.stop_strings
         end = len(row.seq.text) - (max(map(len, stops)) - 1 if stops else 0)
@@ -426,7 +400,7 @@ class Scheduler:
         row = self._remove(i)
         self._emit_done(row.request, row.seq, reason, row.emitted)
 
-    def _remove(self, i: int) -> _Row:
+    def _remove(self, i: int) -> Row:
         """Take row i out: the last row moves into its place (cache rows included, through the row interface)."""
         row = self.rows[i]
         last = len(self.rows) - 1
@@ -494,4 +468,4 @@ class Scheduler:
         self._internal_error([(r, None) for r in requests], error, "a scheduler step")
 
 
-__all__ = ["Scheduler", "Request", "QueueFullError", "ShuttingDownError", "check_group_id"]
+__all__ = ["Scheduler", "Request", "QueueFullError", "ShuttingDownError", "EventCallback", "check_group_id"]
