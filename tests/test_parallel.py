@@ -149,11 +149,26 @@ def _layer_check(parallel, name: str, cfg: MoEConfig) -> dict:
         "kept_equal": kept == kept_ref,
         "dropped": r_ref.num_dropped,
     }
-    if cfg.bias_update_rate > 0:
+    if cfg.bias_update_rate > 0:  # the optimizer pre-step hook's update (moe/balance.py), from the global counts
+        out["bias_all_reduces"] = _bias_step(ref, layer, parallel)
         out["bias"] = max_diff(layer.router.expert_bias, ref.router.expert_bias)
     full = parallel.full_state_dict(layer)
     out["full_state"] = max(max_diff(full[k], v) for k, v in ref.state_dict().items() if k in full)
     return out
+
+
+def _bias_step(ref, layer, parallel) -> int:
+    """The bias update one process makes on `ref` and the sharded ranks on `layer`; how many all-reduces it took."""
+    from moekit.moe.balance import balanced_routers, update_expert_bias
+
+    update_expert_bias(balanced_routers(ref))
+    calls, real = [], parallel.all_reduce
+    parallel.all_reduce = lambda t, *a, **kw: (calls.append(t.numel()), real(t, *a, **kw))[1]
+    try:
+        update_expert_bias(balanced_routers(layer), parallel)
+    finally:
+        del parallel.all_reduce
+    return len(calls)
 
 
 CLI_OVERRIDES = [
@@ -417,6 +432,7 @@ def _check_equality(results: dict) -> None:
             if what in r:
                 assert r[what] <= ATOL, f"{key}: {what} differs by {r[what]:.3g}"
         assert r["kept_equal"], f"{key}: the kept assignments differ from one process"
+        assert r.get("bias_all_reduces", 1) == 1, f"{key}: the bias update took {r['bias_all_reduces']} all-reduces"
     assert all(v == 3 for k, v in results.items() if k.endswith("fit_step"))
     dropped = [r["dropped"] for k, r in results.items() if k.endswith("/capacity")]
     assert dropped and all(d > 0 for d in dropped), "the capacity case must actually drop tokens"

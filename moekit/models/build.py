@@ -132,10 +132,8 @@ def real_buffers(model: nn.Module, device: torch.device) -> None:
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.inv_freq = module.compute_inv_freq().to(device)
-        elif hasattr(module, "reset_buffers"):  # other rotary tables (MLA's YaRN) recompute their own
+        elif hasattr(module, "reset_buffers"):  # other rotary tables (MLA's YaRN), routers' expert biases
             module.reset_buffers(device)
-        elif hasattr(module, "expert_bias"):
-            module.expert_bias = torch.zeros(module.expert_bias.shape, device=device)
 
 
 def _legacy_pregated(path: Path, ckpt_dir: Path) -> bool:

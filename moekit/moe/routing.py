@@ -4,7 +4,9 @@ Every router returns one `Routing` record. Dispatch, experts, statistics and
 the offload cache read only this record, so a new router needs nothing else.
 Losses and statistics are returned in the record, never kept on the module.
 (The one piece of state, the aux-loss-free balancing bias, is a buffer that
-steers selection and is updated from the observed load, as in DeepSeek-V3.)
+steers selection, as in DeepSeek-V3. Training forwards only count the load
+into `expert_counts`; the bias is updated from those counts before each
+optimizer step, by moe/balance.py's hook, never inside a forward.)
 
 Capacity limits and token dropping live in dispatch.py: they depend on where
 the tokens go (one process or many), not on how they were scored.
@@ -136,6 +138,8 @@ class TopKRouter(nn.Module):
         # Steers which experts are selected, never the weights (DeepSeek-V3).
         persistent = cfg.bias_update_rate > 0 or cfg.selection_bias  # a loaded DeepSeek-V3 bias must survive checkpoints
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=persistent)
+        if cfg.bias_update_rate > 0:  # tokens per expert (before capacity) since the last optimizer step: moe/balance.py
+            self.register_buffer("expert_counts", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x_TD: torch.Tensor, batch_size: int = 1, group_ids_T: torch.Tensor | None = None,
                 causal: bool | None = None) -> Routing:
@@ -143,7 +147,7 @@ class TopKRouter(nn.Module):
         cfg = self.cfg
         logits_TE, scores_TE, expert_idx_TK, weight_TK = self._decide(x_TD, group_ids_T)
         if self.training and cfg.bias_update_rate > 0:
-            self._update_bias(expert_idx_TK)
+            self._count_load(expert_idx_TK)
         return _token_choice_routing(cfg, logits_TE, scores_TE, expert_idx_TK, weight_TK, batch_size, wants_losses(self))
 
     def select(self, x_TD: torch.Tensor, group_ids_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,9 +195,15 @@ class TopKRouter(nn.Module):
         return choice
 
     @torch.no_grad()
-    def _update_bias(self, expert_idx_TK: torch.Tensor) -> None:
-        load_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=self.cfg.num_experts).float()
-        self.expert_bias += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
+    def _count_load(self, expert_idx_TK: torch.Tensor) -> None:
+        """Add this forward's selections to `expert_counts` (the bias moves at the optimizer step, moe/balance.py)."""
+        self.expert_counts += torch.bincount(expert_idx_TK.reshape(-1), minlength=self.cfg.num_experts)
+
+    def reset_buffers(self, device) -> None:
+        """Fresh buffers on `device` for a model built on the meta device: a zero bias (a checkpoint may fill it), no counts."""
+        self.expert_bias = torch.zeros(self.cfg.num_experts, device=device)
+        if self.cfg.bias_update_rate > 0:
+            self.expert_counts = torch.zeros(self.cfg.num_experts, dtype=torch.long, device=device)
 
 
 class GroupRouter(TopKRouter):

@@ -2,9 +2,10 @@
 
 On every MoELayer it keeps only the local experts' weights and swaps the
 LocalDispatcher for an `AllToAllDispatcher`; routers, experts, the layer's
-forward and the Routing record are unchanged. Router hooks make the batch
-balance loss and the aux-loss-free bias update use the global expert load
-(an all-reduce), so they equal one process on the whole batch. Not bitwise
+forward and the Routing record are unchanged. A router hook makes the batch
+balance loss use the global expert load (an all-reduce), so it equals one
+process on the whole batch; the aux-loss-free bias is updated from the
+global counts by the optimizer pre-step hook (moe/balance.py). Not bitwise
 single-process: routing noise (jitter, RSample) is drawn per rank,
 expert-choice routers choose among each rank's own tokens, and losses a model
 computes outside the Routing record (Time-MoE's all-layer balance loss) are
@@ -67,37 +68,21 @@ def _shard_experts(experts: nn.Module, d: AllToAllDispatcher) -> None:
 
 
 def _global_router_stats(router: nn.Module, parallel: ProcessGroups, name: str) -> None:
-    """Router hooks: the batch balance loss and the balancing-bias update from the global expert load."""
+    """A router hook: the batch balance loss from the global expert load (the bias: moe/balance.py's step hook)."""
     cfg = getattr(router, "cfg", None)
-    if cfg is None or cfg.router == "expert_choice" or parallel.world_size == 1:
+    if cfg is None or cfg.router == "expert_choice" or parallel.world_size == 1 or cfg.balance_loss != "batch":
         return
-    batch_balance = cfg.balance_loss == "batch"
-    bias = cfg.bias_update_rate > 0 and hasattr(router, "expert_bias")
-    if not (batch_balance or bias):
-        return
-    saved: dict[str, torch.Tensor] = {}
-
-    def before(module, args):
-        if bias and module.training:
-            saved["bias"] = module.expert_bias.detach().clone()  # the update is redone from the global load
 
     def after(module, args, routing: Routing):
-        if routing.selected_E is None:
+        if routing.selected_E is None or "balance" not in routing.aux_losses:
             return routing
         stats = torch.cat([routing.selected_E.double(), torch.tensor([float(routing.num_tokens)], dtype=torch.float64,
                                                                       device=routing.selected_E.device)])
         parallel.all_reduce(stats, what=f"the router statistics of {name}")
         load_E, T = stats[:-1], max(float(stats[-1]), 1.0)
-        aux = dict(routing.aux_losses)
-        if batch_balance and "balance" in aux:
-            probs_TE = routing.probs_TE
-            P_E = AllReduceSum.apply(probs_TE.sum(0), parallel, f"the balance loss of {name}") / T
-            aux["balance"] = cfg.num_experts * ((load_E.to(probs_TE.dtype) / T) * P_E).sum()
-        if "bias" in saved:
-            load = load_E.float()
-            with torch.no_grad():
-                module.expert_bias.copy_(saved.pop("bias") + cfg.bias_update_rate * torch.sign(load.mean() - load))
+        probs_TE = routing.probs_TE
+        P_E = AllReduceSum.apply(probs_TE.sum(0), parallel, f"the balance loss of {name}") / T
+        aux = {**routing.aux_losses, "balance": cfg.num_experts * ((load_E.to(probs_TE.dtype) / T) * P_E).sum()}
         return replace(routing, aux_losses=aux)
 
-    router.register_forward_pre_hook(before)
     router.register_forward_hook(after)

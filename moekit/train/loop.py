@@ -33,6 +33,7 @@ import torch
 from ..checkpoints import checkpoint_name, load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..config import _check_choice, _check_int, from_dict, to_dict
 from ..errors import CheckpointError, ConfigError
+from ..moe.balance import install_bias_balancing
 from ..parallel.training import SingleProcess
 
 
@@ -199,6 +200,7 @@ def fit(
     torch.manual_seed(cfg.seed)
     model.to(resolve_device(cfg.device, parallel))
     optimizer = make_optimizer(model, cfg)
+    install_bias_balancing(model, optimizer, parallel)  # aux-loss-free bias: updated before each optimizer step
     step = _resume(model, optimizer, run, parallel) if resume else 0
     if main:
         run.mkdir(parents=True, exist_ok=True)
