@@ -14,7 +14,8 @@ from moekit.models.decoder import DecoderLM, ModelConfig
 from moekit.moe.routing import Routing, TopKRouter
 from moekit.moe.task_routing import TaskRouter
 from moekit.moe.task_stats import TaskLoadTracker
-from moekit.train.multitask import greedy_answers, task_batch, task_id, task_loss
+from moekit.infer.answers import greedy_answers
+from moekit.train.multitask import task_batch, task_id, task_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,8 +1,9 @@
 """`moekit train` and `moekit inspect`: flags, one library call each, printing.
 
-The handlers call `moekit.train.lm` (train_lm, inspect_checkpoint) and, for the
-sample printed after training, the generation engine (`moekit.infer.Engine`)
-with the library's default sampling settings. Heavy imports happen inside the
+The handlers call `moekit.train.lm` (train_lm, inspect_checkpoint), give them
+the engine's greedy answers (`moekit.infer.answers`, a math_tasks run's exact
+match) and, for the sample printed after training where the run's recipe
+(`moekit.train.recipes`) asks for one, the generation engine (`moekit.infer.Engine`). Heavy imports happen inside the
 handlers. Not here: training, resuming rules (moekit.train.lm), the parser
 itself (main.py).
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 
 def _train(args) -> int:
+    from ..infer.answers import greedy_answers
     from ..train.lm import inspect_checkpoint, resolve_run_config, train_lm
+    from ..train.recipes import recipe_for
     from .paths import out_dir
 
     out_dir(args.out)
@@ -21,7 +24,7 @@ def _train(args) -> int:
     else:
         cfg = resolve_run_config(args.preset, args.config, args.overrides, args.data)
     summary = train_lm(cfg, args.out, resume=args.resume, progress=not args.quiet, expert_parallel=args.expert_parallel,
-                       resume_overrides=args.overrides if args.resume else ())
+                       resume_overrides=args.overrides if args.resume else (), answers=greedy_answers)
     result = summary["result"]
     if not summary["is_main"]:  # under torchrun only rank 0 reports, samples and inspects
         return 130 if result.interrupted else 0
@@ -33,12 +36,12 @@ def _train(args) -> int:
     if result.last_eval:
         print(f"validation loss {result.last_eval['val_loss']:.4f}")
     print(f"checkpoint: {result.checkpoint}")
-    if not args.no_sample and summary["config"].data.kind == "text":  # a math_tasks run reports exact match instead
+    if not args.no_sample and recipe_for(summary["config"].data.kind).sample:  # (a math_tasks run: exact match)
         from ..infer import Engine
 
         text = Engine(summary["model"], summary["tokenizer"]).generate([args.sample_prompt], **SAMPLE)[0].text
         print(f"\n--- sample (prompt {args.sample_prompt!r}; {SAMPLE_TEXT}) ---\n{args.sample_prompt}{text}\n---")
-    report = inspect_checkpoint(result.checkpoint, heatmap=f"{args.out}/expert_load.png")
+    report = inspect_checkpoint(result.checkpoint, heatmap=f"{args.out}/expert_load.png", answers=greedy_answers)
     print(f"\nrouting on validation text:\n{report['summary']}")
     if report["heatmap"]:  # (a dense model has no expert load)
         print(f"expert-load heatmap: {report['heatmap']}")
@@ -84,13 +87,14 @@ def _check_resume_flags(args) -> None:
 
 
 def _inspect(args) -> int:
+    from ..infer.answers import greedy_answers
     from ..train.lm import inspect_checkpoint
     from .paths import out_file, positive
 
     positive(args.batches, "--batches")
     if args.heatmap:
         out_file(args.heatmap, "--heatmap", example="expert_load.png")
-    report = inspect_checkpoint(args.checkpoint, heatmap=args.heatmap, batches=args.batches)
+    report = inspect_checkpoint(args.checkpoint, heatmap=args.heatmap, batches=args.batches, answers=greedy_answers)
     p = report["params"]
     print(f"checkpoint: {report['checkpoint']}")
     print(f"parameters: {p['total']:,} total, {p['active']:,} active per token")

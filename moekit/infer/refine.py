@@ -127,7 +127,8 @@ def refine_checkpoint(path, endpoint: str, model: str, api_key: str | None = Non
     """
     from ..errors import ConfigError
     from ..train.lm import load_lm
-    from ..train.multitask import build_suite, greedy_answers, task_id
+    from ..train.multitask import build_suite, task_id
+    from .answers import greedy_answers
 
     lm, _, cfg = load_lm(path)
     if cfg.data.kind != "math_tasks":

@@ -5,7 +5,12 @@ call into this file. A run's resolved `RunConfig` is saved in every
 checkpoint, so `load_lm(path)` rebuilds the model from the directory alone;
 a resume takes that config, with only the overrides in RESUME_OVERRIDES.
 
-Not here: text generation (moekit.infer.Engine), the training loop (loop.py).
+The text and mixed-modal recipes are registered here (`TextRecipe`,
+`MixedModalRecipe`); `train_lm` and `inspect_checkpoint` take the run's recipe
+from its `data.kind` (recipes.py) and hold no branch on kinds.
+
+Not here: text generation (moekit.infer.Engine), the training loop (loop.py),
+the math-task recipe (multitask.py), the registry (recipes.py).
 """
 
 from __future__ import annotations
@@ -20,13 +25,13 @@ from ..checkpoints import load_checkpoint, load_model_state, resolve_checkpoint
 from ..config import MoEConfig, _check_choice, _check_int, apply_overrides, from_dict, load_json, to_dict
 from ..data.text import Tokenizer, batch_at, encode_corpus, load_corpus
 from ..models.build import build_model, load_model
-from ..models.decoder import DecoderLM, ModelConfig, count_parameters, lm_loss
+from ..models.decoder import DecoderLM, ModelConfig, count_parameters, experts_per_token, lm_loss
 from ..errors import CheckpointError, ConfigError, DataError
 from ..moe.stats import LoadTracker
+from ..parallel.training import SingleProcess
 from .loop import TrainConfig, fit
 from .multitask import MathTasksConfig
-
-DATA_KINDS = ("text", "mixed_modal", "math_tasks")  # mixed_modal: moekit.data.mixed_modal; math_tasks: train/multitask.py
+from .recipes import Answers, LMData, Recipe, recipe_for, register
 
 
 @dataclass
@@ -42,7 +47,7 @@ class DataConfig:
     math: MathTasksConfig = field(default_factory=MathTasksConfig)  # kind=math_tasks: tasks, sizes, mixing
 
     def __post_init__(self) -> None:
-        _check_choice(self, "kind", DATA_KINDS)
+        recipe_for(self.kind)  # one of the registered kinds (recipes.py)
         _check_int(self, "max_bytes", 1)
         _check_choice(self, "tokenizer", ("byte", "bpe"))
         _check_int(self, "bpe_vocab_size", 257)
@@ -129,36 +134,84 @@ def resolve_run_config(preset: str | None = None, config_file: str | None = None
 # ---------------------------------------------------------------- data
 
 
-@dataclass
-class LMData:
-    tokenizer: Tokenizer
-    train: torch.Tensor
-    val: torch.Tensor
-    source: str
-    model_overrides: dict = field(default_factory=dict)  # what the data fixes in the model (modality id ranges)
-    files: dict = field(default_factory=dict)  # name -> object with .save(path), written into the run directory
-    suite: object = None  # data.kind=math_tasks: the MathSuite (train and val are then None)
-
-
 def prepare_data(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer | None = None) -> LMData:
-    if cfg.kind == "mixed_modal":
+    """The data of `cfg.kind`'s recipe (a text corpus, mixed-modal streams or a math suite)."""
+    return recipe_for(cfg.kind).prepare(cfg, seq_len, tokenizer)
+
+
+# ---------------------------------------------------------------- the text and mixed-modal recipes
+
+
+@register("text")
+class TextRecipe(Recipe):
+    """A text corpus (a file, a folder or the standard library's source), byte-level or BPE tokens."""
+
+    sample = True
+
+    def prepare(self, data_cfg, seq_len, tokenizer=None) -> LMData:
+        corpus = load_corpus(data_cfg.path, data_cfg.max_bytes)
+        if tokenizer is None:
+            tokenizer = Tokenizer.byte_level() if data_cfg.tokenizer == "byte" else \
+                Tokenizer.train_bpe(corpus.train, data_cfg.bpe_vocab_size)
+        train, val = encode_corpus(tokenizer, corpus.train), encode_corpus(tokenizer, corpus.val)
+        if val.numel() < seq_len + 1:  # a tiny corpus: evaluate on the training text rather than fail
+            val = train
+        return LMData(tokenizer, train, val, corpus.source)
+
+    def step_fns(self, cfg, data, parallel, out, answers=None):
+        return _lm_step_fns(cfg, data, parallel, out)
+
+    def inspect(self, model, tokenizer, cfg, ckpt_dir, heatmap, batches, answers=None) -> dict:
+        data = self.prepare(replace(cfg.data, max_bytes=min(cfg.data.max_bytes, 1_000_000)), cfg.train.seq_len, tokenizer)
+        result = evaluate(model, data.val, cfg.train, cfg.model, batches)
+        tracker: LoadTracker = result["tracker"]
+        plot = tracker.plot(heatmap or ckpt_dir / "expert_load.png", f"expert load, {ckpt_dir.name}") if tracker.counts else None
+        return {"val_loss": result["val_loss"], "layers": tracker.summary_rows(), "summary": tracker.summary(),
+                "heatmap": plot, "checkpoint": ckpt_dir}
+
+
+@register("mixed_modal")
+class MixedModalRecipe(TextRecipe):
+    """Text + VQ-tokenized digit images (moekit.data.mixed_modal); the model takes the modality id ranges."""
+
+    sample = False  # a continuation of "def " says little about an image-and-caption model
+
+    def prepare(self, data_cfg, seq_len, tokenizer=None) -> LMData:
         from ..data.mixed_modal import prepare_lm_data
 
-        return LMData(**prepare_lm_data(cfg, tokenizer))
-    corpus = load_corpus(cfg.path, cfg.max_bytes)
-    if tokenizer is None:
-        tokenizer = Tokenizer.byte_level() if cfg.tokenizer == "byte" else Tokenizer.train_bpe(corpus.train, cfg.bpe_vocab_size)
-    train, val = encode_corpus(tokenizer, corpus.train), encode_corpus(tokenizer, corpus.val)
-    if val.numel() < seq_len + 1:  # a tiny corpus: evaluate on the training text rather than fail
-        val = train
-    return LMData(tokenizer, train, val, corpus.source)
+        return LMData(**prepare_lm_data(data_cfg, tokenizer))
+
+
+def _lm_step_fns(cfg: RunConfig, data: LMData, parallel, out: Path):
+    """(batch_fn, loss_fn, eval_fn) of next-token training on token streams, with expert-load tracking."""
+    tc = cfg.train
+
+    def batch_fn(i):
+        return batch_at(data.train, i, tc.batch_size, tc.seq_len, tc.seed)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        out_ = m(x)
+        loss, parts = lm_loss(out_, y, tc.balance_loss_weight, tc.z_loss_weight)
+        tracker = LoadTracker()
+        tracker.add(out_.routings)
+        parallel.sum_load(tracker)
+        return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "max_over_mean_load": tracker.max_over_mean()}
+
+    def eval_fn(m, step):
+        result = evaluate(m, data.val, tc, cfg.model, parallel=parallel)
+        if parallel.is_main and result["tracker"].counts:  # a dense model has no expert load
+            result["tracker"].plot(out / "expert_load.png", f"expert load, step {step}")
+        return {"val_loss": result["val_loss"], "val_max_over_mean_load": result["tracker"].max_over_mean()}
+
+    return batch_fn, loss_fn, eval_fn
 
 
 # ---------------------------------------------------------------- training
 
 
 def train_lm(cfg: RunConfig | None, out_dir: str | Path, resume: bool = False, progress: bool = True,
-             expert_parallel: int = 0, resume_overrides=()) -> dict:
+             expert_parallel: int = 0, resume_overrides=(), answers: Answers | None = None) -> dict:
     """Train (or resume) a DecoderLM run; returns a summary with the checkpoint path.
 
     resume=True ignores `cfg`: the run continues with the config saved in its
@@ -168,30 +221,29 @@ def train_lm(cfg: RunConfig | None, out_dir: str | Path, resume: bool = False, p
     expert_parallel=N (under torchrun): experts sharded over N ranks, the batch
     split over all ranks (see moekit.parallel); metrics and checkpoints are
     those of one process, and the returned model is the full, unsharded one.
+
+    answers: greedy answers for a math_tasks run's exact match (moekit.infer.answers.greedy_answers;
+    None: its evaluations report the validation loss only).
     """
     if not expert_parallel:
-        return _train_lm(cfg, Path(out_dir), resume, progress, None, resume_overrides)
+        return _train_lm(cfg, Path(out_dir), resume, progress, SingleProcess(), resume_overrides, answers)
     from ..parallel import init_expert_parallel
 
     with init_expert_parallel(expert_parallel) as parallel:
-        return _train_lm(cfg, Path(out_dir), resume, progress, parallel, resume_overrides)
+        return _train_lm(cfg, Path(out_dir), resume, progress, parallel, resume_overrides, answers)
 
 
 def _run_data(cfg: RunConfig, tokenizer: Tokenizer | None) -> tuple[RunConfig, LMData]:
-    """The run's data, and its config with the model's vocabulary (and task groups) filled in."""
-    if cfg.data.kind == "math_tasks":
-        from .multitask import build_suite, with_task_groups
-
-        source = f"math_tasks:{','.join(cfg.data.math.tasks)}"
-        data = LMData(tokenizer or Tokenizer.byte_level(), None, None, source, suite=build_suite(cfg.data.math))
-        cfg = replace(cfg, model=with_task_groups(cfg.model, cfg.data.math.tasks))
-    else:
-        data = prepare_data(cfg.data, cfg.train.seq_len, tokenizer)
-        check_corpus_size(data, cfg.train.seq_len)  # before the run directory exists: a refusal leaves nothing on disk
-    return replace(cfg, model=replace(cfg.model, vocab_size=data.tokenizer.vocab_size, **data.model_overrides)), data
+    """The run's data (its recipe's), and its config with what the data fixes in the model filled in."""
+    recipe = recipe_for(cfg.data.kind)
+    data = recipe.prepare(cfg.data, cfg.train.seq_len, tokenizer)
+    check_corpus_size(data, cfg.train.seq_len)  # before the run directory exists: a refusal leaves nothing on disk
+    model = recipe.model_config(cfg.model, cfg.data)
+    return replace(cfg, model=replace(model, vocab_size=data.tokenizer.vocab_size, **data.model_overrides)), data
 
 
-def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, parallel, resume_overrides=()) -> dict:
+def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, parallel, resume_overrides=(),
+              answers: Answers | None = None) -> dict:
     if resume:
         cfg = resume_run_config(out, resume_overrides)
     elif cfg is None:
@@ -205,36 +257,12 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
         raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model)  # the config's transforms too (pre-gated routing), so a resumed run is the same model
-    if parallel is not None:
+    parallel.check_same(to_dict(cfg), "config")
+    if parallel.sharded:
         from ..parallel import apply_expert_parallel
 
-        parallel.check_same(to_dict(cfg), "config")
         apply_expert_parallel(model, parallel)
-
-    def batch_fn(i):
-        return batch_at(data.train, i, tc.batch_size, tc.seq_len, tc.seed)
-
-    def loss_fn(m, batch):
-        x, y = batch
-        out = m(x)
-        loss, parts = lm_loss(out, y, tc.balance_loss_weight, tc.z_loss_weight)
-        tracker = LoadTracker()
-        tracker.add(out.routings)
-        if parallel is not None:
-            parallel.sum_load(tracker)
-        return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "max_over_mean_load": tracker.max_over_mean()}
-
-    def eval_fn(m, step):
-        result = evaluate(m, data.val, tc, cfg.model, parallel=parallel)
-        if (parallel is None or parallel.is_main) and result["tracker"].counts:  # a dense model has no expert load
-            result["tracker"].plot(out / "expert_load.png", f"expert load, step {step}")
-        return {"val_loss": result["val_loss"], "val_max_over_mean_load": result["tracker"].max_over_mean()}
-
-    if cfg.data.kind == "math_tasks":
-        from .multitask import math_task_fns
-
-        batch_fn, loss_fn, eval_fn = math_task_fns(cfg, data.suite, parallel)
-
+    batch_fn, loss_fn, eval_fn = recipe_for(cfg.data.kind).step_fns(cfg, data, parallel, out, answers)
     started = time.perf_counter()
     result = fit(
         model, tc, batch_fn=batch_fn, loss_fn=loss_fn, eval_fn=eval_fn, run_dir=out, config_dict=to_dict(cfg),
@@ -242,20 +270,20 @@ def _train_lm(cfg: RunConfig | None, out: Path, resume: bool, progress: bool, pa
         parallel=parallel,
     )
     _save_data_files(data, out, parallel)
-    if parallel is not None:  # hand back an ordinary single-process model holding every expert
+    if parallel.sharded:  # hand back an ordinary single-process model holding every expert
         full_state = parallel.full_state_dict(model)
         model = build_model(cfg.model)
         load_model_state(model, full_state)
     return {
         "model": model, "tokenizer": data.tokenizer, "result": result, "config": cfg,
         "seconds": time.perf_counter() - started, "source": data.source,
-        "is_main": parallel is None or parallel.is_main,
+        "is_main": parallel.is_main,
     }
 
 
 def check_corpus_size(data: LMData, seq_len: int) -> None:
     """Refuse a corpus whose training or validation split is shorter than one window of seq_len + 1 tokens."""
-    if data.suite is not None:  # math_tasks: generated rows, no corpus
+    if data.train is None:  # generated rows (math_tasks), no corpus
         return
     need = seq_len + 1
     train, val = data.train.numel(), data.val.numel()
@@ -267,7 +295,7 @@ def check_corpus_size(data: LMData, seq_len: int) -> None:
 
 def _save_data_files(data: LMData, out: Path, parallel) -> None:
     """What the data needs again at inference (e.g. the mixed-modal VQ codebook), beside the checkpoints."""
-    for name, obj in data.files.items() if parallel is None or parallel.is_main else ():
+    for name, obj in data.files.items() if parallel.is_main else ():
         obj.save(out / name)
 
 
@@ -278,6 +306,7 @@ def evaluate(model: DecoderLM, tokens: torch.Tensor, tc: TrainConfig, mcfg: Mode
 
     With `parallel` (an expert-parallel model) each rank evaluates its slice of every batch.
     """
+    parallel = parallel if parallel is not None else SingleProcess()
     was_training = model.training
     model.eval()
     tracker, losses = LoadTracker(), []
@@ -285,15 +314,12 @@ def evaluate(model: DecoderLM, tokens: torch.Tensor, tc: TrainConfig, mcfg: Mode
     device = next(model.parameters()).device
     for i in range(batches or tc.eval_batches):
         x, y = batch_at(tokens, i, tc.batch_size, seq_len, seed=tc.seed + 1_000_003)
-        x, y = x.to(device), y.to(device)
-        if parallel is not None:
-            x, y = parallel.shard_batch((x, y))
+        x, y = parallel.shard_batch((x.to(device), y.to(device)))
         out = model(x)
         losses.append(float(torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten())))
         tracker.add(out.routings)
-    if parallel is not None:
-        losses = parallel.mean_over_ranks(losses)
-        parallel.sum_load(tracker)
+    losses = parallel.mean_over_ranks(losses)
+    parallel.sum_load(tracker)
     model.train(was_training)
     return {"val_loss": sum(losses) / len(losses), "tracker": tracker}
 
@@ -358,24 +384,19 @@ def load_lm(path: str | Path) -> tuple[DecoderLM, Tokenizer, RunConfig]:
     return model, tokenizer, run_config_from(config, path)
 
 
-def inspect_checkpoint(path: str | Path, heatmap: str | Path | None = None, batches: int = 4) -> dict:
-    """Parameter counts and expert load on the run's validation text; writes the heatmap."""
+def inspect_checkpoint(path: str | Path, heatmap: str | Path | None = None, batches: int = 4,
+                       answers: Answers | None = None) -> dict:
+    """Parameter counts, and what the run's recipe reports (expert load on validation data; writes the heatmap).
+
+    answers: greedy answers for a math_tasks model's exact match (as in `train_lm`).
+    """
     model, tokenizer, cfg = load_lm(path)
     counts = count_parameters(model)
     # the validation loss is over `batches` batches; training's (metrics.jsonl) over train.eval_batches
     head = {"params": counts, "param_rows": parameter_rows(model), "batches": batches,
             "train_eval_batches": cfg.train.eval_batches}
-    if cfg.data.kind == "math_tasks":
-        from .multitask import inspect_tasks
-
-        return {**head, **inspect_tasks(model, cfg, resolve_checkpoint(path), heatmap, batches)}
-    data = prepare_data(replace(cfg.data, max_bytes=min(cfg.data.max_bytes, 1_000_000)), cfg.train.seq_len, tokenizer)
-    result = evaluate(model, data.val, cfg.train, cfg.model, batches)
-    tracker: LoadTracker = result["tracker"]
-    ckpt_dir = resolve_checkpoint(path)
-    plot = tracker.plot(heatmap or ckpt_dir / "expert_load.png", f"expert load, {ckpt_dir.name}") if tracker.counts else None
-    return {**head, "val_loss": result["val_loss"], "layers": tracker.summary_rows(),
-            "summary": tracker.summary(), "heatmap": plot, "checkpoint": ckpt_dir}
+    recipe = recipe_for(cfg.data.kind)
+    return {**head, **recipe.inspect(model, tokenizer, cfg, resolve_checkpoint(path), heatmap, batches, answers)}
 
 
 def parameter_rows(model: DecoderLM) -> list[dict]:
@@ -395,7 +416,7 @@ def parameter_rows(model: DecoderLM) -> list[dict]:
     for i, layer in enumerate(model.layers):
         moe = getattr(layer.mlp, "moe", layer.mlp)  # ResidualMoE holds its MoELayer as .moe
         kind = model.cfg.ffn if layer.is_moe else "dense"
-        E, k = (moe.cfg.num_experts, moe.cfg.top_k) if layer.is_moe else (0, 0)
+        E, k = (moe.cfg.num_experts, experts_per_token(moe.cfg)) if layer.is_moe else (0, 0)  # (as count_parameters)
         rows.append({"part": f"layer {i}", "ffn": kind, "experts": E, "top_k": k, "total": numel(layer)})
         if layer.is_moe:
             rows[-1]["active"] = rows[-1]["total"] - (E - k) * (moe.experts.num_weights // E)

@@ -208,8 +208,7 @@ def fit(
     forward_model = torch.compile(model) if cfg.compile else model
     result = FitResult(step=step, interrupted=False, checkpoint=resolve_checkpoint(run) if resume else None, start_step=step)
     save = _Saver(run, model, optimizer, cfg, config_dict, tokenizer, parallel)
-    bar = _progress_bar(cfg.steps, step, progress and main)
-    stopping = False
+    bar, stopping = _progress_bar(cfg.steps, step, progress and main), False
     with _StopRequest() as stop, open(run / "metrics.jsonl" if main else os.devnull, "a") as log:
         # with several ranks a Ctrl-C seen by any of them stops all of them at the same step
         while step < cfg.steps and not (stopping := parallel.any_rank(stop.requested)):

@@ -1,15 +1,18 @@
 """Multi-task training on the math suite (JiuZhang 2.0): task-size sampling, task ids as group ids, exact match.
 
-`moekit train ... data.kind=math_tasks` lands here from train/lm.py: the suite of
+`moekit train ... data.kind=math_tasks` lands here (`MathTasksRecipe`, registered
+for the kind in recipes.py; train/lm.py runs it): the suite of
 moekit.data.mathtasks is generated from the run's config (so a checkpoint can
 rebuild it), each batch row holds problems of one task drawn with probability
 p_i ~ n_i ** (1 / task_temperature), the row's task id is every token's group id
 (what `router=task` and `router=group` route on), and the loss covers the
 answers only, each task's tokens weighted by `task_loss_weights`.
-`exact_match` scores a model by greedy decoding on the test problems.
+`exact_match` scores a model's greedy answers on the test problems; the answers
+come from the caller (`answers`: moekit.infer.answers.greedy_answers, the engine's
+decode, which lives above training), so there is no decode loop here.
 
 Not here: the problems themselves (moekit.data.mathtasks), the training loop (loop.py),
-the text recipe (lm.py), routing statistics by task (moekit.moe.task_stats).
+the text recipe (lm.py), routing statistics by task (moekit.moe.task_stats), decoding (moekit.infer).
 
 Shape legend: B batch rows, T tokens, V vocabulary.
 """
@@ -25,8 +28,9 @@ import torch.nn.functional as F
 
 from ..config import _check_int, field_list
 from ..data.mathtasks import (DEFAULT_TEST_SIZE, DEFAULT_TRAIN_SIZES, MAX_ANSWER_CHARS, TASKS, MathSuite,
-                              check_tasks, encode_bytes, make_suite, pack_rows, task_probabilities)
+                              check_tasks, make_suite, pack_rows, task_probabilities)
 from ..errors import ConfigError
+from .recipes import Answers, LMData, Recipe, register
 
 TASK_ROUTERS = ("task", "group")  # routers that read the task id of each token
 
@@ -128,48 +132,7 @@ def forward_tasks(model, x_BT: torch.Tensor, task_BT: torch.Tensor):
     return model(x_BT, group_ids_BT=task_BT)
 
 
-# ---------------------------------------------------------------- greedy decoding and exact match
-
-
-@torch.no_grad()
-def greedy_answers(model, prompts: list[str], task_ids: list[int], max_new: int = MAX_ANSWER_CHARS,
-                   batch_size: int = 64) -> list[str]:
-    """Each prompt's greedy continuation up to the first newline (at most max_new bytes).
-
-    Prompts of equal length are decoded together with the full forward (no padding, no cache).
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    answers = [""] * len(prompts)
-    by_len: dict[int, list[int]] = {}
-    encoded = [encode_bytes("\n" + p) for p in prompts]
-    for i, ids in enumerate(encoded):
-        by_len.setdefault(len(ids), []).append(i)
-    for group in by_len.values():
-        for start in range(0, len(group), batch_size):
-            rows = group[start: start + batch_size]
-            out = _greedy_rows(model, [encoded[i] for i in rows], [task_ids[i] for i in rows], max_new, device)
-            for i, text in zip(rows, out):
-                answers[i] = text
-    model.train(was_training)
-    return answers
-
-
-def _greedy_rows(model, ids: list[list[int]], tasks: list[int], max_new: int, device) -> list[str]:
-    x_BT = torch.tensor(ids, device=device)
-    task_B = torch.tensor(tasks, device=device)
-    done_B = torch.zeros(len(ids), dtype=torch.bool, device=device)
-    new = []
-    for _ in range(max_new + 1):
-        logits = forward_tasks(model, x_BT, task_B[:, None].expand_as(x_BT)).logits[:, -1]
-        tok_B = logits.argmax(-1)
-        done_B |= tok_B == ord("\n")
-        new.append(tok_B.masked_fill(done_B, ord("\n")))
-        if bool(done_B.all()) or x_BT.shape[1] >= model.cfg.max_seq_len:
-            break
-        x_BT = torch.cat([x_BT, tok_B[:, None]], dim=1)
-    return [answer_text(r, max_new) for r in torch.stack(new, dim=1).tolist()]
+# ---------------------------------------------------------------- exact match
 
 
 def answer_text(token_ids: list[int], max_new: int = MAX_ANSWER_CHARS) -> str:
@@ -179,23 +142,46 @@ def answer_text(token_ids: list[int], max_new: int = MAX_ANSWER_CHARS) -> str:
     return bytes(ids[:max_new]).decode("utf-8", "replace")
 
 
-def exact_match(model, suite: MathSuite, limit: int | None = None, split: str = "test") -> dict[str, float]:
-    """Per-task exact-match accuracy (fraction) of greedy answers, and their mean over the tasks."""
+def exact_match(model, suite: MathSuite, answers: Answers, limit: int | None = None, split: str = "test") -> dict[str, float]:
+    """Per-task exact-match accuracy (fraction) of `answers` (greedy, e.g. moekit.infer.answers), and their mean."""
     result = {}
     for t, task in enumerate(suite.tasks):
         problems = getattr(suite, split)[task][:limit]
-        got = greedy_answers(model, [p.prompt for p in problems], [t] * len(problems))
+        got = answers(model, [p.prompt for p in problems], [t] * len(problems))
         result[task] = sum(a == p.answer for a, p in zip(got, problems)) / len(problems)
     result["mean"] = sum(result[t] for t in suite.tasks) / len(suite.tasks)
     return result
 
 
-# ---------------------------------------------------------------- the recipe's hooks for train/lm.py
+# ---------------------------------------------------------------- the recipe
 
 
-def math_task_fns(cfg, suite: MathSuite, parallel=None):
-    """(batch_fn, loss_fn, eval_fn) for fit: what `moekit train data.kind=math_tasks` trains and reports."""
-    if parallel is not None:
+@register("math_tasks")
+class MathTasksRecipe(Recipe):
+    """The math suite, generated from the config; task ids as group ids; exact match when given `answers`."""
+
+    def prepare(self, data_cfg, seq_len, tokenizer=None) -> LMData:
+        from ..data.text import Tokenizer
+
+        source = f"math_tasks:{','.join(data_cfg.math.tasks)}"
+        return LMData(tokenizer or Tokenizer.byte_level(), None, None, source, suite=build_suite(data_cfg.math))
+
+    def model_config(self, model_cfg, data_cfg):
+        return with_task_groups(model_cfg, data_cfg.math.tasks)
+
+    def step_fns(self, cfg, data, parallel, out, answers=None):
+        return math_task_fns(cfg, data.suite, parallel, answers)
+
+    def inspect(self, model, tokenizer, cfg, ckpt_dir, heatmap, batches, answers=None) -> dict:
+        return inspect_tasks(model, cfg, ckpt_dir, heatmap, batches, answers)
+
+
+def math_task_fns(cfg, suite: MathSuite, parallel=None, answers: Answers | None = None):
+    """(batch_fn, loss_fn, eval_fn) for fit: what `moekit train data.kind=math_tasks` trains and reports.
+
+    eval_fn adds exact match (em_<task>, em_mean) when `answers` is given.
+    """
+    if parallel is not None and parallel.sharded:
         raise ConfigError("data.kind=math_tasks does not support --expert-parallel yet: train it on one process")
     tc, mc = cfg.train, cfg.data.math
     longest = max((len(p.text), t) for t in suite.tasks for p in suite.train[t] + suite.test[t])
@@ -214,8 +200,8 @@ def math_task_fns(cfg, suite: MathSuite, parallel=None):
         return loss, {k: float(v.detach()) for k, v in parts.items()}
 
     def eval_fn(m, step):
-        return {"val_loss": task_val_loss(m, suite, tc), **{f"em_{k}": v for k, v in
-                                                           exact_match(m, suite, mc.eval_problems).items()}}
+        em = exact_match(m, suite, answers, mc.eval_problems) if answers is not None else {}
+        return {"val_loss": task_val_loss(m, suite, tc), **{f"em_{k}": v for k, v in em.items()}}
 
     return batch_fn, loss_fn, eval_fn
 
@@ -239,8 +225,8 @@ def task_val_loss(model, suite: MathSuite, tc, batches: int | None = None) -> fl
 
 
 @torch.no_grad()
-def inspect_tasks(model, cfg, ckpt_dir, heatmap=None, batches: int = 4) -> dict:
-    """Expert load, the task x expert heatmap and per-task routing entropy on test rows; exact match too."""
+def inspect_tasks(model, cfg, ckpt_dir, heatmap=None, batches: int = 4, answers: Answers | None = None) -> dict:
+    """Expert load, the task x expert heatmap and per-task routing entropy on test rows; exact match given `answers`."""
     from pathlib import Path
 
     from ..moe.stats import LoadTracker
@@ -260,11 +246,12 @@ def inspect_tasks(model, cfg, ckpt_dir, heatmap=None, batches: int = 4) -> dict:
         plots["heatmap"] = tracker.plot(load_png, f"expert load, {Path(ckpt_dir).name}")
         plots["task_heatmap"] = by_task.plot(load_png.with_name(load_png.stem + "_by_task.png"),
                                              f"routing by task, {Path(ckpt_dir).name}")
+    em = {"exact_match": exact_match(model, suite, answers, cfg.data.math.eval_problems)} if answers is not None else {}
     return {"val_loss": task_val_loss(model, suite, tc, batches), "layers": tracker.summary_rows(), "summary": tracker.summary(),
             "heatmap": plots.get("heatmap"), "task_heatmap": plots.get("task_heatmap"),
             "task_summary": by_task.summary() if by_task.counts else None, "task_entropy": by_task.entropy_bits(),
-            "exact_match": exact_match(model, suite, cfg.data.math.eval_problems), "checkpoint": Path(ckpt_dir)}
+            **em, "checkpoint": Path(ckpt_dir)}
 
 
-__all__ = ["MathTasksConfig", "task_batch", "task_loss", "greedy_answers", "exact_match", "math_task_fns",
-           "task_id", "with_task_groups", "inspect_tasks"]
+__all__ = ["MathTasksConfig", "MathTasksRecipe", "task_batch", "task_loss", "answer_text", "exact_match",
+           "math_task_fns", "task_id", "with_task_groups", "inspect_tasks"]
