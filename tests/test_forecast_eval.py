@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from moekit.data.timeseries import Series, prepare, read_csv
+from moekit.data.timeseries import DataWarning, Series, prepare, read_csv
 from moekit.errors import DataError
 from moekit.infer.forecast_eval import (
     DLinear,
     LastValue,
     ModelForecaster,
     SeasonalNaive,
+    baselines,
     evaluate,
     parse_horizons,
     results_table,
@@ -109,3 +110,66 @@ def test_dlinear_reproduces_the_published_etth1_figure():
     dl = DLinear().fit(p, [96], context=336)
     (res,) = evaluate(p, [dl], horizons=[96], context=336, progress=False)
     assert 0.35 < res.mse < 0.40  # DLinear paper, ETTh1-96 with L=336: MSE 0.375
+
+
+# ---------------------------------------------------------------- weekly, daily and short files (issue 24)
+
+
+def stamped(values_TC: np.ndarray, step: str, start: str = "2000-01-02") -> Series:
+    unit = {"W": (7, "D"), "D": (1, "D"), "15min": (15, "m"), "H": (1, "h")}[step]
+    t = (np.datetime64(start) + np.arange(len(values_TC)) * np.timedelta64(*unit)).astype("datetime64[s]")
+    return Series(f"syn_{step}", values_TC.astype(np.float32), [f"c{i}" for i in range(values_TC.shape[1])], t)
+
+
+def test_season_length_follows_the_step():
+    x = np.zeros((200, 1))
+    assert [season_length(prepare(stamped(x, s))) for s in ("W", "D", "15min", "H")] == [52, 7, 96, 24]
+    months = np.array([f"2001-{m:02d}-01" for m in range(1, 13)] * 1, dtype="datetime64[s]")
+    months = np.concatenate([months + np.timedelta64(0, "s")] + [
+        np.array([f"{y}-{m:02d}-01" for m in range(1, 13)], dtype="datetime64[s]") for y in range(2002, 2011)])
+    assert season_length(prepare(Series("m", np.zeros((120, 1), np.float32), ["v"], months))) == 12
+
+
+def test_weekly_seasonal_naive_is_seasonal_not_last_value():
+    t = np.arange(966)
+    rng = np.random.default_rng(0)
+    pattern = rng.normal(size=52)
+    p = prepare(stamped(pattern[t % 52][:, None], "W"))
+    (seasonal,) = baselines(p, [26], context=104, dlinear=False)[1:]
+    assert seasonal.period == 52
+    res = evaluate(p, [seasonal, LastValue()], horizons=[26], context=104, progress=False)
+    assert res[0].mse < 1e-10 and res[1].mse > 0.5  # a yearly pattern repeats exactly; the last value does not
+
+
+def test_seasonal_naive_says_when_it_cannot_be_seasonal():
+    x = np.sin(np.arange(400) / 3)[:, None]
+    with pytest.warns(DataWarning, match="no seasonal period is known for a file without timestamps, so "
+                                         "seasonal_naive equals last_value"):
+        baselines(prepare(Series("plain", x.astype(np.float32), ["v"])), [8], 32, dlinear=False)
+    with pytest.warns(DataWarning, match=r"seasonal period of 96 steps \(steps of 15 minutes\) does not fit the "
+                                         r"context of 48.*--context 96 or more"):
+        baselines(prepare(stamped(x, "15min")), [8], 48, dlinear=False)
+
+
+def test_dlinear_trains_on_windows_stride_apart():
+    p = prepare(stamped(np.sin(np.arange(1000) / 4)[:, None], "H"))
+    train, val = DLinear(stride=10)._windows(p, 24, 96)
+    np.testing.assert_array_equal(train, np.arange(96, 700 - 24 + 1, 10))
+    np.testing.assert_array_equal(val, np.arange(700, 800 - 24 + 1, 10))
+
+
+def test_a_weekly_file_too_short_for_the_horizon_names_the_split_and_the_fix():
+    # 966 weekly rows, 70/10/20: train [0, 676), validation [676, 773), test [773, 966)
+    t = np.arange(966)
+    p = prepare(stamped(np.sin(2 * np.pi * t / 52)[:, None] + 0.001 * t[:, None], "W"))
+    with pytest.raises(DataError, match=r"DLinear baseline cannot train for horizon 192: its train split is too short "
+                                        r"\(the split \[0, 676\) holds 676 rows, of which 164 can be targets after "
+                                        r"the first context of 512.*use --context 484 or less"):
+        baselines(p, [192], 512, dlinear_kwargs={"epochs": 1})
+    with pytest.warns(DataWarning, match=r"validation split \[676, 773\) is too short for horizon 192, so DLinear "
+                                         r"trains all 2 epochs without early stopping"):
+        methods = baselines(p, [192], 336, dlinear_kwargs={"epochs": 2, "stride": 8})
+    res = evaluate(p, methods, horizons=[192], context=336, stride=1, progress=False)
+    assert res[0].windows == 966 - 773 - 192 + 1 == 2 and all(np.isfinite(r.mse) for r in res)
+    with pytest.raises(DataError, match=r"test split \[773, 966\) holds 193 rows.*use --horizons of at most 193"):
+        evaluate(p, [LastValue()], horizons=[96, 336], context=336, progress=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -233,3 +235,83 @@ def test_load_hf_names_a_missing_or_broken_config(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config.json is not valid JSON: Expecting property name"):
         load_hf(tmp_path)
+
+
+# ---------------------------------------------------------------- train-forecaster on a user's CSV (issue 24)
+
+TINY_RUN = ["model.hidden_size=16", "model.intermediate_size=32", "model.num_layers=1", "model.num_heads=2",
+            "train.steps=2", "train.seq_len=48", "train.batch_size=4", "train.eval_every=1", "train.save_every=2",
+            "train.eval_batches=1", "train.warmup_steps=1", "train.device=cpu"]
+
+
+def hourly_csv(path, rows: int = 600, inf_at: int | None = None):
+    import numpy as np
+
+    t = np.arange(rows)
+    start = np.datetime64("2021-03-01T00:00:00")
+    lines = ["date,load,temp"]
+    for i in t:
+        load = "inf" if i == inf_at else f"{10 + 3 * np.sin(2 * np.pi * i / 24):.4f}"
+        lines.append(f"{str(start + np.timedelta64(int(i), 'h')).replace('T', ' ')},{load},{20 + 0.01 * i:.4f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def metrics_of(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_forecaster_is_reproducible(tmp_path):
+    from moekit.train.forecaster import train_forecaster
+
+    data = hourly_csv(tmp_path / "s.csv")
+    runs = []
+    for name in ("a", "b"):
+        torch.manual_seed(1000 + len(runs))  # whatever the global RNG holds, the run's seed decides
+        out = train_forecaster([data], tmp_path / name, overrides=TINY_RUN, progress=False)
+        runs.append(out)
+    first = [[m for m in metrics_of(tmp_path / n) if m.get("step") == 1 and "loss" in m][0]["loss"] for n in "ab"]
+    assert first[0] == first[1]
+    for (k, a), b in zip(runs[0]["model"].state_dict().items(), runs[1]["model"].state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_an_inf_cell_never_reaches_the_weights(tmp_path):
+    from moekit.data.timeseries import DataWarning
+    from moekit.train.forecaster import train_forecaster
+
+    data = hourly_csv(tmp_path / "s.csv", inf_at=100)
+    with pytest.warns(DataWarning, match=r"column 'load': 1 infinite value\(s\) read as missing"):
+        out = train_forecaster([data], tmp_path / "run", overrides=TINY_RUN, progress=False)
+    assert all(torch.isfinite(p).all() for p in out["model"].state_dict().values())
+    assert all(np.isfinite(m["val_huber"]) for m in metrics_of(tmp_path / "run") if "val_huber" in m)
+
+
+def test_a_loss_that_is_not_finite_stops_training(tmp_path, monkeypatch):
+    from moekit.train.forecaster import TrainingDiverged, train_forecaster
+
+    data = hourly_csv(tmp_path / "s.csv")
+    real_loss = TimeMoE.loss
+
+    def nan_in_eval(self, batch):
+        loss, metrics = real_loss(self, batch)
+        return (loss, metrics) if self.training else (loss, {**metrics, "huber": float("nan")})
+
+    monkeypatch.setattr(TimeMoE, "loss", nan_in_eval)
+    with pytest.raises(TrainingDiverged, match=r"validation Huber loss is nan at step 1: training stopped"):
+        train_forecaster([data], tmp_path / "run", overrides=TINY_RUN, progress=False)
+    monkeypatch.setattr(TimeMoE, "loss", lambda self, batch: (real_loss(self, batch)[0] * float("nan"), {}))
+    with pytest.raises(TrainingDiverged, match=r"the training loss is nan: training stopped"):
+        train_forecaster([data], tmp_path / "run2", overrides=TINY_RUN, progress=False)
+    assert not list((tmp_path / "run2").glob("step-*"))  # no NaN checkpoint
+
+
+def test_a_short_validation_split_shrinks_the_window_and_says_so(tmp_path):
+    from moekit.data.timeseries import DataWarning
+    from moekit.train.forecaster import train_forecaster
+
+    data = hourly_csv(tmp_path / "s.csv", rows=300)  # 70/10/20: 30 validation rows < seq_len + 1 = 49
+    with pytest.warns(DataWarning, match=r"validation uses windows of 30 points, not seq_len \+ 1 = 49: the "
+                                         r"validation split of s \(30 rows\) is shorter"):
+        train_forecaster([data], tmp_path / "run", overrides=TINY_RUN, progress=False)
+    assert [m["step"] for m in metrics_of(tmp_path / "run") if "val_huber" in m] == [1, 2]

@@ -4,8 +4,9 @@ Holds `evaluate` (test windows of the standard split, stride 1 by default,
 contexts and targets on the train-fitted scaled values, channel-independent
 forecasts, MSE and MAE averaged over channels, windows and steps), the
 forecasters it scores (`ModelForecaster` for Time-MoE, `LastValue`,
-`SeasonalNaive`, and `DLinear` trained on the target's own train split with
-early stopping on its validation split), and `evaluate_csv`, the one call behind
+`SeasonalNaive` with `season_length`'s period: 24 hourly, 96 at 15 min, 7
+daily, 52 weekly, 12 monthly; and `DLinear` trained on the target's own train
+split, windows `stride` apart, with early stopping on its validation split), and `evaluate_csv`, the one call behind
 `moekit eval-forecast`. Every method sees exactly the same windows.
 
 Not here: the model (`moekit.models.timemoe`), loading it and forecasting a
@@ -17,6 +18,7 @@ Shape suffixes: N series (windows x channels), L context, H horizon, C channels.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.timeseries import PreparedSeries, gather_windows, prepare, read_csv, window_starts
+from ..data.timeseries import DataWarning, PreparedSeries, gather_windows, prepare, read_csv, window_starts
 from ..errors import DataError
 
 DEFAULT_HORIZONS = (96, 192, 336, 720)
@@ -75,17 +77,34 @@ class SeasonalNaive:
 
 
 def season_length(prepared: PreparedSeries) -> int:
-    """One day in steps when the series is sub-daily (24 hourly, 96 at 15 min), a week for daily data, else 1."""
+    """The seasonal period in steps: a day for sub-daily data (24 hourly, 96 at 15 min), a week for daily data (7),
+    a year for weekly (52), monthly (12) and quarterly (4) data; 1 (no season known) otherwise."""
+    months = prepared.series.month_step()
+    if months in (1, 3):
+        return 12 // months
     step = prepared.series.frequency()
-    if step is None:
+    if step is None or months:
         return 1
     seconds = int(step / np.timedelta64(1, "s"))
     day = 86400
     if 0 < seconds < day and day % seconds == 0:
         return day // seconds
-    if seconds == day:
-        return 7
-    return 1
+    return {day: 7, 7 * day: 52}.get(seconds, 1)
+
+
+def _say_season(prepared: PreparedSeries, period: int, context: int) -> None:
+    """Warn when seasonal-naive cannot be seasonal: no known period, or a period longer than the context."""
+    from ..data.dates import describe_step
+
+    step = prepared.series.frequency()
+    what = f"steps of {describe_step(step)}" if step is not None else "a file without timestamps"
+    if period == 1:
+        warnings.warn(f"{prepared.series.name}: no seasonal period is known for {what}, so seasonal_naive equals "
+                      f"last_value", DataWarning)
+    elif period > context:
+        warnings.warn(f"{prepared.series.name}: the seasonal period of {period} steps ({what}) does not fit the "
+                      f"context of {context}, so seasonal_naive repeats the last {context} points instead; use "
+                      f"--context {period} or more for a seasonal baseline", DataWarning)
 
 
 class ModelForecaster:
@@ -141,10 +160,11 @@ class DLinear:
     name = "dlinear"
 
     def __init__(self, epochs: int = 10, lr: float = 0.005, batch_size: int = 32, patience: int = 3,
-                 seed: int = 0, max_train_windows: int | None = None) -> None:
+                 seed: int = 0, max_train_windows: int | None = None, stride: int = 1) -> None:
         self.epochs, self.lr, self.batch_size, self.patience = epochs, lr, batch_size, patience
         self.seed = seed
         self.max_train_windows = max_train_windows
+        self.stride = stride  # steps between training (and validation) windows, as eval-forecast's --stride
         self.nets: dict[int, DLinearNet] = {}
 
     def fit(self, prepared: PreparedSeries, horizons: list[int], context: int, progress: bool = False) -> DLinear:
@@ -156,8 +176,7 @@ class DLinear:
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         values = prepared.scaled_TC
-        train = window_starts(prepared.splits.train, context, horizon)
-        val = window_starts(prepared.splits.val, context, horizon)
+        train, val = self._windows(prepared, horizon, context)
         if self.max_train_windows and len(train) > self.max_train_windows:
             train = np.sort(rng.choice(train, self.max_train_windows, replace=False))
         net = DLinearNet(context, horizon)
@@ -173,6 +192,8 @@ class DLinear:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+            if not len(val):
+                continue  # no validation window: every epoch runs, the last weights are kept
             score = self._score(net, values, val, context, horizon)
             if score < best - 1e-7:
                 best, best_state, bad = score, {k: v.clone() for k, v in net.state_dict().items()}, 0
@@ -183,6 +204,23 @@ class DLinear:
         if best_state is not None:
             net.load_state_dict(best_state)
         return net.eval()
+
+    def _windows(self, prepared: PreparedSeries, horizon: int, context: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training and validation window starts every `stride` steps; a short train split is named."""
+        name = prepared.series.name
+        try:
+            train = window_starts(prepared.splits.train, context, horizon, self.stride)
+        except DataError as e:
+            raise DataError(f"{name}: the DLinear baseline cannot train for horizon {horizon}: its train split is "
+                            f"too short ({e}); or pass --no-baselines") from None
+        try:
+            val = window_starts(prepared.splits.val, context, horizon, self.stride)
+        except DataError:
+            lo, hi = prepared.splits.val
+            warnings.warn(f"{name}: the validation split [{lo}, {hi}) is too short for horizon {horizon}, so DLinear "
+                          f"trains all {self.epochs} epochs without early stopping", DataWarning)
+            val = np.zeros(0, dtype=np.int64)
+        return train, val
 
     @torch.no_grad()
     def _score(self, net, values, starts, context, horizon) -> float:
@@ -225,17 +263,20 @@ def evaluate(prepared: PreparedSeries, methods: list, horizons=DEFAULT_HORIZONS,
     name = prepared.series.name
     lo, hi = prepared.splits.get(split)
     if prepared.series.length < context + horizons[0] or hi - max(lo, context) < horizons[0]:
+        fix = (f"use --context {hi - horizons[0]} or less" if hi - lo >= horizons[0] and hi - horizons[0] >= 1
+               else f"use --horizons of at most {hi - lo}")
         raise DataError(
             f"{name} has {prepared.series.length} time steps and its {split} split [{lo}, {hi}) holds "
-            f"{hi - lo}: too short for context {context} + horizon {horizons[0]}"
+            f"{hi - lo}: too short for context {context} + horizon {horizons[0]}; {fix}"
         )
     starts = window_starts((lo, hi), context, horizons[0], stride)
     valid = {h: int((starts <= hi - h).sum()) for h in horizons}
     too_long = [h for h, n in valid.items() if n == 0]
     if too_long:
         raise DataError(
-            f"{name}'s {split} split holds {hi - lo} rows (with context {context}): too short for "
-            f"horizon(s) {', '.join(map(str, too_long))}; use shorter --horizons"
+            f"{name}'s {split} split [{lo}, {hi}) holds {hi - lo} rows, {hi - max(lo, context)} of them after the "
+            f"context of {context}: too short for horizon(s) {', '.join(map(str, too_long))}; use --horizons of at "
+            f"most {hi - max(lo, context)}"
         )
     sums = {(m.name, h): np.zeros(3) for m in methods for h in horizons}  # squared, absolute, count
     batches = [starts[i:i + windows_per_batch] for i in range(0, len(starts), windows_per_batch)]
@@ -292,9 +333,12 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def baselines(prepared: PreparedSeries, horizons, context: int, dlinear: bool = True,
-              progress: bool = True, dlinear_kwargs: dict | None = None) -> list:
-    """Last value, seasonal naive (one day for sub-daily data) and DLinear fitted on this series' train split."""
-    methods = [LastValue(), SeasonalNaive(season_length(prepared))]
+              progress: bool = True, dlinear_kwargs: dict | None = None, season: int | None = None) -> list:
+    """Last value, seasonal naive (`season`, default `season_length`; warned when it cannot be seasonal) and
+    DLinear fitted on this series' train split."""
+    period = season or season_length(prepared)
+    _say_season(prepared, period, context)
+    methods = [LastValue(), SeasonalNaive(period)]
     if dlinear:
         methods.append(DLinear(**(dlinear_kwargs or {})).fit(prepared, sorted(horizons), context, progress))
     return methods
@@ -302,18 +346,21 @@ def baselines(prepared: PreparedSeries, horizons, context: int, dlinear: bool = 
 
 def evaluate_csv(model_path: str | Path, csv_path: str | Path, horizons=DEFAULT_HORIZONS, context: int = 512,
                  stride: int = 1, with_baselines: bool = True, progress: bool = True,
-                 date_format: str | None = None, dayfirst: bool = False) -> list[EvalResult]:
-    """`moekit eval-forecast`: the model and the baselines on the CSV's test windows (dates read as `read_csv` says)."""
+                 date_format: str | None = None, dayfirst: bool = False, columns=None,
+                 season: int | None = None) -> list[EvalResult]:
+    """`moekit eval-forecast`: the model and the baselines on the CSV's test windows (dates and `columns` read as
+    `read_csv` says). DLinear trains on windows `stride` apart, as the test windows are."""
     from .forecast import load_forecaster
 
     horizons = _check_horizons(horizons)
     if stride < 1:
         raise DataError(f"--stride {stride} is invalid: it must be a positive integer")
     model = load_forecaster(model_path)
-    prepared = prepare(read_csv(csv_path, date_format=date_format, dayfirst=dayfirst))
+    prepared = prepare(read_csv(csv_path, date_format=date_format, dayfirst=dayfirst, channels=columns))
     methods = [ModelForecaster(model)]
     if with_baselines:
-        methods += baselines(prepared, horizons, context, progress=progress)
+        methods += baselines(prepared, horizons, context, progress=progress, dlinear_kwargs={"stride": stride},
+                             season=season)
     return evaluate(prepared, methods, horizons, context, stride, progress=progress)
 
 
