@@ -337,7 +337,7 @@ class TimeSeriesMixture:
         if short:
             raise DataError(
                 f"training series shorter than the training window of {window} time steps: {', '.join(short)}; "
-                f"use a shorter context"
+                f"use a shorter context (train.seq_len={max(1, min(p.shape[0] for p in self.parts) - 1)} or less)"
             )
         if mixture not in MIXTURES:
             raise DataError(f"mixture={mixture!r} is unknown: accepted values are {', '.join(MIXTURES)}")
@@ -364,11 +364,13 @@ class TimeSeriesMixture:
 
 
 def load_training_mixture(paths: list[str | Path], window: int, seed: int = 0, split: str = "train",
-                          mixture: str = "size", date_format: str | None = None,
-                          dayfirst: bool = False) -> tuple[TimeSeriesMixture, list[PreparedSeries]]:
-    """Read CSVs (dates as `read_csv` reads them), scale each with its train statistics, and mix their `split` parts."""
+                          mixture: str = "size", date_format: str | None = None, dayfirst: bool = False,
+                          columns: list[str] | str | None = None) -> tuple[TimeSeriesMixture, list[PreparedSeries]]:
+    """Read CSVs (dates and `columns` as `read_csv` reads them), scale each with its train statistics, and mix
+    their `split` parts."""
     if not paths:
         raise DataError("no training CSV given: pass at least one --csv FILE")
-    prepared = [prepare(read_csv(p, date_format=date_format, dayfirst=dayfirst)) for p in paths]
+    prepared = [prepare(read_csv(p, date_format=date_format, dayfirst=dayfirst, channels=columns or None))
+                for p in paths]
     parts = [p.part(split) for p in prepared]
     return TimeSeriesMixture(parts, [p.series.name for p in prepared], window, seed, mixture), prepared
