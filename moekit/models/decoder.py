@@ -360,11 +360,16 @@ def count_parameters(model: DecoderLM) -> dict[str, int]:
         moe = layer.mlp.moe if isinstance(layer.mlp, ResidualMoE) else layer.mlp
         if isinstance(moe, MoELayer):
             E = moe.cfg.num_experts
-            # expert choice: a token is taken by capacity_factor experts on average
-            k = min(E, max(1, round(moe.cfg.capacity_factor))) if moe.cfg.router == "expert_choice" else moe.cfg.top_k
             per_expert = moe.experts.num_weights // E
-            active -= (E - k) * per_expert
+            active -= (E - experts_per_token(moe.cfg)) * per_expert
     return {"total": total, "active": active}
+
+
+def experts_per_token(moe: MoEConfig) -> int:
+    """How many of a MoE layer's experts one token uses: top_k, or with expert choice capacity_factor on average."""
+    if moe.router == "expert_choice":
+        return min(moe.num_experts, max(1, round(moe.capacity_factor)))
+    return moe.top_k
 
 
 def lm_loss(out: DecoderOutput, targets_BT: torch.Tensor, balance_weight: float, z_weight: float):
