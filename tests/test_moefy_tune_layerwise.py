@@ -36,7 +36,7 @@ def test_oracle_k1_is_the_single_best_expert_by_masked_dense_ffn(one_thread):
         errs = []
         for e in range(4):
             mask = torch.zeros(32)
-            neurons = [j for j in range(32) if any(torch.equal(ffn.w_in_EWD[e][w], dense_ffn.up_proj.weight[j]) for w in range(8))]
+            neurons = [j for j in range(32) if any(torch.equal(ffn.experts.w_in_EHD[e][w], dense_ffn.up_proj.weight[j]) for w in range(8))]
             mask[neurons] = 1.0
             out = F.gelu(x @ dense_ffn.up_proj.weight.T + dense_ffn.up_proj.bias) * mask @ dense_ffn.down_proj.weight.T
             errs.append((y - out - dense_ffn.down_proj.bias).square().sum(-1))

@@ -33,10 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from ..moe import native
 from ..moe.experts import activate, bmm_experts, choose_kernel, grouped_mm_experts, loop_experts, native_experts
 from ..moe.quantized import NATIVE_MAX_ROWS, StackedShape
+from ..moe.storage import ExpertsStorage, check_kernel_name, refuse
 from .blocks import BLOCK_TYPES, dequantize, row_bytes
 
 GGUF_KERNELS = ("auto", "native", "dequant")
@@ -44,20 +44,27 @@ GGUF_ACTIVATIONS = ("swiglu", "gelu")
 _FLOAT_KERNELS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "bmm": bmm_experts, "native": native_experts}
 
 
-def _check_kernel(name: str) -> None:
-    if name not in GGUF_KERNELS:
-        raise ConfigError(f"kernel={name!r} is unknown for GGUF block weights: accepted values are {', '.join(GGUF_KERNELS)}")
+def _check_kernel(name: str, owner: str = "GGUFExperts") -> None:
+    check_kernel_name(owner, name, GGUF_KERNELS, " for GGUF block weights")
 
 
-def _check_type(qtype: str, where: str) -> None:
+def _check_type(qtype: str, where: str, owner: str = "GGUFExperts") -> None:
     if qtype not in BLOCK_TYPES:
-        raise ConfigError(f"{where}: GGUF type {qtype!r} has no block path; moekit runs {', '.join(BLOCK_TYPES)} as blocks")
+        raise refuse(owner, f"{where}: GGUF type {qtype!r} has no block path; moekit runs {', '.join(BLOCK_TYPES)} as blocks")
 
 
-def resolve_kernel(name: str, qtypes, device: torch.device, most_rows: int = 1) -> str:
+def _row_bytes(qtype: str, cols: int, where: str, owner: str = "GGUFExperts") -> int:
+    """blocks.row_bytes, with a width that does not split into blocks refused naming the widths accepted."""
+    try:
+        return row_bytes(qtype, cols, where)
+    except ValueError as e:
+        raise refuse(owner, f"{e}: accepted widths are multiples of {BLOCK_TYPES[qtype][0]}") from None
+
+
+def resolve_kernel(name: str, qtypes, device: torch.device, most_rows: int = 1, owner: str = "GGUFExperts") -> str:
     """The kernel a call runs: `auto` -> native on CPU when it runs every type and rows are few
     (NATIVE_MAX_ROWS, as for moekit's own int8/int4), else dequant; `native` where it cannot run -> dequant."""
-    _check_kernel(name)
+    _check_kernel(name, owner)
     runs = device.type == "cpu" and all(native.supports(q) for q in qtypes)
     if name == "auto":
         name = "native" if runs and most_rows <= NATIVE_MAX_ROWS else "dequant"
@@ -68,18 +75,20 @@ def _blocks(shape, device) -> torch.Tensor:
     return torch.zeros(shape, dtype=torch.uint8, device=device) if str(device) != "meta" else torch.empty(shape, dtype=torch.uint8, device="meta")
 
 
-class GGUFExperts(StackedShape, nn.Module):
+class GGUFExperts(StackedShape, ExpertsStorage):
     """E expert MLPs whose stacked weights are GGUF blocks (see the module docstring); zero-filled when built."""
 
     quantized_weights = True  # its `num_weights` are buffers, not parameters (for parameter counts)
+    kernels = GGUF_KERNELS
+    _stacked = "w_out_EDB"
 
     def __init__(self, num_experts: int, hidden_size: int, expert_hidden: int, qtypes: tuple[str, str, str],
                  activation: str = "swiglu", kernel: str = "auto", device: torch.device | str = "cpu"):
         super().__init__()
         _check_kernel(kernel)
         if activation not in GGUF_ACTIVATIONS:
-            raise ConfigError(f"experts with activation={activation!r} cannot run from GGUF blocks: accepted activations "
-                              f"are {', '.join(GGUF_ACTIVATIONS)} (biased / clamped experts are no GGUF arch moekit reads)")
+            raise refuse("GGUFExperts", f"experts with activation={activation!r} cannot run from GGUF blocks: accepted "
+                         f"activations are {', '.join(GGUF_ACTIVATIONS)} (biased / clamped experts are no GGUF arch moekit reads)")
         E, D, F_ = num_experts, hidden_size, expert_hidden
         for q, what in zip(qtypes, ("gate", "up", "down")):
             _check_type(q, f"the experts' {what} weights")
@@ -88,11 +97,11 @@ class GGUFExperts(StackedShape, nn.Module):
         gate, up, down = qtypes
         self.fused = activation != "swiglu" or gate == up
         if self.fused:
-            self.register_buffer("w_in_EHB", _blocks((E, self._shape[1], row_bytes(gate, D, "w_in")), device))
+            self.register_buffer("w_in_EHB", _blocks((E, self._shape[1], _row_bytes(gate, D, "w_in")), device))
         else:
-            self.register_buffer("w_gate_EFB", _blocks((E, F_, row_bytes(gate, D, "w_gate")), device))
-            self.register_buffer("w_up_EFB", _blocks((E, F_, row_bytes(up, D, "w_up")), device))
-        self.register_buffer("w_out_EDB", _blocks((E, D, row_bytes(down, F_, "w_out")), device))
+            self.register_buffer("w_gate_EFB", _blocks((E, F_, _row_bytes(gate, D, "w_gate")), device))
+            self.register_buffer("w_up_EFB", _blocks((E, F_, _row_bytes(up, D, "w_up")), device))
+        self.register_buffer("w_out_EDB", _blocks((E, D, _row_bytes(down, F_, "w_out")), device))
 
     @classmethod
     def empty(cls, num_experts: int, D: int, F: int, activation: str, qtypes, kernel: str = "auto",
@@ -165,8 +174,8 @@ class GGUFLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, qtype: str, bias: torch.Tensor | None = None,
                  kernel: str = "auto", device: torch.device | str = "cpu", what: str = "a Linear"):
         super().__init__()
-        _check_kernel(kernel)
-        _check_type(qtype, what)
+        _check_kernel(kernel, "GGUFLinear")
+        _check_type(qtype, what, "GGUFLinear")
         self.in_features, self.out_features, self.qtype, self.kernel = in_features, out_features, qtype, kernel
         self.register_buffer("weight_OB", _blocks((1, out_features, row_bytes(qtype, in_features, what)), device))
         self.bias = bias
@@ -183,7 +192,7 @@ class GGUFLinear(nn.Module):
         lead = x.shape[:-1]
         x_NI = x.reshape(-1, self.in_features).float()
         bias = None if self.bias is None else self.bias.float()
-        if resolve_kernel(self.kernel, (self.qtype,), x.device, x_NI.shape[0]) == "native":
+        if resolve_kernel(self.kernel, (self.qtype,), x.device, x_NI.shape[0], "GGUFLinear") == "native":
             y = native.gguf_matmul(x_NI.contiguous(), self.weight_OB, self.qtype, None)  # None: every row
             y = y if bias is None else y + bias
         else:

@@ -42,8 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..errors import ConfigError
 from . import native
+from .storage import ACTIVATIONS, ExpertsStorage, check_kernel_name, refuse
 
 KERNELS = ("auto", "loop", "grouped_mm", "bmm", "native")
 GLU_ACTIVATIONS = ("swiglu", "clamped_swiglu")  # w_in holds the gate rows, then the up rows (H = 2F)
@@ -73,23 +73,25 @@ class ClampedSwiGLU:
         return f"ClampedSwiGLU(alpha={self.alpha}, limit={self.limit})"
 
 
-class Experts(nn.Module):
-    """E independent MLPs (SwiGLU, GELU or GPT-OSS's clamped SwiGLU) stored as stacked weights.
+class Experts(ExpertsStorage):
+    """E independent MLPs (SwiGLU, GELU or GPT-OSS's clamped SwiGLU) stored as stacked weights: the resident
+    experts storage (moekit.moe.storage), and the expert-parallel shards (the local experts' slice).
 
-    bias=True adds `b_in_EH` and `b_out_ED` (GPT-OSS); the clamped SwiGLU always comes with them.
+    bias=True adds `b_in_EH` and `b_out_ED` (GPT-OSS, moefy's encoder experts); the clamped SwiGLU always
+    comes with them.
     """
+
+    kernels = KERNELS
 
     def __init__(self, num_experts: int, hidden_size: int, expert_hidden: int, activation: str = "swiglu", kernel: str = "auto",
                  bias: bool = False, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0):
         super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel={kernel!r} is unknown: accepted values are {', '.join(KERNELS)}")
+        check_kernel_name("Experts", kernel, KERNELS)
+        if activation not in ACTIVATIONS:
+            raise refuse("Experts", f"activation={activation!r} is unknown: accepted values are {', '.join(ACTIVATIONS)}")
         if activation == "clamped_swiglu" and not bias:
-            raise ConfigError(
-                "experts with activation='clamped_swiglu' (GPT-OSS) carry biases and their clamp limit, which this "
-                "construction does not pass (bias=False); expert offloading does not move expert biases, so GPT-OSS "
-                "models cannot be offloaded yet: run them resident"
-            )
+            raise refuse("Experts", "experts with activation='clamped_swiglu' (GPT-OSS) carry biases and their clamp "
+                                    "limit: accepted with bias=True only")
         self.activation = activation
         self.kernel = kernel
         self._act = ClampedSwiGLU(swiglu_alpha, swiglu_limit) if activation == "clamped_swiglu" else activation
@@ -110,13 +112,13 @@ class Experts(nn.Module):
                 nn.init.zeros_(b)
 
     @property
-    def num_experts(self) -> int:
-        return self.w_in_EHD.shape[0]
+    def shape_EHDF(self) -> tuple[int, int, int, int]:
+        E, H, D = self.w_in_EHD.shape
+        return E, H, D, self.w_out_EDF.shape[2]
 
     @property
-    def num_weights(self) -> int:
-        """Weights of all experts (every experts storage answers this, for parameter counts)."""
-        return self.w_in_EHD.numel() + self.w_out_EDF.numel()
+    def has_bias(self) -> bool:
+        return self.b_in_EH is not None
 
     def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
         """The kernel a call would run: `kernel` (or the module's) with `auto` resolved.
@@ -124,8 +126,7 @@ class Experts(nn.Module):
         x only lends its dtype, device and (without counts) its row count.
         """
         name = kernel or self.kernel
-        if name not in KERNELS:
-            raise ValueError(f"kernel={name!r} is unknown: accepted values are {', '.join(KERNELS)}")
+        check_kernel_name("Experts", name, KERNELS)
         if name == "auto":
             return choose_kernel(x, self.w_in_EHD, self.w_out_EDF, counts_E, self.activation, self.b_in_EH)
         if name == "native" and not native_fits(x, self.w_in_EHD, self.w_out_EDF, self.activation, self.b_in_EH):

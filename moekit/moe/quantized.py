@@ -45,6 +45,7 @@ from ..errors import ConfigError
 from ..meta import empty_on, on_meta
 from . import native, quant_kernels
 from .experts import activate
+from .storage import ExpertsStorage, check_kernel_name, refuse
 from .quant_format import QuantSpec, check_width, dequantize, quantize, stored_names
 
 QUANT_KERNELS = ("auto", "dequant", "numba", "native")
@@ -57,17 +58,17 @@ NUMBA_MAX_ROWS = {8: 64, 4: 64}  # numba beats dequant at every measured row cou
 NATIVE_MAX_ROWS = 1 << 30
 
 
-def _check_kernel(name: str) -> None:
-    if name not in QUANT_KERNELS:
-        raise ConfigError(f"kernel={name!r} is unknown for quantized weights: accepted values are {', '.join(QUANT_KERNELS)}")
+def _check_kernel(name: str, owner: str = "QuantizedExperts") -> None:
+    check_kernel_name(owner, name, QUANT_KERNELS, " for quantized weights")
 
 
-def resolve_kernel(name: str, most_rows: int, spec: QuantSpec, widths: tuple[int, ...], device: torch.device) -> str:
+def resolve_kernel(name: str, most_rows: int, spec: QuantSpec, widths: tuple[int, ...], device: torch.device,
+                   owner: str = "QuantizedExperts") -> str:
     """The kernel a call runs: `auto` by the row rule; `native` falls back to `numba`, `numba` to `dequant`.
 
     widths: the input widths of the weights the call multiplies (native needs whole 32-value blocks).
     """
-    _check_kernel(name)
+    _check_kernel(name, owner)
     if name == "auto":
         vector = native.isa() not in ("generic", "none")
         name = "native" if vector and most_rows <= NATIVE_MAX_ROWS else "numba" if most_rows <= NUMBA_MAX_ROWS[spec.bits] else "dequant"
@@ -85,7 +86,7 @@ class _QuantizedWeights(nn.Module):
 
     def __init__(self, spec: QuantSpec, kernel: str):
         super().__init__()
-        _check_kernel(kernel)
+        _check_kernel(kernel, type(self).__name__)
         self.spec = spec
         self.kernel = kernel
 
@@ -112,39 +113,39 @@ class _QuantizedWeights(nn.Module):
 
 
 class StackedShape:
-    """`num_experts`, `shape_EHDF` and `num_weights` of an experts storage that keeps its shape in `_shape`
-    (E, H, D, F): the weights its codes or blocks stand for, counted as Experts counts its floats."""
+    """`shape_EHDF` of an experts storage that keeps (E, H, D, F) in `_shape`: the weights its codes or blocks
+    stand for. E is read from its stacked buffer `_stacked`, so an expert-parallel shard (which keeps its
+    experts' slice of every stacked buffer) counts its own experts."""
 
     _shape: tuple[int, int, int, int]
-
-    @property
-    def num_experts(self) -> int:
-        return self._shape[0]
+    _stacked: str
 
     @property
     def shape_EHDF(self) -> tuple[int, int, int, int]:
         """(experts, w_in rows H, hidden D, expert width F)."""
-        return self._shape
-
-    @property
-    def num_weights(self) -> int:
-        E, H, D, F_ = self._shape
-        return E * (H * D + D * F_)
+        return (self._buffers[self._stacked].shape[0], *self._shape[1:])
 
 
-class QuantizedExperts(StackedShape, _QuantizedWeights):
+class QuantizedExperts(StackedShape, ExpertsStorage, _QuantizedWeights):
     """E expert MLPs with weight-only quantized stacked weights; built from a resident `Experts`."""
+
+    kernels = QUANT_KERNELS
+    _stacked = "w_in_EHD_q"
 
     def __init__(self, experts, spec: QuantSpec, kernel: str = "auto"):
         super().__init__(spec, kernel)
-        self.activation = experts._act  # a name, or GPT-OSS's clamped SwiGLU (a callable holding its limit)
+        self.activation = experts.activation
+        self._act = experts._act  # a name, or GPT-OSS's clamped SwiGLU (a callable holding its limit)
         biased = experts.b_in_EH is not None  # GPT-OSS's expert biases, kept in fp32 beside the codes (None: no state)
         self.register_buffer("b_in_EH", experts.b_in_EH.detach().float().clone() if biased else None)
         self.register_buffer("b_out_ED", experts.b_out_ED.detach().float().clone() if biased else None)
         E, H, D = experts.w_in_EHD.shape
         F_ = experts.w_out_EDF.shape[2]
-        check_width(spec, D, f"the experts' w_in [{E}, {H}, {D}]")
-        check_width(spec, F_, f"the experts' w_out [{E}, {D}, {F_}]")
+        try:
+            check_width(spec, D, f"the experts' w_in [{E}, {H}, {D}]")
+            check_width(spec, F_, f"the experts' w_out [{E}, {D}, {F_}]")
+        except ConfigError as e:
+            raise refuse("QuantizedExperts", f"{spec.name}: {e}") from None
         self._shape = (E, H, D, F_)
         self._store("w_in_EHD", experts.w_in_EHD)
         self._store("w_out_EDF", experts.w_out_EDF)
@@ -167,6 +168,10 @@ class QuantizedExperts(StackedShape, _QuantizedWeights):
         for buf in module.buffers():
             buf.zero_()
         return module
+
+    @property
+    def has_bias(self) -> bool:
+        return self._buffers.get("b_in_EH") is not None
 
     def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
         """`kernel` (or the module's) with `auto` resolved; x lends its row count when counts are absent."""
@@ -201,7 +206,7 @@ class QuantizedExperts(StackedShape, _QuantizedWeights):
         out_ND = x.new_zeros(x.shape[0], self._shape[2])
         for e, start, count in groups:
             h = F.linear(x[start : start + count], self.dequantized("w_in_EHD", e), self._bias("b_in_EH", e))
-            out_ND[start : start + count] = F.linear(activate(h, self.activation), self.dequantized("w_out_EDF", e),
+            out_ND[start : start + count] = F.linear(activate(h, self._act), self.dequantized("w_out_EDF", e),
                                                      self._bias("b_out_ED", e))
         return out_ND
 
@@ -209,7 +214,7 @@ class QuantizedExperts(StackedShape, _QuantizedWeights):
         mm = quant_kernels.quantized_matmul
         p_in, p_out = self._parts("w_in_EHD"), self._parts("w_out_EDF")
         h = self._biased(mm(x_ND, p_in["q"], p_in["scale"], p_in.get("zero"), self.spec, groups), "b_in_EH", groups)
-        y = mm(activate(h, self.activation), p_out["q"], p_out["scale"], p_out.get("zero"), self.spec, groups)
+        y = mm(activate(h, self._act), p_out["q"], p_out["scale"], p_out.get("zero"), self.spec, groups)
         return self._biased(y, "b_out_ED", groups)
 
 
@@ -219,7 +224,7 @@ class QuantizedExperts(StackedShape, _QuantizedWeights):
         if self.activation in native.ACTIVATIONS and self.b_in_EH is None:
             return native.moe(x_ND, w_in, w_out, groups, self.activation)
         h = self._biased(native.matmul(x_ND, w_in, groups), "b_in_EH", groups)
-        return self._biased(native.matmul(activate(h, self.activation), w_out, groups), "b_out_ED", groups)
+        return self._biased(native.matmul(activate(h, self._act), w_out, groups), "b_out_ED", groups)
 
 
 class QuantizedLinear(_QuantizedWeights):
@@ -240,7 +245,7 @@ class QuantizedLinear(_QuantizedWeights):
         lead = x.shape[:-1]
         x_NI = x.reshape(-1, self.in_features)
         N = x_NI.shape[0]
-        name = resolve_kernel(self.kernel, N, self.spec, (self.in_features,), x.device)
+        name = resolve_kernel(self.kernel, N, self.spec, (self.in_features,), x.device, "QuantizedLinear")
         if name == "native":
             return self._add_bias(native.matmul(x_NI, self._native_weight("weight"), None), x.dtype).view(*lead, self.out_features)
         p = self._parts("weight")

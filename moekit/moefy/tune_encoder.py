@@ -89,11 +89,11 @@ def fit_ffn(ffn, x_TD: torch.Tensor, y_TD: torch.Tensor, steps: int, lr: float, 
 @torch.no_grad()
 def oracle_sets(ffn, x_TD: torch.Tensor, y_TD: torch.Tensor, k: int) -> torch.Tensor:
     """[T, E] 1 for the k experts a greedy oracle picks per token (each step the expert that most reduces the error)."""
-    E = ffn.w_in_EWD.shape[0]
+    E = ffn.experts.num_experts
     out = torch.zeros(x_TD.shape[0], E)
     for s in range(0, x_TD.shape[0], 2048):
-        x = x_TD[s : s + 2048]
-        ys = torch.stack([F.linear(F.gelu(F.linear(x, ffn.w_in_EWD[e], ffn.b_in_EW[e])), ffn.w_out_EDW[e]) for e in range(E)], 1)
+        x = x_TD[s : s + 2048]  # every token through every expert: E groups of all the rows
+        ys = ffn.experts(x.repeat(E, 1), torch.full((E,), x.shape[0]), kernel="loop").view(E, x.shape[0], -1).transpose(0, 1)
         res = y_TD[s : s + 2048] - ffn.b_out_D - (ffn.shared_out(F.gelu(ffn.shared_in(x))) if ffn.shared_in is not None else 0)
         chosen = out[s : s + 2048]
         for _ in range(k):

@@ -5,8 +5,9 @@ so the MoE layer and its dispatcher run unchanged. Its slots are an `Experts`
 (full precision) or a `QuantizedExperts` (int8 / int4: the layer's LayerShape
 has a spec), so quantized experts compute through the same quantized kernels
 as the resident quantized model; GGUF block experts (the layer's LayerShape has `gguf` types) have
-`GGUFExperts` slots (moekit.gguf.storage) holding the file's blocks as they are. Not here: fetching and
-caching (offloader.py).
+`GGUFExperts` slots (moekit.gguf.storage) holding the file's blocks as they are. Experts with biases
+(GPT-OSS) are refused (`check_offloadable`): the tiers move only the stacked weights. Not here: fetching
+and caching (offloader.py).
 """
 
 from __future__ import annotations
@@ -17,13 +18,22 @@ import torch.nn as nn
 from ...meta import empty_on, on_meta
 from ...moe.experts import Experts
 from ...moe.quantized import QuantizedExperts
+from ...moe.storage import ExpertsStorage, refuse
 from .budget import LayerShape
 
 
 # ---------------------------------------------------------------- the offloaded experts
 
 
-class OffloadedExperts(nn.Module):
+def check_offloadable(experts: ExpertsStorage, where: str) -> None:
+    """Experts with biases are refused by name: slow tiers and fast slots hold only the stacked weights."""
+    if experts.has_bias:
+        raise refuse("OffloadedExperts", f"the experts of {where} carry biases, which expert offloading does not move "
+                                         f"(GPT-OSS models cannot be offloaded yet); accepted: experts without biases "
+                                         f"(run this model resident)")
+
+
+class OffloadedExperts(ExpertsStorage):
     """Stands in for a layer's `Experts`: S fast slots, filled on demand by the offloader.
 
     `forward` is the `Experts` call every MoE layer makes (training, prefill and
@@ -44,8 +54,13 @@ class OffloadedExperts(nn.Module):
         self._resident = _make_slots(full_shape.num_experts, full_shape, activation, "meta", kernel)
 
     @property
-    def num_experts(self) -> int:
-        return self._shape.num_experts
+    def kernels(self) -> tuple[str, ...]:
+        return self._resident.kernels
+
+    @property
+    def shape_EHDF(self) -> tuple[int, int, int, int]:
+        s = self._shape
+        return s.num_experts, s.H, s.D, s.F
 
     def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
         """The kernel the resident layer would run for this input (so results are bit-identical)."""

@@ -17,6 +17,7 @@ from ..expert_cache import POLICIES, RoutingTrace
 from ..prefetch import PREDICTORS, Predictor, build_predictor
 from .budget import Budget, LayerShape, OffloadError
 from .disk import DiskTier, has_tensor
+from .experts import check_offloadable
 from .fallback import build_fallback, check_fallback_widths
 from .gguf_tier import GGUFTier
 from .offloader import Offloader
@@ -113,6 +114,8 @@ def offload_model(
 def _check_options(model, moe_layers, policy, predictor, trace) -> None:
     if not moe_layers:
         raise OffloadError("the model has no MoE layers, so there are no experts to offload")
+    for name, m in moe_layers:
+        check_offloadable(m.experts, f"MoE layer {name!r}")
     if policy not in POLICIES:
         raise OffloadError(f"unknown cache policy {policy!r}: accepted policies are {', '.join(POLICIES)}")
     if isinstance(predictor, str) and predictor not in PREDICTORS:

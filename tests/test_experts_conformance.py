@@ -1,0 +1,321 @@
+"""Every experts storage against the `loop` oracle: one suite over storage x activation x kernel (issue 22).
+
+Source: one shared random resident `Experts` per activation (SwiGLU, GELU, GPT-OSS's clamped SwiGLU
+with random biases; GELU with biases for moefy's encoder experts). Each case converts it into a storage
+(resident; expert-parallel shards; moefy's encoder experts; int8 / int4 quantized; GGUF blocks;
+offloaded on each slow tier with each slot kind; the low-bit fallback) and runs one routed input through
+the two calls every MoE layer's dispatcher makes: `kernel = storage.kernel_for(x, rows_E)`, then
+`storage(x, rows_E, kernel=kernel)`, once with several rows per expert (prefill) and once with one row per
+active expert (decode). Oracle: `loop_experts`, the fp32 reference kernel, on the storage's own effective
+weights (the source's for full precision; dequantized by moekit's quant_format / gguf-py's blocks for the
+quantized and GGUF storages), with tests/quant_oracle.py's int8 rounding of both matmuls' inputs where
+the call ran an integer-dot kernel (`native` on codes or blocks), at test_native.py's tolerance. A
+combination a storage cannot compute must instead be refused at construction with one error naming the
+storage, the combination and what is accepted. `test_every_storage_class_has_its_rows` fails when an
+experts storage lands in moekit without its rows here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib
+import inspect
+import pkgutil
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moekit
+from moekit.checkpoints import save_tensors
+from moekit.config import MoEConfig
+from moekit.errors import ConfigError, MoekitError
+from moekit.gguf.storage import GGUFExperts
+from moekit.infer.offload import OffloadError
+from moekit.infer.offload.experts import OffloadedExperts
+from moekit.infer.offload.transform import offload_model
+from moekit.moe import native
+from moekit.moe.experts import Experts, activate, loop_experts
+from moekit.moe.layers import MoELayer
+from moekit.moe.quant_format import QuantSpec
+from moekit.moe.quantized import QuantizedExperts
+from moekit.moe.storage import ExpertsStorage
+from moekit.moefy.encoder_moe import EncoderMoE
+from moekit.parallel.dispatcher import AllToAllDispatcher
+from moekit.parallel.transform import _shard_experts
+from quant_oracle import fake_quant_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+E, D, FF = 8, 64, 128  # the shared shape; K-quant GGUF blocks need 256-wide rows: KE, KD experts of KD x KD
+KE, KD = 4, 256
+ROWS = {E: {"prefill": [3, 0, 5, 1, 0, 7, 2, 2], "decode": [1, 0, 0, 1, 0, 0, 1, 0]},
+        KE: {"prefill": [5, 0, 7, 8], "decode": [1, 0, 1, 0]}}
+ACTIVATIONS = ["swiglu", "gelu", "clamped_swiglu"]
+FLOAT_KERNELS = ["loop", "grouped_mm", "bmm", "native", "auto"]
+QUANT_KERNELS = ["dequant", "numba", "native", "auto"]
+GGUF_KERNELS = ["dequant", "native", "auto"]
+SPECS = {"int8": QuantSpec(8), "int4-g32": QuantSpec(4, 32), "int4-g64-zp": QuantSpec(4, 64, symmetric=False),
+         "int4-g128": QuantSpec(4, 128)}
+GGUF_TYPES = {"Q8_0": ("Q8_0",) * 3, "Q4_0": ("Q4_0",) * 3, "Q5_0": ("Q5_0",) * 3, "Q8_0/Q4_0/Q5_0": ("Q8_0", "Q4_0", "Q5_0"),
+              "Q4_K/Q4_K/Q6_K@256": ("Q4_K", "Q4_K", "Q6_K"), "Q5_K/Q6_K/Q4_K@256": ("Q5_K", "Q6_K", "Q4_K"),
+              "Q4_K@64": ("Q4_K",) * 3}
+TIERS = ["memory", "emulated", "disk", "disk-spill", "cuda-host"]
+SLOTS = {"fp32": FLOAT_KERNELS, "int8": QUANT_KERNELS, "int4-g32": QUANT_KERNELS, "Q8_0": GGUF_KERNELS}
+
+
+@functools.lru_cache(maxsize=None)
+def source(activation: str, bias: bool = False, num_experts: int = E, hidden: int = D, width: int = FF) -> Experts:
+    """The shared random resident experts (biases random where present); never changed by a case."""
+    bias = bias or activation == "clamped_swiglu"
+    torch.manual_seed(hash((activation, bias, num_experts, hidden)) % 1000)
+    src = Experts(num_experts, hidden, width, activation, "loop", bias=bias, swiglu_limit=1.5)
+    with torch.no_grad():
+        src.w_in_EHD.mul_(2)  # pre-activations of a few units, so the clamp at 1.5 bites
+        for b in (src.b_in_EH, src.b_out_ED):
+            if b is not None:
+                b.normal_(0, 0.5)
+    return src.requires_grad_(False)
+
+
+@dataclass
+class Built:
+    """A storage made from the source, its effective weights (w_in, w_out, b_in, b_out) and its activation."""
+
+    storage: ExpertsStorage
+    weights: tuple
+    act: object
+    integer: bool = False  # its `native` kernel is the integer-dot one (rounds activations to int8 blocks)
+    closers: list = field(default_factory=list)
+
+
+def weights_of(storage) -> tuple:
+    """The effective fp32 weights of a storage, read through its own reference (dequantization)."""
+    if isinstance(storage, Experts):
+        return tuple(None if t is None else t.detach().float() for t in
+                     (storage.w_in_EHD, storage.w_out_EDF, storage.b_in_EH, storage.b_out_ED))
+    n = storage.num_experts
+    if isinstance(storage, QuantizedExperts):
+        w_in = torch.stack([storage.dequantized("w_in_EHD", e) for e in range(n)])
+        w_out = torch.stack([storage.dequantized("w_out_EDF", e) for e in range(n)])
+        return w_in, w_out, storage.b_in_EH, storage.b_out_ED
+    pairs = [storage.dequantized(e) for e in range(n)]  # GGUFExperts: gguf blocks -> fp32 (bit-equal to gguf-py)
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]), None, None
+
+
+# ---------------------------------------------------------------- conversions from the source
+
+
+def resident(activation, kernel, variant=None) -> Built:
+    src = source(activation)
+    s = Experts(E, D, FF, activation, kernel, bias=src.has_bias, swiglu_limit=1.5).requires_grad_(False)
+    s.load_state_dict(src.state_dict())
+    return Built(s, weights_of(s), src._act)
+
+
+def quantized(activation, kernel, variant) -> Built:
+    s = QuantizedExperts(source(activation), SPECS[variant], kernel)
+    return Built(s, weights_of(s), source(activation)._act, integer=True)
+
+
+def gguf_blocks(activation, kernel, variant) -> Built:
+    types = GGUF_TYPES[variant]
+    wide = variant.endswith("@256")
+    n, d = (KE, KD) if wide else (E, D)
+    f = KD if wide else FF
+    s = GGUFExperts.empty(n, d, f, activation, types, kernel)
+    src = source(activation, num_experts=n, hidden=d, width=f)
+    gate_up = src.w_in_EHD.split(f, dim=1) if activation == "swiglu" else (src.w_in_EHD,)
+    blocks = [_blocks(w, q, seed) for seed, (w, q) in enumerate(zip((*gate_up, src.w_out_EDF), (*types[: len(gate_up)], types[2])))]
+    with torch.no_grad():
+        if s.fused:
+            s.w_in_EHB.copy_(torch.cat(blocks[:-1], dim=1))
+        else:
+            s.w_gate_EFB.copy_(blocks[0])
+            s.w_up_EFB.copy_(blocks[1])
+        s.w_out_EDB.copy_(blocks[-1])
+    return Built(s, weights_of(s), activation, integer=True)
+
+
+def _blocks(w_EOI: torch.Tensor, qtype: str, seed: int) -> torch.Tensor:
+    """w in `qtype` blocks: gguf-py's quantizer of w, or (K types, which gguf-py cannot quantize) random valid blocks."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    n, o, i = w_EOI.shape
+    if qtype in ("Q8_0", "Q4_0", "Q5_0"):
+        return torch.from_numpy(np.ascontiguousarray(quantize(w_EOI.numpy().reshape(n * o, i), Q[qtype]))).view(n, o, -1)
+    rng = np.random.default_rng(seed)
+    size = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[qtype]
+    b = rng.integers(0, 256, (n * o, i // 256, size), dtype=np.uint8)
+    half = lambda: (rng.random(b.shape[:2]) * 0.01 + 1e-3).astype(np.float16).view(np.uint8).reshape(*b.shape[:2], 2)  # noqa: E731
+    if qtype == "Q6_K":
+        b[..., 208:210] = half()
+    else:
+        b[..., 0:2], b[..., 2:4] = half(), half()
+    return torch.from_numpy(b).view(n, o, -1)
+
+
+def shard(activation, kernel, variant) -> Built:
+    """An expert-parallel shard (EP size 2): the transform's slice of every stacked tensor of the storage."""
+    rank = int(variant[-1])
+    built = quantized(activation, kernel, "int8") if variant.startswith("int8") else resident(activation, kernel)
+    dispatcher = AllToAllDispatcher(SimpleNamespace(ep_size=2, ep_rank=rank), E)
+    _shard_experts(built.storage, dispatcher)
+    lo, hi = rank * E // 2, (rank + 1) * E // 2
+    built.weights = tuple(None if t is None else t[lo:hi] for t in built.weights)
+    return built
+
+
+def encoder(activation, kernel, variant=None) -> Built:
+    """moefy's encoder experts (GELU with input biases; the dense output bias is the layer's, added once)."""
+    src = source("gelu", bias=True)
+    moe = EncoderMoE(D, E, 2, FF, 0, "topk")
+    s = moe.experts
+    s.kernel = kernel
+    with torch.no_grad():
+        for name in ("w_in_EHD", "w_out_EDF", "b_in_EH"):
+            getattr(s, name).copy_(getattr(src, name))
+    return Built(s, (src.w_in_EHD, src.w_out_EDF, src.b_in_EH, torch.zeros(E, D)), "gelu")
+
+
+class _Model(nn.Module):
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self.moe = layer
+
+
+def offloaded(activation, kernel, variant, tmp_path=None) -> Built:
+    """The layer's experts (fp32, int8, int4 or GGUF slots) offloaded to `tier` with half of them in fast slots."""
+    slots, tier = variant.split("@")
+    inner = {"fp32": resident, "Q8_0": gguf_blocks}.get(slots, quantized)(activation, kernel, slots)
+    cfg = MoEConfig(hidden_size=D, num_experts=E, top_k=2, expert_hidden=FF, activation=activation,
+                    expert_biases=activation == "clamped_swiglu", kernel="loop")
+    torch.manual_seed(0)
+    model = _Model(MoELayer(cfg)).eval()
+    model.moe.experts = inner.storage
+    options = {"tier": tier}
+    if tier == "emulated":
+        options["link_bandwidth"] = "1000GB/s"
+    if tier.startswith("disk"):
+        options = {"tier": "disk", "checkpoint": tmp_path / "model.safetensors", "spill_dir": tmp_path}
+        state = model.state_dict()
+        if tier == "disk-spill":  # the checkpoint holds the experts in fp32, the model quantized them: a spill file
+            state = {k: v for k, v in state.items() if not k.startswith("moe.experts.")}
+            state.update({f"moe.experts.{k}": v for k, v in source(activation).state_dict().items()})
+        save_tensors(options["checkpoint"], {k: v.contiguous() for k, v in state.items()})
+    offloader = offload_model(model, "50%", **options)
+    inner.storage, inner.closers = model.moe.experts, [offloader.close]
+    return inner
+
+
+BUILDERS = {"resident": resident, "shard": shard, "encoder": encoder, "quantized": quantized, "gguf": gguf_blocks,
+            "offloaded": offloaded}
+CLASSES = {"resident": Experts, "shard": Experts, "encoder": Experts, "quantized": QuantizedExperts, "gguf": GGUFExperts,
+           "offloaded": OffloadedExperts}
+
+
+def _cases():
+    """(storage, variant, activation, kernel) for every combination, refused ones included."""
+    out = [("resident", "-", a, k) for a in ACTIVATIONS for k in FLOAT_KERNELS]
+    out += [("shard", f"ep2-rank{r}", a, k) for r in (0, 1) for a in ACTIVATIONS for k in FLOAT_KERNELS]
+    out += [("shard", "int8-ep2-rank1", a, k) for a in ACTIVATIONS for k in QUANT_KERNELS]
+    out += [("encoder", "-", "gelu+bias", k) for k in FLOAT_KERNELS]
+    out += [("quantized", v, a, k) for v in SPECS for a in ACTIVATIONS for k in QUANT_KERNELS]
+    out += [("gguf", v, a, k) for v in GGUF_TYPES for a in ACTIVATIONS for k in GGUF_KERNELS]
+    # (GGUF slots read a GGUF file on disk: tests/test_offload_quant.py's lazy GGUF runs; here memory and the link)
+    out += [("offloaded", f"{s}@{t}", a, k) for s, kernels in SLOTS.items() for t in TIERS for a in ACTIVATIONS
+            for k in (kernels if t == "memory" else ["auto"]) if not (s == "Q8_0" and t.startswith("disk"))]
+    return out
+
+
+CASES = _cases()
+
+
+def refusal(kind: str, variant: str, activation: str):
+    """(error class, message pattern) for a combination its storage refuses at construction, else None."""
+    if kind == "quantized" and variant == "int4-g128":
+        return ConfigError, r"^QuantizedExperts: int4-g128: group_size=128 does not divide the input width 64 .*group sizes that divide it"
+    if (kind == "gguf" or variant.startswith("Q8_0@")) and activation == "clamped_swiglu":  # (built before offloading)
+        return ConfigError, (r"^GGUFExperts: experts with activation='clamped_swiglu' cannot run from GGUF blocks: accepted "
+                             r"activations are swiglu, gelu")
+    if kind == "gguf" and variant == "Q4_K@64":
+        return ConfigError, r"^GGUFExperts: w_in has 64 columns, which do not split into Q4_K's 256-weight blocks: accepted widths"
+    if kind == "offloaded" and activation == "clamped_swiglu":
+        return ConfigError, r"^OffloadedExperts: the experts of MoE layer 'moe' carry biases.*accepted: experts without biases"
+    if kind == "offloaded" and variant.endswith("@cuda-host"):
+        return OffloadError, r"tier 'cuda-host' needs a model on a CUDA device; on CPU use 'disk' or 'emulated'"
+    return None
+
+
+RUNS = [c for c in CASES if refusal(*c[:3]) is None]
+REFUSED = [c for c in CASES if refusal(*c[:3]) is not None]
+
+
+def _id(case) -> str:
+    return "-".join(case)
+
+
+def oracle(x, rows_E, weights, act, rounded: bool) -> torch.Tensor:
+    """loop on the effective weights; rounded: each matmul's input rounded to int8 blocks, as the integer-dot kernels do."""
+    w_in, w_out, b_in, b_out = weights
+    if not rounded:
+        return loop_experts(x, rows_E, w_in, w_out, act, b_in, b_out)
+    out, start = [], 0
+    for e, count in enumerate(rows_E.tolist()):
+        if count:
+            h = F.linear(fake_quant_rows(x[start : start + count]), w_in[e], None if b_in is None else b_in[e])
+            out.append(F.linear(fake_quant_rows(activate(h, act)), w_out[e], None if b_out is None else b_out[e]))
+        start += count
+    return torch.cat(out)
+
+
+def check_storage(built: Built, rows: str, activation: str) -> None:
+    s = built.storage
+    w_in, w_out = built.weights[:2]
+    n, h, d = w_in.shape
+    assert isinstance(s, ExpertsStorage)
+    assert s.shape_EHDF == (n, h, d, w_out.shape[2]) and s.num_experts == n
+    assert s.num_weights == w_in.numel() + w_out.numel()
+    assert s.activation == activation.split("+")[0] and s.has_bias == (built.weights[2] is not None)
+    assert s.kernel in s.kernels
+    rows_E = torch.tensor(ROWS[n][rows])
+    x = torch.randn(int(rows_E.sum()), d, generator=torch.Generator().manual_seed(len(rows)))
+    with torch.no_grad():
+        ran = s.kernel_for(x, rows_E)  # the two calls a dispatcher makes
+        assert ran in s.kernels and ran != "auto"
+        got = s(x, rows_E, kernel=ran)
+    want = oracle(x, rows_E, built.weights, built.act, rounded=built.integer and ran == "native")
+    assert got.shape == (x.shape[0], d) and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, atol=2e-5 * float(want.abs().max()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", ["prefill", "decode"])
+@pytest.mark.parametrize("case", RUNS, ids=_id)
+def test_storage_equals_loop_on_its_effective_weights(case, rows, tmp_path):
+    kind, variant, activation, kernel = case
+    build = BUILDERS[kind]
+    built = build(activation, kernel, variant, tmp_path) if kind == "offloaded" else build(activation.split("+")[0], kernel, variant)
+    try:
+        check_storage(built, rows, activation)
+    finally:
+        for close in built.closers:
+            close()
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=_id)
+def test_storage_refuses_the_combination_at_construction(case, tmp_path):
+    kind, variant, activation, kernel = case
+    error, pattern = refusal(kind, variant, activation)
+    with pytest.raises(error, match=pattern) as info:
+        if kind == "offloaded":
+            offloaded(activation, kernel, variant, tmp_path)
+        else:
+            BUILDERS[kind](activation, kernel, variant)
+    assert "\n" not in str(info.value)
