@@ -60,10 +60,10 @@ def check_loading_flags(args) -> None:
     if args.prefetch is not None and args.prefetch not in PREDICTORS:
         why = (" needs a routing trace recorded on the same generation, which no command can record before it "
                "generates (it is a library option: moekit.infer.offload.offload_model(trace=...))"
-               if args.prefetch == "oracle" else " is not a predictor")
-        raise ConfigError(f"--prefetch {args.prefetch}{why}: accepted are {', '.join(PREDICTORS)}")
+               if args.prefetch == "oracle" else " is unknown")
+        raise ConfigError(f"--prefetch {args.prefetch}{why}: accepted predictors are {', '.join(PREDICTORS)}")
     if args.cache is not None and args.cache not in POLICIES:
-        raise ConfigError(f"--cache {args.cache} is not a cache policy: accepted are {', '.join(POLICIES)}")
+        raise ConfigError(f"--cache {args.cache} is an unknown cache policy: accepted policies are {', '.join(POLICIES)}")
 
 
 def load_options(args) -> dict:
