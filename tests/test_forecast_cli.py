@@ -100,9 +100,10 @@ def test_bad_input_gets_one_clear_message(trained, tmp_path, capsys):
                          str(tmp_path / "x.csv")], capsys)
     assert code == 2 and "no numeric column" in err and err.count("\n") == 1
 
-    code, err = run_cli(["forecast", "--model", model, "--csv", str(data), "--horizon", "300", "--context", "1000",
+    # a forecast needs --context points of history, not context + horizon (issue 24)
+    code, err = run_cli(["forecast", "--model", model, "--csv", str(data), "--horizon", "300", "--context", "1300",
                          "--out", str(tmp_path / "x.csv")], capsys)
-    assert code == 2 and "1200 time steps" in err and "1000 + 300" in err
+    assert code == 2 and "1200 time steps" in err and "--context 1300: use --context 1200 or less" in err
 
     code, err = run_cli(["forecast", "--model", model, "--csv", str(data), "--horizon", "0", "--out",
                          str(tmp_path / "x.csv")], capsys)
@@ -228,3 +229,93 @@ def test_resuming_a_finished_forecaster_names_its_checkpoint(trained, capsys):
     out = capsys.readouterr().out
     assert "checkpoint: None" not in out and f"checkpoint: {d / 'run' / 'step-00000004'}" in out
     assert "trained 0 steps in" in out and "(resumed at step 4; the run has trained 4 steps in all)" in out
+
+
+# ---------------------------------------------------------------- any CSV a user has (issue 24)
+
+
+def test_forecast_context_5_on_a_5_row_file(trained, tmp_path, capsys):
+    d, _ = trained
+    five = tmp_path / "five.csv"
+    five.write_text("date,v\n" + "".join(f"2021-01-0{i + 1},{10 + i}\n" for i in range(5)))
+    out = tmp_path / "f.csv"
+    code, err = run_cli(["forecast", "--model", str(d / "run"), "--csv", str(five), "--horizon", "3", "--context", "5",
+                         "--out", str(out)], capsys)
+    assert code == 0, err
+    rows = list(csv.reader(out.open()))
+    assert [r[0] for r in rows[1:]] == ["2021-01-06", "2021-01-07", "2021-01-08"]
+    assert all(np.isfinite(float(r[1])) for r in rows[1:])
+    code, err = run_cli(["forecast", "--model", str(d / "run"), "--csv", str(five), "--horizon", "3", "--context", "3",
+                         "--out", str(out)], capsys)
+    assert code == 2 and "--context 3 is too short" in err and "at least 4" in err and "seq_len" not in err
+
+
+def test_a_messy_csv_forecasts_with_one_plain_line_per_repair(trained, tmp_path, capsys):
+    d, _ = trained
+    start = np.datetime64("2021-03-01T00:00")
+    rows = [(str(start + np.timedelta64(i, "h")).replace("T", " "), f"{10 + np.sin(i / 4):.4f}".replace(".", ","),
+             "7,5", "north") for i in range(200)]
+    rows[50] = (rows[50][0], "n/a?", "7,5", "north")
+    messy = tmp_path / "messy.csv"  # semicolons, decimal commas, newest first, a text cell, a constant and a text column
+    messy.write_text("date;load;flat;site\n" + "".join(";".join(r) + "\n" for r in reversed(rows)))
+    out = tmp_path / "f.csv"
+    code, err = run_cli(["forecast", "--model", str(d / "run"), "--csv", str(messy), "--horizon", "4", "--context", "96",
+                         "--out", str(out)], capsys)
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert all(ln.startswith("moekit forecast: warning: ") for ln in lines) and len(lines) == 5, err
+    for part in ("column 'load': 1 cell(s) that are not numbers read as missing (e.g. 'n/a?')",
+                 "skipped non-numeric column(s) site", "rows are newest first: reversed by date",
+                 "constant column(s) flat (always 7.5)", "filled 1 missing value(s) in load (1)"):
+        assert part in err, part
+    got = list(csv.reader(out.open()))
+    assert got[0] == ["date", "load", "flat"]
+    assert got[1][0] == "2021-03-09 08:00"  # 200 hours after the oldest row: the newest row is the last
+    assert all(abs(float(r[2]) - 7.5) < 1e-3 for r in got[1:])  # a constant channel forecasts as its value
+    code, err = run_cli(["forecast", "--model", str(d / "run"), "--csv", str(messy), "--horizon", "4", "--columns",
+                         "flat", "--out", str(out)], capsys)
+    assert code == 0 and list(csv.reader(out.open()))[0] == ["date", "flat"]
+    code, err = run_cli(["forecast", "--model", str(d / "run"), "--csv", str(messy), "--horizon", "4", "--columns",
+                         "load,speed", "--out", str(out)], capsys)
+    assert code == 2 and "no column(s) 'speed'; its columns are load, flat, site" in err
+
+
+def test_train_forecaster_on_an_inf_cell_trains_finite_weights(tmp_path, capsys):
+    data = write_series(tmp_path / "s.csv", rows=600)
+    text = data.read_text().splitlines()
+    cells = text[100].split(",")
+    text[100] = ",".join(cells[:1] + ["inf"] + cells[2:])
+    data.write_text("\n".join(text) + "\n")
+    code, err = run_cli(["train-forecaster", "--csv", str(data), "--out", str(tmp_path / "r"), "--quiet",
+                         "--columns", "load", *TINY], capsys)
+    assert code == 0, err
+    assert "column 'load': 1 infinite value(s) read as missing" in err
+    out = capsys.readouterr().out
+    assert "validation Huber loss" in out and "nan" not in out
+    from moekit.infer.forecast import load_forecaster
+
+    model = load_forecaster(tmp_path / "r")
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values())
+    saved = json.loads((tmp_path / "r" / "step-00000004" / "config.json").read_text())
+    assert saved["data"]["columns"] == "load"
+
+
+def test_eval_forecast_on_weekly_data_is_seasonal_and_dlinear_follows_stride(trained, tmp_path, capsys, monkeypatch):
+    d, _ = trained
+    rng = np.random.default_rng(0)
+    pattern = rng.normal(size=52)
+    weekly = tmp_path / "weekly.csv"
+    start = np.datetime64("2000-01-02")
+    weekly.write_text("date,v\n" + "".join(f"{start + np.timedelta64(7 * i, 'D')},{pattern[i % 52]:.6f}\n"
+                                           for i in range(966)))
+    import moekit.infer.forecast_eval as fe
+
+    strides = []
+    real = fe.DLinear._windows
+    monkeypatch.setattr(fe.DLinear, "_windows", lambda self, *a: strides.append(self.stride) or real(self, *a))
+    code = main(["eval-forecast", "--model", str(d / "run"), "--csv", str(weekly), "--horizons", "26",
+                 "--context", "104", "--stride", "13", "--quiet", "--out", str(tmp_path / "e.json")])
+    assert code == 0
+    res = {r["method"]: r["mse"] for r in json.loads((tmp_path / "e.json").read_text())["results"]}
+    assert res["seasonal_naive"] < 1e-8 < res["last_value"]  # weekly: a 52-week season, not the last value
+    assert strides == [13]

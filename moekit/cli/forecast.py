@@ -32,13 +32,13 @@ def _train(args) -> int:
     from .paths import out_dir
 
     out_dir(args.out)
-    if args.resume and (args.init or args.overrides or args.date_format or args.dayfirst):
+    if args.resume and (args.init or args.overrides or args.date_format or args.dayfirst or args.columns):
         print("note: --resume continues with the run's saved config; --init, overrides and date options are ignored",
               file=sys.stderr)
     with _plain_warnings("train-forecaster"):
         summary = train_forecaster(args.csv or [], args.out, preset_name=args.preset, overrides=args.overrides,
                                    init=args.init, resume=args.resume, progress=not args.quiet,
-                                   date_format=args.date_format, dayfirst=args.dayfirst)
+                                   date_format=args.date_format, dayfirst=args.dayfirst, columns=args.columns)
     result = summary["result"]
     if result.interrupted:
         print(f"interrupted at step {result.step}; saved {result.checkpoint} (continue with --resume)")
@@ -63,7 +63,7 @@ def _forecast(args) -> int:
         out_file(args.plot, "--plot", example="forecast.png")
     with _plain_warnings("forecast"):
         res = forecast_csv(args.model, args.csv, args.horizon, context=args.context, out=args.out, plot=args.plot,
-                           date_format=args.date_format, dayfirst=args.dayfirst)
+                           date_format=args.date_format, dayfirst=args.dayfirst, columns=args.columns)
     print(f"forecast {len(res.timestamps)} steps of {len(res.channels)} channel(s) ({', '.join(res.channels)}) "
           f"from {res.timestamps[0]} to {res.timestamps[-1]}, context {res.context}")
     print(f"wrote {res.out}")
@@ -85,7 +85,7 @@ def _eval(args) -> int:
     with _plain_warnings("eval-forecast"):
         results = evaluate_csv(args.model, args.csv, horizons, context=args.context, stride=args.stride,
                                with_baselines=not args.no_baselines, progress=not args.quiet,
-                               date_format=args.date_format, dayfirst=args.dayfirst)
+                               date_format=args.date_format, dayfirst=args.dayfirst, columns=args.columns)
     print(f"MSE / MAE on the scaled test split, context {args.context}, stride {args.stride}:")
     print(results_table(results))
     if args.out:
@@ -102,6 +102,8 @@ def _add_date_options(p) -> None:
     p.add_argument("--dayfirst", action="store_true",
                    help="read ambiguous dates such as 03/04/2020 day-first (4 March); without it or --date-format "
                         "they are refused")
+    p.add_argument("--columns", metavar="A,B,C",
+                   help="the columns to forecast, comma-separated (default: every numeric column)")
 
 
 def add_parsers(sub) -> None:

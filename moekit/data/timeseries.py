@@ -128,11 +128,6 @@ def read_csv(path: str | Path, *, date_column: str | None = None, channels: list
             warn(f"{p.name}: column {date_name!r} does not parse as dates; timestamps are ignored", notes)
     wanted, explicit = choose_columns(header, date_name, channels, p.name)
     numeric = numeric_columns(cells, wanted, explicit, sep, p.name, notes)
-    if not numeric:
-        raise DataError(
-            f"{p.name} has no numeric column: expected a date column plus numeric channels, got columns "
-            f"{', '.join(header)}"
-        )
     if timestamps is not None:
         order = time_order(timestamps, f"{p.name}: column {date_name!r}", notes)
         if order is not None:

@@ -160,7 +160,7 @@ def numeric_columns(cells, wanted: list[str], explicit: bool, sep: str, name: st
                     notes: list[str]) -> dict[str, np.ndarray]:
     """Each wanted column that is numeric (text cells and ±inf read as missing, each named); others skipped, named.
 
-    With `explicit` (the user chose the columns) a column that is not numeric is an error.
+    None numeric is an error naming the columns. With `explicit` (the user chose the columns) a column that is not numeric is an error.
     """
     out, skipped = {}, []
     for col in wanted:
@@ -178,6 +178,9 @@ def numeric_columns(cells, wanted: list[str], explicit: bool, sep: str, name: st
         if column.infinite.any():
             warn(f"{name}: column {col!r}: {int(column.infinite.sum())} infinite value(s) read as missing", notes)
         out[col] = column.values
+    if not out:
+        raise DataError(f"{name} has no numeric column: expected a date column plus numeric channels, got columns "
+                        f"{', '.join(cells.columns)}")
     if skipped:
         warn(f"{name}: skipped non-numeric column(s) {', '.join(skipped)} (more than half of their cells are text "
              f"or empty)", notes)

@@ -41,25 +41,21 @@ class CsvForecast:
 
 def forecast_csv(model_path: str | Path, csv_path: str | Path, horizon: int, context: int | None = None,
                  out: str | Path | None = None, plot: str | Path | None = None,
-                 date_format: str | None = None, dayfirst: bool = False) -> CsvForecast:
+                 date_format: str | None = None, dayfirst: bool = False, columns=None) -> CsvForecast:
     """Forecast every numeric channel `horizon` steps past the end of a CSV.
 
     Each channel's last `context` points (default: up to 512, at most the
-    series length minus the horizon) are instance-normalised, forecast, and
+    series length; at least 4, `MIN_CONTEXT`) are instance-normalised, forecast, and
     de-normalised. Writes a CSV with timestamps continued at the file's
     frequency and, with `plot`, a PNG of history and forecast. `date_format` /
     `dayfirst` say how to read the date column (see `read_csv`).
     """
-    from ..data.timeseries import check_length, read_csv
+    from ..data.timeseries import forecast_context, read_csv
 
     if not isinstance(horizon, int) or horizon < 1:
         raise DataError(f"--horizon {horizon} is invalid: it must be a positive integer")
-    if context is not None and context < 1:
-        raise DataError(f"--context {context} is invalid: it must be a positive integer")
-    series = read_csv(csv_path, date_format=date_format, dayfirst=dayfirst)
-    if context is None:
-        context = max(1, min(512, series.length - horizon))
-    check_length(series.length, context, horizon, f"{Path(csv_path).name}")
+    series = read_csv(csv_path, date_format=date_format, dayfirst=dayfirst, channels=columns)
+    context = forecast_context(series.length, context, Path(csv_path).name)
     model = load_forecaster(model_path)
     history_CL = torch.from_numpy(series.values_TC[-context:].T.copy())
     values_HC = model.predict(history_CL, horizon).numpy().T
