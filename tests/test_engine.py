@@ -269,3 +269,34 @@ def test_engine_loads_a_moekit_checkpoint(tmp_path, engine):
         if torch.cuda.is_available():
             raise ConfigError("device")
         Engine.load(tmp_path / "run", device="cuda")
+
+
+def test_engine_takes_the_loaders_record_as_engine_load_does(tmp_path, engine):
+    # Issue 22: Engine(loaded); oracle: the engine on the same model and tokenizer given by hand.
+    from moekit import load
+
+    model = engine.model
+    save_checkpoint(tmp_path / "run", 1, config={"model": to_dict(model.cfg)}, model_state=model.state_dict(),
+                    optimizer_state=None, trainer_state={}, tokenizer=engine.tokenizer)
+    loaded = load(tmp_path / "run")
+    by_record = Engine(loaded)
+    assert by_record.model is loaded.model and by_record.path == tmp_path / "run" and by_record.chat_fallback
+    want = engine.generate(["hello"], max_new_tokens=8)[0].token_ids
+    assert by_record.generate(["hello"], max_new_tokens=8)[0].token_ids == want
+    assert Engine.load(tmp_path / "run").generate(["hello"], max_new_tokens=8)[0].token_ids == want
+    with pytest.raises(ConfigError, match="takes the loaded record as it is"):
+        Engine(loaded, Tokenizer.byte_level())
+
+
+def test_task_group_takes_a_name_or_an_id_and_names_what_is_accepted():
+    from moekit.infer.load import Loaded
+
+    task_engine = Engine(Loaded(tiny_model(moe=dict(router="task", num_groups=3)), tasks=("add", "sub", "mul")))
+    assert [task_engine.task_group(t) for t in ("sub", "2", 0)] == [1, 2, 0] and task_engine.needs_groups
+    for bad in ("div", 3, "-1", True):
+        with pytest.raises(ConfigError, match=r"give a task name \(add, sub, mul\) or an id in 0..2"):
+            task_engine.task_group(bad)
+    plain = Engine(tiny_model(), Tokenizer.byte_level())
+    assert not plain.needs_groups
+    with pytest.raises(ConfigError, match="does not route by task or group"):
+        plain.task_group(0)
