@@ -52,6 +52,9 @@ class RowCache:
     """The row interface (module docstring). Subclasses set `time_dim` and give `layer_buffers` and `num_layers`."""
 
     time_dim = 2  # the column axis of every layer buffer (the batch row is axis 0)
+    # True when the model's attention counts a sliding window in cache columns: a row's columns must then stay
+    # contiguous (a scheduler that leaves a gap in a row compacts it before the row's next write)
+    contiguous_rows = False
     batch_size: int
     max_len: int
 

@@ -132,6 +132,18 @@ def test_concurrent_requests_through_the_scheduler_get_their_solo_tokens(family_
     assert compactions and not sched.rows and sched.cursor == 0  # the fourth prompt made room by compacting
 
 
+def test_a_sliding_window_model_decoding_a_subset_per_step_gets_its_solo_tokens(tmp_path):
+    """step_tokens < rows: a row that sits out a step has a gap in its columns, which a window must not count."""
+    engine = engine_for("gpt_oss", tmp_path)
+    cfg = SamplingConfig(max_new_tokens=12, stop_token_ids=[])
+    done = {}
+    sched = Scheduler(engine, max_batch=4, step_tokens=2)
+    for i, p in enumerate(PROMPTS):
+        sched.submit(Request(list(p), cfg, lambda kind, payload, i=i: done.update({i: payload}) if kind == "done" else None))
+    sched.run_until_idle()
+    assert [done[i].token_ids for i in range(4)] == [engine.generate_ids([p], cfg)[0].token_ids for p in PROMPTS]
+
+
 def _post_all(app, bodies, stream=False):
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:

@@ -36,7 +36,9 @@ policy and predictor): the rule replayed over the known next tokens, rows
 decoded meanwhile coming back with their last experts (a guess: a
 request's tokens tend to stay on its experts). A subset decodes into its own rows of the cache at
 the step's column; the others' key masks leave that column out, so every
-request still computes what it computes alone. `batching="fifo"` takes the
+request still computes what it computes alone (a cache whose model counts a
+sliding window in columns, `contiguous_rows`, is compacted before a row with
+such a gap decodes again). `batching="fifo"` takes the
 longest-waiting rows instead (the baseline).
 
 The cache is driven only through its row interface (moekit.cache_rows: a
@@ -258,7 +260,10 @@ class Scheduler:
         """One token for the chosen rows; if their forward fails, each is run alone, and only those failing alone fail."""
         if self.cursor >= self.max_len:
             self._compact()
-        chosen, c = self._choose(), self.cursor
+        chosen = self._choose()
+        if self.cache.contiguous_rows and not bool(self.valid[chosen, self.cursor - 1].all()):
+            self._compact()  # a row that sat out a step has a gap, and a sliding window counts columns
+        c = self.cursor
         try:
             outcomes = [(chosen, self._decode_forward(chosen, c), None)]
         except Exception as e:  # noqa: BLE001 - the failing rows fail, the others go on

@@ -322,6 +322,7 @@ class DecoderLM(nn.Module):
                 batch_size, cfg.num_layers, cfg.num_kv_heads, max_len or cfg.max_seq_len,
                 cfg.head_dim or cfg.hidden_size // cfg.num_heads, dtype or p.dtype, device or p.device,
             )
+        cache.contiguous_rows = any(cfg.window_for_layer(i) for i in range(cfg.num_layers))  # windows count columns
         return cache  # (mixture-of-depths choices live in the cache's own DepthHistory: moekit.cache_rows)
 
 
