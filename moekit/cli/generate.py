@@ -1,6 +1,8 @@
 """`moekit generate` and `moekit convert`: flags, one library call each, printing.
 
-generate drives `moekit.infer.Engine` (and its offloader for --expert-budget);
+generate drives `moekit.infer.Engine`, loaded by the flags it shares with
+`moekit serve` (loading_flags.py: --dtype, --device, --quantize, --expert-budget, ...);
+--task gives a task-routed model (data.kind=math_tasks) its task id;
 convert calls `moekit.hf.convert`. Sampling flags default to None, meaning
 "the library's default": the defaults are defined once, in
 `moekit.infer.sampling.SamplingConfig`, and `moekit generate --help` reads them
@@ -137,7 +139,7 @@ def _print_stats(engine) -> None:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a Hugging Face model directory or a moekit checkpoint",
                        formatter_class=_LibraryDefaults)
-    p.add_argument("model", help="a GGUF file, a Hugging Face model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, Granite-MoE, PhiMoE, GPT-OSS) or a moekit run/checkpoint")
+    p.add_argument("model", help="a GGUF file, a Hugging Face model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, Granite-MoE, PhiMoE, GPT-OSS), a moekit run/checkpoint or a moefy output")
     p.add_argument("--prompt", help="the text to continue; - reads it from stdin; left out: an interactive chat "
                                      "(one line a turn, with history, the chat template; /reset, /exit)")
     p.add_argument("--max-new-tokens", type=int, help="tokens to generate at most")
