@@ -9,7 +9,9 @@ MoE against dense, timed interleaved on the trained checkpoints (or, if the
 checkpoints are gone, on freshly built models, and then said so). Writes
 <name>.json/.md and one loss-vs-FLOPs PNG per corpus.
 
-Not here: training (deepspeed_moe.py), the FLOPs model (moe_vs_dense.py).
+Not here: training (deepspeed_moe.py), the models and names (_deepspeed_moe_setup.py: this module never
+imports deepspeed_moe.py), the FLOPs model (moekit.train.flops), curves, throughput and plots in
+general (_harness.py).
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from statistics import median
 import torch
 
 from _common import command_line, load_average, machine_info, markdown_table, target, write_results
-from deepspeed_moe import (FLOPS_RATIO_GOAL, LOSS_GAP_GOAL, NAME, NEVER, PARAMS_RATIO_GOAL, REFERENCE, STANDARD,
-                           THROUGHPUT_GOAL, best_by_model, load_runs, model_config, run_name, train_config)
-from moe_vs_dense import corpora, crossing_flops, lm_loss_fn, load_trained, throughput
+from _deepspeed_moe_setup import (FLOPS_RATIO_GOAL, LOSS_GAP_GOAL, NAME, NEVER, PARAMS_RATIO_GOAL, REFERENCE, STANDARD,
+                                  THROUGHPUT_GOAL, best_by_model, model_config, run_name, train_config)
+from _harness import corpora, lm_loss_fn, load_runs, load_trained, plot_curves, throughput
 
 from moekit.checkpoints import resolve_checkpoint
 from moekit.data.text import batch_at
 from moekit.errors import MoekitError
 from moekit.models.decoder import DecoderLM
+from moekit.train.flops import crossing_flops
 from moekit.train.lm import prepare_data
 from moekit.train.loop import make_optimizer
 
@@ -111,7 +114,7 @@ def measure_throughput(s, corpus: str, dcfg, best: dict[str, dict], work: Path) 
         except MoekitError:  # checkpoints removed (another machine, a cleaned temp dir): time fresh models instead
             torch.manual_seed(0)
             models[name], source = DecoderLM(model_config(name, s, data.tokenizer.vocab_size)), "freshly built models"
-    tps = throughput(models, data, train_config(s, 3e-3), s)
+    tps = throughput(models, data.train, train_config(s, 3e-3), s)
     return {"corpus": corpus, "source": source, "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
             "ratio_to_dense": {k: round(v / tps["dense"], 3) for k, v in tps.items() if k != "dense"},
             "breakdown": step_breakdown(models, data, train_config(s, 3e-3), s)}
@@ -151,30 +154,20 @@ def step_breakdown(models: dict, data, tc, s) -> dict[str, dict]:
 
 
 def plot(corpus: str, runs: list[dict], best: dict[str, dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    series = []
     for r in sorted(runs, key=lambda r: r["name"]):
-        is_best = best.get(r["name"]) is r or r.get("budget", 1.0) != 1.0
-        xs, ys = [p["flops"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]]
-        ax.plot(xs, ys, "-" if is_best else ":", lw=1.8 if is_best else 0.8, marker="." if is_best else None,
-                label=f"{r['name']} lr={r['lr']:g}" + (f" budget {r['budget']:g}" if r.get("budget", 1.0) != 1.0 else "")
-                + ("" if is_best or r.get("budget", 1.0) != 1.0 else " (not best lr)"))
-    if "dense" in best:
-        ax.axhline(best["dense"]["final_val_loss"], color="k", lw=0.6, ls="--", label="dense final val loss")
+        short = r.get("budget", 1.0) != 1.0
+        is_best = best.get(r["name"]) is r or short
+        style = {"linestyle": "-" if is_best else ":", "linewidth": 1.8 if is_best else 0.8, "marker": "." if is_best else None}
+        label = f"{r['name']} lr={r['lr']:g}" + (f" budget {r['budget']:g}" if short else "") + \
+            ("" if is_best else " (not best lr)")
+        series.append((label, [p["flops"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]], style))
+    hlines = [(best["dense"]["final_val_loss"], {"color": "k", "linewidth": 0.6, "linestyle": "--",
+                                                 "label": "dense final val loss"})] if "dense" in best else []
     finals = [r["final_val_loss"] for r in runs]
-    ax.set_ylim(min(finals) - 0.1, max(finals) + 0.8)
-    ax.set_xlabel("training FLOPs (analytic)")
-    ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title(f"DeepSpeed-MoE claims on moekit: {corpus}, equal active parameters")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    panel = {"title": f"DeepSpeed-MoE claims on moekit: {corpus}, equal active parameters", "series": series,
+             "hlines": hlines, "ylim": (min(finals) - 0.1, max(finals) + 0.8)}
+    return plot_curves([panel], path, size=(8, 5), dpi=120)
 
 
 def targets_of(per_corpus: dict, speed: dict | None) -> list[dict]:

@@ -19,8 +19,10 @@ MoE training. Every run here has the same active parameters per token
   mos                    the PR-MoE with one layer fewer, distilled from `prmoe` by `moekit distill`'s recipe
                          (LM loss + KL to the teacher for the first --kd-stop of the steps).
 Same data, seeds, token budget and schedule; validation loss against analytic
-training FLOPs (moe_vs_dense.training_flops_per_token; the MoS run also pays
-the teacher's forward while KD is on). Corpora: tinyshakespeare
+training FLOPs (moekit.train.flops.training_flops_per_token; the MoS run also pays
+the teacher's forward while KD is on). Names, scales and models are in
+_deepspeed_moe_setup.py, the report in _deepspeed_moe_report.py; runs, curves,
+throughput and plots are the shared training-comparison harness's (_harness.py). Corpora: tinyshakespeare
 (../shared/data/text, skipped when absent) and the Python standard library.
 
 Stages: `--stage dense|moe|prmoe|mos|report|all`; each training stage writes
@@ -42,10 +44,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -54,99 +56,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import RESULTS_DIR  # noqa: E402
-from moe_vs_dense import corpora, lm_loss_fn, training_flops_per_token  # noqa: E402
+from _deepspeed_moe_report import report  # noqa: E402
+from _deepspeed_moe_setup import (FULL, LONG, NAME, QUICK, STAGES, Scale, best_by_model, model_config,  # noqa: E402,F401
+                                  run_name, train_config)
+from _harness import corpora, load_runs, save_json, train_curve  # noqa: E402
 
-from moekit.config import MoEConfig, to_dict  # noqa: E402
-from moekit.data.text import batch_at  # noqa: E402
-from moekit.models.decoder import DecoderLM, ModelConfig, count_parameters  # noqa: E402
+from moekit.models.decoder import DecoderLM, count_parameters  # noqa: E402
 from moekit.train.distill import DistillConfig, distill_lm, kd_steps  # noqa: E402
+from moekit.train.flops import forward_flops_per_token, training_flops_per_token  # noqa: E402
 from moekit.train.lm import RunConfig, evaluate, prepare_data  # noqa: E402
-from moekit.train.loop import TrainConfig, fit  # noqa: E402
-
-NAME = "deepspeed_moe"
-FLOPS_RATIO_GOAL, PARAMS_RATIO_GOAL, LOSS_GAP_GOAL, THROUGHPUT_GOAL = 0.5, 3.0, 0.01, 0.8
-NEVER = 99.0  # the FLOPs ratio recorded when a run never reaches the dense final loss
-STANDARD = ("moe16_top1", "moe32_top4", "moe32_top4_alf", "moe32_top3_shared", "moe64_top7_shared",
-            "moe32_top3_shared_alf")
-REFERENCE = "moe16_top1"  # the standard MoE the size claim compares with (the paper's top-1 baseline)
-STAGES = {"dense": ("dense",), "moe": STANDARD, "prmoe": ("prmoe",), "mos": ("mos",)}
-
-
-@dataclass
-class Scale:
-    hidden: int
-    layers: int
-    heads: int
-    width: int  # W: the dense FFN width = active FFN width of every model
-    steps: int
-    batch_size: int
-    seq_len: int
-    warmup: int
-    evals: int
-    eval_batches: int
-    max_bytes: int
-    throughput_rounds: int
-    throughput_steps: int
-
-
-# 1200 steps x 16 x 128 tokens = 2.46M tokens: 4x the earlier moe_vs_dense run (300 steps of the same batch); the
-# model is a little narrower than that run's (hidden 96, W 384 vs 128, 512) so that 6 runs of 4x the tokens fit in
-# ~90 min per corpus on one core (~0.5 s per step on a quiet core)
-FULL = Scale(hidden=96, layers=4, heads=4, width=384, steps=1200, batch_size=16, seq_len=128, warmup=60, evals=24,
-             eval_batches=6, max_bytes=2_000_000, throughput_rounds=7, throughput_steps=2)
-# --scale long: the compute claim at 4x FULL's tokens again (16x the earlier experiment), on 16 MB of text so that no
-# byte is seen twice (9.8M training tokens); evaluated on 2.7x the validation tokens, since crossings are read off it
-LONG = replace(FULL, steps=4800, warmup=240, evals=32, eval_batches=16, max_bytes=16_000_000)
-QUICK = Scale(hidden=64, layers=2, heads=4, width=128, steps=16, batch_size=8, seq_len=64, warmup=2, evals=4,
-              eval_batches=2, max_bytes=200_000, throughput_rounds=2, throughput_steps=1)
-
-
-# ---------------------------------------------------------------- models
-
-
-def model_config(name: str, s: Scale, vocab_size: int) -> ModelConfig:
-    """The run's ModelConfig: everything but the FFN identical, active FFN width W everywhere."""
-    W = s.width
-    base = dict(vocab_size=vocab_size, hidden_size=s.hidden, num_layers=s.layers, num_heads=s.heads,
-                num_kv_heads=s.heads, max_seq_len=s.seq_len, dense_hidden=W)
-    # router probabilities as gate weights, not renormalised over the top-k (a renormalised top-1 weight is 1)
-    moe = dict(norm_topk_prob=False)
-    if name == "dense":
-        return ModelConfig(ffn="dense", **base)
-    if name == "moe16_top1":
-        return ModelConfig(ffn="moe", moe=MoEConfig(num_experts=16, top_k=1, expert_hidden=W, **moe), **base)
-    if name == "moe32_top4":
-        return ModelConfig(ffn="moe", moe=MoEConfig(num_experts=32, top_k=4, expert_hidden=W // 4, **moe), **base)
-    if name in ("moe32_top3_shared", "moe64_top7_shared"):
-        E = 32 if name.startswith("moe32") else 64
-        slots = E // 8  # active experts of width W / slots: one shared, the rest routed
-        cfg = MoEConfig(num_experts=E, top_k=slots - 1, expert_hidden=W // slots, num_shared_experts=1, **moe)
-        return ModelConfig(ffn="moe", moe=cfg, **base)
-    if name == "moe32_top4_alf":
-        cfg = MoEConfig(num_experts=32, top_k=4, expert_hidden=W // 4, bias_update_rate=1e-3, balance_loss="none", **moe)
-        return ModelConfig(ffn="moe", moe=cfg, **base)
-    if name == "moe32_top3_shared_alf":
-        cfg = MoEConfig(num_experts=32, top_k=3, expert_hidden=W // 4, num_shared_experts=1, bias_update_rate=1e-3,
-                        balance_loss="none", **moe)
-        return ModelConfig(ffn="moe", moe=cfg, **base)
-    if name in ("prmoe", "mos"):
-        layers = s.layers - (name == "mos")
-        base.update(num_layers=layers, dense_hidden=W // 2)
-        return ModelConfig(ffn="residual_moe", pyramid=[8, 16], pyramid_layers=[layers - 1, 1],
-                           moe=MoEConfig(num_experts=16, top_k=1, expert_hidden=W // 2, **moe), **base)
-    raise ValueError(f"unknown model {name!r}")
-
-
-def train_config(s: Scale, lr: float, seed: int = 0, budget: float = 1.0) -> TrainConfig:
-    """budget < 1: a shorter run with its own warmup + cosine schedule (evaluated at the same step spacing)."""
-    return TrainConfig(steps=max(1, round(s.steps * budget)), batch_size=s.batch_size, seq_len=s.seq_len, lr=lr, min_lr_ratio=0.1,
-                       warmup_steps=s.warmup, eval_every=max(1, s.steps // s.evals), eval_batches=s.eval_batches,
-                       save_every=0, keep_last=1, seed=seed, device="cpu")
-
-
-def run_name(name: str, lr: float, budget: float = 1.0) -> str:
-    return f"{name}_lr{lr:g}" + (f"_b{budget:g}" if budget != 1.0 else "")
-
 
 # ---------------------------------------------------------------- training stages
 
@@ -157,19 +75,11 @@ def train_run(name: str, s: Scale, data, lr: float, work: Path, budget: float = 
     cfg = model_config(name, s, data.tokenizer.vocab_size)
     torch.manual_seed(tc.seed)
     model = DecoderLM(cfg)
-    fpt, tokens = training_flops_per_token(cfg, tc.seq_len), tc.batch_size * tc.seq_len
-    curve = [{"step": 0, "flops": 0, "val_loss": evaluate(model, data.val, tc, cfg)["val_loss"]}]
-
-    def eval_fn(m, step):
-        val = evaluate(m, data.val, tc, cfg)["val_loss"]
-        curve.append({"step": step, "flops": step * tokens * fpt, "val_loss": val})
-        return {"val_loss": val}
-
-    started = time.perf_counter()
-    fit(model, tc, batch_fn=lambda i: batch_at(data.train, i, tc.batch_size, tc.seq_len, tc.seed),
-        loss_fn=lm_loss_fn(tc), run_dir=work / run_name(name, lr, budget), config_dict={"model": to_dict(cfg), "train": to_dict(tc)},
-        eval_fn=eval_fn, tokenizer=data.tokenizer, progress=False, tokens_per_batch=tokens)
-    return summary(name, lr, cfg, model, curve, time.perf_counter() - started, fpt, budget=budget)
+    fpt = training_flops_per_token(cfg, tc.seq_len)
+    curve, seconds = train_curve(model, tc, train_tokens=data.train, flops_per_token=fpt,
+                                 run_dir=work / run_name(name, lr, budget), tokenizer=data.tokenizer,
+                                 evaluate=lambda m: {"val_loss": evaluate(m, data.val, tc, cfg)["val_loss"]})
+    return summary(name, lr, cfg, model, curve, seconds, fpt, budget=budget)
 
 
 def summary(name, lr, cfg, model, curve, seconds, fpt, **extra) -> dict:
@@ -186,14 +96,12 @@ def distill_run(s: Scale, dcfg, lr: float, teacher: dict, work: Path, kd_stop: f
         raise SystemExit(f"the MoS stage needs the PR-MoE teacher's checkpoint in {teacher_dir}: run --stage prmoe first")
     cfg = RunConfig(model=model_config("mos", s, 257), train=tc, data=dcfg)
     out = work / run_name("mos", lr)
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
     result = distill_lm(teacher_dir, cfg, out, DistillConfig(kd_stop=kd_stop), progress=False)
     student_cfg = result["config"].model
     teacher_cfg = model_config("prmoe", s, student_cfg.vocab_size)
     fpt = training_flops_per_token(student_cfg, tc.seq_len)
-    teacher_fwd = training_flops_per_token(teacher_cfg, tc.seq_len) // 3  # forward only: a third of 6N (+ attention)
+    teacher_fwd = forward_flops_per_token(teacher_cfg, tc.seq_len)  # forward only: a third of 6N (+ attention)
     tokens, until = tc.batch_size * tc.seq_len, kd_steps(kd_stop, tc.steps)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [{"step": r["step"], "flops": r["step"] * tokens * fpt + min(r["step"], until) * tokens * teacher_fwd,
@@ -227,26 +135,6 @@ def run_stage(stage: str, s: Scale, lrs: list[float], root: Path, work: Path, on
         print(f"skipped {corpus}: {why}")
 
 
-def save_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
-def load_runs(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-
-
-def best_by_model(runs: list[dict]) -> dict[str, dict]:
-    """Per model, the full-budget run of its best learning rate (lowest final validation loss): the LR tuned per model."""
-    best: dict[str, dict] = {}
-    for r in (r for r in runs if r.get("budget", 1.0) == 1.0):
-        if r["name"] not in best or r["final_val_loss"] < best[r["name"]]["final_val_loss"]:
-            best[r["name"]] = r
-    return best
-
-
 # ---------------------------------------------------------------- command line
 
 
@@ -273,8 +161,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from _deepspeed_moe_report import report
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else LONG if args.scale == "long" else FULL

@@ -11,7 +11,9 @@ two corpora: tinyshakespeare (../shared/data/text, skipped with a message if
 absent) and the Python standard library's source (moekit's default corpus).
 
 Validation loss is evaluated every ~5% of training and plotted against
-training FLOPs, counted analytically (see `training_flops_per_token`). For
+training FLOPs, counted analytically (moekit.train.flops.training_flops_per_token).
+Scales, training runs, curves, throughput and plots are the shared
+training-comparison harness's (_harness.py). For
 each MoE the script reports the FLOPs at which it first reaches the dense
 model's final validation loss (linear interpolation between evaluations), as
 a fraction of the dense run's FLOPs (target <= 0.5), and the training
@@ -27,10 +29,7 @@ Writes benchmarks/results/moe_vs_dense.{json,md,png}. Run from the repository ro
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,18 +41,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import RESULTS_DIR, command_line, interleaved_times, machine_info, markdown_table, median, target, write_results  # noqa: E402
+from _common import RESULTS_DIR, command_line, machine_info, markdown_table, median, write_results  # noqa: E402
+from _harness import (code_line, code_state, corpora, load_trained, plot_curves, reach_target, target,  # noqa: E402
+                      targets_markdown, throughput, train_config, train_curve)
 
-from moekit.checkpoints import load_checkpoint, load_model_state  # noqa: E402
-from moekit.config import MoEConfig, from_dict, to_dict  # noqa: E402
-from moekit.data.text import batch_at  # noqa: E402
-from moekit.models.decoder import DecoderLM, ModelConfig, count_parameters, lm_loss  # noqa: E402
-from moekit.train.lm import DataConfig, LMData, evaluate, prepare_data  # noqa: E402
-from moekit.train.loop import TrainConfig, fit, make_optimizer  # noqa: E402
+from moekit.config import MoEConfig, to_dict  # noqa: E402
+from moekit.models.decoder import DecoderLM, ModelConfig, count_parameters  # noqa: E402
+from moekit.train.flops import (active_matmul_params, attention_flops_per_token, crossing_flops,  # noqa: E402,F401
+                                training_flops_per_token)
+from moekit.train.lm import LMData, evaluate, prepare_data  # noqa: E402
+from moekit.train.loop import TrainConfig  # noqa: E402
 
 NAME = "moe_vs_dense"
-REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "text" / "tinyshakespeare.txt"
 FLOPS_RATIO_GOAL = 0.5  # MoE FLOPs to reach the dense final val loss / dense FLOPs
 THROUGHPUT_GOAL = 0.8  # MoE training tokens/s / dense training tokens/s
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "moekit_moe_vs_dense"
@@ -102,98 +101,18 @@ def model_config(name: str, s: Scale, vocab_size: int) -> ModelConfig:
                        num_kv_heads=s.heads, max_seq_len=s.seq_len, ffn=ffn, dense_hidden=s.dense_hidden, moe=moe)
 
 
-def active_matmul_params(cfg: ModelConfig) -> int:
-    """Weights a token multiplies with: attention, router, the top-k experts (or the dense MLP), the head.
-
-    Embedding lookups and norm scales do no matmul and are left out.
-    """
-    D = cfg.hidden_size
-    head_dim = cfg.head_dim or D // cfg.num_heads
-    q, kv = cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim
-    mlp_per_width = 3 if cfg.moe.activation == "swiglu" else 2  # gate+up+down, or up+down
-    total = D * cfg.vocab_size  # lm_head
-    for i in range(cfg.num_layers):
-        total += D * q + 2 * D * kv + q * D  # q, k, v, o projections
-        if not cfg.is_moe_layer(i):
-            total += mlp_per_width * D * cfg.dense_hidden
-            continue
-        moe = cfg.moe_for_layer(i)
-        k = max(1, round(moe.capacity_factor)) if moe.router == "expert_choice" else moe.top_k
-        total += D * moe.num_experts + k * mlp_per_width * D * moe.expert_hidden  # router + active experts
-        if moe.num_shared_experts:
-            total += moe.num_shared_experts * mlp_per_width * D * (moe.shared_expert_hidden or moe.expert_hidden)
-            total += D if moe.shared_expert_gate else 0
-        if cfg.ffn == "residual_moe":
-            total += mlp_per_width * D * cfg.dense_hidden + 2 * D  # the dense MLP and its mixing coefficient
-    return total
-
-
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs of the score and value products (Kaplan et al.): 3 x 2 * layers * seq_len * d_attn.
-
-    A forward pass per token costs 2*ctx*d_attn for Q.K^T and as much for A.V,
-    with a causal mean context of ~seq_len/2; backward costs twice the forward.
-    """
-    d_attn = cfg.num_heads * (cfg.head_dim or cfg.hidden_size // cfg.num_heads)
-    return 6 * cfg.num_layers * seq_len * d_attn
-
-
-def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """6 x active matmul params (2 forward + 4 backward per weight) + the attention term."""
-    return 6 * active_matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
-
-
-def crossing_flops(points: list[tuple[float, float]], level: float) -> float | None:
-    """The first FLOPs at which the loss curve reaches `level`, linear between points; None if never."""
-    for i, (flops, loss) in enumerate(points):
-        if loss <= level:
-            if i == 0:
-                return flops
-            f0, l0 = points[i - 1]
-            return f0 + (l0 - level) / (l0 - loss) * (flops - f0)
-    return None
-
-
 # ---------------------------------------------------------------- training
 
 
-def train_config(s: Scale, seed: int) -> TrainConfig:
-    return TrainConfig(steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len, lr=3e-3, min_lr_ratio=0.1,
-                       warmup_steps=s.warmup, eval_every=max(1, s.steps // s.evals), eval_batches=s.eval_batches,
-                       save_every=0, keep_last=1, seed=seed)
-
-
-def lm_loss_fn(tc: TrainConfig):
-    def loss_fn(model, batch):
-        x, y = batch
-        loss, parts = lm_loss(model(x), y, tc.balance_loss_weight, tc.z_loss_weight)
-        return loss, {k: float(v.detach()) for k, v in parts.items()}
-
-    return loss_fn
-
-
 def train_one(name: str, s: Scale, data: LMData, tc: TrainConfig, run_dir: Path) -> dict:
-    """Train one model with moekit's `fit`, evaluating every tc.eval_every steps; returns its curve."""
+    """Train one model with moekit's `fit` (the harness's train_curve), evaluating every tc.eval_every steps."""
     cfg = model_config(name, s, data.tokenizer.vocab_size)
     torch.manual_seed(tc.seed)
     model = DecoderLM(cfg)
     flops_per_token = training_flops_per_token(cfg, tc.seq_len)
-    tokens_per_step = tc.batch_size * tc.seq_len
-    val0 = evaluate(model, data.val, tc, cfg)["val_loss"]
-    curve = [{"step": 0, "tokens": 0, "flops": 0, "val_loss": val0}]
-
-    def eval_fn(m, step):
-        val = evaluate(m, data.val, tc, cfg)["val_loss"]
-        curve.append({"step": step, "tokens": step * tokens_per_step, "flops": step * tokens_per_step * flops_per_token,
-                      "val_loss": val})
-        return {"val_loss": val}
-
-    shutil.rmtree(run_dir, ignore_errors=True)
-    started = time.perf_counter()
-    fit(model, tc, batch_fn=lambda i: batch_at(data.train, i, tc.batch_size, tc.seq_len, tc.seed),
-        loss_fn=lm_loss_fn(tc), run_dir=run_dir, config_dict={"model": to_dict(cfg), "train": to_dict(tc)},
-        eval_fn=eval_fn, tokenizer=data.tokenizer, progress=False, tokens_per_batch=tokens_per_step)
-    seconds = time.perf_counter() - started
+    curve, seconds = train_curve(model, tc, train_tokens=data.train, flops_per_token=flops_per_token, run_dir=run_dir,
+                                 evaluate=lambda m: {"val_loss": evaluate(m, data.val, tc, cfg)["val_loss"]},
+                                 tokenizer=data.tokenizer)
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     step_tps = [m["tokens_per_s"] for m in logged if "tokens_per_s" in m]
     return {
@@ -204,57 +123,6 @@ def train_one(name: str, s: Scale, data: LMData, tc: TrainConfig, run_dir: Path)
             "train_seconds": round(seconds, 1), "sequential_tokens_per_s": round(median(step_tps), 1), "curve": curve,
         },
     }
-
-
-# ---------------------------------------------------------------- throughput
-
-
-def throughput(models: dict[str, DecoderLM], data: LMData, tc: TrainConfig, s: Scale) -> dict[str, float]:
-    """Training tokens/s of each model (forward, loss, backward, clip, AdamW step), timed interleaved, median.
-
-    Copies of the trained models are timed, so routing is as trained; the step
-    mirrors moekit.train.fit's.
-    """
-    steps = {}
-    for name, trained in models.items():
-        model = copy.deepcopy(trained).train()
-        optimizer = make_optimizer(model, tc)
-        loss_fn = lm_loss_fn(tc)
-        counter = iter(range(10**9))
-
-        def step(model=model, optimizer=optimizer, loss_fn=loss_fn, counter=counter):
-            for _ in range(s.throughput_steps):
-                loss, _ = loss_fn(model, batch_at(data.train, next(counter), tc.batch_size, tc.seq_len, tc.seed + 7))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        steps[name] = step
-    times = interleaved_times(steps, reps=s.throughput_rounds, warmup=1)
-    tokens = s.throughput_steps * tc.batch_size * tc.seq_len
-    return {name: tokens / median(t) for name, t in times.items()}
-
-
-def load_trained(run_dir: Path) -> DecoderLM:
-    ckpt = load_checkpoint(run_dir)
-    model = DecoderLM(from_dict(ModelConfig, ckpt.config["model"], f"{run_dir}/config.json"))
-    load_model_state(model, ckpt.model_state)
-    return model
-
-
-# ---------------------------------------------------------------- corpora
-
-
-def corpora(s: Scale) -> tuple[dict[str, DataConfig], dict[str, str]]:
-    found, skipped = {}, {}
-    if SHAKESPEARE.is_file():
-        found["tinyshakespeare"] = DataConfig(path=str(SHAKESPEARE), max_bytes=s.max_bytes, tokenizer="byte")
-    else:
-        skipped["tinyshakespeare"] = f"{SHAKESPEARE} is absent (the shared data folder ../shared is not here)"
-        print(f"skipping tinyshakespeare: {skipped['tinyshakespeare']}", flush=True)
-    found["python-stdlib"] = DataConfig(path=None, max_bytes=s.max_bytes, tokenizer="byte")
-    return found, skipped
 
 
 # ---------------------------------------------------------------- results
@@ -274,12 +142,8 @@ def analyse(results: dict) -> list[dict]:
             m["flops_to_dense_final_loss"] = cross
             m["flops_ratio_vs_dense"] = None if cross is None else cross / dense["total_flops"]
             label = f"{corpus}: {name} training FLOPs to reach the dense final val loss / dense FLOPs"
-            if cross is None:
-                targets.append({"name": label, "value": None, "goal": FLOPS_RATIO_GOAL, "direction": "<=", "met": False,
-                                "note": f"never reached within the token budget (final val loss {m['final_val_loss']:.4f} "
-                                        f"vs dense {level:.4f}), so the ratio is above {m['total_flops'] / dense['total_flops']:.2f}"})
-            else:
-                targets.append(target(label, m["flops_ratio_vs_dense"], FLOPS_RATIO_GOAL, "<="))
+            targets.append(reach_target(label, m["flops_ratio_vs_dense"], FLOPS_RATIO_GOAL, m["final_val_loss"], level,
+                                        m["total_flops"] / dense["total_flops"]))
     for corpus, r in results["corpora"].items():
         tps = r["throughput_tokens_per_s"]
         for name in r["models"]:
@@ -291,54 +155,20 @@ def analyse(results: dict) -> list[dict]:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results["corpora"])
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
-    for ax, corpus in zip(axes[0], names):
-        r = results["corpora"][corpus]
+    panels = []
+    for corpus, r in results["corpora"].items():
         level = r["models"]["dense"]["final_val_loss"]
+        series, marks = [], []
         for name, m in r["models"].items():
             pts = [p for p in m["curve"] if p["step"] > 0]
-            ax.plot([p["flops"] for p in pts], [p["val_loss"] for p in pts], marker=".", label=name)
+            series.append((name, [p["flops"] for p in pts], [p["val_loss"] for p in pts], {}))
             if m.get("flops_to_dense_final_loss") is not None:
-                ax.plot([m["flops_to_dense_final_loss"]], [level], "kx", markersize=9)
-        ax.axhline(level, color="gray", linestyle="--", linewidth=1, label="dense final val loss")
-        ax.axvline(FLOPS_RATIO_GOAL * r["models"]["dense"]["total_flops"], color="gray", linestyle=":", linewidth=1,
-                   label=f"{FLOPS_RATIO_GOAL}x dense FLOPs")
-        ax.set_xlabel("training FLOPs (analytic)")
-        ax.set_ylabel("validation loss (nats/byte)")
-        ax.set_title(corpus)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("MoE vs dense at equal active parameters (x: MoE reaches the dense final loss)")
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def code_state() -> dict:
-    """The commit measured, and any uncommitted changes to the library (other work may be in flight)."""
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    dirty = [line.split(maxsplit=1)[1] for line in git("status", "--porcelain", "--", "moekit").splitlines() if line.strip()]
-    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "uncommitted_moekit_files": dirty}
-
-
-def code_line(code: dict) -> str:
-    dirty = code.get("uncommitted_moekit_files")
-    if dirty is None:
-        return f"moekit at {code['commit']} (uncommitted changes, if any, not recorded)"
-    return f"moekit at {code['commit']}" + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
+                marks.append((m["flops_to_dense_final_loss"], level))
+        panels.append({"title": corpus, "series": series, "marks": marks,
+                       "hlines": [(level, {"linestyle": "--", "label": "dense final val loss"})],
+                       "vlines": [(FLOPS_RATIO_GOAL * r["models"]["dense"]["total_flops"],
+                                   {"linestyle": ":", "label": f"{FLOPS_RATIO_GOAL}x dense FLOPs"})]})
+    plot_curves(panels, path, "MoE vs dense at equal active parameters (x: MoE reaches the dense final loss)")
 
 
 def fmt_flops(x: float | None) -> str:
@@ -392,9 +222,7 @@ def markdown(results: dict) -> str:
                 f"{tps[name]:.0f}", "1 (reference)" if name == "dense" else f"{tps[name] / tps['dense']:.2f}",
             ])
     lines += [markdown_table(header, rows), "", "![validation loss vs training FLOPs](moe_vs_dense.png)", ""]
-    lines += ["## Targets", "", markdown_table(["target", "value", "goal", "met"], [
-        [t["name"], "n/a" if t["value"] is None else f"{t['value']:.3f}", f"{t['direction']} {t['goal']}",
-         "yes" if t["met"] else "no"] for t in results["targets"]]), ""]
+    lines += ["## Targets", "", targets_markdown(results["targets"]), ""]
     lines += ["## Reading", "", *results["discussion"], ""]
     lines += [f"Throughput: tokens/s of full training steps (forward, loss, backward, clip, AdamW) on copies of the trained "
               f"models, timed in one process round-robin ({s['throughput_rounds']} rounds of {s['throughput_steps']} steps "
@@ -476,7 +304,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
-    tc = train_config(s, args.seed)
+    tc = train_config(s, 3e-3, args.seed)
     started, cpu_started = time.perf_counter(), time.process_time()
     found, skipped = corpora(s)
     work = args.work_dir / ("quick" if args.quick else "full")
@@ -502,7 +330,7 @@ def main(argv=None) -> int:
             print(f"  {name}: final val loss {out['summary']['final_val_loss']:.4f} in {out['summary']['train_seconds']:.0f}s",
                   flush=True)
         print(f"  timing {corpus} (interleaved)", flush=True)
-        r["throughput_tokens_per_s"] = throughput(trained, data, tc, s)
+        r["throughput_tokens_per_s"] = throughput(trained, data.train, tc, s)
         print("  tokens/s: " + ", ".join(f"{n} {v:.0f}" for n, v in r["throughput_tokens_per_s"].items()), flush=True)
         results["corpora"][corpus] = r
     results["throughput_measured_at"] = time.strftime("%Y-%m-%d %H:%M") + " (in the training run)"
@@ -527,7 +355,7 @@ def rerun_throughput(found: dict, s: Scale, tc: TrainConfig, work: Path, quick: 
             continue
         data = prepare_data(dc, tc.seq_len)
         models = {name: load_trained(work / corpus / name) for name in MODELS}
-        tps = throughput(models, data, tc, s)
+        tps = throughput(models, data.train, tc, s)
         print(f"{corpus} tokens/s: " + ", ".join(f"{n} {v:.0f}" for n, v in tps.items()), flush=True)
         results["corpora"][corpus]["throughput_tokens_per_s"] = tps
     results["throughput_measured_at"] = time.strftime("%Y-%m-%d %H:%M") + f" (re-timed by `{command_line()}`)"

@@ -14,13 +14,14 @@ and each again with mixture-of-depths on every other layer (`_mod`, capacity
 their predictors), trained alongside on detached inputs.
 
 Reported: validation loss per modality (text, image, all) against training
-FLOPs (analytic, `flops_per_token`); the FLOPs each model needs to reach the
+FLOPs (analytic, moekit.train.flops.routed_training_flops_per_token); the FLOPs each model needs to reach the
 dense model's final loss, per modality, over the dense run's FLOPs; and the
 final loss with the causal auxiliary routers deciding (what generation uses)
 against the non-causal training-time choice. Targets (the issue's): MoMa
 4t4i reaches the dense final loss at <= 0.5x the dense FLOPs (overall); it
 beats ec8 on the image modality (final image loss ratio < 1); its causal
-loss is within 2% of the non-causal loss.
+loss is within 2% of the non-causal loss. Scales, runs, curves and plots are the
+shared training-comparison harness's (_harness.py).
 
 Writes benchmarks/results/moma.{json,md,png}. Run from the repository root:
     python benchmarks/moma.py            # the full run, single-threaded, about 20 minutes on a loaded CPU
@@ -34,7 +35,6 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,13 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import RESULTS_DIR, command_line, machine_info, markdown_table, target, write_results  # noqa: E402
-from moe_vs_dense import crossing_flops  # noqa: E402
+from _harness import plot_curves, reach_target, targets_markdown, train_config, train_curve  # noqa: E402
 
-from moekit.config import MoEConfig, to_dict  # noqa: E402
+from moekit.config import MoEConfig  # noqa: E402
 from moekit.data.mixed_modal import prepare_mixed_modal  # noqa: E402
 from moekit.data.text import batch_at  # noqa: E402
-from moekit.models.decoder import DecoderLM, ModelConfig, count_parameters, lm_loss  # noqa: E402
-from moekit.train.loop import TrainConfig, fit  # noqa: E402
+from moekit.models.decoder import DecoderLM, ModelConfig, count_parameters  # noqa: E402
+from moekit.train.flops import crossing_flops, routed_training_flops_per_token  # noqa: E402
 
 NAME = "moma"
 FLOPS_RATIO_GOAL = 0.5
@@ -97,28 +97,13 @@ def model_config(name: str, s: Scale, vocab_size: int, group_of_token: list) -> 
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x the weights a token multiplies with, + attention scores and values.
+    """Training FLOPs per token, moma's accounting (moekit.train.flops.routed_training_flops_per_token):
 
-    Expert choice with capacity 1 runs one expert per token on average; a mixture-of-depths layer runs
+    expert choice with capacity 1 runs one expert per token on average; a mixture-of-depths layer runs
     for mod_capacity of the tokens (its router and predictor for all). Auxiliary routers and MoD
     predictors are counted in full (6x), though they need no input gradients.
     """
-    D, head = cfg.hidden_size, cfg.hidden_size // cfg.num_heads
-    total = 6 * D * cfg.vocab_size
-    for i in range(cfg.num_layers):
-        layer = 4 * D * cfg.num_heads * head + 3 * seq_len * cfg.num_heads * head  # projections; scores+values (x2 fwd, /2 causal)
-        if cfg.is_moe_layer(i):
-            moe = cfg.moe
-            layer += moe.capacity_factor * 3 * D * moe.expert_hidden + D * moe.num_experts
-            extra = moe.num_experts * (D * moe.aux_router_hidden + moe.aux_router_hidden)
-        else:
-            layer += 3 * D * cfg.dense_hidden
-            extra = 0
-        if i in cfg.mod_layers:
-            layer = cfg.mod_capacity * layer
-            extra += D + D * cfg.mod_predictor_hidden + cfg.mod_predictor_hidden
-        total += 6 * (layer + extra)
-    return float(total)
+    return routed_training_flops_per_token(cfg, seq_len)
 
 
 @torch.no_grad()
@@ -144,32 +129,13 @@ def train_one(name: str, s: Scale, data, seed: int, work: Path, steps_factor: fl
         s = replace(s, steps=round(s.steps * steps_factor), evals=round(s.evals * steps_factor))
     cfg = model_config(name, s, data.tokenizer.vocab_size, data.group_of_token)
     text_vocab = data.group_of_token[1][0]
-    tc = TrainConfig(steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len, lr=3e-3, min_lr_ratio=0.1,
-                     warmup_steps=s.warmup, eval_every=max(1, s.steps // s.evals), eval_batches=s.eval_batches,
-                     save_every=0, keep_last=1, seed=seed)
+    tc = train_config(s, 3e-3, seed)
     torch.manual_seed(seed)
     model = DecoderLM(cfg)
     fpt = flops_per_token(cfg, s.seq_len)
-    tokens_per_step = s.batch_size * s.seq_len
-    curve = [{"step": 0, "flops": 0.0, **evaluate(model, data.val, s, text_vocab, causal=False)}]
-
-    def eval_fn(m, step):
-        losses = evaluate(m, data.val, s, text_vocab, causal=False)
-        curve.append({"step": step, "flops": step * tokens_per_step * fpt, **losses})
-        return {"val_loss": losses["all"]}
-
-    def loss_fn(m, batch):
-        x, y = batch
-        loss, parts = lm_loss(m(x), y, tc.balance_loss_weight, tc.z_loss_weight)
-        return loss, {k: float(v.detach()) for k, v in parts.items()}
-
-    run_dir = work / name
-    shutil.rmtree(run_dir, ignore_errors=True)
-    started = time.perf_counter()
-    fit(model, tc, batch_fn=lambda i: batch_at(data.train, i, s.batch_size, s.seq_len, seed), loss_fn=loss_fn,
-        run_dir=run_dir, config_dict={"model": to_dict(cfg), "train": to_dict(tc)}, eval_fn=eval_fn,
-        tokenizer=data.tokenizer, progress=False, tokens_per_batch=tokens_per_step)
-    seconds = time.perf_counter() - started
+    curve, seconds = train_curve(model, tc, train_tokens=data.train, flops_per_token=fpt, run_dir=work / name,
+                                 evaluate=lambda m: evaluate(m, data.val, s, text_vocab, causal=False), val_key="all",
+                                 tokenizer=data.tokenizer)
     causal = evaluate(model, data.val, s, text_vocab, causal=True)
     accuracy = _predictor_accuracy(model, data.val, s)
     return {"params": count_parameters(model), "flops_per_token": fpt, "total_flops": curve[-1]["flops"],
@@ -205,13 +171,9 @@ def analyse(models: dict) -> tuple[list[dict], dict]:
             continue
         ratio = crossings[name]["all"]
         label = f"{name}: training FLOPs to reach the dense final val loss (all tokens) / dense FLOPs"
-        if ratio is None:
-            m = models[name]
-            targets.append({"name": label, "value": None, "goal": FLOPS_RATIO_GOAL, "direction": "<=", "met": False,
-                            "note": f"never reached (final {m['final']['all']:.4f} vs dense {dense['final']['all']:.4f}): "
-                                    f"above {m['total_flops'] / dense['total_flops']:.2f}"})
-        else:
-            targets.append(target(label, ratio, FLOPS_RATIO_GOAL, "<="))
+        m = models[name]
+        targets.append(reach_target(label, ratio, FLOPS_RATIO_GOAL, m["final"]["all"], dense["final"]["all"],
+                                    m["total_flops"] / dense["total_flops"]))
     for name, base in (("moma4t4i", "ec8"), ("moma4t4i_mod", "ec8_mod")):
         if name in models and base in models:
             ratio = models[name]["final"]["image"] / models[base]["final"]["image"]
@@ -234,7 +196,6 @@ def report(result: dict) -> str:
                      ", ".join(f"{k.replace('_accuracy', '')} {v:.3f}" for k, v in m["predictor_accuracy"].items()) or "-"])
     header = ["model", "MFLOPs/token", "val text", "val image", "val all", "causal all",
               "FLOPs to dense (text)", "(image)", "(all)", "predictor accuracy (tokens without expert)"]
-    t_rows = [[t["name"], t["value"], f"{t['direction']} {t['goal']}", "yes" if t["met"] else "NO"] for t in result["targets"]]
     return "\n\n".join([
         "# MoMa: modality-aware expert choice on mixed-modal data",
         f"`{result['command']}`" + (" (QUICK: a smoke test, not a measurement)" if result["quick"] else ""),
@@ -244,32 +205,21 @@ def report(result: dict) -> str:
         markdown_table(header, rows),
         "FLOPs to dense = training FLOPs at which the model first reaches the dense model's final validation loss "
         "on that modality, over the dense run's total FLOPs (- : never within the budget).",
-        markdown_table(["target", "value", "goal", "met"], t_rows),
+        targets_markdown(result["targets"]),
     ])
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, mod in zip(axes, MODALITIES):
+    panels = []
+    for mod in MODALITIES:
+        series = []
         for name, m in result["models"].items():
             pts = [p for p in m["curve"] if p["step"] > 0]
-            ax.plot([p["flops"] for p in pts], [p[mod] for p in pts], marker=".", label=name,
-                    linestyle="--" if name.endswith("_mod") else "-")
-        ax.axhline(result["models"]["dense"]["final"][mod], color="gray", linewidth=1)
-        ax.set_title(f"validation loss: {mod} tokens")
-        ax.set_xlabel("training FLOPs (analytic)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+            series.append((name, [p["flops"] for p in pts], [p[mod] for p in pts],
+                           {"linestyle": "--" if name.endswith("_mod") else "-"}))
+        panels.append({"title": f"validation loss: {mod} tokens", "series": series, "ylabel": "",
+                       "hlines": [(result["models"]["dense"]["final"][mod], {})]})
+    plot_curves(panels, path, size=(16 / 3, 4.5), dpi=100)
 
 
 def main() -> int:

@@ -50,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import RESULTS_DIR, command_line, machine_info, markdown_table, target, write_results  # noqa: E402
+from _harness import save_json, targets_markdown  # noqa: E402
 
+from moekit.infer.answers import greedy_answers  # noqa: E402
 from moekit.config import MoEConfig  # noqa: E402
 from moekit.data.mathtasks import TASKS, task_probabilities  # noqa: E402
 from moekit.models.decoder import ModelConfig, count_parameters  # noqa: E402
@@ -102,7 +104,7 @@ def train_and_score(cfg: RunConfig, work: Path, name: str) -> dict:
     summary = train_lm(cfg, work / name, progress=False)
     model = summary["model"]
     seconds = time.perf_counter() - started
-    em = exact_match(model, build_suite(cfg.data.math))
+    em = exact_match(model, build_suite(cfg.data.math), greedy_answers)  # greedy answers through the engine's decode
     params = count_parameters(model)
     print(f"  {name}: {cfg.train.steps} steps in {seconds / 60:.1f} min, exact match "
           + ", ".join(f"{k} {100 * v:.1f}" for k, v in em.items()), flush=True)
@@ -153,8 +155,7 @@ def markdown(result: dict) -> str:
         rows.append([name, *(f"{100 * em[t]:.1f}" for t in TASKS), f"{100 * em['mean']:.1f}", loss, f"{m['params']['active']:,}",
                      f"{m['params']['total']:,}", f"{m['tokens']:,}"])
     table = markdown_table(["model", *TASKS, "mean", "answer val loss", "active params", "total params", "training tokens"], rows)
-    checks = markdown_table(["target", "value", "goal", "met"],
-                            [[t["name"], t["value"], f"{t['direction']} {t['goal']}", t["met"]] for t in result["targets"]])
+    checks = targets_markdown(result["targets"])
     return (f"# Multi-task math: task-guided MoE vs dense (JiuZhang 2.0 at small scale)\n\n"
             f"Greedy exact match (%) on {result['scale']['test_size']} test problems per task. "
             f"Command: `{result['command']}`; load average {result['machine']['load_average_1m']} "
@@ -180,7 +181,9 @@ def run_variant(name: str, s: Scale, seed: int) -> dict:
 
 def save_variant(record: dict, directory: Path = VARIANTS_DIR) -> Path:
     """Write one variant's record as directory/<variant>.json (atomically)."""
-    return _write_text(Path(directory) / f"{record['variant']}.json", json.dumps(record, indent=2) + "\n")
+    path = Path(directory) / f"{record['variant']}.json"
+    save_json(path, record)
+    return path
 
 
 def load_variants(directory: Path = VARIANTS_DIR) -> tuple[dict[str, dict], list[str]]:
