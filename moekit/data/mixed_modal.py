@@ -136,7 +136,7 @@ def _shift(images_NHW: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def prepare_lm_data(cfg, tokenizer: Tokenizer | None = None) -> dict:
-    """The language-model recipe's data (moekit.train.lm.LMData fields) for `data.kind=mixed_modal`.
+    """The mixed-modal recipe's data (moekit.train.recipes.LMData fields; lm.py's MixedModalRecipe) for `data.kind=mixed_modal`.
 
     cfg: the recipe's DataConfig (path, max_bytes, vq_patch, vq_codes, vq_path). The model takes the
     tokenizer's vocabulary (text + image codes) and the modality id ranges as `group_of_token`.
