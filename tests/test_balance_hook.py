@@ -1,20 +1,16 @@
-"""Aux-loss-free balancing in an optimizer pre-step hook (moe/balance.py), and the Mixture-of-Depths block.
+"""Aux-loss-free balancing in an optimizer pre-step hook (moe/balance.py).
 
 Oracles: the sign rule computed by hand for given counts; selections counted
 by hand (one-hot inputs to an identity gate) or by forward hooks on the
 routers (independent of the routers' own counters); a fake two-rank
-all-reduce whose result is known; the plain Block run on the chosen tokens
-alone for the Mixture-of-Depths block.
+all-reduce whose result is known. (The Mixture-of-Depths block: test_decoder.py.)
 """
-
-import math
 
 import pytest
 import torch
 
 from moekit.config import MoEConfig
 from moekit.infer import Engine, SamplingConfig
-from moekit.models.blocks import Block, ForwardCtx, MoDBlock
 from moekit.models.decoder import DecoderLM, ModelConfig, lm_loss
 from moekit.moe.balance import balanced_routers, install_bias_balancing, update_expert_bias
 from moekit.moe.routing import TopKRouter
@@ -158,24 +154,3 @@ def test_no_hook_without_bias_balancing():
     assert balanced_routers(model) == [] and install_bias_balancing(model, sgd(model)) is None
     assert "expert_counts" not in dict(model.named_buffers()).keys()
 
-
-def test_mixture_of_depths_block_equals_the_plain_block_on_the_chosen_tokens_alone():
-    """MoD by key masks == gather the chosen tokens, run the plain block on them at their positions, mix by w."""
-    model = tiny_lm(rate=0.0, mod_layers=[1], mod_capacity=0.5).train()
-    layer = model.layers[1]
-    assert isinstance(layer, MoDBlock) and type(model.layers[0]) is Block
-    torch.manual_seed(3)
-    x = torch.randn(2, 10, 16)
-    chosen, w, _ = layer.depth_router(x)
-    cos, sin = model.rotary(torch.arange(10).expand(2, 10), x.dtype)
-    got = layer(x, ForwardCtx(cos, sin, routings=[None, None]))
-    for b in range(2):
-        idx = chosen[b].nonzero().squeeze(-1)
-        assert len(idx) == math.ceil(0.5 * 10)
-        c, s = model.rotary(idx[None], x.dtype)
-        new = Block.forward(layer, x[b:b + 1, idx], ForwardCtx(c, s, routings=[None, None]))[0]
-        want = x[b].clone()
-        want[idx] = x[b, idx] + w[b, idx, None] * (new - x[b, idx])
-        torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
-        unchosen = ~chosen[b]
-        assert torch.equal(got[b, unchosen], x[b, unchosen])
