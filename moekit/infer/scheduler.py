@@ -213,7 +213,7 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - the failing requests fail, the others go on
             self.valid[n : n + k] = False
             if k == 1:
-                self._internal_error([(group[0], None)], e, "a prefill")
+                self._internal_error([group[0]], e, "a prefill")
             else:
                 for r in group:
                     self._prefill([r])
@@ -447,16 +447,16 @@ class Scheduler:
     def _fail_rows(self, indices: list[int], error: BaseException, where: str) -> None:
         """Rows `indices` fail with one internal error each (their rows freed); the others go on."""
         removed = [self._remove(i) for i in sorted(indices, reverse=True)]
-        self._internal_error([(row.request, row) for row in removed], error, where)
+        self._internal_error([row.request for row in removed], error, where)
 
-    def _internal_error(self, failed: list, error: BaseException, where: str) -> None:
-        """Log the traceback once, then send each (request, row or None) one "error" event."""
-        log.error("%s failed for %d request(s)", where, len(failed), exc_info=error)
+    def _internal_error(self, requests: list[Request], error: BaseException, where: str) -> None:
+        """Log the traceback once, then send each request one "error" event."""
+        log.error("%s failed for %d request(s)", where, len(requests), exc_info=error)
         message = f"internal error: {type(error).__name__}: {error}"
-        for request, _ in failed:
+        for request in requests:
             request.finish_reason = "error"
-            self.stats.finished(request, "error")
             try:
+                self.stats.finished(request, "error")
                 request.on_event("error", message)
             except Exception:  # noqa: BLE001 - a broken listener must not stop the others' errors
                 log.exception("delivering an error event failed")
@@ -470,7 +470,7 @@ class Scheduler:
         self.valid.zero_()
         self.cursor = 0
         self.cache.reset()
-        self._internal_error([(r, None) for r in requests], error, "a scheduler step")
+        self._internal_error(requests, error, "a scheduler step")
 
 
 __all__ = ["Scheduler", "Request", "QueueFullError", "ShuttingDownError", "EventCallback", "check_group_id"]
