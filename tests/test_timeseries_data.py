@@ -391,3 +391,13 @@ def test_window_errors_say_which_split_is_short_and_what_to_change():
         window_starts((0, 676), 512, 192)
     with pytest.raises(DataError, match=r"split \[676, 773\) holds 97 rows, fewer than horizon = 192: use a shorter"):
         window_starts((676, 773), 512, 192)
+
+
+def test_excel_sep_line_and_quoted_thousands_are_read(tmp_path):
+    s = read_csv(write(tmp_path, "sep=;\r\ndate;a\r\n2021-01-01;1,25\r\n2021-01-02;2,5\r\n", "excel.csv"))
+    assert s.channels == ["a"]
+    np.testing.assert_array_equal(s.values_TC[:, 0], [1.25, 2.5])
+    s = read_csv(write(tmp_path, 'date,a,b\n2021-01-01,"1,234.5",7\n2021-01-02,"-12,000",8\n', "k.csv"))
+    np.testing.assert_array_equal(s.values_TC, [[1234.5, 7], [-12000, 8]])
+    s = read_csv(write(tmp_path, "date|a\n2021-01-01|3\n2021-01-02|4\n", "pipe.csv"))
+    np.testing.assert_array_equal(s.values_TC[:, 0], [3, 4])

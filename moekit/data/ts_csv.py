@@ -7,8 +7,9 @@ repaired):
 - encodings: UTF-8 (with or without a byte-order mark), UTF-16 with a
   byte-order mark, else Windows-1252, else Latin-1 (both warned, naming the
   encoding used); a file with NUL bytes and no UTF-16 mark is refused;
-- separators: comma, tab or semicolon, sniffed from the header and the first
-  rows (a semicolon or tab file may write decimals with a comma: 1,5);
+- separators: comma, tab, semicolon (or pipe), sniffed from the header and the first
+  rows, or named by Excel's `sep=;` first line (a semicolon or tab file may
+  write decimals with a comma: 1,5; a comma file may quote thousands: "1,234.5");
 - numbers: pandas' parser; cells such as '', 'NA', 'n/a', '?' are missing;
   other text cells in a numeric column become missing (counted, the column
   named); a column whose present cells are more than half text is skipped and
@@ -37,11 +38,13 @@ import numpy as np
 from ..errors import DataError
 
 MISSING = {"", "nan", "na", "n/a", "null", "none", "?", "-", "#n/a", "nat"}
-SEPARATORS = {",": "comma", "\t": "tab", ";": "semicolon"}
+SEPARATORS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
 MAX_MISSING = 0.2  # the largest fraction of a column that is filled; above it the column is refused
 MOSTLY_TEXT = 0.5  # a column whose present cells are more than this fraction text is not numeric
 FILL_RULE = "linear interpolation between neighbours, nearest value at the ends"
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d*,\d+([eE][+-]?\d+)?$")
+_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")  # 1,234,567.5 in a comma-separated file (quoted)
+_EXCEL_SEP = re.compile(r"^\ufeff?sep=([,;\t|])\r?\n")
 
 
 class DataWarning(UserWarning):
@@ -108,7 +111,10 @@ def read_cells(p: Path, notes: list[str]):
     text = decode(p.read_bytes(), p.name, notes)
     if not text.strip():
         raise DataError(f"{p} is empty: expected a header row (a date column plus numeric channels)")
-    sep = sniff_separator(text)
+    declared = _EXCEL_SEP.match(text)
+    if declared:  # Excel's "sep=;" first line names the separator
+        text = text[declared.end():]
+    sep = declared.group(1) if declared else sniff_separator(text)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)  # rows longer than the header
@@ -141,6 +147,8 @@ class Column:
         self.missing = s.str.lower().isin(MISSING).to_numpy()
         if decimal_comma:
             s = s.where(~s.str.match(_DECIMAL_COMMA), s.str.replace(",", ".", regex=False))
+        else:
+            s = s.where(~s.str.match(_THOUSANDS), s.str.replace(",", "", regex=False))
         values = pd.to_numeric(s.where(~self.missing), errors="coerce").to_numpy(dtype=np.float64)
         self.text = np.isnan(values) & ~self.missing
         self.examples = list(dict.fromkeys(s[self.text].tolist()))[:3]
