@@ -223,7 +223,7 @@ class Scheduler:
             cfg, L = r.cfg, len(r.prompt_ids)
             generator = None if cfg.greedy else make_generator(cfg.seed, dev)
             row = Row(r, SequenceState(0, L, self.engine.tokenizer, cfg.stop_strings), generator,
-                       min(cfg.max_new_tokens, self.max_len - L))
+                      min(cfg.max_new_tokens, self.max_len - L))
             row.router_cache, row.arrival, row.ready_at = caches[b], self.now, self.now
             self.rows.append(row)
         for b in reversed(range(k)):  # reversed: a finished row is replaced by the last one
