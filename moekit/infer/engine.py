@@ -68,7 +68,7 @@ class Engine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.path: Path | None = loaded.path  # where the model was loaded from (the disk tier of `offload` reads it)
-        self.tasks = loaded.tasks  # a multi-task run's task names: group_ids=index (see `task_id`)
+        self.tasks = loaded.tasks  # a multi-task run's task names: group_ids=index (see `task_group`)
         self.offloader = loaded.offloader  # set by loading with an expert budget, or by `offload`
         self.last_stats: dict = {}  # timing (and offloading statistics) of the latest generate call
         self.adapt_threads = True  # CPU decode: each step's thread count follows measured step times (threads.py)
@@ -78,15 +78,15 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, dtype=None, device=None, expert_budget=None, quantize: str | None = None,
              **offload_options) -> "Engine":
-        """An engine for a model of any format: `Engine(moekit.infer.load.load(path, ...))`.
+        """An engine for a model of any format: `Engine(moekit.infer.load.load(path, ..., lazy=True))`.
 
         A Hugging Face model directory, a moekit run/checkpoint (quantized or pre-gated ones too), a GGUF
         file or a moefy output. expert_budget ("25%", 0.25, "2GB", bytes; None = all resident) offloads the
-        experts (`offload_options`: tier, policy, predictor, low_bit_fallback, spill_dir, ...), lazily: they are
-        never read into memory, but go straight from the checkpoint's files (or the GGUF file's memory map)
-        into the fast slots, so the tier is the disk one (`moekit.infer.load.load` with lazy=None picks the
-        device's default tier, and loads whole for the others, as `moekit generate` and `serve` do). quantize="int8" | "int4"
-        quantizes the experts at load time. See `moekit.infer.load.load` for every option.
+        experts (`offload_options`: tier, policy, predictor, low_bit_fallback, spill_dir, ...) lazily: they
+        are never read into memory, but go straight from the checkpoint's files (or the GGUF file's memory
+        map) into the fast slots, so the tier is the disk one. (`load` with lazy=None, as `moekit generate`
+        and `moekit serve` call it, picks the device's default tier and loads whole for any other.)
+        quantize="int8" | "int4" quantizes the experts at load time. See `moekit.infer.load.load`.
         """
         from .load import load
 
