@@ -3,9 +3,11 @@
 `build_prompts` turns a completion's prompt(s) or a chat's messages into
 token ids (the model's chat template when it has one; otherwise the fallback
 format below) and `plan` checks each against the context and the server's
-token limit, naming the field at fault. `Job` submits one scheduler `Request`
+token limit, and the request's `group_id` against the model (moekit.infer.groups),
+naming the field at fault. `Job` submits one scheduler `Request`
 per choice and turns the scheduler thread's events into an asyncio stream;
-`complete` gathers them into an OpenAI response; streaming.py streams them.
+`complete` gathers them into an OpenAI response (a scheduler failure: 500
+internal_error, the one 5xx); streaming.py streams them.
 
 Chat prompts come from `moekit.infer.chat.chat_prompt` (as `moekit generate
 --chat` builds them): the model's template, else the fallback format documented
