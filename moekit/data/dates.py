@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 
 from ..errors import DataError
+from .ts_csv import warn
 
 ISO_FORMAT = "%Y-%m-%dT%H:%M:%S"  # how continued timestamps are written when pandas' ISO 8601 parser was needed
 
@@ -151,9 +152,7 @@ def time_order(stamps: np.ndarray, where: str, notes: list[str]) -> np.ndarray |
     A file written newest first is reversed, any other disorder sorted (stable), each with a warning.
     Steps that are not all alike are warned about: future timestamps continue at the most common step.
     """
-    from .ts_csv import warn
-
-    values, first, counts = np.unique(stamps, return_index=True, return_counts=True)
+    values, counts = np.unique(stamps, return_counts=True)
     if (counts > 1).any():
         k = int(np.argmax(counts > 1))
         rows = np.flatnonzero(stamps == values[k])[:3] + 1
