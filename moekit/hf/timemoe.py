@@ -208,8 +208,19 @@ def save_hf(model: TimeMoE, path: str | Path) -> Path:
     return d
 
 
-def load_forecaster(path: str | Path) -> TimeMoE:
-    """A forecaster from a moekit checkpoint (a run or checkpoint directory) or a Time-MoE HF directory."""
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "timemoe"  # the default forecaster
+
+
+def load_forecaster(path: str | Path | None = None) -> TimeMoE:
+    """A forecaster from a moekit checkpoint (a run or checkpoint directory) or a Time-MoE HF directory.
+
+    None: the forecaster that ships with moekit (`SHIPPED_DIR`, Time-MoE's layout).
+    """
+    if path is None:
+        if not (SHIPPED_DIR / "model.safetensors").is_file():
+            raise CheckpointError(f"the forecaster that ships with moekit is missing from this install ({SHIPPED_DIR}); "
+                                  f"reinstall moekit, or pass --model DIR")
+        return load_hf(SHIPPED_DIR)
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"model path {p} does not exist")
