@@ -122,7 +122,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("forecast", help="forecast every numeric channel of a CSV past its end")
-    p.add_argument("--model", required=True, metavar="DIR", help="a moekit forecaster run or a Time-MoE HF directory")
+    p.add_argument("--model", metavar="DIR", help="a moekit forecaster run or a Time-MoE HF directory "
+                   "(default: the pretrained forecaster that ships with moekit)")
     p.add_argument("--csv", required=True, metavar="FILE", help="history: a date column plus numeric channels")
     p.add_argument("--horizon", required=True, type=int, metavar="H", help="steps to forecast")
     p.add_argument("--context", type=int, metavar="L", help="history points per channel (default: up to 512)")
@@ -132,7 +133,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(handler=_forecast)
 
     p = sub.add_parser("eval-forecast", help="MSE/MAE on a CSV's test split, next to last-value, seasonal-naive and DLinear")
-    p.add_argument("--model", required=True, metavar="DIR", help="a moekit forecaster run or a Time-MoE HF directory")
+    p.add_argument("--model", metavar="DIR", help="a moekit forecaster run or a Time-MoE HF directory "
+                   "(default: the pretrained forecaster that ships with moekit)")
     p.add_argument("--csv", required=True, metavar="FILE", help="the series (ETTh*/ETTm* splits by name, else 70/10/20)")
     p.add_argument("--horizons", default="96,192,336,720", help="comma-separated horizons (default 96,192,336,720)")
     p.add_argument("--stride", type=int, default=1, help="steps between test windows (default 1, the standard protocol)")
@@ -142,3 +144,78 @@ def add_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_date_options(p)
     p.set_defaults(handler=_eval)
+    add_pretrain_parser(sub)
+
+
+def _pretrain(args) -> int:
+    from pathlib import Path
+
+    from ..train.pretrain_forecaster import check_data_dir, pretrain_forecaster
+    from .paths import out_dir
+
+    out_dir(args.out)
+    exclude = [e for e in (args.exclude or "").split(",") if e]
+    data_dir = args.data_dir
+    if data_dir is None and Path(DEFAULT_DATA_DIR).is_dir():
+        data_dir = DEFAULT_DATA_DIR
+    with _plain_warnings("pretrain-forecaster"):
+        data_dir = None if args.resume else check_data_dir(data_dir, exclude)
+        summary = pretrain_forecaster(args.out, data_dir, exclude, args.overrides, dense=args.dense,
+                                      resume=args.resume, progress=not args.quiet, corpus_file=args.corpus)
+    result = summary["result"]
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; saved {result.checkpoint} (continue with --resume)")
+        return 130
+    corpus = summary["corpus"]
+    print(f"corpus: {sum(corpus.values()):,} points from {len(corpus) - 1} real datasets + KernelSynth "
+          f"({corpus['synthetic']:,} points); built in {summary['corpus_seconds'] / 60:.1f} min")
+    print(f"parameters: {summary['parameters']:,} total, {summary['active_parameters']:,} active per time point")
+    if result.last_eval:
+        print(f"validation Huber loss {result.last_eval['val_huber']:.4f}")
+    if summary["table"] is not None:
+        print(f"quantiles {summary['table'].levels} calibrated on {summary['table'].windows:,} validation windows")
+    print(f"took {summary['seconds'] / 60:.1f} min on this machine; Time-MoE layout: {Path(args.out) / 'hf'}")
+    return 0
+
+
+DEFAULT_DATA_DIR = "../shared/data/timeseries"
+
+
+def add_pretrain_parser(sub) -> None:
+    p = sub.add_parser("pretrain-forecaster",
+                       help="build the forecasting corpus (real + KernelSynth + TSMixup) and pretrain a forecaster")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train.steps=600 train.lr=0.002 corpus.synthetic=400 model.num_layers=2")
+    p.add_argument("--out", required=True, help="run directory (corpus, checkpoints, metrics, hf/ in Time-MoE's layout)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help=f"directory of ETTh1/ETTh2/ETTm1.csv (default {DEFAULT_DATA_DIR} when it exists)")
+    p.add_argument("--exclude", metavar="NAMES", help="datasets to leave out, comma-separated, e.g. ETTm1,ETTh1")
+    p.add_argument("--corpus", metavar="NPZ", help="reuse the corpus.npz another run built (same exclusions or fewer)")
+    p.add_argument("--dense", action="store_true",
+                   help="the dense baseline of equal active parameters instead of the MoE")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_pretrain)
+
+    p = sub.add_parser("export-forecaster", help="write a forecaster in Time-MoE's Hugging Face layout "
+                       "(config.json + model.safetensors + quantiles.json)")
+    p.add_argument("--model", metavar="DIR", help="a moekit forecaster run or a Time-MoE HF directory "
+                   "(default: the forecaster that ships with moekit)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    p.set_defaults(handler=_export)
+
+
+def _export(args) -> int:
+    from ..hf.timemoe import SHIPPED_DIR, load_forecaster, save_hf
+    from ..models.forecast_quantiles import load_table
+    from .paths import out_dir, written
+
+    out_dir(args.out)
+    model = load_forecaster(args.model)
+    table = load_table(SHIPPED_DIR if args.model is None else args.model)
+    with written(args.out):
+        save_hf(model, args.out)
+        if table is not None:
+            table.save(args.out)
+    print(f"wrote {args.out} (Time-MoE layout{', with quantiles.json' if table is not None else ''})")
+    return 0

@@ -15,7 +15,7 @@ Shape suffixes: H horizon, C channels, L context.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..hf.timemoe import load_forecaster
+from ..models.forecast_quantiles import context_std
 
 __all__ = ["CsvForecast", "forecast_csv", "load_forecaster", "plot_forecast"]
 
@@ -37,6 +38,8 @@ class CsvForecast:
     context: int
     out: Path | None
     plot: Path | None
+    quantiles_HCQ: np.ndarray | None = None  # per channel, the levels below; None when the model has no table
+    levels: list[float] = field(default_factory=list)
 
 
 def forecast_csv(model_path: str | Path, csv_path: str | Path, horizon: int, context: int | None = None,
@@ -56,29 +59,53 @@ def forecast_csv(model_path: str | Path, csv_path: str | Path, horizon: int, con
         raise DataError(f"--horizon {horizon} is invalid: it must be a positive integer")
     series = read_csv(csv_path, date_format=date_format, dayfirst=dayfirst, channels=columns)
     context = forecast_context(series.length, context, Path(csv_path).name)
-    model = load_forecaster(model_path)
-    history_CL = torch.from_numpy(series.values_TC[-context:].T.copy())
-    values_HC = model.predict(history_CL, horizon).numpy().T
+    model, table = load_forecaster(model_path), _table(model_path)
+    history_CL = series.values_TC[-context:].T.copy()
+    values_HC = model.predict(torch.from_numpy(history_CL), horizon).numpy().T
     stamps = series.future_timestamps(horizon)
-    result = CsvForecast(series.channels, stamps, values_HC, context, None, None)
+    quantiles_HCQ = None
+    if table is not None:
+        quantiles_HCQ = table.apply(values_HC.T.astype(np.float64), context_std(history_CL)).transpose(1, 0, 2)
+    result = CsvForecast(series.channels, stamps, values_HC, context, None, None, quantiles_HCQ,
+                         list(table.levels) if table is not None else [])
     if out is not None:
-        result.out = _write_forecast(Path(out), series.date_column or "step", series.channels, stamps, values_HC)
+        result.out = _write_forecast(Path(out), series.date_column or "step", result)
     if plot is not None:
-        result.plot = plot_forecast(Path(plot), series, stamps, values_HC, context)
+        result.plot = plot_forecast(Path(plot), series, stamps, values_HC, context, result)
     return result
 
 
-def _write_forecast(path: Path, date_name: str, channels: list[str], stamps: list[str], values_HC) -> Path:
+def _table(model_path):
+    from ..hf.timemoe import SHIPPED_DIR
+    from ..models.forecast_quantiles import load_table
+
+    return load_table(SHIPPED_DIR if model_path is None else model_path)
+
+
+def level_name(level: float) -> str:
+    """0.1 -> 'q10': the suffix of a quantile column."""
+    return f"q{round(level * 100):02d}"
+
+
+def _write_forecast(path: Path, date_name: str, res: CsvForecast) -> Path:
+    """channel, then channel_q10, channel_q50, channel_q90 (when the model has a quantile table) for each channel."""
     import csv
 
+    header, columns = [date_name], []
+    for c, name in enumerate(res.channels):
+        header.append(name)
+        columns.append(res.values_HC[:, c])
+        for q, level in enumerate(res.levels):
+            header.append(f"{name}_{level_name(level)}")
+            columns.append(res.quantiles_HCQ[:, c, q])
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow([date_name, *channels])
-            for stamp, row in zip(stamps, values_HC):
-                w.writerow([stamp, *(f"{v:.6g}" for v in row)])
+            w.writerow(header)
+            for h, stamp in enumerate(res.timestamps):
+                w.writerow([stamp, *(f"{col[h]:.6g}" for col in columns)])
         tmp.replace(path)
     except OSError as e:
         if tmp.is_file():
@@ -87,8 +114,9 @@ def _write_forecast(path: Path, date_name: str, channels: list[str], stamps: lis
     return path
 
 
-def plot_forecast(path: Path, series, stamps: list[str], values_HC: np.ndarray, context: int) -> Path:
-    """One panel per channel: the recent history and the forecast after it."""
+def plot_forecast(path: Path, series, stamps: list[str], values_HC: np.ndarray, context: int,
+                  res: CsvForecast | None = None) -> Path:
+    """One panel per channel: the recent history, the forecast after it and, with quantiles, the shaded band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,6 +131,10 @@ def plot_forecast(path: Path, series, stamps: list[str], values_HC: np.ndarray, 
     for c, ax in enumerate(axes[:, 0]):
         ax.plot(hist_x, series.values_TC[-shown:, c], color="0.3", lw=0.9, label="history")
         ax.plot(fut_x, values_HC[:, c], color="tab:red", lw=1.2, label="forecast")
+        if res is not None and res.quantiles_HCQ is not None and len(res.levels) >= 2:
+            lo, hi = res.levels[0], res.levels[-1]
+            ax.fill_between(fut_x, res.quantiles_HCQ[:, c, 0], res.quantiles_HCQ[:, c, -1], color="tab:red",
+                            alpha=0.2, lw=0, label=f"{round(lo * 100)}-{round(hi * 100)}% interval")
         ax.axvline(0, color="0.6", lw=0.6, ls="--")
         ax.set_ylabel(channels[c], fontsize=8)
     axes[0, 0].legend(loc="upper left", fontsize=8)
