@@ -401,3 +401,11 @@ def test_excel_sep_line_and_quoted_thousands_are_read(tmp_path):
     np.testing.assert_array_equal(s.values_TC, [[1234.5, 7], [-12000, 8]])
     s = read_csv(write(tmp_path, "date|a\n2021-01-01|3\n2021-01-02|4\n", "pipe.csv"))
     np.testing.assert_array_equal(s.values_TC[:, 0], [3, 4])
+
+
+def test_a_saved_index_column_is_skipped_and_repeated_names_are_refused(tmp_path):
+    with pytest.warns(DataWarning, match="skipped column 'Unnamed: 0': an unnamed column of row numbers"):
+        s = read_csv(write(tmp_path, ",date,v\n0,2021-01-01,5\n1,2021-01-02,6\n2,2021-01-03,7\n", "idx.csv"))
+    assert s.channels == ["v"] and s.date_column == "date"
+    with pytest.raises(DataError, match="names column\\(s\\) 'a' more than once"):
+        read_csv(write(tmp_path, "date,a,a\n2021-01-01,1,2\n", "dup.csv"))

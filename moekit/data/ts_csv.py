@@ -89,7 +89,8 @@ def decode(raw: bytes, name: str, notes: list[str]) -> str:
 
 
 def sniff_separator(text: str) -> str:
-    """Comma, tab or semicolon: the one that splits the header into most fields and the next rows alike."""
+    """Comma, tab, semicolon or pipe: the one that splits the header and the next rows into the same number of
+    fields most often (more fields break a tie); comma when none splits the header."""
     lines = [ln for ln in text.splitlines()[:21] if ln.strip()]
     if not lines:
         return ","
@@ -123,8 +124,9 @@ def read_cells(p: Path, notes: list[str]):
         raise DataError(f"{p} is empty: expected a header row (a date column plus numeric channels)") from None
     except (pd.errors.ParserError, pd.errors.ParserWarning) as e:
         raise DataError(f"{p} is not a readable CSV file ({SEPARATORS[sep]}-separated): {str(e).strip()}") from None
+    header = [h.strip() for h in next(csv.reader(io.StringIO(text), delimiter=sep))]
+    dup = sorted({h for h in header if h and header.count(h) > 1})  # pandas would rename the second 'a' 'a.1'
     df.columns = [str(h).strip() for h in df.columns]
-    dup = sorted({h for h in df.columns if list(df.columns).count(h) > 1})
     if dup:
         raise DataError(f"{p.name} names column(s) {', '.join(map(repr, dup))} more than once; give each a unique name")
     cells = df.fillna("").apply(lambda col: col.str.strip())
@@ -173,6 +175,10 @@ def numeric_columns(cells, wanted: list[str], explicit: bool, sep: str, name: st
     out, skipped = {}, []
     for col in wanted:
         column = Column(cells[col].tolist(), decimal_comma=sep != ",")
+        if not explicit and _row_numbers(col, column.values):
+            warn(f"{name}: skipped column {col!r}: an unnamed column of row numbers (an index written with the data)",
+                 notes)
+            continue
         if not column.is_numeric():
             if explicit:
                 raise DataError(f"{name}: column {col!r} is not numeric ({int(column.text.sum())} of "
@@ -193,6 +199,12 @@ def numeric_columns(cells, wanted: list[str], explicit: bool, sep: str, name: st
         warn(f"{name}: skipped non-numeric column(s) {', '.join(skipped)} (more than half of their cells are text "
              f"or empty)", notes)
     return out
+
+
+def _row_numbers(col: str, values: np.ndarray) -> bool:
+    """An unnamed column (pandas calls it 'Unnamed: 0') holding 0, 1, 2, ... or 1, 2, 3, ...: a saved index."""
+    return (col.startswith("Unnamed: ") and len(values) > 1
+            and bool(np.array_equal(values, np.arange(len(values)) + values[0])) and values[0] in (0, 1))
 
 
 def fill_missing(columns: dict[str, np.ndarray], name: str, notes: list[str]) -> None:
