@@ -154,7 +154,8 @@ class Column:
         values = pd.to_numeric(s.where(~self.missing), errors="coerce").to_numpy(dtype=np.float64)
         self.text = np.isnan(values) & ~self.missing
         self.examples = list(dict.fromkeys(s[self.text].tolist()))[:3]
-        self.infinite = np.isinf(values)
+        with np.errstate(invalid="ignore"):  # beyond float32 (the model's dtype) is infinite there
+            self.infinite = np.isinf(values) | (np.abs(values) > np.finfo(np.float32).max)
         values[self.infinite] = np.nan
         self.values = values
 
@@ -190,7 +191,7 @@ def numeric_columns(cells, wanted: list[str], explicit: bool, sep: str, name: st
             warn(f"{name}: column {col!r}: {int(column.text.sum())} cell(s) that are not numbers read as missing "
                  f"(e.g. {', '.join(map(repr, column.examples))})", notes)
         if column.infinite.any():
-            warn(f"{name}: column {col!r}: {int(column.infinite.sum())} infinite value(s) read as missing", notes)
+            warn(f"{name}: column {col!r}: {int(column.infinite.sum())} infinite value(s) read as missing (inf, or past float32's ±3.4e38)", notes)
         out[col] = column.values
     if not out:
         raise DataError(f"{name} has no numeric column: expected a date column plus numeric channels, got columns "
