@@ -409,3 +409,11 @@ def test_a_saved_index_column_is_skipped_and_repeated_names_are_refused(tmp_path
     assert s.channels == ["v"] and s.date_column == "date"
     with pytest.raises(DataError, match="names column\\(s\\) 'a' more than once"):
         read_csv(write(tmp_path, "date,a,a\n2021-01-01,1,2\n", "dup.csv"))
+
+
+def test_a_series_shorter_than_the_training_window_names_train_seq_len():
+    a = np.zeros((100, 1), np.float32)
+    b = np.zeros((50, 1), np.float32)
+    with pytest.raises(DataError, match=r"shorter than the training window of 60 time steps: b \(50 rows\); use a "
+                                        r"shorter context \(train.seq_len=49 or less\)"):
+        TimeSeriesMixture([a, b], ["a", "b"], window=60)
