@@ -6,8 +6,8 @@ mask builder, and the dense MLPs (SwiGLU, GELU). Parameter names follow Hugging
 Face transformers (Llama / Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE) so their
 checkpoints map onto these modules one to one, and the numerics match theirs.
 
-Not here: the MoE layer (`moekit.layers`), routers, experts, whole models
-(`moekit.decoder`), and generation loops (`moekit.infer`).
+Not here: the MoE layer (`moekit.moe.layers`), routers, experts, whole models
+(`moekit.models.decoder`), and generation loops (`moekit.infer`).
 
 Shape suffixes: B batch, T query length, K key length (cache included),
 H query heads, Hkv key/value heads, d head_dim, D hidden size, L layers.
