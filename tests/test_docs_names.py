@@ -172,3 +172,9 @@ def test_the_dotted_rule_rejects_names_that_do_not_exist(name):
 
 def test_the_dotted_rule_accepts_real_names():
     assert _resolve_dotted("moekit.infer.load.load") and _resolve_dotted("moekit.moe.routing.Routing")
+
+
+def test_tests_readme_maps_every_test_file():
+    named = set(re.findall(r"`tests/(test_\w+\.py)`", (ROOT / "tests/README.md").read_text()))
+    files = {p.name for p in (ROOT / "tests").glob("test_*.py")}
+    assert files - named == set(), "tests/README.md does not map these test files"
