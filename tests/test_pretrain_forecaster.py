@@ -99,3 +99,18 @@ def test_the_shipped_forecaster_exports_to_the_time_moe_layout(tmp_path):
     x = torch.randn(2, 64)
     assert torch.equal(load_hf(tmp_path / "tm").predict(x, 8), load_forecaster(None).predict(x, 8))
     assert (SHIPPED_DIR / "model.safetensors").stat().st_size < 20e6
+
+
+def test_a_forecaster_with_nan_weights_is_refused_and_writes_nothing(run, tmp_path, capsys):
+    from moekit.hf.timemoe import save_hf
+
+    model = load_hf(run / "hf")
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    save_hf(model, tmp_path / "nan")
+    csv = tmp_path / "s.csv"
+    csv.write_text("t,v\n" + "".join(f"{i},{np.sin(i)}\n" for i in range(60)))
+    code = main(["forecast", "--model", str(tmp_path / "nan"), "--csv", str(csv), "--horizon", "4",
+                 "--out", str(tmp_path / "f.csv")])
+    assert code == 2 and "non-finite forecasts" in capsys.readouterr().err
+    assert not (tmp_path / "f.csv").exists()

@@ -49,7 +49,10 @@ FAST_FORECASTER = ["train.steps=4", "train.seq_len=48", "train.batch_size=4", "t
                    "train.eval_batches=1", "train.warmup_steps=1"]
 FAST_EVAL = ["--stride", "400", "--context", "96", "--quiet"]
 FAST_MOEFY = ["--rounds", "1", "--router-steps", "4"]
-FORECASTING = ("train-forecaster", "forecast", "eval-forecast")
+FORECASTING = ("train-forecaster", "forecast", "eval-forecast", "pretrain-forecaster", "export-forecaster")
+FAST_PRETRAIN = ["model.hidden_size=16", "model.intermediate_size=32", "model.num_layers=1", "model.num_heads=2",
+                 "train.seq_len=48", "train.batch_size=4", "train.steps=2", "train.save_every=0", "train.eval_every=0",
+                 "corpus.synthetic=2", "corpus.synthetic_length=64", "--data-dir", ".", "--quiet"]
 
 
 def readme_commands() -> list[str]:
@@ -93,6 +96,8 @@ def adapt(command: str) -> list[str]:
         argv = _add_overrides(argv, FAST_FORECASTER) + ["--quiet"]
     elif sub == "eval-forecast":
         argv += FAST_EVAL
+    elif sub == "pretrain-forecaster":  # the ETT files are linked into the working directory
+        argv += FAST_PRETRAIN
     return argv
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..hf.timemoe import load_forecaster
 from ..models.forecast_quantiles import context_std
 
@@ -62,6 +62,9 @@ def forecast_csv(model_path: str | Path, csv_path: str | Path, horizon: int, con
     model, table = load_forecaster(model_path), _table(model_path)
     history_CL = series.values_TC[-context:].T.copy()
     values_HC = model.predict(torch.from_numpy(history_CL), horizon).numpy().T
+    if not np.isfinite(values_HC).all():
+        raise CheckpointError(f"the forecaster {model_path or 'that ships with moekit'} gives non-finite forecasts "
+                              f"(its weights hold NaN or inf): retrain it; nothing was written")
     stamps = series.future_timestamps(horizon)
     quantiles_HCQ = None
     if table is not None:
