@@ -449,7 +449,8 @@ def test_encoder_moe_loads_state_saved_under_the_old_names():
     (lambda: Experts(E, D, FF, activation="relu"),
      "Experts: activation='relu' is unknown: accepted values are swiglu, gelu, clamped_swiglu"),
     (lambda: Experts(E, D, FF, activation="clamped_swiglu"),
-     "Experts: experts with activation='clamped_swiglu' (GPT-OSS) carry biases and their clamp limit: accepted with bias=True only"),
+     "Experts: experts with activation='clamped_swiglu' (GPT-OSS) carry biases and their clamp limit: accepted with bias=True "
+     "only (GPT-OSS experts cannot be offloaded yet: offloading moves no biases)"),
     (lambda: QuantizedExperts(source("swiglu"), QuantSpec(8), "bmm"),
      "QuantizedExperts: kernel='bmm' is unknown for quantized weights: accepted values are auto, dequant, numba, native"),
     (lambda: GGUFExperts(E, D, FF, ("Q8_0",) * 3, kernel="numba"),

@@ -91,7 +91,8 @@ class Experts(ExpertsStorage):
             raise refuse("Experts", f"activation={activation!r} is unknown: accepted values are {', '.join(ACTIVATIONS)}")
         if activation == "clamped_swiglu" and not bias:
             raise refuse("Experts", "experts with activation='clamped_swiglu' (GPT-OSS) carry biases and their clamp "
-                                    "limit: accepted with bias=True only")
+                                    "limit: accepted with bias=True only (GPT-OSS experts cannot be offloaded yet: "
+                                    "offloading moves no biases)")
         self.activation = activation
         self.kernel = kernel
         self._act = ClampedSwiGLU(swiglu_alpha, swiglu_limit) if activation == "clamped_swiglu" else activation
