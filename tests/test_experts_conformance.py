@@ -339,6 +339,28 @@ def test_storage_refuses_the_combination_at_construction(case, tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("kernel", ["grouped_mm", "bmm", "auto"])
+@pytest.mark.parametrize("kind, variant, activation", [("resident", "-", a) for a in ACTIVATIONS]
+                         + [("shard", "ep2-rank1", "clamped_swiglu"), ("encoder", "-", "gelu+bias")])
+def test_trainable_storage_gradients_equal_loop(kind, variant, activation, kernel):
+    """The storages that train: output, input gradient and every parameter's gradient equal `loop`'s under autograd."""
+    s = BUILDERS[kind](activation.split("+")[0], kernel, variant).storage.requires_grad_(True)
+    rows_E = torch.tensor(ROWS[s.num_experts]["prefill"])
+    x = torch.randn(int(rows_E.sum()), D, generator=torch.Generator().manual_seed(6))
+
+    def run(name):
+        s.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        y = s(xg, rows_E, kernel=name)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return [y.detach(), xg.grad] + [p.grad.clone() for p in s.parameters()]
+
+    got, want = run(s.kernel_for(x.clone().requires_grad_(), rows_E)), run("loop")  # (the training-time choice)
+    assert len(got) == 2 + len(list(s.parameters())) and all(g is not None for g in got)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- storages that wrap others: the fallback, EP at world 1
 
 
