@@ -242,9 +242,6 @@ class Tokenizer:
         self.backend.save(str(path))
         return path
 
-    def to_json(self) -> str:
-        return self.backend.to_str()
-
 
 def _byte_level_pipeline(model):
     """Wrap a BPE model with the byte-level pre-tokenizer/decoder and the EOS special token."""

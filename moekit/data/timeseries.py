@@ -60,10 +60,6 @@ class Series:
     def length(self) -> int:
         return int(self.values_TC.shape[0])
 
-    @property
-    def num_channels(self) -> int:
-        return int(self.values_TC.shape[1])
-
     def frequency(self) -> np.timedelta64 | None:
         """The most common step between timestamps (None without timestamps or with fewer than two)."""
         if self.timestamps is None or len(self.timestamps) < 2:

@@ -109,12 +109,6 @@ class GGUFExperts(StackedShape, ExpertsStorage):
         """E experts' blocks, zero-filled on `device` (device="meta": shapes only): what offloading's slots are."""
         return cls(num_experts, D, F, tuple(qtypes), activation, kernel, device or "cpu")
 
-    @staticmethod
-    def part_names(qtypes, activation: str = "swiglu") -> tuple[str, ...]:
-        """The buffers one expert is stored as, in the order slow tiers read them."""
-        fused = activation != "swiglu" or qtypes[0] == qtypes[1]
-        return ("w_in_EHB", "w_out_EDB") if fused else ("w_gate_EFB", "w_up_EFB", "w_out_EDB")
-
     def kernel_for(self, x: torch.Tensor, counts_E: torch.Tensor | None = None, kernel: str | None = None) -> str:
         """`kernel` (or the module's) with `auto` resolved (native or dequant)."""
         most = int(counts_E.max()) if counts_E is not None and counts_E.numel() else x.shape[0]

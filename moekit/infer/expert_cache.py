@@ -373,18 +373,3 @@ class ExpertCache:
             if e is None:
                 return s
         return None
-
-
-def simulate_misses(trace_steps: list[list[int]], num_experts: int, num_slots: int, policy: Policy) -> int:
-    """Demand misses of `policy` replaying one layer's trace (no prefetching); used by tests and benchmarks."""
-    cache = ExpertCache(num_experts, num_slots, policy)
-    misses = 0
-    for experts in trace_steps:
-        cache.begin_step(experts)
-        for e in experts:
-            if e not in cache:
-                misses += 1
-                if cache.place(e) is None:
-                    raise CacheError(f"{len(experts)} experts in one step do not fit {num_slots} slots")
-        cache.end_step()
-    return misses

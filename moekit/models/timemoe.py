@@ -78,10 +78,6 @@ class ForecasterConfig:
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
 
-    @property
-    def max_horizon(self) -> int:
-        return max(self.horizon_lengths)
-
     def moe_config(self) -> MoEConfig:
         """The MoE layer of one block, exactly as Time-MoE's TimeMoeSparseExpertsLayer."""
         return MoEConfig(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -198,9 +197,3 @@ class DepthRouter(nn.Module):
     def _topk_mask(self, score_BT: torch.Tensor) -> torch.Tensor:
         C = max(1, math.ceil(self.capacity * score_BT.shape[1]))
         return torch.zeros_like(score_BT, dtype=torch.bool).scatter(1, score_BT.topk(C, dim=-1).indices, True)
-
-
-def moe_config_for_layer(cfg: MoEConfig, num_experts: int) -> MoEConfig:
-    """The same MoE config with another expert count (for pyramid schedules)."""
-    top_k = min(cfg.top_k, num_experts)
-    return replace(cfg, num_experts=num_experts, top_k=top_k)

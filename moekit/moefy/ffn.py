@@ -60,14 +60,6 @@ def neuron_acts(fw: FFNWeights, x_TD: torch.Tensor) -> torch.Tensor:
     return F.gelu(up)
 
 
-def dense_output(fw: FFNWeights, x_TD: torch.Tensor, mask_F: torch.Tensor | None = None) -> torch.Tensor:
-    """The FFN's output; with mask_F only the neurons where it is True contribute (and no output bias)."""
-    a = neuron_acts(fw, x_TD)
-    if mask_F is not None:
-        return F.linear(a * mask_F.to(a.dtype), fw.w_down_DF)
-    return F.linear(a, fw.w_down_DF, fw.b_down_D)
-
-
 def slice_in(fw: FFNWeights, idx_W: torch.Tensor) -> torch.Tensor:
     """[H, D] the input rows of neurons idx (SwiGLU: gate rows then up rows, H = 2W)."""
     if fw.w_gate_FD is None:
