@@ -1,8 +1,9 @@
 """Modules holding GGUF weights in their own block formats: GGUFExperts (an experts storage) and GGUFLinear.
 
-`GGUFExperts` answers the two calls an MoE layer's dispatcher makes (`kernel_for(x, counts_E)`,
-`forward(x_SD, rows_E, kernel=...)`), as resident `Experts` and `QuantizedExperts` do. It holds the raw
-blocks of a GGUF file (blocks.py), one uint8 row of blocks per weight row, in file order:
+`GGUFExperts` is an experts storage (moekit.moe.storage.ExpertsStorage): it answers the two calls an MoE
+layer's dispatcher makes (`kernel_for(x, counts_E)`, `forward(x_SD, rows_E, kernel=...)`), as resident
+`Experts` and `QuantizedExperts` do. It holds the raw blocks of a GGUF file (blocks.py), one uint8 row
+of blocks per weight row, in file order:
 
 - `w_in_EHB` uint8 [E, H, row_bytes(D)]: the gate rows, then the up rows (H = 2F, as `Experts.w_in_EHD`),
   when gate and up share a block type (`qtype_in`); otherwise `w_gate_EFB` and `w_up_EFB`, each with

@@ -1,7 +1,7 @@
 """Modules holding weight-only quantized weights: QuantizedExperts and QuantizedLinear.
 
-`QuantizedExperts` is an experts storage (as resident `Experts` and
-`OffloadedExperts` are): the same stacked layout, `w_in_EHD` / `w_out_EDF`
+`QuantizedExperts` is an experts storage (moekit.moe.storage.ExpertsStorage,
+as resident `Experts` and `OffloadedExperts` are): the same stacked layout, `w_in_EHD` / `w_out_EDF`
 stored as integer codes plus scales (quant_format.py; state names
 `w_in_EHD_q`, `w_in_EHD_scale`[, `w_in_EHD_zero`]), answering the two calls
 an MoE layer's dispatcher makes, `kernel_for(x, counts_E)` and
