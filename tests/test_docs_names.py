@@ -13,6 +13,9 @@ every file under moekit/. What is checked, by these rules and no others:
    module (the folder is the nearest package of moekit written as `folder/` at a line's start);
    every identifier after it on the same line that starts with a capital and holds a lowercase letter
    (`MoELayer`, `GGUFExperts`; not `Q4_K`, `LRU`, `Time-MoE`) is an attribute of that module.
+5. Without backticks too: every `moekit.a.b` written in any of these texts resolves as in rule 1, and
+   every file name `x.py` (or `folder/x.py`) in a module docstring exists beside that module, in its
+   parent folder, in moekit/, at the repository root or in benchmarks/.
 
 Names outside moekit (torch, transformers, gguf-py ...) are not checked; EXTERNAL lists the few the
 rules above would otherwise take for ours.
@@ -178,3 +181,19 @@ def test_tests_readme_maps_every_test_file():
     named = set(re.findall(r"`tests/(test_\w+\.py)`", (ROOT / "tests/README.md").read_text()))
     files = {p.name for p in (ROOT / "tests").glob("test_*.py")}
     assert files - named == set(), "tests/README.md does not map these test files"
+
+
+def test_plain_text_moekit_names_and_docstring_file_names_exist():
+    missing = []
+    for where, text in _texts():
+        for m in re.finditer(r"(?<![\w/.])moekit(?:\.[A-Za-z_]\w*)+", text):
+            if not _resolve_dotted(m.group(0)):
+                missing.append(f"{where}: {m.group(0)}")
+        if not where.startswith("moekit/"):
+            continue
+        here = ROOT / Path(where).parent
+        for m in re.finditer(r"(?<![\w.*-])((?:\w+/)*[A-Za-z_]\w*\.py)\b", text):
+            bases = (here, here.parent, ROOT / "moekit", ROOT, ROOT / "benchmarks")
+            if not any((base / m.group(1)).exists() for base in bases):
+                missing.append(f"{where}: {m.group(1)}")
+    assert not missing, "named but missing:\n" + "\n".join(missing)

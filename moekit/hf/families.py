@@ -10,9 +10,9 @@ cannot compute the same way) and `expected_names` (Hugging Face tensor name
 Granite-MoE, PhiMoE and GPT-OSS have their own mapping in families_more.py;
 this module lists them in `FAMILIES` and hands their configs and names over.
 
-Not here: reading files and tensors (load.py), writing a model in a family's
-layout and checking that it fits one (save.py), tokenizers and chat templates
-(load.py, moekit.infer.chat); the DeepSeek specifics (deepseek.py, registered in HOOKS).
+Not here: reading files and tensors (reader.py), writing a model in a family's
+layout and checking that it fits one (writer.py, writer_more.py), tokenizers and chat templates
+(reader.py, moekit.infer.chat); the DeepSeek specifics (deepseek.py, registered in HOOKS).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ weights (`load_tokenizer`, `tokenizer_config`, `stored_eos_token_id`), and
 `experts_as_stored` (whether the experts can be read one at a time as stored).
 
 Not here: the family tables and config mapping (families.py), writing
-(save.py), chat templates, special tokens and stop ids as generation uses
+(writer.py), chat templates, special tokens and stop ids as generation uses
 them (moekit.infer.chat), moekit's own checkpoint format (moekit.checkpoints).
 """
 

@@ -11,7 +11,7 @@ named alone, before any family is tried. The directory appears atomically (tempo
 for a moekit run/checkpoint directory.
 
 Not here: the family tables and tensor names (families.py), reading
-(load.py), moekit's own checkpoint format (moekit.checkpoints).
+(reader.py), moekit's own checkpoint format (moekit.checkpoints).
 """
 
 from __future__ import annotations

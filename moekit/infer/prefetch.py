@@ -9,10 +9,10 @@ predictor returns the experts MoE layer i+1 will probably use, best first
 - `prefetch-all`: every expert of the next layer (the MoE-Prefetch baseline),
   most-used first, as many as the next layer's slots hold.
 - `next-gate`: training-free; layer i+1's own router applied to layer i's
-  hidden state. On a pre-gated model (moekit.pregate) this *is* the routing
+  hidden state. On a pre-gated model (moekit.models.pregated) this *is* the routing
   layer i+1 will use, so the prediction is exact.
 - `pregate`: Pre-gated MoE's learned heads, one per block, trained by
-  `moekit pregate` (moekit.pregate) by distillation from the real routers;
+  `moekit pregate` (moekit.train.pregate) by distillation from the real routers;
   one more head predicts the first MoE layer of the next token from the
   last MoE layer of this one.
 - `oracle`: the true next experts, read from a RoutingTrace recorded on the
@@ -31,8 +31,8 @@ prefetches cancelled before they start), a copy stream with events on CUDA
 wait, so a failed read can never be computed with.
 
 Not here: which slot an expert goes to (expert_cache.py), where weights
-come from and the bookkeeping of a step (offload.py), training the learned
-heads (moekit.pregate).
+come from and the bookkeeping of a step (offload/offloader.py), training the learned
+heads (moekit.train.pregate).
 
 Shape legend: T tokens, D hidden, E experts of the predicted layer, K top-k.
 """
