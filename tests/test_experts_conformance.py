@@ -509,3 +509,41 @@ def test_every_storage_class_has_its_rows():
              if c.__module__ == m.__name__ and issubclass(c, nn.Module) and hasattr(c, "kernel_for")
              and not issubclass(c, ExpertsStorage)]
     assert not loose, f"modules that answer the experts call without being an ExpertsStorage: {loose}"
+
+
+# ---------------------------------------------------------------- the GGUF file tier
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    """A one-layer DecoderLM (E=8 SwiGLU experts of D x FF) written as a Q8_0 GGUF file."""
+    import moekit.gguf as G
+    from moekit.data.text import Tokenizer
+    from moekit.models.decoder import DecoderLM, ModelConfig
+
+    torch.manual_seed(8)
+    cfg = ModelConfig(vocab_size=128, hidden_size=D, num_layers=1, num_heads=4, num_kv_heads=2, max_seq_len=64, dense_hidden=64,
+                      moe=MoEConfig(num_experts=E, top_k=2, expert_hidden=FF, norm_topk_prob=True))
+    return G.save(DecoderLM(cfg).eval(), tmp_path_factory.mktemp("conformance") / "m.gguf", Tokenizer.byte_level(), dtype="Q8_0")
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dequant", "native", "loop", "bmm"])
+@pytest.mark.parametrize("rows", ["prefill", "decode"])
+def test_slots_read_from_a_gguf_file_equal_loop(gguf_file, rows, kernel):
+    """Offloaded to the GGUF file tier: Q8_0 block slots (loaded in blocks), or fp32 slots (loaded dequantized) read
+    through gguf's dequantization; loop on the file's experts as the resident model holds them."""
+    import moekit.gguf as G
+
+    blocks = kernel in GGUF_KERNELS
+    model = G.load(gguf_file, blocks=blocks)
+    experts = model.layers[0].mlp.experts
+    assert isinstance(experts, GGUFExperts if blocks else Experts)
+    built = Built(experts, weights_of(experts), "swiglu", integer=blocks)
+    experts.kernel = kernel
+    offloader = offload_model(model, "50%", tier="disk", checkpoint=gguf_file)
+    try:
+        assert offloader.tier.kind == "gguf"
+        built.storage = model.layers[0].mlp.experts
+        check_storage(built, rows, "swiglu")
+    finally:
+        offloader.close()
