@@ -364,19 +364,26 @@ def test_trainable_storage_gradients_equal_loop(kind, variant, activation, kerne
 # ---------------------------------------------------------------- storages that wrap others: the fallback, EP at world 1
 
 
-@pytest.mark.parametrize("kernel", FLOAT_KERNELS)
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_low_bit_fallback_computes_misses_from_its_int4_copy_then_hits_from_its_slots(activation, kernel):
+FALLBACK_CASES = [("fp32", a, k) for a in ("swiglu", "gelu") for k in FLOAT_KERNELS] + [
+    (slots, a, k) for slots in ("int8", "Q8_0") for a in ("swiglu", "gelu") for k in SLOTS[slots]]
+
+
+@pytest.mark.parametrize("slots, activation, kernel", FALLBACK_CASES, ids="-".join)
+def test_low_bit_fallback_computes_misses_from_its_int4_copy_then_hits_from_its_slots(slots, activation, kernel):
     """A miss is computed from the resident int4 (group 32) copy, equal to loop on that copy's dequantized weights
-    (int8-rounded where the copy runs native); once the full copies are in, loop on the source's weights."""
-    built = resident(activation, kernel)
+    (int8-rounded where the copy runs native); once the full copies are in, loop on the slots' effective weights."""
+    built = {"fp32": resident, "Q8_0": gguf_blocks}.get(slots, quantized)(activation, kernel, slots)
     model = _Model(MoELayer(MoEConfig(hidden_size=D, num_experts=E, top_k=2, expert_hidden=FF, activation=activation))).eval()
     model.moe.experts = built.storage
     offloader = offload_model(model, "100%", tier="memory", low_bit_fallback=True)
     try:
         s, int4 = model.moe.experts, offloader.fallback[0]
         assert isinstance(int4, ExpertsStorage) and int4.activation == activation
-        by_hand = weights_of(QuantizedExperts(source(activation), QuantSpec(4, 32)))  # the source quantized directly
+        effective = Experts(E, D, FF, activation)  # the slots' effective weights, quantized to int4 directly
+        with torch.no_grad():
+            effective.w_in_EHD.copy_(built.weights[0])
+            effective.w_out_EDF.copy_(built.weights[1])
+        by_hand = weights_of(QuantizedExperts(effective, QuantSpec(4, 32)))
         assert all(torch.equal(a, b) for a, b in zip(weights_of(int4)[:2], by_hand[:2]))
         rows_E = torch.tensor(ROWS[E]["prefill"])
         x = torch.randn(int(rows_E.sum()), D, generator=torch.Generator().manual_seed(5))
@@ -385,8 +392,9 @@ def test_low_bit_fallback_computes_misses_from_its_int4_copy_then_hits_from_its_
             assert_equals_oracle(first, *oracle(x, rows_E, weights_of(int4), built.act, int4.kernel_for(x, rows_E) == "native"))
             assert offloader.stats()["fallbacks"] == int((rows_E > 0).sum())
             offloader.drain()
-            second = s(x, rows_E, kernel=s.kernel_for(x, rows_E))
-        assert_equals_oracle(second, *oracle(x, rows_E, built.weights, built.act, rounded=False))
+            ran = s.kernel_for(x, rows_E)
+            second = s(x, rows_E, kernel=ran)
+        assert_equals_oracle(second, *oracle(x, rows_E, built.weights, built.act, built.integer and ran == "native"))
         assert offloader.stats()["fallbacks"] == int((rows_E > 0).sum())  # no new misses: all hits
     finally:
         offloader.close()
