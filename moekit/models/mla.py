@@ -41,7 +41,6 @@ from ..errors import ConfigError
 from ..modules import KVCache, RMSNorm, causal_mask, check_cache_write, rotate_half
 
 LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
-ABSORB_MODES = ("decode", "always", "never")
 
 
 @dataclass

@@ -22,8 +22,6 @@ import torch.nn as nn
 
 from ..moe.routing import Routing
 
-KINDS = ("topk", "selector", "fixed")
-
 
 def routing_from(idx_TK: torch.Tensor, logits_TE: torch.Tensor, dtype: torch.dtype) -> Routing:
     T, K = idx_TK.shape
