@@ -54,8 +54,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 E, D, FF = 8, 64, 128  # the shared shape; K-quant GGUF blocks need 256-wide rows: KE, KD experts of KD x KD
 KE, KD = 4, 256
-ROWS = {E: {"prefill": [3, 0, 5, 1, 0, 7, 2, 2], "decode": [1, 0, 0, 1, 0, 0, 1, 0]},
-        KE: {"prefill": [5, 0, 7, 8], "decode": [1, 0, 1, 0]}}
+ROWS = {E: {"prefill": [3, 0, 5, 1, 0, 7, 2, 2], "decode": [1, 0, 0, 1, 0, 0, 1, 0], "padded": [3] * E},
+        KE: {"prefill": [5, 0, 7, 8], "decode": [1, 0, 1, 0], "padded": [4] * KE}}  # padded: bmm's layout, every expert C rows
 ACTIVATIONS = ["swiglu", "gelu", "clamped_swiglu"]
 FLOAT_KERNELS = ["loop", "grouped_mm", "bmm", "native", "auto"]
 QUANT_KERNELS = ["dequant", "numba", "native", "auto"]
@@ -314,7 +314,7 @@ def check_storage(built: Built, rows: str, activation: str) -> None:
     assert_equals_oracle(got, want, ambiguous)
 
 
-@pytest.mark.parametrize("rows", ["prefill", "decode"])
+@pytest.mark.parametrize("rows", ["prefill", "decode", "padded"])
 @pytest.mark.parametrize("case", RUNS, ids=_id)
 def test_storage_equals_loop_on_its_effective_weights(case, rows, tmp_path):
     kind, variant, activation, kernel = case
