@@ -104,8 +104,18 @@ def weights_of(storage) -> tuple:
         w_in = torch.stack([storage.dequantized("w_in_EHD", e) for e in range(n)])
         w_out = torch.stack([storage.dequantized("w_out_EDF", e) for e in range(n)])
         return w_in, w_out, storage.b_in_EH, storage.b_out_ED
-    pairs = [storage.dequantized(e) for e in range(n)]  # GGUFExperts: gguf blocks -> fp32 (bit-equal to gguf-py)
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]), None, None
+    gate, up, down = storage.qtypes  # GGUFExperts: the blocks dequantized by gguf-py, not by moekit
+    w_in = (_gguf_py(storage.w_in_EHB, gate) if storage.fused
+            else torch.cat((_gguf_py(storage.w_gate_EFB, gate), _gguf_py(storage.w_up_EFB, up)), dim=1))
+    return w_in, _gguf_py(storage.w_out_EDB, down), None, None
+
+
+def _gguf_py(blocks_EOB: torch.Tensor, qtype: str) -> torch.Tensor:
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    n, o, _ = blocks_EOB.shape
+    return torch.from_numpy(np.array(dequantize(blocks_EOB.reshape(n * o, -1).numpy(), Q[qtype]), dtype=np.float32)).view(n, o, -1)
 
 
 # ---------------------------------------------------------------- conversions from the source
