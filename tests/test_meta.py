@@ -42,9 +42,9 @@ from moekit.moe.quantized import QuantizedExperts
 from moekit.infer.offload.budget import LayerShape
 from moekit.infer.offload.experts import _make_slots
 import torch
-QuantizedExperts.empty(4, 64, 128, "silu", QuantSpec(4, 32), device="cpu")
-QuantizedExperts.empty(4, 64, 128, "silu", QuantSpec(8), device="meta")
-_make_slots(2, LayerShape(4, 256, 64, 128, torch.float32, 2), "silu", "cpu")
+QuantizedExperts.empty(4, 64, 128, "swiglu", QuantSpec(4, 32), device="cpu")
+QuantizedExperts.empty(4, 64, 128, "swiglu", QuantSpec(8), device="meta")
+_make_slots(2, LayerShape(4, 256, 64, 128, torch.float32, 2), "swiglu", "cpu")
 print(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
