@@ -151,7 +151,7 @@ class Column:
             s = s.where(~s.str.match(_DECIMAL_COMMA), s.str.replace(",", ".", regex=False))
         else:
             s = s.where(~s.str.match(_THOUSANDS), s.str.replace(",", "", regex=False))
-        values = pd.to_numeric(s.where(~self.missing), errors="coerce").to_numpy(dtype=np.float64)
+        values = pd.to_numeric(s.where(~self.missing), errors="coerce").to_numpy(dtype=np.float64, copy=True)
         self.text = np.isnan(values) & ~self.missing
         self.examples = list(dict.fromkeys(s[self.text].tolist()))[:3]
         with np.errstate(invalid="ignore"):  # beyond float32 (the model's dtype) is infinite there
