@@ -104,18 +104,14 @@ class AutoETSMethod:
 
 def coverage(model, table, prepared, stride: int, context: int = 512, horizon: int = 720) -> dict:
     """Fraction of held-out target points inside the 10-90% interval, and below q10 / above q90."""
-    import torch
-
     from moekit.data.timeseries import gather_windows, window_starts
-    from moekit.models.forecast_quantiles import context_std
+    from moekit.models.forecast_quantiles import context_std, predict_batched
 
     lo, hi = prepared.splits.get("test")
     starts = window_starts((lo, hi), context, horizon, stride)
     x_NCL, y_NCH = gather_windows(prepared.scaled_TC, starts, context, horizon)
     x, y = x_NCL.reshape(-1, context), y_NCH.reshape(-1, horizon)
-    point = np.concatenate([model.predict(torch.from_numpy(x[i:i + 256].astype(np.float32)), horizon).numpy()
-                            for i in range(0, len(x), 256)])
-    q = table.apply(point.astype(np.float64), context_std(x))
+    q = table.apply(predict_batched(model, x, horizon).astype(np.float64), context_std(x))
     inside = (y >= q[..., 0]) & (y <= q[..., -1])
     return {"covered": float(inside.mean()), "below_q10": float((y < q[..., 0]).mean()),
             "above_q90": float((y > q[..., -1]).mean()), "points": int(y.size), "windows": int(len(starts))}

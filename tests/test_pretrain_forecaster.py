@@ -70,21 +70,19 @@ def test_a_corpus_holding_an_excluded_dataset_is_refused(run, tmp_path, capsys):
 
 @pytest.mark.skipif(not (SHIPPED_DIR / "model.safetensors").is_file(), reason="the shipped forecaster is not built")
 def test_forecast_without_model_uses_the_shipped_forecaster_and_writes_quantile_columns(tmp_path, capsys):
+    import pandas as pd
+
     t = np.arange(200)
-    rows = ["date,load,temp"] + [f"2024-01-01 {0:02d}:00:00".replace("2024-01-01 00", f"2024-01-{1 + i // 24:02d} "
-                                                                      f"{i % 24:02d}") + f",{np.sin(i / 4):.4f},{i % 24}"
-                                 for i in t]
+    stamps = pd.date_range("2024-01-01", periods=200, freq="h")
+    rows = ["date,load,temp"] + [f"{s},{np.sin(i / 4):.4f},{i % 24}" for s, i in zip(stamps, t)]
     csv = tmp_path / "h.csv"
     csv.write_text("\n".join(rows) + "\n")
     assert main(["forecast", "--csv", str(csv), "--horizon", "24", "--out", str(tmp_path / "f.csv"),
                  "--plot", str(tmp_path / "f.png")]) == 0
-    import pandas as pd
-
     f = pd.read_csv(tmp_path / "f.csv")
     assert list(f.columns) == ["date", "load", "load_q10", "load_q50", "load_q90", "temp", "temp_q10", "temp_q50",
                                "temp_q90"]
     model = load_forecaster(None)  # the oracle for the point column: the shipped model's own predict
-    history = torch.tensor(np.stack([np.sin(t / 4), t % 24]).astype(np.float32))
     history = torch.tensor([[float(f"{v:.4f}") for v in np.sin(t / 4)], list((t % 24).astype(float))])
     expected = model.predict(history.float(), 24).numpy()
     assert np.allclose(f["load"], expected[0], rtol=1e-4, atol=1e-4)

@@ -206,13 +206,12 @@ def add_pretrain_parser(sub) -> None:
 
 
 def _export(args) -> int:
-    from ..hf.timemoe import SHIPPED_DIR, load_forecaster, save_hf
-    from ..models.forecast_quantiles import load_table
+    from ..hf.timemoe import load_forecaster, save_hf
+    from ..infer.forecast import quantile_table
     from .paths import out_dir, written
 
     out_dir(args.out)
-    model = load_forecaster(args.model)
-    table = load_table(SHIPPED_DIR if args.model is None else args.model)
+    model, table = load_forecaster(args.model), quantile_table(args.model)
     with written(args.out):
         save_hf(model, args.out)
         if table is not None:

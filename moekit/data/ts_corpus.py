@@ -228,10 +228,11 @@ class CorpusMixture:
         lengths = np.array([s.size for s in corpus.series], dtype=np.float64)
         self.p_real = np.sqrt(lengths) / np.sqrt(lengths).sum()
         self.long = np.flatnonzero(lengths >= window)
+        self.synthetic = [s for s in corpus.synthetic if s.size >= window]
         w = np.array(weights, dtype=np.float64)
         if not self.long.size:
             w[1] = 0.0
-        if not any(s.size >= window for s in corpus.synthetic):
+        if not self.synthetic:
             w[2] = 0.0
         self.weights = w / w.sum()
 
@@ -246,8 +247,7 @@ class CorpusMixture:
             elif kind == 1:
                 values = self._mixup(rng)
             else:
-                synth = [s for s in self.corpus.synthetic if s.size >= self.window]
-                values = self._window(synth[rng.integers(len(synth))], rng)
+                values = self._window(self.synthetic[rng.integers(len(self.synthetic))], rng)
             x[i, :values.size], mask[i, :values.size] = values, 1.0
         return normalise(x, mask), mask.astype(np.float32)
 

@@ -211,6 +211,11 @@ def save_hf(model: TimeMoE, path: str | Path) -> Path:
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "timemoe"  # the default forecaster
 
 
+def forecaster_dir(path: str | Path | None) -> Path:
+    """The directory a forecaster path names: None is the forecaster that ships with moekit (`SHIPPED_DIR`)."""
+    return SHIPPED_DIR if path is None else Path(path)
+
+
 def load_forecaster(path: str | Path | None = None) -> TimeMoE:
     """A forecaster from a moekit checkpoint (a run or checkpoint directory) or a Time-MoE HF directory.
 

@@ -59,7 +59,7 @@ def forecast_csv(model_path: str | Path, csv_path: str | Path, horizon: int, con
         raise DataError(f"--horizon {horizon} is invalid: it must be a positive integer")
     series = read_csv(csv_path, date_format=date_format, dayfirst=dayfirst, channels=columns)
     context = forecast_context(series.length, context, Path(csv_path).name)
-    model, table = load_forecaster(model_path), _table(model_path)
+    model, table = load_forecaster(model_path), quantile_table(model_path)
     history_CL = series.values_TC[-context:].T.copy()
     values_HC = model.predict(torch.from_numpy(history_CL), horizon).numpy().T
     if not np.isfinite(values_HC).all():
@@ -78,11 +78,12 @@ def forecast_csv(model_path: str | Path, csv_path: str | Path, horizon: int, con
     return result
 
 
-def _table(model_path):
-    from ..hf.timemoe import SHIPPED_DIR
+def quantile_table(model_path):
+    """The quantile table saved beside a forecaster (None: the shipped one's), or None when it has none."""
+    from ..hf.timemoe import forecaster_dir
     from ..models.forecast_quantiles import load_table
 
-    return load_table(SHIPPED_DIR if model_path is None else model_path)
+    return load_table(forecaster_dir(model_path))
 
 
 def level_name(level: float) -> str:

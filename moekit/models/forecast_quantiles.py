@@ -64,15 +64,21 @@ def context_std(context_BL: np.ndarray) -> np.ndarray:
     return np.maximum(np.asarray(context_BL, dtype=np.float64).std(axis=1), 1e-5)
 
 
-def calibrate(model, contexts_NL: np.ndarray, targets_NH: np.ndarray, levels=LEVELS, batch: int = 256,
-              source: str = "") -> QuantileTable:
-    """The table from the model's forecasts of held-out windows (contexts and the values that followed)."""
-    horizon = targets_NH.shape[1]
+def predict_batched(model, contexts_NL: np.ndarray, horizon: int, batch: int = 256) -> np.ndarray:
+    """The model's point forecasts [N, H] of raw contexts, `batch` windows at a time."""
     preds = []
     for i in range(0, len(contexts_NL), batch):
         ctx = torch.from_numpy(np.ascontiguousarray(contexts_NL[i:i + batch], dtype=np.float32))
         preds.append(model.predict(ctx, horizon).numpy())
-    resid_NH = (targets_NH - np.concatenate(preds)) / context_std(contexts_NL)[:, None]
+    return np.concatenate(preds)
+
+
+def calibrate(model, contexts_NL: np.ndarray, targets_NH: np.ndarray, levels=LEVELS, batch: int = 256,
+              source: str = "") -> QuantileTable:
+    """The table from the model's forecasts of held-out windows (contexts and the values that followed)."""
+    horizon = targets_NH.shape[1]
+    preds_NH = predict_batched(model, contexts_NL, horizon, batch)
+    resid_NH = (targets_NH - preds_NH) / context_std(contexts_NL)[:, None]
     knots = [k for k in KNOTS if k <= horizon] or [horizon]
     edges = [0] + [int(round((a + b) / 2)) for a, b in zip(knots, knots[1:])] + [horizon]
     # each knot's quantile pools the lead times nearer to it than to its neighbours (column j is lead j + 1)

@@ -72,10 +72,11 @@ def default_train_config(fine_tune: bool = False) -> TrainConfig:
 
 
 def normalise_windows(x_BW: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance per window (Time-MoE normalises every training sequence)."""
-    mean = x_BW.mean(axis=1, keepdims=True)
-    std = x_BW.std(axis=1, keepdims=True)
-    return ((x_BW - mean) / np.maximum(std, 1e-5)).astype(np.float32)
+    """Zero mean, unit variance per window (Time-MoE normalises every training sequence): the corpus's
+    masked normalisation with every point valid."""
+    from ..data.ts_corpus import normalise
+
+    return normalise(x_BW, np.ones_like(x_BW))
 
 
 def train_forecaster(csvs: list[str | Path], out: str | Path, preset_name: str = "tiny",

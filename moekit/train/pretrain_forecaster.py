@@ -106,7 +106,7 @@ def pretrain_forecaster(out: str | Path, data_dir: str | Path | None, exclude: l
                  resume=resume, progress=progress, tokens_per_batch=tcfg.batch_size * tcfg.seq_len)
     summary = {"result": result, "model": model.eval(), "parameters": count_parameters(model),
                "active_parameters": active_parameters(model), "corpus": corpus.summary(),
-               "corpus_seconds": built, "train_seconds": 0.0, "table": None}
+               "corpus_seconds": built, "table": None}
     if not result.interrupted:
         summary["table"] = _finish(model, run, data_dir, ccfg.exclude, tcfg.seq_len)
     summary["seconds"] = time.perf_counter() - start
